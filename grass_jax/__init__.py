@@ -1,0 +1,25 @@
+"""grass_jax: GRASS (gradient-based adaptive layer-wise importance sampling) in JAX.
+
+The optax-style API::
+
+  tx = optax.chain(
+      optax.clip_by_global_norm(1.0),
+      grass_jax.transform(optax.adamw(1e-5), layers=grass_jax.stacked_layers(),
+                          num_active=2, period=20))
+"""
+
+from grass_jax.importance import layer_grad_norms, update_importance
+from grass_jax.layers import (NOT_A_LAYER, STACKED, LayerLayout, build_layout, indexed_layers,
+                              stacked_layers)
+from grass_jax.sampling import draw, probabilities
+from grass_jax.transform import (STRATEGIES, GrassState, apply_slot_updates, diagnostics, find_state,
+                                 full, gather_active, lisa, replace_state, strategy, transform)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "NOT_A_LAYER", "STACKED", "STRATEGIES", "GrassState", "LayerLayout", "apply_slot_updates",
+    "build_layout", "diagnostics", "draw", "find_state", "full", "gather_active", "indexed_layers",
+    "layer_grad_norms", "lisa", "probabilities", "replace_state", "stacked_layers", "strategy",
+    "transform", "update_importance",
+]

@@ -1,0 +1,71 @@
+"""Layer importance: running mean of size-normalised gradient norms (GRASS's MGN).
+
+For every layer ``l`` GRASS keeps ``importance[l]``, a running mean of
+
+    ||g_l||_2 / sqrt(n_l)
+
+over the steps in which layer ``l`` was active (``n_l`` is the number of
+parameters in the layer, so that wide layers do not dominate). Inactive layers
+keep their last estimate. Non-finite norms (a NaN/inf gradient) are skipped so
+that one bad step cannot poison the statistics.
+
+Example::
+
+  >>> import jax.numpy as jnp
+  >>> imp, n = jnp.zeros(4), jnp.zeros(4, jnp.int32)
+  >>> imp, n = update_importance(imp, n, jnp.array([1, 3]), jnp.array([2., 4.]), decay=None)
+  >>> imp.tolist(), n.tolist()
+  ([0.0, 2.0, 0.0, 4.0], [0, 1, 0, 1])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def layer_grad_norms(layer_grads: Mapping[str, jax.Array], layer_size: int) -> jax.Array:
+  """``||g_l|| / sqrt(layer_size)`` for each layer of a ``role -> [n, ...]`` stack.
+
+  Returns:
+    float32 ``[n]``.
+  """
+  sq = None
+  for g in layer_grads.values():
+    s = jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(g.shape[0], -1), axis=1)
+    sq = s if sq is None else sq + s
+  return jnp.sqrt(sq) / jnp.sqrt(jnp.float32(layer_size))
+
+
+def update_importance(importance: jax.Array, counts: jax.Array, layers: jax.Array,
+                      norms: jax.Array, decay: float | None) -> tuple[jax.Array, jax.Array]:
+  """Folds new measurements of the given (distinct) layers into the running mean.
+
+  Args:
+    importance: float32 ``[L]`` current estimates.
+    counts: int32 ``[L]`` number of measurements folded in so far.
+    layers: int32 ``[k]`` distinct layer indices that were measured.
+    norms: float32 ``[k]`` their normalised gradient norms.
+    decay: None for the arithmetic mean of all measurements; a float in [0, 1)
+      for an exponential moving average ``m <- decay * m + (1 - decay) * x``
+      (the first measurement initialises ``m``), which forgets early training.
+
+  Returns:
+    ``(importance, counts)`` updated at ``layers``; other layers are untouched.
+  """
+  chex.assert_equal_shape([importance, counts])
+  chex.assert_equal_shape([layers, norms])
+  ok = jnp.isfinite(norms)
+  old = importance[layers]
+  n_old = counts[layers]
+  n_new = n_old + 1
+  if decay is None:
+    new = old + (norms - old) / n_new.astype(jnp.float32)
+  else:
+    new = jnp.where(n_old == 0, norms, decay * old + (1.0 - decay) * norms)
+  new = jnp.where(ok, new, old)
+  n_new = jnp.where(ok, n_new, n_old)
+  return importance.at[layers].set(new.astype(importance.dtype)), counts.at[layers].set(n_new)

@@ -1,0 +1,61 @@
+"""Layer sampling probabilities and draws without replacement.
+
+``p_l`` is proportional to ``importance_l ** (1 / temperature)``, mixed with a
+uniform floor so that every layer keeps probability at least ``epsilon / L``::
+
+    p = (1 - epsilon) * normalise(importance ** (1 / temperature)) + epsilon / L
+
+A layer without a measurement yet uses the mean importance of the measured
+ones (all uniform before any measurement). ``num_active`` distinct layers are
+drawn by the Gumbel-top-k trick, i.e. successive sampling without replacement
+where each next layer is drawn with probability proportional to ``p`` among the
+layers not drawn yet. With ``num_active = 1`` layer ``l`` is drawn with
+probability exactly ``p_l``.
+
+Example::
+
+  >>> import jax, jax.numpy as jnp
+  >>> p = probabilities(jnp.array([1., 3.]), jnp.array([1, 1]), temperature=1.0, epsilon=0.0)
+  >>> p.tolist()
+  [0.25, 0.75]
+  >>> draw(jax.random.PRNGKey(0), p, 2).tolist()
+  [0, 1]
+"""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+
+
+def probabilities(importance: jax.Array, counts: jax.Array, *, temperature: float,
+                  epsilon: float) -> jax.Array:
+  """Sampling probabilities ``[L]`` (float32, sum 1) from importance estimates."""
+  chex.assert_rank(importance, 1)
+  chex.assert_equal_shape([importance, counts])
+  num_layers = importance.shape[0]
+  known = counts > 0
+  n_known = jnp.sum(known)
+  fill = jnp.where(n_known > 0, jnp.sum(jnp.where(known, importance, 0.0)) / jnp.maximum(n_known, 1), 1.0)
+  imp = jnp.where(known, importance, fill).astype(jnp.float32)
+  # log space: importance ** (1/T) over- or underflows for small T.
+  logits = jnp.log(jnp.maximum(imp, jnp.finfo(jnp.float32).tiny)) / temperature
+  p_imp = jax.nn.softmax(logits)
+  return (1.0 - epsilon) * p_imp + epsilon / num_layers
+
+
+def uniform(num_layers: int) -> jax.Array:
+  """Uniform probabilities ``[L]`` (LISA's sampling)."""
+  return jnp.full((num_layers,), 1.0 / num_layers, jnp.float32)
+
+
+def draw(key: chex.PRNGKey, probs: jax.Array, num: int) -> jax.Array:
+  """Draws ``num`` distinct layer indices (sorted, int32) without replacement."""
+  chex.assert_rank(probs, 1)
+  if num > probs.shape[0]:
+    raise ValueError(f"cannot draw {num} distinct layers out of {probs.shape[0]}")
+  gumbel = jax.random.gumbel(key, probs.shape, jnp.float32)
+  scores = jnp.log(probs) + gumbel
+  _, idx = jax.lax.top_k(scores, num)
+  return jnp.sort(idx).astype(jnp.int32)

@@ -1,0 +1,118 @@
+"""Sampling probabilities and draws; the importance running mean."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import grass_jax
+from grass_jax import importance, sampling
+
+# Upper 0.1% points of the chi-square distribution (df = 5, 7): a correct sampler
+# fails these with probability 0.001 per test, and the draws are seeded, so the
+# test is deterministic.
+CHI2_999 = {5: 20.515, 7: 24.322}
+
+
+def _draw_many(probs, num, n, seed=0):
+  keys = jax.random.split(jax.random.PRNGKey(seed), n)
+  return np.asarray(jax.vmap(lambda k: sampling.draw(k, probs, num))(keys))
+
+
+def test_single_draw_frequencies_match_probabilities_chi_square():
+  probs = jnp.array([0.02, 0.08, 0.1, 0.15, 0.05, 0.3, 0.2, 0.1])
+  n = 40_000
+  draws = _draw_many(probs, 1, n)[:, 0]
+  observed = np.bincount(draws, minlength=8)
+  expected = n * np.asarray(probs)
+  chi2 = float(np.sum((observed - expected) ** 2 / expected))
+  assert chi2 < CHI2_999[7], (chi2, observed, expected)
+
+
+def _inclusion_probabilities(p, k):
+  """Exact inclusion probabilities of successive sampling without replacement."""
+  p = np.asarray(p, np.float64)
+  incl = np.zeros_like(p)
+  for seq in itertools.permutations(range(len(p)), k):
+    prob, left = 1.0, 1.0
+    for i in seq:
+      prob *= p[i] / left
+      left -= p[i]
+    incl[list(seq)] += prob
+  return incl
+
+
+def test_multi_draw_frequencies_match_exact_inclusion_probabilities():
+  probs = jnp.array([0.05, 0.1, 0.15, 0.2, 0.2, 0.3])
+  n, k = 40_000, 3
+  draws = _draw_many(probs, k, n, seed=1)
+  assert all(len(set(d)) == k for d in draws)
+  assert np.all(np.diff(draws, axis=1) > 0)  # sorted, distinct
+  freq = np.bincount(draws.ravel(), minlength=6) / n
+  incl = _inclusion_probabilities(probs, k)
+  np.testing.assert_allclose(incl.sum(), k, rtol=1e-6)
+  # 4.5 binomial standard deviations per layer.
+  tol = 4.5 * np.sqrt(incl * (1 - incl) / n)
+  assert np.all(np.abs(freq - incl) < tol), (freq, incl)
+
+
+def test_probabilities_epsilon_floor_temperature_and_unknown_layers():
+  imp = jnp.array([1e-6, 1.0, 4.0, 0.0])
+  counts = jnp.array([1, 1, 1, 0])
+  p = sampling.probabilities(imp, counts, temperature=1.0, epsilon=0.2)
+  np.testing.assert_allclose(p.sum(), 1.0, rtol=1e-6)
+  assert float(p.min()) >= 0.2 / 4 - 1e-7
+  # The unknown layer uses the mean of the known ones: (1e-6 + 1 + 4) / 3.
+  fill = (1e-6 + 1.0 + 4.0) / 3
+  raw = np.array([1e-6, 1.0, 4.0, fill])
+  np.testing.assert_allclose(p, 0.8 * raw / raw.sum() + 0.05, rtol=1e-5)
+  sharp = sampling.probabilities(imp, counts, temperature=0.5, epsilon=0.0)
+  raw2 = raw ** 2
+  np.testing.assert_allclose(sharp, raw2 / raw2.sum(), rtol=1e-5)
+  uniform = sampling.probabilities(jnp.zeros(4), jnp.zeros(4, jnp.int32), temperature=1.0, epsilon=0.0)
+  np.testing.assert_allclose(uniform, np.full(4, 0.25), rtol=1e-6)
+
+
+def test_epsilon_floor_keeps_every_layer_reachable():
+  p = sampling.probabilities(jnp.array([1e-30, 1e-30, 1.0, 1.0]), jnp.ones(4, jnp.int32),
+                             temperature=1.0, epsilon=0.2)
+  freq = np.bincount(_draw_many(p, 1, 20_000)[:, 0], minlength=4) / 20_000
+  np.testing.assert_allclose(freq[:2], [0.05, 0.05], atol=0.008)
+
+
+def test_running_mean_by_hand_and_inactive_layers_frozen():
+  imp = jnp.zeros(3)
+  n = jnp.zeros(3, jnp.int32)
+  imp, n = importance.update_importance(imp, n, jnp.array([0, 2]), jnp.array([1.0, 6.0]), None)
+  imp, n = importance.update_importance(imp, n, jnp.array([0, 1]), jnp.array([3.0, 5.0]), None)
+  imp, n = importance.update_importance(imp, n, jnp.array([0, 1]), jnp.array([8.0, jnp.nan]), None)
+  np.testing.assert_allclose(imp, [(1 + 3 + 8) / 3, 5.0, 6.0])
+  np.testing.assert_array_equal(n, [3, 1, 1])  # the NaN measurement was skipped
+  ema, m = importance.update_importance(jnp.zeros(2), jnp.zeros(2, jnp.int32), jnp.array([1]), jnp.array([2.0]), 0.9)
+  ema, m = importance.update_importance(ema, m, jnp.array([1]), jnp.array([4.0]), 0.9)
+  np.testing.assert_allclose(ema, [0.0, 0.9 * 2 + 0.1 * 4], rtol=1e-6)
+
+
+def test_importance_in_transform_matches_hand_computed_norms():
+  """On a toy stacked tree: importance = mean over active steps of ||g_l|| / sqrt(n_l)."""
+  params = {"layers": {"w": jnp.zeros((4, 2, 3)), "b": jnp.zeros((4, 3))}, "head": jnp.zeros(2)}
+  tx = grass_jax.transform(optax.sgd(1.0), layers=grass_jax.stacked_layers(), num_active=2, period=1, seed=0)
+  state = tx.init(params)
+  sums, counts = np.zeros(4), np.zeros(4)
+  for step in range(10):
+    scale = np.arange(1, 5, dtype=np.float32)[:, None] * (step + 1)
+    grads = {"layers": {"w": jnp.ones((4, 2, 3)) * scale[:, :, None], "b": jnp.ones((4, 3)) * scale},
+             "head": jnp.ones(2) * 100.0}
+    before = np.asarray(state.importance)
+    active = np.asarray(state.active)
+    _, state = tx.update(grads, state, params)
+    for l in range(4):
+      if l in active:
+        sums[l] += np.sqrt(9 * scale[l, 0] ** 2) / 3.0  # 9 params per layer, all equal to scale
+        counts[l] += 1
+      else:
+        assert state.importance[l] == before[l]
+  np.testing.assert_allclose(state.importance, np.where(counts > 0, sums / np.maximum(counts, 1), 0), rtol=1e-6)
+  np.testing.assert_array_equal(state.num_measurements, counts)
