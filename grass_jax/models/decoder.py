@@ -1,0 +1,375 @@
+"""The decoder-only transformer shared by the Llama family and Gemma.
+
+Llama 2/3, TinyLlama, Mistral, Qwen2 and Gemma 1/2 are one architecture with a
+handful of switches (:class:`DecoderConfig`); the per-family files
+(:mod:`grass_jax.models.llama`, :mod:`grass_jax.models.gemma`) turn a Hugging
+Face ``config.json`` into a config and name the checkpoint tensors.
+
+Parameters are a plain dict; the ``L`` blocks are stacked on a leading axis
+under ``params['layers']`` and run with ``jax.lax.scan`` (optionally
+rematerialised), so compile time and memory stay flat in depth and GRASS can
+address layer ``l`` by index (``grass_jax.stacked_layers('layers')``)::
+
+  embed            [V, D]
+  layers/<name>    [L, ...]   input_norm, q_proj, k_proj, v_proj, o_proj,
+                              (q_bias, k_bias, v_bias, o_bias), pre_mlp_norm,
+                              gate_proj, up_proj, down_proj, (post_attn_norm,
+                              post_mlp_norm for Gemma 2)
+  final_norm       [D]
+  lm_head          [D, V]     absent when tied to the embedding
+
+Kernels are stored ``[in, out]``. :class:`Decoder` wraps the same parameters
+as a Flax NNX module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+Params = dict[str, Any]
+LayerOverride = Callable[[Params, jax.Array], Params]
+
+REMAT_POLICIES = ("none", "full", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Architecture of a decoder-only transformer (Llama family / Gemma).
+
+  Attributes:
+    model_type: the Hugging Face ``model_type`` this config came from.
+    vocab_size, hidden_size, intermediate_size, num_layers, num_heads,
+    num_kv_heads, head_dim: sizes (grouped-query attention when
+      ``num_kv_heads < num_heads``).
+    rms_norm_eps: RMSNorm epsilon.
+    norm_offset: 1.0 for Gemma's ``x * (1 + weight)`` RMSNorm, 0.0 otherwise.
+    act: 'silu' (SwiGLU), 'gelu_tanh' or 'gelu' (GeGLU).
+    rope_theta: RoPE base; ``rope_scaling`` holds HF's rope parameters
+      (``rope_type`` 'default', 'linear' or 'llama3').
+    attention_bias: q/k/v projections have biases (Qwen2, or Llama's
+      ``attention_bias``); ``o_bias``: the output projection has one too.
+    mlp_bias: the MLP projections have biases.
+    tie_word_embeddings: the LM head is the transposed embedding.
+    embed_scale: multiply embeddings by sqrt(hidden_size) (Gemma).
+    query_scale: attention scale (``head_dim ** -0.5`` unless the model says otherwise).
+    attn_softcap, final_softcap: Gemma 2 logit soft-capping (None = off).
+    sliding_window: window size for the layers flagged in ``sliding_layers``.
+    sliding_layers: per layer, whether it uses the sliding window.
+    post_norms: Gemma 2's extra norms after attention and after the MLP.
+    max_position_embeddings: informational.
+    hf_config: the original ``config.json`` dict, written back on export.
+  """
+
+  model_type: str
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rms_norm_eps: float = 1e-6
+  norm_offset: float = 0.0
+  act: str = "silu"
+  rope_theta: float = 10000.0
+  rope_scaling: tuple[tuple[str, Any], ...] = ()
+  attention_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  embed_scale: bool = False
+  query_scale: float | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  sliding_window: int | None = None
+  sliding_layers: tuple[bool, ...] = ()
+  post_norms: bool = False
+  max_position_embeddings: int = 4096
+  hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.act not in ("silu", "gelu_tanh", "gelu"):
+      raise ValueError(f"unsupported activation {self.act!r}")
+    if self.sliding_layers and len(self.sliding_layers) != self.num_layers:
+      raise ValueError("sliding_layers must have one flag per layer")
+
+  @property
+  def scale(self) -> float:
+    return self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
+
+  def param_shapes(self) -> dict[str, Any]:
+    """Shapes of every parameter (the layout in the module docstring)."""
+    d, f, hd, n = self.hidden_size, self.intermediate_size, self.head_dim, self.num_layers
+    q, kv = self.num_heads * hd, self.num_kv_heads * hd
+    layers = {"input_norm": (n, d), "q_proj": (n, d, q), "k_proj": (n, d, kv), "v_proj": (n, d, kv),
+              "o_proj": (n, q, d), "pre_mlp_norm": (n, d), "gate_proj": (n, d, f), "up_proj": (n, d, f),
+              "down_proj": (n, f, d)}
+    if self.attention_bias:
+      layers.update(q_bias=(n, q), k_bias=(n, kv), v_bias=(n, kv))
+    if self.o_bias:
+      layers["o_bias"] = (n, d)
+    if self.mlp_bias:
+      layers.update(gate_bias=(n, f), up_bias=(n, f), down_bias=(n, d))
+    if self.post_norms:
+      layers.update(post_attn_norm=(n, d), post_mlp_norm=(n, d))
+    shapes: dict[str, Any] = {"embed": (self.vocab_size, d), "layers": layers, "final_norm": (d,)}
+    if not self.tie_word_embeddings:
+      shapes["lm_head"] = (d, self.vocab_size)
+    return shapes
+
+  def num_params(self) -> int:
+    return sum(math.prod(s) for s in jax.tree.leaves(self.param_shapes(), is_leaf=lambda x: isinstance(x, tuple)))
+
+
+def init_params(config: DecoderConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+  """Random parameters (normal(0, 0.02) kernels; norms at identity)."""
+  shapes = config.param_shapes()
+  flat, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+  paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
+  keys = jax.random.split(key, len(flat))
+  out = []
+  for path, shape, k in zip(paths, flat, keys):
+    name = str(path[-1].key)
+    if name.endswith("norm"):
+      out.append(jnp.full(shape, 0.0 if config.norm_offset else 1.0, dtype))
+    elif name.endswith("bias"):
+      out.append(jnp.zeros(shape, dtype))
+    else:
+      out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+  return treedef.unflatten(out)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float) -> jax.Array:
+  """RMSNorm as Hugging Face computes it (float32 statistics)."""
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  if offset:  # Gemma: scale in float32 by (1 + w), then cast
+    return (y * (offset + weight.astype(jnp.float32))).astype(x.dtype)
+  return weight.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
+  """Inverse frequencies ``[head_dim / 2]`` including 'linear' and 'llama3' scaling."""
+  d = config.head_dim
+  inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+  rope = dict(config.rope_scaling)
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  if kind == "default":
+    return inv
+  if kind == "linear":
+    return inv / rope["factor"]
+  if kind == "llama3":
+    factor, lo, hi = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old = rope["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / lo, inv / factor, inv)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / hi) & ~(wavelen > old / lo)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+  raise NotImplementedError(f"rope_type {kind!r} is not supported (supported: default, linear, llama3)")
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+  """Rotary embedding, HF's rotate-half convention. x: [B, T, H, hd]; positions: [B, T]."""
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  cos = jnp.cos(emb).astype(x.dtype)[:, :, None, :]
+  sin = jnp.sin(emb).astype(x.dtype)[:, :, None, :]
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  return x * cos + rotated * sin
+
+
+class KVCache(NamedTuple):
+  """Key/value cache for generation. k, v: ``[L, B, S, Hkv, hd]``; mask: ``[B, S]`` valid keys."""
+
+  k: jax.Array
+  v: jax.Array
+  mask: jax.Array
+
+
+def init_cache(config: DecoderConfig, batch: int, length: int, dtype: Any = jnp.bfloat16) -> KVCache:
+  shape = (config.num_layers, batch, length, config.num_kv_heads, config.head_dim)
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, length), bool))
+
+
+def _attention_mask(config: DecoderConfig, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array,
+                    sliding: jax.Array) -> jax.Array:
+  """Boolean ``[B, 1, 1, T, S]`` mask: causal, padding and (per layer) sliding window."""
+  causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+  mask = causal & k_valid[:, None, :]
+  if config.sliding_window is not None:
+    in_window = (q_pos[:, :, None] - k_pos[:, None, :]) < config.sliding_window
+    mask = mask & (in_window | ~sliding)
+  return mask[:, None, None]
+
+
+def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  y = x @ kernel.astype(x.dtype)
+  return y if bias is None else y + bias.astype(x.dtype)
+
+
+def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
+  return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array, inv_freq: jax.Array,
+          sliding: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
+          cache_index: jax.Array | None, k_valid: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """One transformer block. Returns the new hidden state and this layer's (k, v) cache."""
+  b, t, _ = h.shape
+  eps, off = config.rms_norm_eps, config.norm_offset
+  x = rms_norm(h, lp["input_norm"], eps, off)
+  q = _linear(x, lp["q_proj"], lp.get("q_bias")).reshape(b, t, config.num_heads, config.head_dim)
+  k = _linear(x, lp["k_proj"], lp.get("k_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+  v = _linear(x, lp["v_proj"], lp.get("v_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+  q = apply_rope(q, positions, inv_freq)
+  k = apply_rope(k, positions, inv_freq)
+  if kv is None:
+    keys, values = k, v
+    q_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+    k_pos = q_pos
+  else:
+    ck, cv = kv[0], kv[1]
+    keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1).astype(h.dtype)
+    values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1).astype(h.dtype)
+    q_pos = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
+    k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
+  groups = config.num_heads // config.num_kv_heads
+  qg = q.reshape(b, t, config.num_kv_heads, groups, config.head_dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * config.scale
+  scores = _softcap(scores, config.attn_softcap)
+  mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+  attn = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, config.num_heads * config.head_dim)
+  out = _linear(attn, lp["o_proj"], lp.get("o_bias"))
+  if config.post_norms:
+    out = rms_norm(out, lp["post_attn_norm"], eps, off)
+  h = h + out
+  x = rms_norm(h, lp["pre_mlp_norm"], eps, off)
+  gate = _linear(x, lp["gate_proj"], lp.get("gate_bias"))
+  if config.act == "silu":
+    act = jax.nn.silu(gate)
+  else:
+    act = jax.nn.gelu(gate, approximate=config.act == "gelu_tanh")
+  out = _linear(act * _linear(x, lp["up_proj"], lp.get("up_bias")), lp["down_proj"], lp.get("down_bias"))
+  if config.post_norms:
+    out = rms_norm(out, lp["post_mlp_norm"], eps, off)
+  new_kv = (keys, values) if kv is not None else (k, v)
+  return h + out, new_kv
+
+
+def _remat(fn: Callable, policy: str) -> Callable:
+  if policy == "none":
+    return fn
+  if policy == "full":
+    return jax.checkpoint(fn)
+  if policy == "dots":
+    return jax.checkpoint(fn, policy=jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims)
+  raise ValueError(f"remat must be one of {REMAT_POLICIES}; got {policy!r}")
+
+
+def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
+            *, positions: jax.Array | None = None, cache: KVCache | None = None,
+            cache_index: jax.Array | int = 0, dtype: Any = jnp.float32, remat: str = "none",
+            layer_override: LayerOverride | None = None, return_hidden: bool = False
+            ) -> tuple[jax.Array, KVCache | None]:
+  """Runs the model. Returns ``(logits [B, T, V] float32, updated cache or None)``.
+
+  Args:
+    params: parameters in the layout of the module docstring.
+    tokens: int ``[B, T]``.
+    attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (left or right).
+      Without a cache, positions default to ``cumsum(mask) - 1``.
+    positions: int ``[B, T]`` RoPE positions, overriding the default.
+    cache: a :class:`KVCache` to read and extend (generation); ``cache.mask``
+      must already mark the valid keys including the new tokens.
+    cache_index: where the new tokens go in the cache.
+    dtype: compute dtype (bf16 for training; params are cast on use).
+    remat: 'none', 'full' or 'dots' rematerialisation of each block.
+    layer_override: ``(layer_params, layer_index) -> layer_params`` applied
+      inside the scan, e.g. to substitute trainable slots for frozen layers.
+    return_hidden: return the final normed hidden states ``[B, T, D]`` instead
+      of the logits (for a chunked loss).
+  """
+  b, t = tokens.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), jnp.int32)
+  if positions is None:
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+  if config.embed_scale:
+    h = h * jnp.asarray(config.hidden_size ** 0.5, dtype)
+  inv_freq = jnp.asarray(rope_inv_freq(config))
+  sliding = jnp.asarray(config.sliding_layers or (config.sliding_window is not None,) * config.num_layers)
+  k_valid = attention_mask.astype(bool) if cache is None else cache.mask
+
+  def body(h, xs):
+    lp, idx, slide, kv = xs
+    if layer_override is not None:
+      lp = layer_override(lp, idx)
+    h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid)
+    return h, (new_kv if cache is not None else None)
+
+  xs = (params["layers"], jnp.arange(config.num_layers), sliding,
+        None if cache is None else (cache.k, cache.v))
+  h, new_kv = jax.lax.scan(_remat(body, remat), h, xs)
+  h = rms_norm(h, params["final_norm"], config.rms_norm_eps, config.norm_offset)
+  new_cache = None if cache is None else KVCache(new_kv[0].astype(cache.k.dtype), new_kv[1].astype(cache.v.dtype),
+                                                 cache.mask)
+  if return_hidden:
+    return h, new_cache
+  return logits_from_hidden(params, config, h), new_cache
+
+
+def logits_from_hidden(params: Params, config: DecoderConfig, h: jax.Array) -> jax.Array:
+  """LM head (tied or not) and final soft-capping, in float32."""
+  head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+  logits = jnp.einsum("btd,dv->btv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+  return _softcap(logits, config.final_softcap)
+
+
+class Decoder(nnx.Module):
+  """Flax NNX module over the same parameters; ``model(tokens, mask)`` gives logits.
+
+  ``nnx.state(model, nnx.Param).to_pure_dict()`` is the plain ``params`` dict
+  used by :func:`forward` and by GRASS (layers stacked under ``'layers'``).
+  """
+
+  def __init__(self, config: DecoderConfig, params: Params | None = None, *, rngs: nnx.Rngs | None = None,
+               param_dtype: Any = jnp.float32, dtype: Any = jnp.float32, remat: str = "none"):
+    self.config = config
+    self.dtype = dtype
+    self.remat = remat
+    if params is None:
+      key = (rngs or nnx.Rngs(0)).params()
+      params = init_params(config, key, param_dtype)
+    self.embed = nnx.Param(params["embed"])
+    self.layers = nnx.data({k: nnx.Param(v) for k, v in params["layers"].items()})
+    self.final_norm = nnx.Param(params["final_norm"])
+    self.lm_head = nnx.Param(params["lm_head"]) if "lm_head" in params else None
+
+  def params(self) -> Params:
+    """The plain parameter dict (arrays are shared, not copied)."""
+    out = {"embed": self.embed[...], "layers": {k: v[...] for k, v in self.layers.items()},
+           "final_norm": self.final_norm[...]}
+    if self.lm_head is not None:
+      out["lm_head"] = self.lm_head[...]
+    return out
+
+  def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, **kwargs) -> jax.Array:
+    logits, _ = forward(self.params(), self.config, tokens, attention_mask, dtype=self.dtype, remat=self.remat,
+                        **kwargs)
+    return logits

@@ -1,0 +1,88 @@
+"""Gemma 1 and Gemma 2.
+
+Gemma differs from Llama by a ``(1 + weight)`` RMSNorm, embeddings scaled by
+sqrt(hidden), GeGLU, tied embeddings and a 256-wide head; Gemma 2 adds norms
+after attention and after the MLP, attention and final logit soft-capping,
+``query_pre_attn_scalar`` and a sliding window on alternate layers.
+
+Example::
+
+  >>> cfg = config_from_hf({'model_type': 'gemma2', 'vocab_size': 32, 'hidden_size': 16,
+  ...     'intermediate_size': 32, 'num_hidden_layers': 2, 'num_attention_heads': 2,
+  ...     'num_key_value_heads': 1, 'head_dim': 8, 'query_pre_attn_scalar': 8})
+  >>> cfg.post_norms, cfg.sliding_layers
+  (True, (True, False))
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from grass_jax.models import llama
+from grass_jax.models.decoder import DecoderConfig
+
+MODEL_TYPES = ("gemma", "gemma2")
+
+GEMMA2_RENAMES = {
+    "model.layers.{i}.post_attention_layernorm.weight": ("layers/post_attn_norm", False),
+    "model.layers.{i}.pre_feedforward_layernorm.weight": ("layers/pre_mlp_norm", False),
+    "model.layers.{i}.post_feedforward_layernorm.weight": ("layers/post_mlp_norm", False),
+}
+# Gemma 1 names its tensors as Llama does; Gemma 2 renames the norms around the MLP.
+HF_NAMES: dict[str, dict[str, tuple[str, bool]]] = {
+    "gemma": dict(llama.HF_NAMES),
+    "gemma2": {**llama.HF_NAMES, **GEMMA2_RENAMES},
+}
+
+_ACTS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_tanh": "gelu_tanh", "gelu": "gelu"}
+
+
+def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
+  """Builds the decoder config from a Gemma / Gemma 2 ``config.json`` dict."""
+  model_type = d["model_type"]
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model_type {model_type!r} is not a Gemma type {MODEL_TYPES}")
+  act_name = d.get("hidden_activation") or "gelu_pytorch_tanh"
+  if act_name not in _ACTS:
+    raise ValueError(f"hidden_activation {act_name!r} is not supported (supported: {sorted(_ACTS)})")
+  num_layers = d["num_hidden_layers"]
+  heads = d["num_attention_heads"]
+  theta, scaling = llama.rope_settings(d)
+  is2 = model_type == "gemma2"
+  if is2:
+    flags = tuple(t == "sliding_attention" for t in d["layer_types"]) if d.get("layer_types") else tuple(
+        i % 2 == 0 for i in range(num_layers))
+  else:
+    flags = (False,) * num_layers
+  head_dim = d.get("head_dim") or d["hidden_size"] // heads
+  return DecoderConfig(
+      model_type=model_type,
+      vocab_size=d["vocab_size"],
+      hidden_size=d["hidden_size"],
+      intermediate_size=d["intermediate_size"],
+      num_layers=num_layers,
+      num_heads=heads,
+      num_kv_heads=d.get("num_key_value_heads") or heads,
+      head_dim=head_dim,
+      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+      norm_offset=1.0,
+      act=_ACTS[act_name],
+      rope_theta=theta,
+      rope_scaling=scaling,
+      attention_bias=bool(d.get("attention_bias", False)),
+      o_bias=bool(d.get("attention_bias", False)),
+      tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+      embed_scale=True,
+      query_scale=(d.get("query_pre_attn_scalar") or head_dim) ** -0.5 if is2 else None,
+      attn_softcap=d.get("attn_logit_softcapping") if is2 else None,
+      final_softcap=d.get("final_logit_softcapping") if is2 else None,
+      sliding_window=d.get("sliding_window") if any(flags) else None,
+      sliding_layers=flags,
+      post_norms=is2,
+      max_position_embeddings=d.get("max_position_embeddings", 8192),
+      hf_config=dict(d),
+  )
+
+
+def hf_names(config: DecoderConfig) -> dict[str, tuple[str, bool]]:
+  return HF_NAMES[config.model_type]
