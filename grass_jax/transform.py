@@ -68,9 +68,9 @@ class GrassState(NamedTuple):
     slot_layers: int32 ``[gamma]``, the layers whose inner states are in
       ``slot_states``. Equal to ``active`` except between a switch and the
       offloader's swap (:mod:`grass_jax.offload`).
-    slot_states: inner-optimizer state of the ``slot_layers``; every leaf has a
-      leading ``[gamma]`` axis (one independent inner state per layer,
-      including its own step count, as torch keeps a step per parameter).
+    slot_states: tuple of ``gamma`` inner-optimizer states, one per layer of
+      ``slot_layers`` (each with its own moments and step count, as torch keeps
+      a step per parameter), so one layer's state can be moved on its own.
       With all layers active (full fine-tuning) it is instead one inner state
       for the whole layer stack, exactly what the bare inner optimizer keeps.
     bank: inner states of all ``L`` layers, leading axis ``[L]``, holding the
@@ -98,9 +98,9 @@ def _take(tree: Any, idx: jax.Array) -> Any:
   return jax.tree.map(lambda x: x[idx], tree)
 
 
-def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: Any, params: Any,
-                      num: int) -> tuple[Any, Any]:
-  """``inner.update`` on each of ``num`` stacked layers with its own state.
+def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: tuple, params: Any,
+                      num: int) -> tuple[Any, tuple]:
+  """``inner.update`` on each of ``num`` stacked layers with its own state (a tuple).
 
   An unrolled loop rather than ``jax.vmap``: under vmap the per-layer step
   count becomes a vector and XLA evaluates the bias correction's power through
@@ -110,11 +110,10 @@ def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: A
   outs, new_states = [], []
   for i in range(num):
     p_i = None if params is None else _take(params, i)
-    u, s = inner.update(_take(grads, i), _take(states, i), p_i)
+    u, s = inner.update(_take(grads, i), states[i], p_i)
     outs.append(u)
     new_states.append(s)
-  stack = lambda *xs: jnp.stack(xs)
-  return jax.tree.map(stack, *outs), jax.tree.map(stack, *new_states)
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs), tuple(new_states)
 
 
 def _check_args(num_active: int | None, period: int, temperature: float, epsilon: float,
@@ -196,7 +195,7 @@ def transform(
     if gamma == num_layers:
       slot_states = inner.init(stack)
     else:
-      slot_states = jax.vmap(inner.init)(_take(stack, active))
+      slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
     keeps_bank = gamma < num_layers and not reset_on_switch and not offload
     bank = jax.vmap(inner.init)(stack) if keeps_bank else None
     return GrassState(
@@ -254,13 +253,14 @@ def transform(
       switch = count % period == 0
       active = jnp.where(switch, state.next_active, state.active)
       if reset_on_switch:
-        fresh = jax.vmap(inner.init)(jax.tree.map(jnp.zeros_like, slot_g))
+        fresh = tuple(inner.init(jax.tree.map(jnp.zeros_like, _take(slot_g, i))) for i in range(gamma))
         slot_states = jax.tree.map(lambda f, s: jnp.where(switch, f, s), fresh, slot_states)
         slot_layers = active
       elif bank is not None:
         def do_switch(bank, slots):
-          bank = jax.tree.map(lambda b, s: b.at[state.active].set(s), bank, slots)
-          return bank, _take(bank, state.next_active)
+          for i in range(gamma):
+            bank = jax.tree.map(lambda b, s: b.at[state.active[i]].set(s), bank, slots[i])
+          return bank, tuple(_take(bank, state.next_active[i]) for i in range(gamma))
         bank, slot_states = jax.lax.cond(switch, do_switch, lambda b, s: (b, s), bank, slot_states)
         slot_layers = active
       # else: offloaded; slot_layers lag behind `active` until the Offloader swaps.

@@ -1,0 +1,93 @@
+"""Host offloading of inactive layers' optimizer state."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import grass_jax
+from grass_jax.offload import Offloader, memory_kind
+from tests.test_transform import random_grads, stacked_params
+
+
+def _run(offload, period, steps=14, seed=2):
+  params = stacked_params()
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), layers=grass_jax.stacked_layers(),
+                                       num_active=2, period=period, seed=seed, offload=offload))
+  state = tx.init(params)
+  off = Offloader(state, period=period) if offload else None
+
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  seen = []
+  for i in range(steps):
+    params, state = step(params, state, random_grads(params, i))
+    if off is not None:
+      state = off.after_step(state)
+    seen.append(np.asarray(grass_jax.find_state(state).active).tolist())
+  return params, state, off, seen
+
+
+@pytest.mark.parametrize("period", [1, 3])
+def test_params_identical_with_and_without_offload(period):
+  p_on, s_on, off, seq_on = _run(True, period)
+  p_off, s_off, _, seq_off = _run(False, period)
+  assert seq_on == seq_off
+  assert len({tuple(a) for a in seq_on}) > 2
+  jax.tree.map(np.testing.assert_array_equal, p_on, p_off)
+  # every layer's moments agree with the on-device bank
+  ref = grass_jax.find_state(s_off)
+  ref_active = np.asarray(ref.active).tolist()
+  for l, st in off.full_bank(s_on).items():
+    want = ref.slot_states[ref_active.index(l)] if l in ref_active else jax.tree.map(lambda b: b[l], ref.bank)
+    jax.tree.map(np.testing.assert_array_equal, st, want)
+
+
+def test_memory_kinds_after_switch():
+  _, state, off, _ = _run(True, 1, steps=6)
+  s = grass_jax.find_state(state)
+  assert s.bank is None
+  assert off.bank, "no layer was swapped out"
+  assert memory_kind(off.bank) == {"pinned_host"}
+  assert memory_kind(off.fresh) == {"pinned_host"}
+  assert memory_kind(s.slot_states) == {"device"}
+  assert sorted(off.slot_layers) == np.asarray(s.active).tolist() == np.asarray(s.slot_layers).tolist()
+  assert not set(off.bank) & set(off.slot_layers)
+
+
+def test_resumed_layer_continues_from_saved_moments():
+  """A layer swapped out and back in carries its moments (count > 0, mu != 0), not fresh ones."""
+  params = stacked_params()
+  inner = optax.adam(1e-2)
+  tx = grass_jax.transform(inner, layers=grass_jax.stacked_layers(), num_active=2, period=1, seed=0, offload=True)
+  state = tx.init(params)
+  off = Offloader(state, period=1)
+  trained_then_paused = set()
+  for i in range(20):
+    before = set(np.asarray(state.active).tolist())
+    _, state = tx.update(random_grads(params, i), state, params)
+    state = off.after_step(state)
+    after = set(np.asarray(state.active).tolist())
+    trained_then_paused |= before - after
+    back = trained_then_paused & after
+    for l in back:
+      j = off.slot_layers.index(l)
+      adam_state = state.slot_states[j][0]
+      assert int(adam_state.count) > 0 and float(jnp.abs(adam_state.mu["layers/w"]).sum()) > 0
+      return
+  pytest.fail("no layer came back after a pause")
+
+
+def test_offloader_rejects_states_it_cannot_manage():
+  params = stacked_params()
+  on_device = grass_jax.transform(optax.adam(1e-2), layers=grass_jax.stacked_layers(), num_active=2)
+  with pytest.raises(ValueError, match="offload=True"):
+    Offloader(on_device.init(params), period=1)
+  full = grass_jax.full(optax.adam(1e-2), layers=grass_jax.stacked_layers())
+  with pytest.raises(ValueError, match="nothing to offload"):
+    Offloader(full.init(params), period=1)
