@@ -146,6 +146,7 @@ def transform(
     sampling_kind: str = "importance",
     reset_on_switch: bool = False,
     offload: bool = False,
+    skip_nonfinite: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """GRASS: gradient-based adaptive layer-wise importance sampling.
 
@@ -172,6 +173,9 @@ def transform(
       instead of restoring their saved moments (GRASS).
     offload: keep no bank of inactive layers' states in the state: they live in
       host memory, managed by :class:`grass_jax.offload.Offloader`.
+    skip_nonfinite: when any gradient is NaN/inf, return zero updates and keep
+      the inner states (the step still counts for the layer schedule). A
+      non-finite layer norm never enters the importance statistics.
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.
@@ -244,6 +248,15 @@ def transform(
       always_u, always_state = inner.update(always_g, state.always_on_state, always_p)
     else:
       always_u, always_state = {}, state.always_on_state
+    if skip_nonfinite:
+      # A NaN/inf anywhere skips the update (zero updates, moments kept) but not the
+      # layer schedule, which stays a function of the step count (offloading relies on it).
+      ok = jnp.isfinite(optax.tree.norm((slot_g, always_g)))
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+      slot_states = keep(slot_states, state.slot_states)
+      always_state = keep(always_state, state.always_on_state)
+      slot_u = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), slot_u)
+      always_u = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), always_u)
 
     count = state.count + 1
     key, sub = jax.random.split(state.key)
