@@ -23,6 +23,8 @@ The few lines a user adds to a training loop::
                    grass_jax.transform(optax.adamw(1e-5), layers=..., num_active=2,
                                        period=20, offload=True))
   opt_state = tx.init(params)
+  # Commit the state to the device once, so the step compiles once (jit outputs are committed).
+  params, opt_state = jax.device_put((params, opt_state), jax.devices()[0])
   offloader = grass_jax.offload.Offloader(opt_state, period=20)
   for batch in batches:
     params, opt_state, loss = train_step(params, opt_state, batch)   # jitted, async
@@ -39,6 +41,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from grass_jax.transform import find_state, replace_state
@@ -100,7 +103,7 @@ class Offloader:
       fresh = s.slot_states[0]
     self.fresh = jax.device_put(fresh, self.host)
     self.bank: dict[int, Any] = {int(l): jax.device_put(v, self.host) for l, v in (bank or {}).items()}
-    self._prev_next = s.next_active
+    self._prev_next = jax.device_put(jnp.copy(s.next_active), self.on_device)
 
   def after_step(self, opt_state: Any) -> Any:
     """Call once after every optimizer step with the new state; returns the state to use next."""
@@ -108,7 +111,8 @@ class Offloader:
     self.step += 1
     c = self.step
     prev_next = self._prev_next
-    self._prev_next = s.next_active
+    # A copy: the train step donates the optimizer state, which would delete the original.
+    self._prev_next = jnp.copy(s.next_active)
     if c % self.period != 0:
       return opt_state
     # The set drawn one step ago is final by now; reading it waits at most for the previous step,

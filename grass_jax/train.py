@@ -85,7 +85,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
 
   def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, dict[str, jax.Array]]:
     active = find_state(opt_state).active
-    trainable = {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
+    all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
+    trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
     grad_fn = jax.value_and_grad(
         lambda tr, frozen, act, mb: slot_loss(tr, frozen, act, config, mb, dtype=dtype, remat=remat), has_aux=True)
 
@@ -103,7 +104,10 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # The GRASS transform itself skips non-finite steps (zero updates, moments kept).
     updates, new_opt_state = tx.update(grads, opt_state, trainable)
-    new_params = apply_slot_updates(params, updates, active, LAYERS)
+    if all_layers:
+      new_params = optax.apply_updates(params, updates)
+    else:
+      new_params = apply_slot_updates(params, updates, active, LAYERS)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": (~ok).astype(jnp.int32)}
     return new_params, new_opt_state, metrics
 

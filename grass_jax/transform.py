@@ -208,9 +208,10 @@ def transform(
         importance=jnp.zeros((num_layers,), jnp.float32),
         num_measurements=jnp.zeros((num_layers,), jnp.int32),
         probabilities=probs,
+        # Distinct buffers: a train step donates the state, and one buffer cannot be donated twice.
         active=active,
-        next_active=next_active,
-        slot_layers=active,
+        next_active=jnp.copy(next_active),
+        slot_layers=jnp.copy(active),
         slot_states=slot_states,
         bank=bank,
         always_on_state=inner.init(always) if always else optax.EmptyState(),

@@ -1,0 +1,111 @@
+"""Shared pieces of the GPU benchmarks: model sizes, one timed training run in a fresh process.
+
+Each configuration runs in its own process because ``peak_bytes_in_use`` only grows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+# Architectures of the models the paper uses (random init: only the shapes matter here).
+SIZES: dict[str, dict[str, Any]] = {
+    "tinyllama-1.1b": dict(model_type="llama", vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                           num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4),
+    "gemma-2b": dict(model_type="gemma", vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                     num_hidden_layers=18, num_attention_heads=8, num_key_value_heads=1, head_dim=256),
+    "llama2-7b": dict(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
+    "tiny-test": dict(model_type="llama", vocab_size=1000, hidden_size=256, intermediate_size=512,
+                      num_hidden_layers=8, num_attention_heads=4, num_key_value_heads=2),
+}
+
+
+def run_config(spec: dict[str, Any]) -> dict[str, Any]:
+  """Runs one training configuration in-process and returns its measurements.
+
+  spec keys: size, strategy (grass|lisa|full), num_active, period, offload, batch, seq, steps, warmup.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import grass_jax
+  from grass_jax.models import config_from_hf, init_params
+  from grass_jax.offload import Offloader
+  from grass_jax.train import LAYERS, make_train_step
+
+  cfg = config_from_hf(SIZES[spec["size"]])
+  dev = jax.devices()[0]
+  t0 = time.perf_counter()
+  params = jax.device_put(jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.PRNGKey(0)), dev)
+  strategy = spec["strategy"]
+  gamma = None if strategy == "full" else spec["num_active"]
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   grass_jax.strategy(strategy, optax.adamw(1e-5, weight_decay=0.0), layers=LAYERS,
+                                      num_active=gamma, period=spec["period"], offload=spec.get("offload", False)))
+  opt_state = jax.device_put(jax.jit(tx.init)(params), dev)
+  off = Offloader(opt_state, period=spec["period"]) if spec.get("offload") else None
+  step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"))
+  rng = np.random.default_rng(0)
+  b, t = spec["batch"], spec["seq"]
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32))
+  batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
+
+  def run(n):
+    nonlocal params, opt_state
+    m = None
+    for _ in range(n):
+      params, opt_state, m = step(params, opt_state, batch)
+      if off is not None:
+        opt_state = off.after_step(opt_state)
+    return m
+
+  tc = time.perf_counter()
+  jax.block_until_ready(run(1))
+  compile_s = time.perf_counter() - tc
+  jax.block_until_ready(run(spec.get("warmup", 2)))
+  ts = time.perf_counter()
+  m = run(spec["steps"])
+  loss = float(m["loss"])
+  elapsed = time.perf_counter() - ts
+  compiles = step._cache_size()
+  stats = dev.memory_stats() or {}
+  s = grass_jax.find_state(opt_state)
+  dev_kind = dev.default_memory().kind
+  opt_dev = sum(x.nbytes for x in jax.tree.leaves(opt_state) if x.sharding.memory_kind == dev_kind)
+  opt_host = sum(x.nbytes for x in jax.tree.leaves(off.bank)) if off else 0
+  layer_state = s.slot_states[0] if isinstance(s.slot_states, tuple) else None
+  layer_state_bytes = sum(x.nbytes for x in jax.tree.leaves(layer_state)) if layer_state is not None else 0
+  step_s = elapsed / spec["steps"]
+  return {**spec, "device": dev.device_kind, "jax": jax.__version__, "num_params": cfg.num_params(),
+          "step_s": step_s, "tokens_per_s": b * t / step_s, "compile_s": compile_s,
+          "setup_s": tc - t0, "peak_bytes": stats.get("peak_bytes_in_use"),
+          "bytes_in_use": stats.get("bytes_in_use"), "opt_state_device_bytes": opt_dev,
+          "opt_state_host_bytes": opt_host, "layer_state_bytes": layer_state_bytes,
+          "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), "final_loss": loss,
+          "skipped": int(m["skipped"]), "compiled_executables": compiles}
+
+
+def run_isolated(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
+  """Runs :func:`run_config` in a fresh Python process (clean peak-memory counter)."""
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks.common import run_config; "
+          f"print('RESULT' + json.dumps(run_config(json.loads({json.dumps(json.dumps(spec))}))))")
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+  except subprocess.TimeoutExpired:
+    return {**spec, "error": f"timeout after {timeout}s"}
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT"):
+      return json.loads(line[len("RESULT"):])
+  err = (proc.stderr or "").strip().splitlines()
+  oom = any("RESOURCE_EXHAUSTED" in l or "Out of memory" in l for l in err)
+  return {**spec, "error": "out of memory" if oom else (err[-1] if err else f"exit {proc.returncode}"),
+          "wall_s": time.perf_counter() - t0}
