@@ -71,12 +71,16 @@ class Offloader:
   """
 
   def __init__(self, opt_state: Any, *, period: int, host_memory_kind: str = "pinned_host",
-               bank: dict[int, Any] | None = None, fresh: Any = None):
+               bank: dict[int, Any] | None = None, fresh: Any = None, preallocate: bool = True):
     """Args:
       opt_state: the optimizer state right after ``init`` (or restored, with
         ``bank`` and ``fresh`` from :meth:`state_dict`).
       period: the transform's ``period``.
       host_memory_kind: where inactive states live ('pinned_host').
+      bank, fresh: saved host states to resume from (:meth:`state_dict`).
+      preallocate: create every inactive layer's host state now (L x one
+        layer's optimizer state of host memory), so that no switch pays for
+        pinning new host memory.
     """
     if period < 1:
       raise ValueError(f"period must be >= 1; got {period}")
@@ -103,6 +107,13 @@ class Offloader:
       fresh = s.slot_states[0]
     self.fresh = jax.device_put(fresh, self.host)
     self.bank: dict[int, Any] = {int(l): jax.device_put(v, self.host) for l, v in (bank or {}).items()}
+    if preallocate:
+      # Pinning host memory is slow (it would otherwise happen during the first switches of
+      # every layer); allocate a host state for every inactive layer up front instead.
+      source = jax.device_put(fresh, self.on_device)
+      for l in range(self.num_layers):
+        if l not in self.bank and l not in self.slot_layers:
+          self.bank[l] = jax.device_put(source, self.host)
     self._prev_next = jax.device_put(jnp.copy(s.next_active), self.on_device)
 
   def after_step(self, opt_state: Any) -> Any:
