@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,10 @@ import optax
 
 from grass_jax.layers import stacked_layers
 from grass_jax.models.decoder import DecoderConfig, Params, forward
-from grass_jax.transform import apply_slot_updates, find_state, replace_state
+from grass_jax.transform import apply_slot_updates, find_state, replace_state, strategy
+
+if TYPE_CHECKING:
+  from grass_jax.config import Config, ModelConfig, OptimConfig
 
 LAYERS = stacked_layers("layers")
 Batch = dict[str, jax.Array]
@@ -117,3 +120,185 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
 def replace_grass_state(opt_state: Any, **fields: Any) -> Any:
   """Convenience: ``opt_state`` with some :class:`GrassState` fields replaced."""
   return replace_state(opt_state, find_state(opt_state)._replace(**fields))
+
+
+# ---------------------------------------------------------------------------------------------
+# The training loop behind scripts/train.py.
+
+
+def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
+                    seed: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """``clip -> GRASS/LISA/full(adamw(1.0)) -> scale_by_schedule``: a global LR schedule, per-layer moments."""
+  warmup = int(o.warmup_ratio * total_steps)
+  decay_steps = max(total_steps - warmup, 1)
+  if o.schedule == "cosine":
+    after = optax.cosine_decay_schedule(o.learning_rate, decay_steps)
+  elif o.schedule == "linear":
+    after = optax.linear_schedule(o.learning_rate, 0.0, decay_steps)
+  else:
+    after = optax.constant_schedule(o.learning_rate)
+  schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), after], [warmup]) \
+      if warmup else after
+  inner = optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  grass = strategy(o.strategy, inner, layers=LAYERS, num_active=None if o.strategy == "full" else min(
+      o.num_active, num_layers), period=o.period, temperature=o.temperature, epsilon=o.epsilon,
+                   importance_decay=o.importance_decay, seed=seed, always_on=o.always_on,
+                   offload=o.offload_optimizer_state)
+  parts = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
+  return optax.chain(*parts, grass, optax.scale_by_schedule(schedule)), schedule
+
+
+def _dtype(name: str) -> Any:
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def load_model(m: ModelConfig, seed: int) -> tuple[Params, DecoderConfig]:
+  from grass_jax.models import config_from_hf, init_params
+  from grass_jax.pretrained import load_pretrained
+  if m.random_init is not None:
+    cfg = config_from_hf(dict(m.random_init))
+    return init_params(cfg, jax.random.PRNGKey(seed), _dtype(m.dtype)), cfg
+  return load_pretrained(m.path, dtype=_dtype(m.dtype))
+
+
+def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: int | None = None,
+        return_state: bool = False) -> dict[str, Any]:
+  """Fine-tunes as ``cfg`` says; returns a summary. See README 'Training' for the outputs.
+
+  Args:
+    resume: continue from the latest checkpoint in ``train.output_dir``.
+    progress: show a progress bar.
+    stop_at: stop (with a checkpoint) after this step, as if interrupted; the
+      schedule still spans the whole run, so ``resume`` continues it exactly.
+    return_state: add the final ``params`` and ``opt_state`` to the summary.
+  """
+  import json
+  import time
+  from pathlib import Path
+
+  import numpy as np
+  import yaml
+  from tqdm.auto import tqdm
+
+  from grass_jax import data as data_lib
+  from grass_jax.checkpoints import Checkpointer
+  from grass_jax.config import to_dict
+  from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
+  from grass_jax.offload import Offloader
+  from grass_jax.pretrained import save_pretrained
+  from grass_jax.transform import diagnostics
+
+  out = Path(cfg.train.output_dir)
+  ckpt_dir = out / "checkpoints"
+  if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
+    raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or set "
+                          "train.output_dir to a new directory")
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+  params, mcfg = load_model(cfg.model, cfg.train.seed)
+  tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer, cfg.model.path)
+  records = data_lib.load_records(cfg.data.train, cfg.data.split)
+  dataset = data_lib.build_dataset(records, tokenizer, max_length=cfg.data.max_length,
+                                   batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                                   buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed)
+  steps_per_epoch = len(dataset)
+  total = steps_per_epoch * cfg.train.epochs
+  if cfg.train.max_steps is not None:
+    total = min(total, cfg.train.max_steps)
+  tx, schedule = build_optimizer(cfg.optim, mcfg.num_layers, total, cfg.train.seed)
+  device = jax.devices()[0]
+  opt_state = tx.init(params)
+  # Committed once, so the jitted step sees the same input shardings every call (one compile).
+  params, opt_state = jax.device_put((params, opt_state), device)
+  offload = cfg.optim.offload_optimizer_state
+  offloader = Offloader(opt_state, period=cfg.optim.period) if offload else None
+  ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
+
+  def layer_states_tree():
+    if offloader is None:
+      return None
+    bank = offloader.full_bank(opt_state)
+    return {"fresh": offloader.fresh, "layers": {str(l): bank[l] for l in range(mcfg.num_layers)}}
+
+  step, start_epoch, start_batch, skipped, history = 0, 0, 0, 0, []
+  if resume and ckpt.latest_step() is not None:
+    step = ckpt.latest_step()
+    params, opt_state, layer_states, meta = ckpt.restore(step, params=params, opt_state=opt_state,
+                                                         layer_states=layer_states_tree())
+    start_epoch, start_batch, skipped = meta["epoch"], meta["batch"], meta["skipped"]
+    history = [(s, np.asarray(p)) for s, p in meta["probability_history"]]
+    if offloader is not None:
+      active = set(np.asarray(find_state(opt_state).active).tolist())
+      bank = {int(l): v for l, v in layer_states["layers"].items() if int(l) not in active}
+      offloader = Offloader(opt_state, period=cfg.optim.period, bank=bank, fresh=layer_states["fresh"],
+                            preallocate=False)
+
+  train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat)
+  writer = MetricsWriter(out)
+  diag_kw = dict(temperature=cfg.optim.temperature, epsilon=cfg.optim.epsilon)
+
+  def save(epoch: int, batch: int) -> None:
+    ckpt.save(step, params=params, opt_state=opt_state, layer_states=layer_states_tree(),
+              meta={"epoch": epoch, "batch": batch, "skipped": skipped,
+                    "probability_history": [(s, p.tolist()) for s, p in history]})
+    plot_probability_heatmap(history, out / "layer_probabilities.png")
+
+  bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
+  window_tokens, window_start, window_skipped = 0.0, time.perf_counter(), 0
+  pending = []
+  epoch, next_batch = start_epoch, start_batch
+  last = {}
+  for epoch, batch_idx, batch in dataset.iterate(start_epoch, start_batch, cfg.train.epochs):
+    if step >= total or (stop_at is not None and step >= stop_at):
+      next_batch = batch_idx  # fetched, not consumed: resume starts with it
+      break
+    next_batch = batch_idx + 1
+    params, opt_state, m = train_step(params, opt_state, batch)
+    if offloader is not None:
+      opt_state = offloader.after_step(opt_state)
+    step += 1
+    pending.append(m)
+    bar.update(1)
+    if step % cfg.train.log_every == 0 or step == total:
+      ms = jax.device_get(pending)  # the only host sync: once per log interval
+      pending = []
+      window_tokens += sum(float(x["tokens"]) for x in ms)
+      n_skipped = sum(int(x["skipped"]) for x in ms)
+      skipped += n_skipped
+      if n_skipped == len(ms) and len(ms) >= 3:
+        raise FloatingPointError(f"gradients were NaN/inf in all of the last {len(ms)} steps (step {step}); "
+                                 "lower optim.learning_rate, use model.dtype: float32, or check the data")
+      dt = time.perf_counter() - window_start
+      d = diagnostics(opt_state, **diag_kw)
+      history.append((step, d["current_probabilities"]))
+      stats = device.memory_stats() or {}
+      last = {"loss": float(ms[-1]["loss"]), "mean_loss": float(np.mean([float(x["loss"]) for x in ms])),
+              "lr": float(schedule(step - 1)), "grad_norm": float(ms[-1]["grad_norm"]),
+              "tokens_per_s": window_tokens / dt if dt > 0 else 0.0, "skipped_steps": skipped,
+              "peak_memory_bytes": stats.get("peak_bytes_in_use"), "epoch": epoch,
+              "active_layers": d["active"], "importance": d["importance"], "probabilities": d["current_probabilities"]}
+      writer.write(step, last)
+      bar.set_postfix(loss=f"{last['mean_loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
+                      active=",".join(map(str, d["active"])))
+      window_tokens, window_start = 0.0, time.perf_counter()
+    if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < total:
+      save(epoch, next_batch)
+  bar.close()
+  if ckpt.latest_step() != step:
+    save(epoch, next_batch)
+  ckpt.close()
+  writer.close()
+  summary = {"steps": step, "final_loss": last.get("mean_loss"), "skipped_steps": skipped,
+             "output_dir": str(out), "heatmap": str(out / "layer_probabilities.png")}
+  if cfg.train.export:
+    export = out / "hf_model"
+    save_pretrained(params, mcfg, export)
+    if hasattr(tokenizer, "save_pretrained"):
+      tokenizer.save_pretrained(export)
+    summary["hf_model"] = str(export)
+  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  if return_state:
+    summary.update(params=params, opt_state=opt_state,
+                   layer_states=None if offloader is None else offloader.full_bank(opt_state))
+  return summary

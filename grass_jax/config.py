@@ -1,0 +1,287 @@
+"""Typed training configuration, loaded from YAML with ``key=value`` overrides.
+
+Every key is a field of one of the dataclasses below (the field docs are the
+reference for ``configs/*.yaml``). Unknown keys, wrong types and out-of-range
+values raise :class:`ConfigError` naming the key.
+
+Example::
+
+  >>> cfg = from_dict({'model': {'random_init': {'model_type': 'llama'}}, 'data': {'train': 'x.jsonl'}})
+  >>> cfg = apply_overrides(cfg, ['optim.num_active=4', 'train.max_steps=10'])
+  >>> cfg.optim.num_active, cfg.train.max_steps
+  (4, 10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A bad configuration key or value; the message names the key."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+  """model: which network to fine-tune.
+
+  path: HF checkpoint directory or hub id (config.json + safetensors/msgpack).
+  random_init: HF config.json keys of a randomly initialised model, instead of
+    ``path`` (demos and benchmarks).
+  dtype: parameter dtype, 'float32' or 'bfloat16'.
+  compute_dtype: matmul/activation dtype, 'bfloat16' or 'float32'.
+  remat: rematerialisation of each block: 'full' (needed for gamma-sized
+    gradient memory), 'dots' or 'none'.
+  tokenizer: tokenizer directory or hub id (default: ``path``), or 'bytes'
+    for the built-in byte tokenizer (demo).
+  """
+
+  path: str | None = None
+  random_init: dict | None = None
+  dtype: str = "bfloat16"
+  compute_dtype: str = "bfloat16"
+  remat: str = "full"
+  tokenizer: str | None = None
+
+
+@dataclasses.dataclass
+class DataConfig:
+  """data: the instruction-tuning set.
+
+  train: local JSON/JSONL/parquet file or directory, or a hub dataset id.
+  split: dataset split to read.
+  template: prompt template: 'alpaca' (LLM-Adapters' instruction/input/output).
+  max_length: longest sequence in tokens; longer examples are truncated.
+  buckets: sequence lengths to pad to (few shapes = few compilations);
+    default: powers of two up to max_length.
+  eval_examples: hold out this many examples for evaluation loss.
+  shuffle_seed: seed of the epoch order (deterministic and resumable).
+  """
+
+  train: str = ""
+  split: str = "train"
+  template: str = "alpaca"
+  max_length: int = 512
+  buckets: list | None = None
+  eval_examples: int = 0
+  shuffle_seed: int = 0
+
+
+@dataclasses.dataclass
+class OptimConfig:
+  """optim: optimizer and layer sampling.
+
+  strategy: 'grass' (adaptive importance sampling), 'lisa' (uniform, moments
+    reset) or 'full' (all layers).
+  num_active: gamma, layers trained at a time.
+  period: K, steps between layer switches.
+  temperature: p ~ importance ** (1 / temperature).
+  epsilon: uniform exploration floor (every layer keeps p >= epsilon / L).
+  importance_decay: null for the running mean of gradient norms, or an EMA decay.
+  always_on: also train embeddings, final norm and LM head every step.
+  offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
+  learning_rate: peak learning rate.
+  schedule: 'cosine', 'linear' or 'constant' after warm-up.
+  warmup_ratio: fraction of the steps spent warming up linearly from 0.
+  weight_decay: AdamW weight decay.
+  max_grad_norm: global-norm clipping of the trained parameters' gradients (0 = off).
+  b1, b2, eps: Adam hyper-parameters.
+  """
+
+  strategy: str = "grass"
+  num_active: int = 2
+  period: int = 20
+  temperature: float = 1.0
+  epsilon: float = 0.1
+  importance_decay: float | None = None
+  always_on: bool = True
+  offload_optimizer_state: bool = False
+  learning_rate: float = 1e-5
+  schedule: str = "cosine"
+  warmup_ratio: float = 0.03
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """train: the loop.
+
+  epochs: passes over the training set.
+  max_steps: stop after this many optimizer steps (null: run all epochs).
+  batch_size: sequences per micro-batch.
+  grad_accum: micro-batches per optimizer step.
+  seed: model init / misc seed (layer sampling uses optim.seed... the same).
+  log_every: steps between metric lines (JSONL, TensorBoard).
+  checkpoint_every: steps between checkpoints (0: only at the end).
+  keep_checkpoints: how many checkpoints to keep.
+  output_dir: where metrics, checkpoints, plots and the exported model go.
+  export: write the final model as a HF checkpoint (output_dir/hf_model).
+  """
+
+  epochs: int = 1
+  max_steps: int | None = None
+  batch_size: int = 8
+  grad_accum: int = 1
+  seed: int = 0
+  log_every: int = 10
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+  output_dir: str = "runs/default"
+  export: bool = True
+
+
+@dataclasses.dataclass
+class Config:
+  """The whole training configuration (one YAML file)."""
+
+  model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+  train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16"),
+    "model.compute_dtype": ("float32", "bfloat16"),
+    "model.remat": ("full", "dots", "none"),
+    "data.template": ("alpaca",),
+    "optim.strategy": ("grass", "lisa", "full"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+}
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+  hint = eval(annotation, vars(typing)) if isinstance(annotation, str) else annotation  # noqa: S307
+  options = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union \
+      else (hint,)
+  if value is None:
+    if type(None) in options:
+      return None
+    raise ConfigError(f"{key} must not be null")
+  for t in options:
+    if t is type(None):
+      continue
+    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if t is int and isinstance(value, int) and not isinstance(value, bool):
+      return value
+    if t in (str, bool, dict, list) and isinstance(value, t):
+      return value
+  names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
+  raise ConfigError(f"{key} must be {names}; got {value!r} ({type(value).__name__})")
+
+
+def _section(cls: type, data: dict, prefix: str) -> Any:
+  if not isinstance(data, dict):
+    raise ConfigError(f"{prefix} must be a mapping of keys to values; got {data!r}")
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(data) - set(fields))
+  if unknown:
+    raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                      f"{', '.join(prefix + '.' + k for k in unknown)}; valid keys in {prefix}: {', '.join(fields)}")
+  kwargs = {k: _check_type(f"{prefix}.{k}", v, fields[k].type) for k, v in data.items()}
+  return cls(**kwargs)
+
+
+def validate(cfg: Config) -> Config:
+  """Range and cross-field checks; returns ``cfg``."""
+  for key, allowed in CHOICES.items():
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    if value not in allowed:
+      raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+  m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+  if (m.path is None) == (m.random_init is None):
+    raise ConfigError("set exactly one of model.path (a HF checkpoint) and model.random_init")
+  if not d.train:
+    raise ConfigError("data.train is required: a JSON/JSONL/parquet file or a hub dataset id")
+  positive = {"data.max_length": d.max_length, "optim.num_active": o.num_active, "optim.period": o.period,
+              "train.epochs": t.epochs, "train.batch_size": t.batch_size, "train.grad_accum": t.grad_accum,
+              "train.log_every": t.log_every, "train.keep_checkpoints": t.keep_checkpoints}
+  for key, value in positive.items():
+    if value < 1:
+      raise ConfigError(f"{key} must be >= 1; got {value}")
+  if t.max_steps is not None and t.max_steps < 1:
+    raise ConfigError(f"train.max_steps must be >= 1 or null; got {t.max_steps}")
+  if not 0 <= o.epsilon <= 1:
+    raise ConfigError(f"optim.epsilon must be in [0, 1]; got {o.epsilon}")
+  if o.temperature <= 0:
+    raise ConfigError(f"optim.temperature must be > 0; got {o.temperature}")
+  if not 0 <= o.warmup_ratio < 1:
+    raise ConfigError(f"optim.warmup_ratio must be in [0, 1); got {o.warmup_ratio}")
+  if o.learning_rate <= 0:
+    raise ConfigError(f"optim.learning_rate must be > 0; got {o.learning_rate}")
+  if o.importance_decay is not None and not 0 <= o.importance_decay < 1:
+    raise ConfigError(f"optim.importance_decay must be null or in [0, 1); got {o.importance_decay}")
+  if o.offload_optimizer_state and o.strategy != "grass":
+    raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
+                      "fine-tuning has no inactive layers)")
+  if d.buckets is not None:
+    if not d.buckets or any(not isinstance(b, int) or b < 2 for b in d.buckets):
+      raise ConfigError(f"data.buckets must be a list of ints >= 2; got {d.buckets}")
+    if max(d.buckets) < d.max_length:
+      raise ConfigError(f"the largest of data.buckets ({max(d.buckets)}) must be >= data.max_length ({d.max_length})")
+  return cfg
+
+
+def from_dict(data: dict) -> Config:
+  if not isinstance(data, dict):
+    raise ConfigError(f"a config must be a mapping with sections model, data, optim, train; got {type(data).__name__}")
+  sections = {f.name: f.type for f in dataclasses.fields(Config)}
+  unknown = sorted(set(data) - set(sections))
+  if unknown:
+    raise ConfigError(f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                      f"valid sections: {', '.join(sections)}")
+  classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+  return validate(Config(**{k: _section(classes[k], data.get(k) or {}, k) for k in classes}))
+
+
+def load(path: str | Path, overrides: list[str] = ()) -> Config:
+  """Reads a YAML config and applies ``section.key=value`` overrides."""
+  path = Path(path)
+  if not path.exists():
+    raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
+  try:
+    data = yaml.safe_load(path.read_text()) or {}
+  except yaml.YAMLError as e:
+    raise ConfigError(f"{path} is not valid YAML: {e}") from e
+  return from_dict(_merge_overrides(data, overrides))
+
+
+def _merge_overrides(data: dict, overrides: list[str]) -> dict:
+  data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+  for item in overrides:
+    if "=" not in item:
+      raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2:
+      raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.num_active)")
+    section, name = parts
+    try:
+      value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+      raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+    data.setdefault(section, {})
+    if not isinstance(data[section], dict):
+      data[section] = {}
+    data[section][name] = value
+  return data
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+  return from_dict(_merge_overrides(to_dict(cfg), overrides))
+
+
+def to_dict(cfg: Config) -> dict:
+  return dataclasses.asdict(cfg)

@@ -1,0 +1,233 @@
+"""Instruction-tuning data: loading, Alpaca templates, tokenization, length buckets.
+
+Records follow LLM-Adapters' commonsense_170k / math_10k format:
+``{"instruction": ..., "input": ..., "output": ..., "answer": ...}`` (``input``
+and ``answer`` optional). The loss covers only the response tokens. Examples
+are padded to the smallest of a few bucket lengths, so the train step
+compiles once per bucket; the batch order is a pure function of
+``(seed, epoch)`` and resumes exactly from ``(epoch, batch_index)``.
+
+Example::
+
+  >>> tok = ByteTokenizer()
+  >>> ex = encode_example({'instruction': 'Add 2 and 3.', 'output': '5'}, tok, max_length=256)
+  >>> tok.decode([t for t, m in zip(ex.tokens, ex.loss_mask) if m])
+  '5'
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple, Protocol
+
+import numpy as np
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n")
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n")
+
+
+class DataError(ValueError):
+  """Missing, empty or malformed data (the message names the file and record)."""
+
+
+class Tokenizer(Protocol):
+  pad_token_id: int | None
+  eos_token_id: int | None
+  bos_token_id: int | None
+
+  def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+
+  def decode(self, ids: Sequence[int]) -> str: ...
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as tokens (ids 3..258), with pad 0, bos 1, eos 2. Needs no files."""
+
+  pad_token_id = 0
+  bos_token_id = 1
+  eos_token_id = 2
+  vocab_size = 259
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    ids = [b + 3 for b in text.encode("utf-8")]
+    return [self.bos_token_id, *ids] if add_special_tokens else ids
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
+  """'bytes' for :class:`ByteTokenizer`; otherwise a HF tokenizer directory or hub id."""
+  source = spec or model_path
+  if source == "bytes":
+    return ByteTokenizer()
+  if not source:
+    raise DataError("no tokenizer: set model.tokenizer (a HF tokenizer directory, hub id, or 'bytes')")
+  from transformers import AutoTokenizer
+  try:
+    tok = AutoTokenizer.from_pretrained(source)
+  except Exception as e:  # noqa: BLE001
+    raise DataError(f"cannot load the tokenizer from {source!r} ({type(e).__name__}: {e}); set model.tokenizer to "
+                    "a local tokenizer directory, or HF_HUB_OFFLINE=1 to use the cache") from e
+  if tok.pad_token_id is None:
+    tok.pad_token = tok.eos_token or tok.unk_token
+  return tok
+
+
+def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
+  """Reads records from a local JSON/JSONL/parquet file or directory, or a hub dataset id."""
+  path = Path(source).expanduser()
+  if path.is_file():
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+      records = []
+      for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+          continue
+        try:
+          records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+          raise DataError(f"{path}:{n} is not valid JSON: {e.msg}") from e
+    elif suffix == ".json":
+      try:
+        data = json.loads(path.read_text())
+      except json.JSONDecodeError as e:
+        raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from e
+      records = data.get("data", data.get(split)) if isinstance(data, dict) else data
+      if not isinstance(records, list):
+        raise DataError(f"{path} must hold a list of records (or {{'data': [...]}}); got {type(records).__name__}")
+    elif suffix == ".parquet":
+      import datasets
+      records = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+    else:
+      raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .parquet")
+  elif path.is_dir():
+    import datasets
+    records = list(datasets.load_dataset(str(path), split=split))
+  elif "/" in source and not source.startswith((".", "/")):
+    import datasets
+    try:
+      records = list(datasets.load_dataset(source, split=split))
+    except Exception as e:  # noqa: BLE001
+      raise DataError(f"cannot load dataset {source!r} (split {split!r}) from the hub: {type(e).__name__}: {e}. "
+                      "Use a local JSON/JSONL/parquet file, or HF_DATASETS_OFFLINE=1 with a cached copy.") from e
+  else:
+    raise DataError(f"data file {source!r} does not exist")
+  if not records:
+    raise DataError(f"{source} holds no records")
+  for i, r in enumerate(records):
+    if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+      raise DataError(f"{source}: record {i} must be an object with string fields 'instruction' and 'output' "
+                      f"(optional 'input'); got {str(r)[:120]}")
+  return records
+
+
+def prompt_text(record: dict[str, Any]) -> str:
+  """The Alpaca prompt of a record (what the model sees before its response)."""
+  if record.get("input"):
+    return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+  return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+
+
+class Example(NamedTuple):
+  tokens: list[int]
+  loss_mask: list[int]
+
+
+def encode_example(record: dict[str, Any], tokenizer: Tokenizer, max_length: int) -> Example:
+  """Prompt + response + eos; the loss mask covers the response and eos only."""
+  prompt = tokenizer.encode(prompt_text(record))
+  response = tokenizer.encode(record["output"], add_special_tokens=False)
+  if tokenizer.eos_token_id is not None:
+    response = [*response, tokenizer.eos_token_id]
+  tokens = (prompt + response)[:max_length]
+  mask = ([0] * len(prompt) + [1] * len(response))[:max_length]
+  return Example(tokens, mask)
+
+
+def default_buckets(max_length: int) -> list[int]:
+  out, b = [], 64
+  while b < max_length:
+    out.append(b)
+    b *= 2
+  return [*out, max_length]
+
+
+class Dataset:
+  """Tokenized examples with deterministic, resumable, bucketed batches.
+
+  A batch is a dict of int32 ``[grad_accum, batch_size, bucket]`` arrays:
+  ``tokens``, ``attention_mask`` and ``loss_mask``. A last, partial batch of
+  a bucket is filled with empty rows (all masks 0), so no example is dropped.
+  """
+
+  def __init__(self, examples: list[Example], *, batch_size: int, grad_accum: int, buckets: list[int],
+               seed: int, pad_id: int):
+    if not examples:
+      raise DataError("the dataset is empty after tokenization")
+    usable = [e for e in examples if sum(e.loss_mask) > 0]
+    if not usable:
+      raise DataError("no example has response tokens left after truncation; raise data.max_length")
+    self.examples = usable
+    self.batch_size, self.grad_accum = batch_size, grad_accum
+    self.buckets = sorted(buckets)
+    self.seed, self.pad_id = seed, pad_id
+    self.lengths = np.array([len(e.tokens) for e in usable])
+    self.bucket_of = np.searchsorted(self.buckets, self.lengths)
+
+  def __len__(self) -> int:
+    return len(self.epoch_plan(0))
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.lengths.sum())
+
+  def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
+    """``[(bucket_length, example_indices)]`` for one epoch, a function of (seed, epoch) only."""
+    rng = np.random.default_rng([self.seed, epoch])
+    per_batch = self.batch_size * self.grad_accum
+    pending: dict[int, list[int]] = {}
+    plan = []
+    for i in rng.permutation(len(self.examples)):
+      b = int(self.bucket_of[i])
+      pending.setdefault(b, []).append(int(i))
+      if len(pending[b]) == per_batch:
+        plan.append((self.buckets[b], pending.pop(b)))
+    plan.extend((self.buckets[b], idx) for b, idx in sorted(pending.items()))
+    return plan
+
+  def make_batch(self, length: int, indices: list[int]) -> dict[str, np.ndarray]:
+    n = self.batch_size * self.grad_accum
+    tokens = np.full((n, length), self.pad_id, np.int32)
+    attn = np.zeros((n, length), np.int32)
+    loss = np.zeros((n, length), np.int32)
+    for row, i in enumerate(indices):
+      e = self.examples[i]
+      tokens[row, :len(e.tokens)] = e.tokens
+      attn[row, :len(e.tokens)] = 1
+      loss[row, :len(e.tokens)] = e.loss_mask
+    shape = (self.grad_accum, self.batch_size, length)
+    return {"tokens": tokens.reshape(shape), "attention_mask": attn.reshape(shape), "loss_mask": loss.reshape(shape)}
+
+  def iterate(self, start_epoch: int = 0, start_batch: int = 0,
+              epochs: int = 1) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """Yields ``(epoch, batch_index, batch)`` from a resume position onwards."""
+    for epoch in range(start_epoch, epochs):
+      plan = self.epoch_plan(epoch)
+      for k in range(start_batch if epoch == start_epoch else 0, len(plan)):
+        yield epoch, k, self.make_batch(*plan[k])
+
+
+def build_dataset(records: list[dict[str, Any]], tokenizer: Tokenizer, *, max_length: int, batch_size: int,
+                  grad_accum: int, buckets: list[int] | None, seed: int) -> Dataset:
+  examples = [encode_example(r, tokenizer, max_length) for r in records]
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  return Dataset(examples, batch_size=batch_size, grad_accum=grad_accum,
+                 buckets=buckets or default_buckets(max_length), seed=seed, pad_id=pad)

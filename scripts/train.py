@@ -1,0 +1,35 @@
+"""Fine-tune a Llama-family model with GRASS (or LISA / full fine-tuning).
+
+  python scripts/train.py [--config configs/tiny-demo.yaml] [section.key=value ...] [--resume]
+
+Outputs in train.output_dir: metrics.jsonl, tensorboard/, layer_probabilities.png,
+checkpoints/ (orbax), hf_model/ (a Hugging Face checkpoint), summary.json.
+"""
+
+import argparse
+import json
+import sys
+
+from grass_jax import config as config_lib
+from grass_jax.train import run
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--config", default="configs/tiny-demo.yaml", help="YAML config (see configs/); default: the CPU demo")
+  ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+  ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+  ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.num_active=4")
+  args = ap.parse_args()
+  try:
+    cfg = config_lib.load(args.config, args.overrides)
+  except config_lib.ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  summary = run(cfg, resume=args.resume, progress=not args.no_progress)
+  print(json.dumps(summary, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

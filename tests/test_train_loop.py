@@ -1,0 +1,148 @@
+"""scripts/train.py end to end on CPU: the demo config, resume equality, config and data errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from grass_jax import config as config_lib
+from grass_jax import data as data_lib
+from grass_jax.pretrained import load_pretrained
+from grass_jax.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "tiny-demo.yaml"
+SMALL_MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_size: 32, intermediate_size: 48, "
+               "num_hidden_layers: 4, num_attention_heads: 2, num_key_value_heads: 1}")
+
+
+def _cfg(tmp_path, *extra):
+  return config_lib.load(DEMO, [SMALL_MODEL, f"train.output_dir={tmp_path}", "train.batch_size=8",
+                                "data.max_length=160", "data.buckets=[160]", *extra])
+
+
+def test_demo_config_runs_to_the_end_and_loss_falls(tmp_path):
+  cfg = config_lib.load(DEMO, [f"train.output_dir={tmp_path}", "train.max_steps=40", "train.checkpoint_every=20"])
+  summary = run(cfg, progress=False)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert summary["steps"] == 40 and lines[-1]["step"] == 40
+  assert lines[-1]["mean_loss"] < 0.6 * lines[0]["mean_loss"]
+  assert {"loss", "lr", "grad_norm", "tokens_per_s", "active_layers", "importance", "probabilities"} <= set(lines[0])
+  assert (tmp_path / "layer_probabilities.png").stat().st_size > 1000
+  assert list((tmp_path / "tensorboard").iterdir())
+  params, mcfg = load_pretrained(tmp_path / "hf_model")
+  assert mcfg.num_layers == 6
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_resume_equals_straight_run(tmp_path, offload):
+  extra = ["train.max_steps=12", "train.checkpoint_every=0", "optim.period=3",
+           f"optim.offload_optimizer_state={str(offload).lower()}"]
+  straight = run(_cfg(tmp_path / "a", *extra), progress=False, return_state=True)
+  first = run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=5)
+  assert first["steps"] == 5
+  resumed = run(_cfg(tmp_path / "b", *extra), resume=True, progress=False, return_state=True)
+  assert resumed["steps"] == 12
+  jax.tree.map(np.testing.assert_array_equal, straight["params"], resumed["params"])
+  jax.tree.map(np.testing.assert_array_equal, straight["opt_state"], resumed["opt_state"])
+  if offload:
+    assert set(straight["layer_states"]) == set(resumed["layer_states"])
+    for l in straight["layer_states"]:
+      jax.tree.map(np.testing.assert_array_equal, straight["layer_states"][l], resumed["layer_states"][l])
+
+
+def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
+  run(_cfg(tmp_path, "train.max_steps=2"), progress=False)
+  with pytest.raises(FileExistsError, match="--resume"):
+    run(_cfg(tmp_path, "train.max_steps=2"), progress=False)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.num_activ=2", "unknown key optim.num_activ; valid keys in optim:"),
+    ("optim.num_active=two", "optim.num_active must be int; got 'two'"),
+    ("optim.strategy=gras", "optim.strategy must be one of grass, lisa, full"),
+    ("optim.period=0", "optim.period must be >= 1"),
+    ("optim.epsilon=2", r"optim.epsilon must be in \[0, 1\]"),
+    ("train.batch_size=null", "train.batch_size must not be null"),
+    ("optim.strategy=lisa", "offload_optimizer_state needs optim.strategy: grass"),
+    ("data.buckets=[64]", "largest of data.buckets"),
+    ("model.path=foo", "exactly one of model.path"),
+    ("nonsense.key=1", "unknown section"),
+    ("optim.num_active", "must look like section.key=value"),
+])
+def test_config_errors_name_the_key(override, message):
+  extra = ["optim.offload_optimizer_state=true"] if "lisa" in override else []
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(DEMO, [*extra, override])
+
+
+def test_config_file_errors(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="does not exist"):
+    config_lib.load(tmp_path / "nope.yaml")
+  bad = tmp_path / "bad.yaml"
+  bad.write_text("model: [unclosed")
+  with pytest.raises(config_lib.ConfigError, match="not valid YAML"):
+    config_lib.load(bad)
+
+
+def test_all_shipped_configs_validate():
+  names = sorted(p.name for p in (ROOT / "configs").glob("*.yaml"))
+  assert "tiny-demo.yaml" in names and len(names) >= 7
+  for p in (ROOT / "configs").glob("*.yaml"):
+    config_lib.load(p)
+
+
+def test_data_errors(tmp_path):
+  with pytest.raises(data_lib.DataError, match="does not exist"):
+    data_lib.load_records(str(tmp_path / "missing.jsonl"))
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("\n")
+  with pytest.raises(data_lib.DataError, match="holds no records"):
+    data_lib.load_records(str(empty))
+  broken = tmp_path / "broken.jsonl"
+  broken.write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+  with pytest.raises(data_lib.DataError, match=r"broken.jsonl:2 is not valid JSON"):
+    data_lib.load_records(str(broken))
+  fields = tmp_path / "fields.json"
+  fields.write_text(json.dumps([{"question": "a", "answer": "b"}]))
+  with pytest.raises(data_lib.DataError, match="record 0 must be an object with string fields 'instruction'"):
+    data_lib.load_records(str(fields))
+  with pytest.raises(data_lib.DataError, match="unsupported file type"):
+    (tmp_path / "x.csv").write_text("a,b")
+    data_lib.load_records(str(tmp_path / "x.csv"))
+  tok = data_lib.ByteTokenizer()
+  with pytest.raises(data_lib.DataError, match="raise data.max_length"):
+    data_lib.build_dataset([{"instruction": "x" * 50, "output": "y"}], tok, max_length=20, batch_size=1,
+                           grad_accum=1, buckets=None, seed=0)
+
+
+def test_batches_mask_prompt_and_are_deterministic_and_resumable():
+  records = data_lib.load_records(str(ROOT / "data" / "tiny_arithmetic.jsonl"))
+  tok = data_lib.ByteTokenizer()
+  ds = data_lib.build_dataset(records[:50], tok, max_length=256, batch_size=4, grad_accum=2, buckets=[128, 256],
+                              seed=1)
+  full = list(ds.iterate(0, 0, 2))
+  again = list(ds.iterate(0, 0, 2))
+  assert [(e, k) for e, k, _ in full] == [(e, k) for e, k, _ in again]
+  for (_, _, a), (_, _, b) in zip(full, again):
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+  resumed = list(ds.iterate(1, 2, 2))
+  np.testing.assert_array_equal(resumed[0][2]["tokens"], full[len(ds) + 2][2]["tokens"])
+  seen = sorted(i for _, idx in ds.epoch_plan(0) for i in idx)
+  assert seen == list(range(50))  # every example exactly once per epoch
+  batch = full[0][2]
+  assert batch["tokens"].shape[:2] == (2, 4) and batch["tokens"].shape[2] in (128, 256)
+  row = batch["tokens"][0, 0][batch["loss_mask"][0, 0] == 1]
+  text = tok.decode(row)
+  assert "The answer is" in text and "### Instruction" not in text
+
+
+def test_cli_reports_config_errors(tmp_path):
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(DEMO),
+                         "optim.num_activ=3"], capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 2
+  assert "config error: unknown key optim.num_activ" in proc.stderr
