@@ -25,6 +25,25 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+PEAK_FLOPS = 798e12  # bf16 matmul rate measured on the lent H100 (8192^3 products)
+
+
+def required_flops(cfg: Any, batch: int, seq: int, num_active: int | None) -> float:
+  """Matmul FLOPs a step must do: forward, input gradients, and weight gradients of trained layers only.
+
+  Rematerialisation's recomputed forward is not counted (it is overhead), nor the embedding lookup.
+  """
+  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+  per_layer = d * cfg.num_heads * hd * 2 + d * cfg.num_kv_heads * hd * 2 + 3 * d * f
+  head = d * cfg.vocab_size
+  tokens = batch * seq
+  attn = 2 * 2 * seq * cfg.num_heads * hd * tokens  # QK^T and PV per layer, forward
+  fwd = 2 * tokens * (per_layer * cfg.num_layers + head) + attn * cfg.num_layers
+  trained = cfg.num_layers if num_active is None else num_active
+  dw = 2 * tokens * (per_layer * trained + head)
+  return 2 * fwd + dw  # forward + input gradients (~ forward) + weight gradients
+
+
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   """Runs one training configuration in-process and returns its measurements.
 
@@ -51,7 +70,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                                       num_active=gamma, period=spec["period"], offload=spec.get("offload", False)))
   opt_state = jax.device_put(jax.jit(tx.init)(params), dev)
   off = Offloader(opt_state, period=spec["period"]) if spec.get("offload") else None
-  step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"))
+  step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
+                         frozen_grads=spec.get("frozen_grads", "cond"))
   rng = np.random.default_rng(0)
   b, t = spec["batch"], spec["seq"]
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32))
@@ -83,13 +103,15 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   layer_state = s.slot_states[0] if isinstance(s.slot_states, tuple) else None
   layer_state_bytes = sum(x.nbytes for x in jax.tree.leaves(layer_state)) if layer_state is not None else 0
   step_s = elapsed / spec["steps"]
+  flops = required_flops(cfg, b, t, None if strategy == "full" else spec["num_active"])
   return {**spec, "device": dev.device_kind, "jax": jax.__version__, "num_params": cfg.num_params(),
           "step_s": step_s, "tokens_per_s": b * t / step_s, "compile_s": compile_s,
           "setup_s": tc - t0, "peak_bytes": stats.get("peak_bytes_in_use"),
           "bytes_in_use": stats.get("bytes_in_use"), "opt_state_device_bytes": opt_dev,
           "opt_state_host_bytes": opt_host, "layer_state_bytes": layer_state_bytes,
           "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), "final_loss": loss,
-          "skipped": int(m["skipped"]), "compiled_executables": compiles}
+          "skipped": int(m["skipped"]), "compiled_executables": compiles,
+          "required_flops": flops, "mfu": flops / step_s / PEAK_FLOPS}
 
 
 def run_isolated(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:

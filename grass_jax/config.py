@@ -173,6 +173,11 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
       continue
     if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
       return float(value)
+    if t is float and isinstance(value, str):
+      try:  # YAML 1.1 reads `1e-4` (no dot) as a string
+        return float(value)
+      except ValueError:
+        pass
     if t is int and isinstance(value, int) and not isinstance(value, bool):
       return value
     if t in (str, bool, dict, list) and isinstance(value, t):

@@ -45,8 +45,11 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) ->
   return jnp.sum((logz - picked) * mask), jnp.sum(mask)
 
 
+FROZEN_GRADS = ("cond", "select")
+
+
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
-              batch: Batch, *, dtype: Any, remat: str) -> tuple[jax.Array, jax.Array]:
+              batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond") -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -54,12 +57,30 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       layers, in the order of ``active``); other leaves are the always-on group.
     frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
+    frozen_grads: how frozen layers avoid weight gradients. 'cond': each block
+      runs through ``lax.cond`` on "is this layer active", so the backward pass
+      of a frozen layer computes only the input gradient (no dW matmuls).
+      'select': every block picks its weights with ``jnp.where`` (one code
+      path, but dW is computed for every layer and then discarded).
   """
+  if frozen_grads not in FROZEN_GRADS:
+    raise ValueError(f"frozen_grads must be one of {FROZEN_GRADS}; got {frozen_grads!r}")
   num_layers = config.num_layers
   gamma = active.shape[0]
   frozen_layers = jax.lax.stop_gradient(frozen_layers)
+  runner = None
   if gamma == num_layers:  # all layers train: the slots are the stack itself (active == arange)
     params, override = trainable, None
+  elif frozen_grads == "cond":
+    slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
+
+    def runner(run: Callable, lp: Params, idx: jax.Array, h: jax.Array) -> jax.Array:
+      slot = slot_of[idx]
+      pick = jnp.maximum(slot, 0)
+      trained = lambda x: run({k: trainable["layers"][k][pick].astype(v.dtype) for k, v in lp.items()}, x)
+      return jax.lax.cond(slot >= 0, trained, lambda x: run(lp, x), h)
+
+    params, override = {**trainable, "layers": frozen_layers}, None
   else:
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
 
@@ -70,12 +91,12 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
     params = {**trainable, "layers": frozen_layers}
   logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
-                      layer_override=override)
+                      layer_override=override, layer_runner=runner)
   return cross_entropy(logits, batch["tokens"], batch["loss_mask"])
 
 
 def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
-                    remat: str = "full", donate: bool = True) -> Callable:
+                    remat: str = "full", frozen_grads: str = "cond", donate: bool = True) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -91,7 +112,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
     trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
     grad_fn = jax.value_and_grad(
-        lambda tr, frozen, act, mb: slot_loss(tr, frozen, act, config, mb, dtype=dtype, remat=remat), has_aux=True)
+        lambda tr, frozen, act, mb: slot_loss(tr, frozen, act, config, mb, dtype=dtype, remat=remat,
+                                              frozen_grads=frozen_grads), has_aux=True)
 
     def micro(acc, mb):
       (loss_sum, count), g = grad_fn(trainable, params["layers"], active, mb)

@@ -80,6 +80,13 @@ def test_config_errors_name_the_key(override, message):
     config_lib.load(DEMO, [*extra, override])
 
 
+def test_scientific_notation_without_dot_is_a_float():
+  cfg = config_lib.load(DEMO, ["optim.learning_rate=1e-4"])
+  assert cfg.optim.learning_rate == 1e-4
+  with pytest.raises(config_lib.ConfigError, match="optim.learning_rate must be float"):
+    config_lib.load(DEMO, ["optim.learning_rate=fast"])
+
+
 def test_config_file_errors(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="does not exist"):
     config_lib.load(tmp_path / "nope.yaml")

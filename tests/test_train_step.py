@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import grass_jax
 from grass_jax import models
@@ -24,7 +25,8 @@ def _batch(accum=2, b=2, t=9, seed=0):
   return {"tokens": jnp.asarray(tokens), "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(loss_mask)}
 
 
-def test_slot_gradients_equal_slices_of_full_gradient():
+@pytest.mark.parametrize("frozen_grads", ["cond", "select"])
+def test_slot_gradients_equal_slices_of_full_gradient(frozen_grads):
   params = models.init_params(CFG, jax.random.PRNGKey(0))
   mb = jax.tree.map(lambda x: x[0], _batch())
   active = jnp.array([1, 3], jnp.int32)
@@ -36,7 +38,7 @@ def test_slot_gradients_equal_slices_of_full_gradient():
   g_full = jax.grad(full_loss)(params)
   trainable = {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
   g_slot = jax.grad(lambda tr: slot_loss(tr, params["layers"], active, CFG, mb, dtype=jnp.float32,
-                                         remat="full")[0])(trainable)
+                                         remat="full", frozen_grads=frozen_grads)[0])(trainable)
   for k in params["layers"]:
     np.testing.assert_allclose(g_slot["layers"][k], g_full["layers"][k][active], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(g_slot["embed"], g_full["embed"], rtol=1e-5, atol=1e-7)

@@ -284,7 +284,8 @@ def _remat(fn: Callable, policy: str) -> Callable:
 def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
             *, positions: jax.Array | None = None, cache: KVCache | None = None,
             cache_index: jax.Array | int = 0, dtype: Any = jnp.float32, remat: str = "none",
-            layer_override: LayerOverride | None = None, return_hidden: bool = False
+            layer_override: LayerOverride | None = None, layer_runner: Callable | None = None,
+            return_hidden: bool = False
             ) -> tuple[jax.Array, KVCache | None]:
   """Runs the model. Returns ``(logits [B, T, V] float32, updated cache or None)``.
 
@@ -301,6 +302,9 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
     remat: 'none', 'full' or 'dots' rematerialisation of each block.
     layer_override: ``(layer_params, layer_index) -> layer_params`` applied
       inside the scan, e.g. to substitute trainable slots for frozen layers.
+    layer_runner: ``(run, layer_params, layer_index, h) -> h`` takes over running
+      each block (``run(params, h) -> h``), e.g. to pick a trainable or a
+      frozen code path per layer with ``lax.cond``. Not with a cache.
     return_hidden: return the final normed hidden states ``[B, T, D]`` instead
       of the logits (for a chunked loss).
   """
@@ -320,6 +324,9 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
     lp, idx, slide, kv = xs
     if layer_override is not None:
       lp = layer_override(lp, idx)
+    if layer_runner is not None:
+      run = lambda p, x: block(config, p, x, positions, inv_freq, slide, None, cache_index, k_valid)[0]
+      return layer_runner(run, lp, idx, h), None
     h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid)
     return h, (new_kv if cache is not None else None)
 
