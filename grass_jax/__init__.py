@@ -11,6 +11,7 @@ The optax-style API::
 from grass_jax.importance import layer_grad_norms, update_importance
 from grass_jax.layers import (NOT_A_LAYER, STACKED, LayerLayout, build_layout, indexed_layers,
                               stacked_layers)
+from grass_jax.pretrained import load_pretrained, save_pretrained
 from grass_jax.sampling import draw, probabilities
 from grass_jax.transform import (STRATEGIES, GrassState, apply_slot_updates, diagnostics, find_state,
                                  full, gather_active, lisa, replace_state, strategy, transform)
@@ -20,6 +21,6 @@ __version__ = "0.1.0"
 __all__ = [
     "NOT_A_LAYER", "STACKED", "STRATEGIES", "GrassState", "LayerLayout", "apply_slot_updates",
     "build_layout", "diagnostics", "draw", "find_state", "full", "gather_active", "indexed_layers",
-    "layer_grad_norms", "lisa", "probabilities", "replace_state", "stacked_layers", "strategy",
+    "layer_grad_norms", "lisa", "load_pretrained", "probabilities", "save_pretrained", "replace_state", "stacked_layers", "strategy",
     "transform", "update_importance",
 ]
