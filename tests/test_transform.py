@@ -7,6 +7,7 @@ import optax
 import pytest
 
 import grass_jax
+from grass_jax.toy import make_step, toy_problem
 
 L, D = 6, 5
 # XLA:CPU rounds the same arithmetic differently in the last bit depending on
@@ -213,29 +214,10 @@ def test_always_on_false_freezes_outside_leaves():
 
 
 def test_toy_mlp_stack_loss_falls():
-  key = jax.random.PRNGKey(0)
-  depth, width = 8, 16
-  x = jax.random.normal(key, (64, width))
-  y = jnp.sin(x.sum(axis=1, keepdims=True))
-  params = {"layers": {"w": jax.random.normal(key, (depth, width, width)) * 0.3, "b": jnp.zeros((depth, width))},
-            "out": jnp.zeros((width, 1))}
-
-  def loss_fn(p):
-    def body(h, wb):
-      w, b = wb
-      return jnp.tanh(h @ w + b) + h, None
-    h, _ = jax.lax.scan(body, x, (p["layers"]["w"], p["layers"]["b"]))
-    return jnp.mean((h @ p["out"] - y) ** 2)
-
+  params, loss_fn = toy_problem(depth=8, width=16, batch=64)
   tx = grass_jax.transform(optax.adam(1e-2), layers=grass_jax.stacked_layers(), num_active=2, period=5)
   state = tx.init(params)
-
-  @jax.jit
-  def step(p, s):
-    loss, g = jax.value_and_grad(loss_fn)(p)
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s, loss
-
+  step = make_step(tx, loss_fn)
   start = float(loss_fn(params))
   for _ in range(150):
     params, state, loss = step(params, state)

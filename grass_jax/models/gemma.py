@@ -46,29 +46,18 @@ def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
   if act_name not in _ACTS:
     raise ValueError(f"hidden_activation {act_name!r} is not supported (supported: {sorted(_ACTS)})")
   num_layers = d["num_hidden_layers"]
-  heads = d["num_attention_heads"]
-  theta, scaling = llama.rope_settings(d)
   is2 = model_type == "gemma2"
   if is2:
     flags = tuple(t == "sliding_attention" for t in d["layer_types"]) if d.get("layer_types") else tuple(
         i % 2 == 0 for i in range(num_layers))
   else:
     flags = (False,) * num_layers
-  head_dim = d.get("head_dim") or d["hidden_size"] // heads
+  shared = llama.shared_fields(d)
+  head_dim = shared["head_dim"]
   return DecoderConfig(
-      model_type=model_type,
-      vocab_size=d["vocab_size"],
-      hidden_size=d["hidden_size"],
-      intermediate_size=d["intermediate_size"],
-      num_layers=num_layers,
-      num_heads=heads,
-      num_kv_heads=d.get("num_key_value_heads") or heads,
-      head_dim=head_dim,
-      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+      **shared,
       norm_offset=1.0,
       act=_ACTS[act_name],
-      rope_theta=theta,
-      rope_scaling=scaling,
       attention_bias=bool(d.get("attention_bias", False)),
       o_bias=bool(d.get("attention_bias", False)),
       tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
@@ -80,7 +69,6 @@ def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
       sliding_layers=flags,
       post_norms=is2,
       max_position_embeddings=d.get("max_position_embeddings", 8192),
-      hf_config=dict(d),
   )
 
 

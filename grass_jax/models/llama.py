@@ -60,6 +60,26 @@ def sliding_flags(d: dict[str, Any], num_layers: int) -> tuple[bool, ...]:
   return (d.get("sliding_window") is not None,) * num_layers
 
 
+def shared_fields(d: dict[str, Any]) -> dict[str, Any]:
+  """DecoderConfig fields that every family reads the same way from ``config.json``."""
+  heads = d["num_attention_heads"]
+  theta, scaling = rope_settings(d)
+  return dict(
+      model_type=d["model_type"],
+      vocab_size=d["vocab_size"],
+      hidden_size=d["hidden_size"],
+      intermediate_size=d["intermediate_size"],
+      num_layers=d["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=d.get("num_key_value_heads") or heads,
+      head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      hf_config=dict(d),
+  )
+
+
 def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
   """Builds the decoder config from a Llama/Mistral/Qwen2 ``config.json`` dict."""
   model_type = d["model_type"]
@@ -68,23 +88,10 @@ def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
   act = d.get("hidden_act", "silu")
   if act != "silu":
     raise ValueError(f"hidden_act {act!r} is not supported for {model_type} (expected 'silu')")
-  num_layers = d["num_hidden_layers"]
-  heads = d["num_attention_heads"]
-  theta, scaling = rope_settings(d)
   qkv_bias = model_type == "qwen2" or bool(d.get("attention_bias", False))
-  flags = sliding_flags(d, num_layers)
+  flags = sliding_flags(d, d["num_hidden_layers"])
   return DecoderConfig(
-      model_type=model_type,
-      vocab_size=d["vocab_size"],
-      hidden_size=d["hidden_size"],
-      intermediate_size=d["intermediate_size"],
-      num_layers=num_layers,
-      num_heads=heads,
-      num_kv_heads=d.get("num_key_value_heads") or heads,
-      head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-      rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-      rope_theta=theta,
-      rope_scaling=scaling,
+      **shared_fields(d),
       attention_bias=qkv_bias,
       o_bias=model_type != "qwen2" and bool(d.get("attention_bias", False)),
       mlp_bias=bool(d.get("mlp_bias", False)),
@@ -92,7 +99,6 @@ def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
       sliding_window=d.get("sliding_window") if any(flags) else None,
       sliding_layers=flags,
       max_position_embeddings=d.get("max_position_embeddings", 4096),
-      hf_config=dict(d),
   )
 
 
