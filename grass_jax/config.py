@@ -141,6 +141,24 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class EvalConfig:
+  """eval: accuracy during training (at every checkpoint and at the end).
+
+  tasks: LLM-Adapters task names (e.g. [gsm8k, boolq]); empty: no evaluation.
+  data: test file/dir/hub id for a single task (default: dataset/<task>/test.json).
+  limit: evaluate the first N examples of each task (null: all).
+  max_new_tokens: generation length (null: 32 commonsense, 256 math).
+  batch_size: prompts per generation batch.
+  """
+
+  tasks: list = dataclasses.field(default_factory=list)
+  data: str | None = None
+  limit: int | None = None
+  max_new_tokens: int | None = None
+  batch_size: int = 16
+
+
+@dataclasses.dataclass
 class Config:
   """The whole training configuration (one YAML file)."""
 
@@ -148,6 +166,7 @@ class Config:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+  eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
 
 
 CHOICES = {
@@ -231,6 +250,16 @@ def validate(cfg: Config) -> Config:
   if o.offload_optimizer_state and o.strategy != "grass":
     raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
                       "fine-tuning has no inactive layers)")
+  if cfg.eval.tasks:
+    from grass_jax.evaluate import canonical_task
+    try:
+      cfg.eval.tasks = [canonical_task(str(t)) for t in cfg.eval.tasks]
+    except ValueError as e:
+      raise ConfigError(f"eval.tasks: {e}") from e
+    if cfg.eval.data and len(cfg.eval.tasks) > 1:
+      raise ConfigError("eval.data names one test set: give a single task in eval.tasks")
+  if cfg.eval.batch_size < 1 or (cfg.eval.limit is not None and cfg.eval.limit < 1):
+    raise ConfigError("eval.batch_size and eval.limit must be >= 1")
   if d.buckets is not None:
     if not d.buckets or any(not isinstance(b, int) or b < 2 for b in d.buckets):
       raise ConfigError(f"data.buckets must be a list of ints >= 2; got {d.buckets}")
@@ -241,13 +270,15 @@ def validate(cfg: Config) -> Config:
 
 def from_dict(data: dict) -> Config:
   if not isinstance(data, dict):
-    raise ConfigError(f"a config must be a mapping with sections model, data, optim, train; got {type(data).__name__}")
+    raise ConfigError(f"a config must be a mapping with sections model, data, optim, train, eval; "
+                      f"got {type(data).__name__}")
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
   unknown = sorted(set(data) - set(sections))
   if unknown:
     raise ConfigError(f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                       f"valid sections: {', '.join(sections)}")
-  classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+  classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
+             "eval": EvalConfig}
   return validate(Config(**{k: _section(classes[k], data.get(k) or {}, k) for k in classes}))
 
 

@@ -205,6 +205,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   from grass_jax import data as data_lib
   from grass_jax.checkpoints import Checkpointer
   from grass_jax.config import to_dict
+  from grass_jax.evaluate import evaluate, load_task_records, write_results
   from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
   from grass_jax.offload import Offloader
   from grass_jax.pretrained import save_pretrained
@@ -260,11 +261,22 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   writer = MetricsWriter(out)
   diag_kw = dict(temperature=cfg.optim.temperature, epsilon=cfg.optim.epsilon)
 
+  eval_sets = {t: load_task_records(t, cfg.eval.data, cfg.eval.limit) for t in cfg.eval.tasks}
+
   def save(epoch: int, batch: int) -> None:
     ckpt.save(step, params=params, opt_state=opt_state, layer_states=layer_states_tree(),
               meta={"epoch": epoch, "batch": batch, "skipped": skipped,
                     "probability_history": [(s, p.tolist()) for s, p in history]})
     plot_probability_heatmap(history, out / "layer_probabilities.png")
+    accuracies = {}
+    for task, records in eval_sets.items():
+      summary, rows = evaluate(params, mcfg, tokenizer, task, records, batch_size=cfg.eval.batch_size,
+                               max_new_tokens=cfg.eval.max_new_tokens, dtype=_dtype(cfg.model.compute_dtype))
+      write_results(out / "eval" / f"step_{step}", summary, rows)
+      accuracies[f"eval/{task}_accuracy"] = summary["accuracy"]
+    if accuracies:
+      writer.write(step, accuracies)
+      last.update(accuracies)
 
   bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
   window_tokens, window_start, window_skipped = 0.0, time.perf_counter(), 0
@@ -312,7 +324,8 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   ckpt.close()
   writer.close()
   summary = {"steps": step, "final_loss": last.get("mean_loss"), "skipped_steps": skipped,
-             "output_dir": str(out), "heatmap": str(out / "layer_probabilities.png")}
+             "output_dir": str(out), "heatmap": str(out / "layer_probabilities.png"),
+             **{k: v for k, v in last.items() if k.startswith("eval/")}}
   if cfg.train.export:
     export = out / "hf_model"
     save_pretrained(params, mcfg, export)

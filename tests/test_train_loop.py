@@ -153,3 +153,21 @@ def test_cli_reports_config_errors(tmp_path):
                          "optim.num_activ=3"], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 2
   assert "config error: unknown key optim.num_activ" in proc.stderr
+
+
+def test_evaluation_inside_training_at_checkpoints(tmp_path):
+  cfg = _cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=3", "eval.tasks=[gsm8k]",
+             "eval.data=data/tiny_arithmetic.jsonl", "eval.limit=4", "eval.max_new_tokens=8", "eval.batch_size=4")
+  summary = run(cfg, progress=False)
+  assert 0.0 <= summary["eval/gsm8k_accuracy"] <= 1.0
+  assert (tmp_path / "eval" / "step_3" / "gsm8k_predictions.jsonl").exists()
+  assert (tmp_path / "eval" / "step_6" / "gsm8k_summary.json").exists()
+  logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert sum("eval/gsm8k_accuracy" in l for l in logged) == 2
+
+
+def test_eval_config_errors():
+  with pytest.raises(config_lib.ConfigError, match="eval.tasks: unknown task 'gsm9k'"):
+    config_lib.load(DEMO, ["eval.tasks=[gsm9k]"])
+  with pytest.raises(config_lib.ConfigError, match="single task"):
+    config_lib.load(DEMO, ["eval.tasks=[gsm8k, boolq]", "eval.data=x.json"])

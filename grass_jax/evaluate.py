@@ -1,0 +1,166 @@
+"""Accuracy on LLM-Adapters' commonsense and math suites with batched greedy generation.
+
+The model answers the Alpaca prompt of each test record; the answer is
+extracted from the generated text as LLM-Adapters does it:
+
+* commonsense (multiple choice): the first option keyword the model writes
+  (``true``/``false`` for BoolQ, ``solution1``/``2`` for PIQA, ``answer1..5``
+  for SIQA, ARC and OBQA, ``ending1..4`` for HellaSwag, ``option1``/``2`` for
+  WinoGrande), compared with the record's ``answer``;
+* math: the last number in the text (``,`` removed), equal to the answer
+  within 1e-3; for AQuA the first letter A-E.
+
+Prompts are left-padded to a few bucket lengths so generation compiles once
+per bucket.
+
+Example::
+
+  >>> extract_answer("gsm8k", "She has 3 + 4 = 7 apples. The answer is 7.")
+  '7'
+  >>> extract_answer("boolq", "the correct answer is false")
+  'false'
+  >>> is_correct("gsm8k", "7.0", "7")
+  True
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from grass_jax.data import Tokenizer, load_records, prompt_text
+from grass_jax.generate import greedy_generate
+from grass_jax.models.decoder import DecoderConfig, Params
+
+COMMONSENSE = {
+    "boolq": r"true|false",
+    "piqa": r"solution1|solution2",
+    "social_i_qa": r"answer1|answer2|answer3",
+    "hellaswag": r"ending1|ending2|ending3|ending4",
+    "winogrande": r"option1|option2",
+    "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
+    "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5",
+    "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
+}
+MATH = ("gsm8k", "AQuA", "mawps", "SVAMP", "AddSub", "SingleEq", "MultiArith")
+TASKS = (*COMMONSENSE, *MATH)
+ALIASES = {"siqa": "social_i_qa", "arc-e": "ARC-Easy", "arc-c": "ARC-Challenge", "obqa": "openbookqa",
+           "aqua": "AQuA", "svamp": "SVAMP", "addsub": "AddSub", "singleeq": "SingleEq", "multiarith": "MultiArith"}
+
+
+def canonical_task(name: str) -> str:
+  """Task name as LLM-Adapters spells it (accepts short aliases, case-insensitive)."""
+  for t in TASKS:
+    if name.lower() == t.lower():
+      return t
+  if name.lower() in ALIASES:
+    return ALIASES[name.lower()]
+  raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
+
+
+def extract_answer(task: str, text: str) -> str:
+  """The answer the model gave, '' when it gave none."""
+  task = canonical_task(task)
+  if task in COMMONSENSE:
+    found = re.findall(COMMONSENSE[task], text.strip())
+    return found[0] if found else ""
+  if task == "AQuA":
+    found = re.findall(r"A|B|C|D|E", text.strip())
+    return found[0] if found else ""
+  found = re.findall(r"-?\d+\.?\d*", text.replace(",", ""))
+  return found[-1].rstrip(".") if found else ""
+
+
+def is_correct(task: str, prediction: str, answer: Any) -> bool:
+  task = canonical_task(task)
+  if task in MATH and task != "AQuA":
+    try:
+      return abs(float(prediction) - float(str(answer).replace(",", ""))) < 1e-3
+    except ValueError:
+      return False
+  return prediction.strip() == str(answer).strip()
+
+
+def _bucket(n: int, buckets: list[int]) -> int:
+  for b in buckets:
+    if n <= b:
+      return b
+  return buckets[-1]
+
+
+def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, prompts: list[str], *,
+                   batch_size: int, max_new_tokens: int, buckets: list[int], dtype: Any = jnp.float32,
+                   progress: bool = False) -> list[str]:
+  """Greedy continuations of ``prompts`` (batched, left-padded to bucket lengths)."""
+  from tqdm.auto import tqdm
+  encoded = [tokenizer.encode(p) for p in prompts]
+  order = np.argsort([len(e) for e in encoded], kind="stable")  # similar lengths batch together
+  pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+  eos = tokenizer.eos_token_id
+  out: list[str] = [""] * len(prompts)
+  bar = tqdm(total=len(prompts), disable=not progress, unit="ex", dynamic_ncols=True)
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    length = _bucket(max(len(encoded[i]) for i in idx), buckets)
+    tokens = np.full((batch_size, length), pad, np.int32)
+    mask = np.zeros((batch_size, length), np.int32)
+    for row, i in enumerate(idx):
+      ids = encoded[i][-length:]  # keep the end of over-long prompts: the question is there
+      tokens[row, length - len(ids):] = ids
+      mask[row, length - len(ids):] = 1
+    mask[len(idx):, -1] = 1  # filler rows: one dummy token, results ignored
+    gen = np.asarray(greedy_generate(params, config, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens,
+                                     eos_token_id=eos, dtype=dtype))
+    for row, i in enumerate(idx):
+      ids = gen[row].tolist()
+      if eos is not None and eos in ids:
+        ids = ids[:ids.index(eos)]
+      out[i] = tokenizer.decode(ids, skip_special_tokens=True)
+    bar.update(len(idx))
+  bar.close()
+  return out
+
+
+def evaluate(params: Params, config: DecoderConfig, tokenizer: Tokenizer, task: str, records: list[dict], *,
+             batch_size: int = 16, max_new_tokens: int | None = None, buckets: list[int] | None = None,
+             dtype: Any = jnp.float32, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Returns ``(summary, per-example predictions)`` for one task."""
+  task = canonical_task(task)
+  if not records:
+    raise ValueError(f"no records to evaluate for {task}")
+  if max_new_tokens is None:
+    max_new_tokens = 32 if task in COMMONSENSE else 256
+  texts = generate_texts(params, config, tokenizer, [prompt_text(r) for r in records], batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, buckets=buckets or [128, 256, 512, 1024], dtype=dtype,
+                         progress=progress)
+  rows = []
+  for r, text in zip(records, texts):
+    gold = r.get("answer", r.get("output"))
+    pred = extract_answer(task, text)
+    rows.append({"instruction": r["instruction"], "generation": text, "prediction": pred, "answer": gold,
+                 "correct": is_correct(task, pred, gold)})
+  correct = sum(row["correct"] for row in rows)
+  return {"task": task, "examples": len(rows), "correct": correct, "accuracy": correct / len(rows)}, rows
+
+
+def write_results(out_dir: str | Path, summary: dict[str, Any], rows: list[dict[str, Any]]) -> Path:
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  with (out / f"{summary['task']}_predictions.jsonl").open("w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+  (out / f"{summary['task']}_summary.json").write_text(json.dumps(summary, indent=2))
+  return out
+
+
+def load_task_records(task: str, data: str | None, limit: int | None = None) -> list[dict[str, Any]]:
+  """Test records from ``data`` (file, directory or hub id); default ``dataset/<task>/test.json`` (LLM-Adapters)."""
+  task = canonical_task(task)
+  source = data or f"dataset/{task}/test.json"
+  records = load_records(source, split="test")
+  return records[:limit] if limit else records

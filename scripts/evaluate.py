@@ -1,0 +1,54 @@
+"""Accuracy of a (fine-tuned) model on LLM-Adapters' commonsense and math test sets.
+
+  python scripts/evaluate.py --model runs/x/hf_model --task gsm8k [--data dataset/gsm8k/test.json]
+
+Writes <out>/<task>_predictions.jsonl (generation, extracted answer, gold, correct) and
+<out>/<task>_summary.json. Several --task values run one after another.
+"""
+
+import argparse
+import json
+import sys
+
+import jax.numpy as jnp
+
+from grass_jax.data import DataError, load_tokenizer
+from grass_jax.evaluate import TASKS, evaluate, load_task_records, write_results
+from grass_jax.pretrained import CheckpointError, load_pretrained
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", required=True, help="HF checkpoint directory or hub id")
+  ap.add_argument("--task", required=True, nargs="+", help=f"one or more of: {', '.join(TASKS)}")
+  ap.add_argument("--data", help="test file/dir/hub id (default: dataset/<task>/test.json); one task only")
+  ap.add_argument("--tokenizer", help="tokenizer dir/hub id, or 'bytes' (default: the model's)")
+  ap.add_argument("--out", default=None, help="output directory (default: <model>/eval)")
+  ap.add_argument("--batch-size", type=int, default=16)
+  ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 commonsense, 256 math")
+  ap.add_argument("--limit", type=int, default=None, help="first N examples only")
+  ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+  args = ap.parse_args()
+  if args.data and len(args.task) > 1:
+    print("--data names one file: give one --task with it", file=sys.stderr)
+    return 2
+  try:
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
+    params, config = load_pretrained(args.model, dtype=dtype)
+    tokenizer = load_tokenizer(args.tokenizer, args.model)
+    results = []
+    for task in args.task:
+      records = load_task_records(task, args.data, args.limit)
+      summary, rows = evaluate(params, config, tokenizer, task, records, batch_size=args.batch_size,
+                               max_new_tokens=args.max_new_tokens, dtype=dtype, progress=True)
+      write_results(args.out or f"{args.model}/eval", summary, rows)
+      results.append(summary)
+  except (CheckpointError, DataError, ValueError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps(results, indent=2))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,88 @@
+"""Answer extraction, accuracy bookkeeping and the evaluate script on a tiny model."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from grass_jax import evaluate as ev
+from grass_jax.data import ByteTokenizer
+from grass_jax.models import config_from_hf, init_params
+from grass_jax.pretrained import save_pretrained
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("task, text, want", [
+    ("boolq", "The correct answer is true.", "true"),
+    ("piqa", "the answer is solution2 because", "solution2"),
+    ("siqa", "answer3", "answer3"),
+    ("hellaswag", "ending4 ending1", "ending4"),
+    ("winogrande", "option1", "option1"),
+    ("arc-e", "I think answer5", "answer5"),
+    ("gsm8k", "He pays 1,250 + 50 = 1,300 dollars. The answer is 1,300.", "1300"),
+    ("SVAMP", "no number here", ""),
+    ("aqua", "Let's see. The answer is C", "C"),
+    ("MultiArith", "-3.5 then 12.", "12"),
+])
+def test_extract_answer(task, text, want):
+  assert ev.extract_answer(task, text) == want
+
+
+def test_is_correct_and_task_names():
+  assert ev.is_correct("gsm8k", "1300", "1,300") and ev.is_correct("AddSub", "12.", 12)
+  assert not ev.is_correct("gsm8k", "", "3") and not ev.is_correct("boolq", "true", "false")
+  assert ev.canonical_task("OBQA") == "openbookqa"
+  with pytest.raises(ValueError, match="unknown task 'gsm9k'"):
+    ev.canonical_task("gsm9k")
+
+
+def test_accuracy_counts_with_a_model_that_copies_the_gold(monkeypatch):
+  records = [{"instruction": f"q{i}", "output": "", "answer": str(i)} for i in range(5)]
+  fake = [f"The answer is {i}" if i % 2 == 0 else "no idea" for i in range(5)]
+  monkeypatch.setattr(ev, "generate_texts", lambda *a, **k: fake)
+  summary, rows = ev.evaluate(None, None, None, "gsm8k", records)
+  assert summary == {"task": "gsm8k", "examples": 5, "correct": 3, "accuracy": 0.6}
+  assert [r["correct"] for r in rows] == [True, False, True, False, True]
+
+
+def _tiny_model(tmp_path):
+  cfg = config_from_hf({"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 48,
+                        "num_hidden_layers": 2, "num_attention_heads": 2, "eos_token_id": 2})
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  save_pretrained(params, cfg, tmp_path / "model")
+  return params, cfg
+
+
+def test_batched_generation_equals_one_by_one(tmp_path):
+  params, cfg = _tiny_model(tmp_path)
+  tok = ByteTokenizer()
+  prompts = ["What is 1 + 1?", "A much longer question about apples and pears?", "Hi"]
+  batched = ev.generate_texts(params, cfg, tok, prompts, batch_size=4, max_new_tokens=6, buckets=[64])
+  single = [ev.generate_texts(params, cfg, tok, [p], batch_size=1, max_new_tokens=6, buckets=[64])[0]
+            for p in prompts]
+  assert batched == single
+
+
+def test_evaluate_script_writes_predictions_and_summary(tmp_path):
+  _tiny_model(tmp_path)
+  data = tmp_path / "test.jsonl"
+  data.write_text("\n".join(json.dumps({"instruction": f"What is {i} + 1?", "input": "", "output": "",
+                                        "answer": str(i + 1)}) for i in range(5)))
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "model"),
+                         "--task", "gsm8k", "--data", str(data), "--tokenizer", "bytes", "--max-new-tokens", "4",
+                         "--dtype", "float32", "--out", str(tmp_path / "eval")],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  summary = json.loads((tmp_path / "eval" / "gsm8k_summary.json").read_text())
+  assert summary["examples"] == 5 and 0 <= summary["accuracy"] <= 1
+  rows = [json.loads(l) for l in (tmp_path / "eval" / "gsm8k_predictions.jsonl").read_text().splitlines()]
+  assert len(rows) == 5 and {"generation", "prediction", "answer", "correct"} <= set(rows[0])
+  bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "nope"),
+                        "--task", "gsm8k"], capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1",
+                        "PATH": "/usr/bin:/bin"})
+  assert bad.returncode == 2 and "error:" in bad.stderr
