@@ -120,8 +120,12 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
       acc_g, acc_l, acc_n = acc
       return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss_sum, acc_n + count), None
 
-    zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
-    (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    if batch["tokens"].shape[0] == 1:
+      # No accumulation: skip the float32 accumulators (a copy of the trained parameters' size).
+      (loss_sum, count), grads = grad_fn(trainable, params["layers"], active, jax.tree.map(lambda x: x[0], batch))
+    else:
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
+      (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
     loss = loss_sum / denom

@@ -1,0 +1,71 @@
+"""Synthetic pre-training corpus and downstream tasks for the controlled accuracy study.
+
+No hub is reachable, so the study builds its own: a corpus that teaches numbers, sums and
+sequences, and two downstream tasks whose difficulty sits in different places:
+
+* ``arith``: multi-step word problems ("Ann has 7 pens. She buys 5 more and gives away 3. ...");
+  the answer is the last number (scored like GSM8K).
+* ``pattern``: multiple choice on arithmetic sequences ("2, 5, 8, 11, ?" with four options);
+  the model writes ``answerN`` (scored like ARC / OBQA in LLM-Adapters).
+"""
+
+from __future__ import annotations
+
+import random
+
+NAMES = ["Ann", "Bob", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana"]
+ITEMS = ["pens", "apples", "books", "coins", "cards", "shells"]
+
+
+def corpus(n: int, seed: int) -> list[str]:
+  """Plain-text documents: arithmetic facts, counting sentences and number sequences."""
+  rng = random.Random(seed)
+  docs = []
+  for _ in range(n):
+    kind = rng.randrange(3)
+    if kind == 0:
+      a, b = rng.randint(0, 50), rng.randint(0, 50)
+      op = rng.choice("+-")
+      docs.append(f"{a} {op} {b} = {a + b if op == '+' else a - b}.")
+    elif kind == 1:
+      name, item, a = rng.choice(NAMES), rng.choice(ITEMS), rng.randint(1, 20)
+      docs.append(f"{name} has {a} {item}. {name} gets one more. Now {name} has {a + 1} {item}.")
+    else:
+      start, step = rng.randint(0, 20), rng.randint(1, 6)
+      docs.append(", ".join(str(start + i * step) for i in range(6)) + ".")
+  return docs
+
+
+def arith(n: int, seed: int) -> list[dict]:
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b, c = rng.randint(2, 30), rng.randint(1, 20), rng.randint(1, 10)
+    total = a + b - c
+    out.append({"instruction": f"{name} has {a} {item}. {name} buys {b} more and gives away {c}. "
+                               f"How many {item} does {name} have now?",
+                "input": "", "output": f"{a} + {b} = {a + b}. {a + b} - {c} = {total}. The answer is {total}.",
+                "answer": str(total)})
+  return out
+
+
+def pattern(n: int, seed: int) -> list[dict]:
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    start, step = rng.randint(0, 30), rng.randint(1, 9)
+    seq = [start + i * step for i in range(4)]
+    right = start + 4 * step
+    wrong = sorted({right + d for d in (-2 * step, -1, 1, step, 2)} - {right})
+    options = [right, *rng.sample(wrong, 3)]
+    rng.shuffle(options)
+    k = options.index(right) + 1
+    opts = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
+    out.append({"instruction": f"Which number comes next: {', '.join(map(str, seq))}, ?\n\n{opts}\n\n"
+                               "Answer format: answer1/answer2/answer3/answer4",
+                "input": "", "output": f"the correct answer is answer{k}", "answer": f"answer{k}"})
+  return out
+
+
+TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa")}
