@@ -46,7 +46,7 @@ def test_logits_match_hf_with_padding(saved, family):
   assert np.max(np.abs(got[valid] - want[valid])) < 1e-4
 
 
-@pytest.mark.parametrize("family", ["llama3", "qwen2", "gemma2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_generation_matches_hf(saved, family):
   hf, d = saved[family]
   params, config = load_pretrained(d)

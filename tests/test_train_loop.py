@@ -127,6 +127,15 @@ def test_data_errors(tmp_path):
                            grad_accum=1, buckets=None, seed=0)
 
 
+def test_parquet_and_json_dict_sources(tmp_path):
+  import datasets
+  rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(3)]
+  datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "d.parquet"))
+  assert data_lib.load_records(str(tmp_path / "d.parquet")) == rows
+  (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+  assert data_lib.load_records(str(tmp_path / "d.json")) == rows
+
+
 def test_batches_mask_prompt_and_are_deterministic_and_resumable():
   records = data_lib.load_records(str(ROOT / "data" / "tiny_arithmetic.jsonl"))
   tok = data_lib.ByteTokenizer()
