@@ -86,6 +86,9 @@ class OptimConfig:
   importance_decay: null for the running mean of gradient norms, or an EMA decay.
   always_on: also train embeddings, final norm and LM head every step.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
+  frozen_grads: how frozen layers skip weight gradients: 'cond' (lax.cond per
+    block: no dW matmuls; faster on Llama-2-7B) or 'select' (one code path,
+    dW computed and dropped; faster on TinyLlama-size models).
   learning_rate: peak learning rate.
   schedule: 'cosine', 'linear' or 'constant' after warm-up.
   warmup_ratio: fraction of the steps spent warming up linearly from 0.
@@ -102,6 +105,7 @@ class OptimConfig:
   importance_decay: float | None = None
   always_on: bool = True
   offload_optimizer_state: bool = False
+  frozen_grads: str = "cond"
   learning_rate: float = 1e-5
   schedule: str = "cosine"
   warmup_ratio: float = 0.03
@@ -176,6 +180,7 @@ CHOICES = {
     "data.template": ("alpaca",),
     "optim.strategy": ("grass", "lisa", "full"),
     "optim.schedule": ("cosine", "linear", "constant"),
+    "optim.frozen_grads": ("cond", "select"),
 }
 
 

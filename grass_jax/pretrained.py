@@ -141,6 +141,7 @@ def load_params(directory: Path, config: DecoderConfig, dtype: Any = jnp.float32
               for p, s in _flat_paths(shapes).items()}
   filled: dict[str, set[int]] = {p: set() for p in expected}
   unexpected: list[str] = []
+  value = arr = target = dest = None
   for name, value, transposed in iter_tensors(directory):
     hit = _match(name, table)
     if hit is None:
@@ -176,9 +177,10 @@ def load_params(directory: Path, config: DecoderConfig, dtype: Any = jnp.float32
   if missing:
     raise CheckpointError(f"missing weights in {directory}: {missing[:20]}{' ...' if len(missing) > 20 else ''}")
   leaves, treedef = jax.tree.flatten(host)
+  del host, target, dest, arr, value  # the list is now the only reference to each host array
   out = []
   while leaves:  # move leaf by leaf, dropping each host copy as we go
-    out.append(jnp.asarray(leaves.pop(0)))
+    out.append(jax.device_put(leaves.pop(0)))
   return treedef.unflatten(out)
 
 

@@ -24,14 +24,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from grass_jax.layers import stacked_layers
+from grass_jax.models import LAYERS
 from grass_jax.models.decoder import DecoderConfig, Params, forward
 from grass_jax.transform import apply_slot_updates, find_state, replace_state, strategy
 
 if TYPE_CHECKING:
   from grass_jax.config import Config, ModelConfig, OptimConfig
 
-LAYERS = stacked_layers("layers")
 Batch = dict[str, jax.Array]
 
 
@@ -261,7 +260,8 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
       offloader = Offloader(opt_state, period=cfg.optim.period, bank=bank, fresh=layer_states["fresh"],
                             preallocate=False)
 
-  train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat)
+  train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
+                               frozen_grads=cfg.optim.frozen_grads)
   writer = MetricsWriter(out)
   diag_kw = dict(temperature=cfg.optim.temperature, epsilon=cfg.optim.epsilon)
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+from grass_jax.layers import stacked_layers
 from grass_jax.models import gemma, llama
 from grass_jax.models.decoder import (Decoder, DecoderConfig, KVCache, forward, init_cache, init_params,
                                       logits_from_hidden)
+
+# The GRASS `layers` argument for every model here: blocks stacked under params["layers"].
+LAYERS = stacked_layers("layers")
 
 FAMILIES: dict[str, ModuleType] = {t: llama for t in llama.MODEL_TYPES} | {t: gemma for t in gemma.MODEL_TYPES}
 
@@ -37,5 +41,5 @@ def hf_names(config: DecoderConfig) -> dict[str, tuple[str, bool]]:
   return family(config.model_type).hf_names(config)
 
 
-__all__ = ["FAMILIES", "Decoder", "DecoderConfig", "KVCache", "config_from_hf", "family", "forward", "hf_names",
+__all__ = ["FAMILIES", "LAYERS", "Decoder", "DecoderConfig", "KVCache", "config_from_hf", "family", "forward", "hf_names",
            "init_cache", "init_params", "logits_from_hidden"]
