@@ -217,7 +217,8 @@ def transform(
         always_on_state=inner.init(always) if always else optax.EmptyState(),
     )
 
-  def to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> tuple[dict, dict]:
+  def to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> tuple[dict, dict, bool]:
+    """``(active layers' stack, always-on leaves, whether the tree came in full form)``."""
     stack, always = layout.split(tree)
     n = layout.stack_size(layout.treedef.flatten_up_to(tree))
     if n == layout.num_layers:
@@ -226,16 +227,15 @@ def transform(
     elif n != gamma:
       raise ValueError(f"layer leaves have a leading size {n}; expected L={layout.num_layers} (full form) "
                        f"or num_active={gamma} (slot form)")
-    return stack, always
+    return stack, always, n == layout.num_layers
 
   def update_fn(updates: Any, state: GrassState, params: Any = None, **extra_args) -> tuple[Any, GrassState]:
     del extra_args
     num_layers = state.importance.shape[0]
     gamma = state.active.shape[0]
     layout = build_layout(updates, layers, always_on, num_layers=num_layers)
-    full_form = layout.stack_size(layout.treedef.flatten_up_to(updates)) == num_layers
-    slot_g, always_g = to_slots(layout, updates, state.active, gamma)
-    slot_p, always_p = (None, None) if params is None else to_slots(layout, params, state.active, gamma)
+    slot_g, always_g, full_form = to_slots(layout, updates, state.active, gamma)
+    slot_p, always_p, _ = (None, None, None) if params is None else to_slots(layout, params, state.active, gamma)
 
     norms = importance_lib.layer_grad_norms(slot_g, layout.layer_size)
     imp, counts = importance_lib.update_importance(
@@ -284,7 +284,7 @@ def transform(
       else:
         new_probs = sampling.probabilities(imp, counts, temperature=temperature, epsilon=epsilon)
       drawn = sampling.draw(sub, new_probs, gamma)
-      next_active = jnp.where(draw_due, drawn, jnp.where(switch, active, state.next_active))
+      next_active = jnp.where(draw_due, drawn, state.next_active)
       probs = jnp.where(draw_due, new_probs, state.probabilities)
 
     if full_form and gamma < num_layers:
