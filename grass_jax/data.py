@@ -185,10 +185,6 @@ class Dataset:
   def __len__(self) -> int:
     return len(self.epoch_plan(0))
 
-  @property
-  def num_tokens(self) -> int:
-    return int(self.lengths.sum())
-
   def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
     """``[(bucket_length, example_indices)]`` for one epoch, a function of (seed, epoch) only."""
     rng = np.random.default_rng([self.seed, epoch])

@@ -74,10 +74,10 @@ class Offloader:
                bank: dict[int, Any] | None = None, fresh: Any = None, preallocate: bool = True):
     """Args:
       opt_state: the optimizer state right after ``init`` (or restored, with
-        ``bank`` and ``fresh`` from :meth:`state_dict`).
+        ``bank`` and ``fresh``; see :meth:`restore`).
       period: the transform's ``period``.
       host_memory_kind: where inactive states live ('pinned_host').
-      bank, fresh: saved host states to resume from (:meth:`state_dict`).
+      bank, fresh: saved host states to resume from (:meth:`checkpoint_tree`).
       preallocate: create every inactive layer's host state now (L x one
         layer's optimizer state of host memory), so that no switch pays for
         pinning new host memory.
@@ -103,7 +103,7 @@ class Offloader:
       raise ValueError("the state is between a switch and its swap; pass the state right after after_step")
     if fresh is None:
       if self.step != 0:
-        raise ValueError("resuming an offloaded state needs the saved `bank` and `fresh` (Offloader.state_dict)")
+        raise ValueError("resuming an offloaded state needs the saved `bank` and `fresh` (Offloader.restore)")
       fresh = s.slot_states[0]
     self.fresh = jax.device_put(fresh, self.host)
     self.bank: dict[int, Any] = {int(l): jax.device_put(v, self.host) for l, v in (bank or {}).items()}
@@ -139,9 +139,23 @@ class Offloader:
     self.slot_layers = incoming
     return replace_state(opt_state, s._replace(slot_states=slots, slot_layers=prev_next))
 
-  def state_dict(self) -> dict[str, Any]:
-    """What a checkpoint must hold besides the optimizer state to resume."""
-    return {"bank": dict(self.bank), "fresh": self.fresh, "step": self.step}
+  def checkpoint_tree(self, opt_state: Any) -> dict[str, Any]:
+    """What a checkpoint must hold besides the optimizer state: every layer's state and the fresh one.
+
+    A fixed structure (all ``L`` layers, keyed by ``str(layer)``), so a checkpoint restores into the
+    tree of any other step's :meth:`checkpoint_tree`.
+    """
+    bank = self.full_bank(opt_state)
+    return {"fresh": self.fresh, "layers": {str(l): bank[l] for l in range(self.num_layers)}}
+
+  @classmethod
+  def restore(cls, opt_state: Any, tree: dict[str, Any], *, period: int,
+              host_memory_kind: str = "pinned_host") -> Offloader:
+    """Rebuilds the offloader of a restored ``opt_state`` from its :meth:`checkpoint_tree`."""
+    active = set(np.asarray(find_state(opt_state).active).tolist())
+    bank = {int(l): v for l, v in tree["layers"].items() if int(l) not in active}
+    return cls(opt_state, period=period, host_memory_kind=host_memory_kind, bank=bank, fresh=tree["fresh"],
+               preallocate=False)
 
   def full_bank(self, opt_state: Any) -> dict[int, Any]:
     """Every trained layer's current state (active ones from the device), for inspection."""

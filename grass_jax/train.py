@@ -17,19 +17,29 @@ Example::
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+import yaml
+from tqdm.auto import tqdm
 
-from grass_jax.models import LAYERS
+from grass_jax import data as data_lib
+from grass_jax.checkpoints import Checkpointer
+from grass_jax.config import Config, ModelConfig, OptimConfig, to_dict
+from grass_jax.evaluate import evaluate, load_task_records, write_results
+from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
+from grass_jax.models import LAYERS, config_from_hf, init_params
 from grass_jax.models.decoder import DecoderConfig, Params, forward
-from grass_jax.transform import apply_slot_updates, find_state, replace_state, strategy
-
-if TYPE_CHECKING:
-  from grass_jax.config import Config, ModelConfig, OptimConfig
+from grass_jax.offload import Offloader
+from grass_jax.pretrained import load_pretrained, save_pretrained
+from grass_jax.transform import apply_slot_updates, diagnostics, find_state, strategy
 
 Batch = dict[str, jax.Array]
 
@@ -142,11 +152,6 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def replace_grass_state(opt_state: Any, **fields: Any) -> Any:
-  """Convenience: ``opt_state`` with some :class:`GrassState` fields replaced."""
-  return replace_state(opt_state, find_state(opt_state)._replace(**fields))
-
-
 # ---------------------------------------------------------------------------------------------
 # The training loop behind scripts/train.py.
 
@@ -178,8 +183,6 @@ def _dtype(name: str) -> Any:
 
 
 def load_model(m: ModelConfig, seed: int) -> tuple[Params, DecoderConfig]:
-  from grass_jax.models import config_from_hf, init_params
-  from grass_jax.pretrained import load_pretrained
   if m.random_init is not None:
     cfg = config_from_hf(dict(m.random_init))
     return init_params(cfg, jax.random.PRNGKey(seed), _dtype(m.dtype)), cfg
@@ -197,23 +200,6 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
       schedule still spans the whole run, so ``resume`` continues it exactly.
     return_state: add the final ``params`` and ``opt_state`` to the summary.
   """
-  import json
-  import time
-  from pathlib import Path
-
-  import numpy as np
-  import yaml
-  from tqdm.auto import tqdm
-
-  from grass_jax import data as data_lib
-  from grass_jax.checkpoints import Checkpointer
-  from grass_jax.config import to_dict
-  from grass_jax.evaluate import evaluate, load_task_records, write_results
-  from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
-  from grass_jax.offload import Offloader
-  from grass_jax.pretrained import save_pretrained
-  from grass_jax.transform import diagnostics
-
   out = Path(cfg.train.output_dir)
   ckpt_dir = out / "checkpoints"
   if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -242,10 +228,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
 
   def layer_states_tree():
-    if offloader is None:
-      return None
-    bank = offloader.full_bank(opt_state)
-    return {"fresh": offloader.fresh, "layers": {str(l): bank[l] for l in range(mcfg.num_layers)}}
+    return None if offloader is None else offloader.checkpoint_tree(opt_state)
 
   step, start_epoch, start_batch, skipped, history = 0, 0, 0, 0, []
   if resume and ckpt.latest_step() is not None:
@@ -255,10 +238,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
     start_epoch, start_batch, skipped = meta["epoch"], meta["batch"], meta["skipped"]
     history = [(s, np.asarray(p)) for s, p in meta["probability_history"]]
     if offloader is not None:
-      active = set(np.asarray(find_state(opt_state).active).tolist())
-      bank = {int(l): v for l, v in layer_states["layers"].items() if int(l) not in active}
-      offloader = Offloader(opt_state, period=cfg.optim.period, bank=bank, fresh=layer_states["fresh"],
-                            preallocate=False)
+      offloader = Offloader.restore(opt_state, layer_states, period=cfg.optim.period)
 
   train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                                frozen_grads=cfg.optim.frozen_grads)
