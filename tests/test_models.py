@@ -204,3 +204,18 @@ def test_not_a_directory_or_hub_id(tmp_path, monkeypatch):
   monkeypatch.setenv("HF_HUB_OFFLINE", "1")
   with pytest.raises(CheckpointError, match="not a local directory"):
     load_pretrained("no-such-org/no-such-model")
+
+
+def test_loading_streams_tensors_without_a_second_host_copy(tmp_path):
+  """numpy memory while loading stays near one copy of the model (XLA buffers are not numpy's)."""
+  import tracemalloc
+  cfg = transformers.LlamaConfig(vocab_size=2000, hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                                 num_attention_heads=4)
+  hf = transformers.LlamaForCausalLM(cfg)
+  hf.save_pretrained(tmp_path, max_shard_size="1MB")
+  model_bytes = sum(p.numel() * 4 for p in hf.parameters())
+  tracemalloc.start()
+  load_pretrained(tmp_path)
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  assert peak < 1.5 * model_bytes, (peak, model_bytes)
