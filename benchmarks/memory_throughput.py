@@ -34,6 +34,7 @@ def main() -> None:
   ap.add_argument("--num-active", type=int, nargs="+", default=[2])
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--remat", default="full", choices=["full", "dots", "none"])
+  ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
   ap.add_argument("--append", action="store_true")
   ap.add_argument("--out", default="benchmarks/results/memory_throughput.json")
   args = ap.parse_args()
@@ -43,14 +44,14 @@ def main() -> None:
     for method in args.methods:
       for gamma in ([None] if method == "full" else args.num_active):
         spec = dict(size=size, batch=batch, seq=args.seq, steps=args.steps, num_active=gamma or 0,
-                    method=method, remat=args.remat, **METHODS[method])
+                    method=method, remat=args.remat, attention=args.attention, **METHODS[method])
         r = run_isolated(spec)
         rows.append(r)
         if "error" in r:
           print(f"{size:<16}{method:<15}{gamma or 'all':>5}  {r['error']}", flush=True)
         else:
           peak = (r["peak_bytes"] or 0) / 2**30
-          print(f"{size:<16}{method:<15}{gamma or 'all':>5} remat={args.remat} {r['tokens_per_s']:>9.0f} tok/s  "
+          print(f"{size:<16}{method:<15}{gamma or 'all':>5} remat={args.remat} attn={args.attention} {r['tokens_per_s']:>9.0f} tok/s  "
                 f"{peak:>6.1f} GiB peak  MFU {r['mfu']:.2f}  compile {r['compile_s']:.0f}s",
                 flush=True)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ class ModelConfig:
     gradient memory), 'dots' or 'none'.
   tokenizer: tokenizer directory or hub id (default: ``path``), or 'bytes'
     for the built-in byte tokenizer (demo).
+  attention: 'einsum' (explicit scores, every model), or 'xla' / 'cudnn'
+    (``jax.nn.dot_product_attention``; no Gemma 2 soft-capping).
   """
 
   path: str | None = None
@@ -48,6 +50,7 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   remat: str = "full"
   tokenizer: str | None = None
+  attention: str = "einsum"
 
 
 @dataclasses.dataclass
@@ -177,6 +180,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat": ("full", "dots", "none"),
+    "model.attention": ("einsum", "xla", "cudnn"),
     "data.template": ("alpaca",),
     "optim.strategy": ("grass", "lisa", "full"),
     "optim.schedule": ("cosine", "linear", "constant"),

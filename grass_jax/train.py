@@ -58,7 +58,8 @@ FROZEN_GRADS = ("cond", "select")
 
 
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
-              batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond") -> tuple[jax.Array, jax.Array]:
+              batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
+              attention: str = "einsum") -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -100,12 +101,13 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
     params = {**trainable, "layers": frozen_layers}
   logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
-                      layer_override=override, layer_runner=runner)
+                      layer_override=override, layer_runner=runner, attention=attention)
   return cross_entropy(logits, batch["tokens"], batch["loss_mask"])
 
 
 def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
-                    remat: str = "full", frozen_grads: str = "cond", donate: bool = True) -> Callable:
+                    remat: str = "full", frozen_grads: str = "cond", attention: str = "einsum",
+                    donate: bool = True) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -122,7 +124,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
     grad_fn = jax.value_and_grad(
         lambda tr, frozen, act, mb: slot_loss(tr, frozen, act, config, mb, dtype=dtype, remat=remat,
-                                              frozen_grads=frozen_grads), has_aux=True)
+                                              frozen_grads=frozen_grads, attention=attention), has_aux=True)
 
     def micro(acc, mb):
       (loss_sum, count), g = grad_fn(trainable, params["layers"], active, mb)
@@ -241,7 +243,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
       offloader = Offloader.restore(opt_state, layer_states, period=cfg.optim.period)
 
   train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-                               frozen_grads=cfg.optim.frozen_grads)
+                               frozen_grads=cfg.optim.frozen_grads, attention=cfg.model.attention)
   writer = MetricsWriter(out)
   diag_kw = dict(temperature=cfg.optim.temperature, epsilon=cfg.optim.epsilon)
 

@@ -219,3 +219,27 @@ def test_loading_streams_tensors_without_a_second_host_copy(tmp_path):
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
   assert peak < 1.5 * model_bytes, (peak, model_bytes)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_dot_product_attention_matches_einsum(saved, family):
+  _, d = saved[family]
+  params, config = load_pretrained(d)
+  tokens, mask = padded_batch()
+  valid = mask.astype(bool)
+
+  def loss(p, attention):
+    logits, _ = models.forward(p, config, jnp.asarray(tokens), jnp.asarray(mask), attention=attention)
+    return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) * 1e-3, logits
+
+  (l0, a), g0 = jax.value_and_grad(loss, has_aux=True)(params, "einsum")
+  (l1, b), g1 = jax.value_and_grad(loss, has_aux=True)(params, "xla")
+  assert np.max(np.abs(np.asarray(a)[valid] - np.asarray(b)[valid])) < 1e-5
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), g0, g1)
+
+
+def test_fused_attention_refuses_softcapping(saved):
+  _, d = saved["gemma2"]
+  params, config = load_pretrained(d)
+  with pytest.raises(ValueError, match="no logit soft-capping"):
+    models.forward(params, config, jnp.ones((1, 4), jnp.int32), attention="xla")

@@ -38,6 +38,7 @@ Params = dict[str, Any]
 LayerOverride = Callable[[Params, jax.Array], Params]
 
 REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,9 +225,28 @@ def _softcap(x: jax.Array, cap: float | None) -> jax.Array:
   return x if cap is None else jnp.tanh(x / cap) * cap
 
 
+def _attention(config: DecoderConfig, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
+               impl: str) -> jax.Array:
+  """Grouped-query attention ``[B, T, H, hd]`` over ``[B, S, Hkv, hd]`` keys; mask ``[B, 1, 1, T, S]``."""
+  b, t = q.shape[:2]
+  if impl != "einsum":
+    if config.attn_softcap is not None:
+      raise ValueError(f"attention={impl!r} has no logit soft-capping ({config.model_type}); use 'einsum'")
+    out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, :, 0], scale=config.scale, implementation=impl)
+    return out.reshape(b, t, config.num_heads * config.head_dim)
+  groups = config.num_heads // config.num_kv_heads
+  qg = q.reshape(b, t, config.num_kv_heads, groups, config.head_dim)
+  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * config.scale
+  scores = _softcap(scores, config.attn_softcap)
+  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+  return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, config.num_heads * config.head_dim)
+
+
 def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array, inv_freq: jax.Array,
           sliding: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
-          cache_index: jax.Array | None, k_valid: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+          cache_index: jax.Array | None, k_valid: jax.Array,
+          attention: str = "einsum") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """One transformer block. Returns the new hidden state and this layer's (k, v) cache."""
   b, t, _ = h.shape
   eps, off = config.rms_norm_eps, config.norm_offset
@@ -246,14 +266,8 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
     values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1).astype(h.dtype)
     q_pos = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
     k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-  groups = config.num_heads // config.num_kv_heads
-  qg = q.reshape(b, t, config.num_kv_heads, groups, config.head_dim)
-  scores = jnp.einsum("btkgd,bskd->bkgts", qg, keys, preferred_element_type=jnp.float32) * config.scale
-  scores = _softcap(scores, config.attn_softcap)
   mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding)
-  scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
-  attn = jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, config.num_heads * config.head_dim)
+  attn = _attention(config, q, keys, values, mask, attention)
   out = _linear(attn, lp["o_proj"], lp.get("o_bias"))
   if config.post_norms:
     out = rms_norm(out, lp["post_attn_norm"], eps, off)
@@ -285,7 +299,7 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
             *, positions: jax.Array | None = None, cache: KVCache | None = None,
             cache_index: jax.Array | int = 0, dtype: Any = jnp.float32, remat: str = "none",
             layer_override: LayerOverride | None = None, layer_runner: Callable | None = None,
-            return_hidden: bool = False
+            return_hidden: bool = False, attention: str = "einsum"
             ) -> tuple[jax.Array, KVCache | None]:
   """Runs the model. Returns ``(logits [B, T, V] float32, updated cache or None)``.
 
@@ -307,6 +321,9 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       frozen code path per layer with ``lax.cond``. Not with a cache.
     return_hidden: return the final normed hidden states ``[B, T, D]`` instead
       of the logits (for a chunked loss).
+    attention: 'einsum' (explicit scores; any model) or an implementation of
+      ``jax.nn.dot_product_attention``: 'xla', or 'cudnn' (fused, GPU, bf16;
+      not yet benchmarked). Those two have no soft-capping (Gemma 2).
   """
   b, t = tokens.shape
   if attention_mask is None:
@@ -325,9 +342,9 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
     if layer_override is not None:
       lp = layer_override(lp, idx)
     if layer_runner is not None:
-      run = lambda p, x: block(config, p, x, positions, inv_freq, slide, None, cache_index, k_valid)[0]
+      run = lambda p, x: block(config, p, x, positions, inv_freq, slide, None, cache_index, k_valid, attention)[0]
       return layer_runner(run, lp, idx, h), None
-    h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid)
+    h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid, attention)
     return h, (new_kv if cache is not None else None)
 
   xs = (params["layers"], jnp.arange(config.num_layers), sliding,
