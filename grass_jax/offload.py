@@ -148,6 +148,14 @@ class Offloader:
     bank = self.full_bank(opt_state)
     return {"fresh": self.fresh, "layers": {str(l): bank[l] for l in range(self.num_layers)}}
 
+  @staticmethod
+  def checkpoint_target(opt_state: Any, host_memory_kind: str = "pinned_host") -> dict[str, Any]:
+    """The structure of :meth:`checkpoint_tree`, to restore into, without allocating a host state per layer."""
+    s = find_state(opt_state)
+    device = next(iter(jax.tree.leaves(s.slot_states)[0].devices()))
+    fresh = jax.device_put(s.slot_states[0], _sharding(device, host_memory_kind))
+    return {"fresh": fresh, "layers": {str(l): fresh for l in range(int(s.importance.shape[0]))}}
+
   @classmethod
   def restore(cls, opt_state: Any, tree: dict[str, Any], *, period: int,
               host_memory_kind: str = "pinned_host") -> Offloader:

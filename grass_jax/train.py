@@ -226,7 +226,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   # Committed once, so the jitted step sees the same input shardings every call (one compile).
   params, opt_state = jax.device_put((params, opt_state), device)
   offload = cfg.optim.offload_optimizer_state
-  offloader = Offloader(opt_state, period=cfg.optim.period) if offload else None
+  offloader = None
   ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
 
   def layer_states_tree():
@@ -235,12 +235,15 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   step, start_epoch, start_batch, skipped, history = 0, 0, 0, 0, []
   if resume and ckpt.latest_step() is not None:
     step = ckpt.latest_step()
+    target = Offloader.checkpoint_target(opt_state) if offload else None
     params, opt_state, layer_states, meta = ckpt.restore(step, params=params, opt_state=opt_state,
-                                                         layer_states=layer_states_tree())
+                                                         layer_states=target)
     start_epoch, start_batch, skipped = meta["epoch"], meta["batch"], meta["skipped"]
     history = [(s, np.asarray(p)) for s, p in meta["probability_history"]]
-    if offloader is not None:
+    if offload:
       offloader = Offloader.restore(opt_state, layer_states, period=cfg.optim.period)
+  elif offload:
+    offloader = Offloader(opt_state, period=cfg.optim.period)
 
   train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                                frozen_grads=cfg.optim.frozen_grads, attention=cfg.model.attention)
@@ -265,7 +268,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
       last.update(accuracies)
 
   bar = tqdm(total=total, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-  window_tokens, window_start, window_skipped = 0.0, time.perf_counter(), 0
+  window_tokens, window_start = 0.0, time.perf_counter()
   pending = []
   epoch, next_batch = start_epoch, start_batch
   last = {}
