@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 
 from grass_jax import models
@@ -134,7 +133,7 @@ def _get(tree: dict, path: str) -> Any:
 def load_params(directory: Path, config: DecoderConfig, dtype: Any = jnp.float32) -> Params:
   """Streams the checkpoint into host numpy arrays of ``dtype``, then moves them to the device."""
   table = models.hf_names(config)
-  np_dtype = np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name)
+  np_dtype = np.dtype(jnp.dtype(dtype))  # bfloat16 is ml_dtypes' numpy dtype
   shapes = config.param_shapes()
   host = jax.tree.map(lambda s: np.empty(s, np_dtype), shapes, is_leaf=lambda x: isinstance(x, tuple))
   expected = {p: math.prod(s[:1]) if p.startswith("layers/") else 1
@@ -221,8 +220,7 @@ def save_pretrained(params: Params, config: DecoderConfig, directory: str | os.P
   for pattern, (path, transpose) in table.items():
     if path in shapes:
       by_path.setdefault(path, []).append((pattern, transpose))
-  np_dtype = None if dtype is None else (
-      np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name))
+  np_dtype = None if dtype is None else np.dtype(jnp.dtype(dtype))
 
   def tensors() -> Iterator[tuple[str, np.ndarray]]:
     for path in shapes:
