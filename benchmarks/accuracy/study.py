@@ -112,45 +112,71 @@ def finetune_and_eval(scale: dict, model_dir: Path, task: str, method: str, seed
   peak = max((json.loads(l).get("peak_memory_bytes") or 0)
              for l in (run_dir / "metrics.jsonl").read_text().splitlines())
   params, mcfg = load_pretrained(run_dir / "hf_model")
-  result, _ = evaluate(params, mcfg, ByteTokenizer(), scorer, test, batch_size=64, max_new_tokens=48)
+  result, _ = evaluate(params, mcfg, ByteTokenizer(), scorer, test, batch_size=64, max_new_tokens=64)
   return {"task": task, "method": method, "seed": seed, "accuracy": result["accuracy"],
           "final_loss": summary["final_loss"], "train_s": train_s, "peak_bytes": peak or None}
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--scale", choices=sorted(SCALES), default="gpu")
-  ap.add_argument("--work", default="runs/accuracy-study")
-  ap.add_argument("--out", default="benchmarks/results/accuracy.json")
-  args = ap.parse_args()
-  scale = SCALES[args.scale]
-  work = Path(args.work)
-  work.mkdir(parents=True, exist_ok=True)
-  log = lambda msg: print(msg, flush=True)
-  model_dir = pretrain(scale, work, log)
-  rows = []
-  for task in scale["tasks"]:
-    for method in scale["methods"]:
-      for seed in scale["seeds"]:
-        r = finetune_and_eval(scale, model_dir, task, method, seed, work)
-        rows.append(r)
-        log(json.dumps(r))
+def summarize(rows: list[dict], scale: dict) -> list[dict]:
+  """Accuracy mean and spread, time and peak memory per (task, method) over the finished seeds."""
   table = []
   for task in scale["tasks"]:
     for method in scale["methods"]:
       rs = [r for r in rows if r["task"] == task and r["method"] == method]
+      if not rs:
+        continue
       accs = [r["accuracy"] for r in rs]
       table.append({"task": task, "method": method, "accuracy_mean": statistics.mean(accs),
                     "accuracy_std": statistics.pstdev(accs), "seeds": len(accs),
                     "train_s_mean": statistics.mean(r["train_s"] for r in rs),
                     "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30})
-  print(f"\n{'task':<9}{'method':<7}{'accuracy':>16}{'train s':>9}{'peak GiB':>9}")
+  return table
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--scale", choices=sorted(SCALES), default="gpu")
+  ap.add_argument("--work", default="runs/accuracy-study",
+                  help="work dir; finished runs are recorded in rows.jsonl there and skipped on a re-run")
+  ap.add_argument("--out", default="benchmarks/results/accuracy.json")
+  ap.add_argument("--budget-s", type=float, default=None,
+                  help="start no new fine-tuning run after this many seconds (re-run to continue)")
+  args = ap.parse_args()
+  t_start = time.perf_counter()
+  scale = SCALES[args.scale]
+  work = Path(args.work)
+  work.mkdir(parents=True, exist_ok=True)
+  log = lambda msg: print(msg, flush=True)
+  import jax
+  # Runs of one method share their step executables: compile each once.
+  jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  model_dir = work / "pretrained"
+  if not (model_dir / "config.json").exists():
+    model_dir = pretrain(scale, work, log)
+  rows_file = work / "rows.jsonl"
+  rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
+  done = {(r["task"], r["method"], r["seed"]) for r in rows}
+  todo = [(t, m, s) for t in scale["tasks"] for m in scale["methods"] for s in scale["seeds"] if (t, m, s) not in done]
+  for task, method, seed in todo:
+    if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
+      log(f"budget of {args.budget_s:.0f}s spent; {len(todo) - (len(rows) - len(done))} runs left, re-run to continue")
+      break
+    r = finetune_and_eval(scale, model_dir, task, method, seed, work)
+    rows.append(r)
+    with rows_file.open("a") as f:
+      f.write(json.dumps(r) + "\n")
+    log(json.dumps(r))
+  table = summarize(rows, scale)
+  print(f"\n{'task':<9}{'method':<7}{'accuracy':>16}{'seeds':>6}{'train s':>9}{'peak GiB':>9}")
   for t in table:
-    print(f"{t['task']:<9}{t['method']:<7}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}"
+    print(f"{t['task']:<9}{t['method']:<7}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}{t['seeds']:>6}"
           f"{t['train_s_mean']:>9.1f}{t['peak_gib']:>9.2f}")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"scale": args.scale, "config": scale, "rows": rows, "table": table}, indent=2))
+  complete = len(rows) == len(scale["tasks"]) * len(scale["methods"]) * len(scale["seeds"])
+  out.write_text(json.dumps({"scale": args.scale, "config": scale, "complete": complete,
+                             "device": jax.devices()[0].device_kind, "rows": rows, "table": table}, indent=2))
 
 
 if __name__ == "__main__":

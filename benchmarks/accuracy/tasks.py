@@ -3,7 +3,8 @@
 No hub is reachable, so the study builds its own: a corpus that teaches numbers, sums and
 sequences, and two downstream tasks whose difficulty sits in different places:
 
-* ``arith``: multi-step word problems ("Ann has 7 pens. She buys 5 more and gives away 3. ...");
+* ``arith``: three-step word problems with two-digit numbers ("Ann has 47 pens. Ann buys 25 more,
+  gives away 13, then finds 8. ...");
   the answer is the last number (scored like GSM8K).
 * ``pattern``: multiple choice on arithmetic sequences ("2, 5, 8, 11, ?" with four options);
   the model writes ``answerN`` (scored like ARC / OBQA in LLM-Adapters).
@@ -37,15 +38,19 @@ def corpus(n: int, seed: int) -> list[str]:
 
 
 def arith(n: int, seed: int) -> list[dict]:
+  """Three-step word problems with two-digit numbers (the pre-training corpus only has one step)."""
   rng = random.Random(seed)
   out = []
   for _ in range(n):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b, c = rng.randint(2, 30), rng.randint(1, 20), rng.randint(1, 10)
-    total = a + b - c
-    out.append({"instruction": f"{name} has {a} {item}. {name} buys {b} more and gives away {c}. "
-                               f"How many {item} does {name} have now?",
-                "input": "", "output": f"{a} + {b} = {a + b}. {a + b} - {c} = {total}. The answer is {total}.",
+    a, b, c, d = rng.randint(10, 99), rng.randint(10, 60), rng.randint(1, 40), rng.randint(2, 30)
+    s1 = a + b
+    s2 = s1 - c
+    total = s2 + d
+    out.append({"instruction": f"{name} has {a} {item}. {name} buys {b} more, gives away {c}, "
+                               f"then finds {d}. How many {item} does {name} have now?",
+                "input": "", "output": f"{a} + {b} = {s1}. {s1} - {c} = {s2}. {s2} + {d} = {total}. "
+                                       f"The answer is {total}.",
                 "answer": str(total)})
   return out
 
