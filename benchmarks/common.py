@@ -67,7 +67,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   gamma = None if strategy == "full" else spec["num_active"]
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    grass_jax.strategy(strategy, optax.adamw(1e-5, weight_decay=0.0), layers=LAYERS,
-                                      num_active=gamma, period=spec["period"], offload=spec.get("offload", False)))
+                                      num_active=gamma, period=spec["period"], offload=spec.get("offload", False),
+                                      always_on=spec.get("always_on", True)))
   opt_state = jax.device_put(jax.jit(tx.init)(params), dev)
   off = Offloader(opt_state, period=spec["period"]) if spec.get("offload") else None
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
@@ -95,6 +96,11 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   loss = float(m["loss"])
   elapsed = time.perf_counter() - ts
   compiles = step._cache_size()
+  profile = None
+  if spec.get("profile_dir"):
+    with jax.profiler.trace(spec["profile_dir"], create_perfetto_trace=True):
+      jax.block_until_ready(run(3))
+    profile = summarize_trace(spec["profile_dir"], steps=3)
   stats = dev.memory_stats() or {}
   s = grass_jax.find_state(opt_state)
   dev_kind = dev.default_memory().kind
@@ -111,7 +117,58 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
           "opt_state_host_bytes": opt_host, "layer_state_bytes": layer_state_bytes,
           "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), "final_loss": loss,
           "skipped": int(m["skipped"]), "compiled_executables": compiles,
-          "required_flops": flops, "mfu": flops / step_s / PEAK_FLOPS}
+          "required_flops": flops, "mfu": flops / step_s / PEAK_FLOPS, "profile": profile}
+
+
+def _kernel_class(name: str) -> str:
+  n = name.lower()
+  if any(k in n for k in ("gemm", "cublas", "cutlass", "nvjet", "matmul", "xmma", "sm90")):
+    return "matmul"
+  if "memcpy" in n or "memset" in n or "copy" in n:
+    return "copy"
+  if "cudnn" in n or "flash" in n or "fmha" in n:
+    return "attention (cuDNN)"
+  if "fusion" in n or "loop_" in n or "input_" in n or "reduce" in n or "transpose" in n:
+    return "fusion (elementwise/reduce)"
+  return "other"
+
+
+def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
+  """Where device time goes: a jax.profiler perfetto trace reduced to kernel-class totals per step.
+
+  ``busy_ms`` is the union of kernel intervals on the GPU (idle gaps excluded), ``span_ms`` the
+  wall time from first to last kernel; both per step.
+  """
+  import collections
+  import glob
+  import gzip
+
+  path = sorted(glob.glob(os.path.join(log_dir, "**", "perfetto_trace.json.gz"), recursive=True))[-1]
+  trace = json.load(gzip.open(path))
+  events = trace["traceEvents"] if isinstance(trace, dict) else trace
+  procs = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  gpu = {pid for pid, name in procs.items() if "GPU" in name or "gpu" in name}
+  kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+  if not kernels:
+    return {"error": f"no GPU events in {path}", "processes": sorted(set(procs.values()))}
+  by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
+  by_class: dict[str, float] = collections.defaultdict(float)
+  for e in kernels:
+    by_name[e["name"]][0] += e["dur"]
+    by_name[e["name"]][1] += 1
+    by_class[_kernel_class(e["name"])] += e["dur"]
+  intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+  busy, end = 0.0, -1e30
+  for a, b in intervals:
+    if b > end:
+      busy += b - max(a, end)
+      end = b
+  per_step = lambda us: us / steps / 1e3
+  return {"trace": path, "span_ms": per_step(intervals[-1][1] - intervals[0][0]), "busy_ms": per_step(busy),
+          "class_ms": {k: per_step(v) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
+          "top": [{"name": n[:120], "ms": per_step(v[0]), "calls_per_step": v[1] / steps}
+                  for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}
 
 
 def run_isolated(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:

@@ -25,7 +25,7 @@ SCALES = {
     # length (the Alpaca prompt alone is ~170 byte tokens), task sizes, seeds
     "tiny": dict(hidden=32, layers=4, heads=2, pretrain_steps=8, finetune_steps=4, batch=4, seq=64,
                  n_train=32, n_test=4, ft_len=384, seeds=[0], tasks=["pattern"], methods=["full", "lisa", "grass"]),
-    "gpu": dict(hidden=512, layers=12, heads=8, pretrain_steps=1500, finetune_steps=300, batch=32, seq=256,
+    "gpu": dict(hidden=512, layers=12, heads=8, pretrain_steps=1500, finetune_steps=450, batch=32, seq=256,
                 n_train=4000, n_test=300, ft_len=384, seeds=[0, 1, 2], tasks=["arith", "pattern"],
                 methods=["full", "lisa", "grass"]),
 }
@@ -109,12 +109,24 @@ def finetune_and_eval(scale: dict, model_dir: Path, task: str, method: str, seed
   t0 = time.perf_counter()
   summary = run(cfg, progress=False)
   train_s = time.perf_counter() - t0
-  peak = max((json.loads(l).get("peak_memory_bytes") or 0)
-             for l in (run_dir / "metrics.jsonl").read_text().splitlines())
+  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # training only: read before eval
   params, mcfg = load_pretrained(run_dir / "hf_model")
   result, _ = evaluate(params, mcfg, ByteTokenizer(), scorer, test, batch_size=64, max_new_tokens=64)
   return {"task": task, "method": method, "seed": seed, "accuracy": result["accuracy"],
           "final_loss": summary["final_loss"], "train_s": train_s, "peak_bytes": peak or None}
+
+
+def finetune_isolated(scale_name: str, model_dir: Path, task: str, method: str, seed: int, out: Path) -> dict:
+  """:func:`finetune_and_eval` in a fresh process, so its peak device memory is its own."""
+  import os
+  import subprocess
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  cmd = [sys.executable, __file__, "--scale", scale_name, "--work", str(out), "--one", task, method, str(seed)]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT"):
+      return json.loads(line[len("RESULT"):])
+  raise RuntimeError(f"fine-tuning run {task}/{method}/seed {seed} failed:\n{proc.stderr[-3000:]}")
 
 
 def summarize(rows: list[dict], scale: dict) -> list[dict]:
@@ -141,6 +153,7 @@ def main() -> None:
   ap.add_argument("--out", default="benchmarks/results/accuracy.json")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new fine-tuning run after this many seconds (re-run to continue)")
+  ap.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
   args = ap.parse_args()
   t_start = time.perf_counter()
   scale = SCALES[args.scale]
@@ -152,6 +165,10 @@ def main() -> None:
   jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   model_dir = work / "pretrained"
+  if args.one:
+    task, method, seed = args.one
+    print("RESULT" + json.dumps(finetune_and_eval(scale, model_dir, task, method, int(seed), work)), flush=True)
+    return
   if not (model_dir / "config.json").exists():
     model_dir = pretrain(scale, work, log)
   rows_file = work / "rows.jsonl"
@@ -162,7 +179,7 @@ def main() -> None:
     if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
       log(f"budget of {args.budget_s:.0f}s spent; {len(todo) - (len(rows) - len(done))} runs left, re-run to continue")
       break
-    r = finetune_and_eval(scale, model_dir, task, method, seed, work)
+    r = finetune_isolated(args.scale, model_dir, task, method, seed, work)
     rows.append(r)
     with rows_file.open("a") as f:
       f.write(json.dumps(r) + "\n")

@@ -3,11 +3,12 @@
 No hub is reachable, so the study builds its own: a corpus that teaches numbers, sums and
 sequences, and two downstream tasks whose difficulty sits in different places:
 
-* ``arith``: three-step word problems with two-digit numbers ("Ann has 47 pens. Ann buys 25 more,
-  gives away 13, then finds 8. ...");
+* ``arith``: three-step word problems ("Ann has 47 pens. Ann buys 25 more, gives away 13,
+  then finds 8. ..."; the pre-training corpus only has one-step sums);
   the answer is the last number (scored like GSM8K).
 * ``pattern``: multiple choice on arithmetic sequences ("2, 5, 8, 11, ?" with four options);
-  the model writes ``answerN`` (scored like ARC / OBQA in LLM-Adapters).
+  the model works out the next number, then writes ``answerN`` (scored like ARC / OBQA in
+  LLM-Adapters: the first ``answerN`` in the output counts).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def arith(n: int, seed: int) -> list[dict]:
   out = []
   for _ in range(n):
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b, c, d = rng.randint(10, 99), rng.randint(10, 60), rng.randint(1, 40), rng.randint(2, 30)
+    a, b, c, d = rng.randint(10, 50), rng.randint(2, 40), rng.randint(1, 30), rng.randint(2, 20)
     s1 = a + b
     s2 = s1 - c
     total = s2 + d
@@ -69,7 +70,8 @@ def pattern(n: int, seed: int) -> list[dict]:
     opts = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
     out.append({"instruction": f"Which number comes next: {', '.join(map(str, seq))}, ?\n\n{opts}\n\n"
                                "Answer format: answer1/answer2/answer3/answer4",
-                "input": "", "output": f"the correct answer is answer{k}", "answer": f"answer{k}"})
+                "input": "", "output": f"The step is {step}. {seq[-1]} + {step} = {right}. The correct answer is answer{k}",
+                "answer": f"answer{k}"})
   return out
 
 
