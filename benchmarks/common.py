@@ -72,7 +72,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   opt_state = jax.device_put(jax.jit(tx.init)(params), dev)
   off = Offloader(opt_state, period=spec["period"]) if spec.get("offload") else None
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
-                         frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "einsum"))
+                         frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"))
   rng = np.random.default_rng(0)
   b, t = spec["batch"], spec["seq"]
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32))

@@ -34,7 +34,7 @@ def main() -> None:
   ap.add_argument("--num-active", type=int, nargs="+", default=[2])
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--remat", default="full", choices=["full", "dots", "none"])
-  ap.add_argument("--attention", default="einsum", choices=["einsum", "xla", "cudnn"])
+  ap.add_argument("--attention", default="auto", choices=["auto", "einsum", "xla", "cudnn"])
   ap.add_argument("--append", action="store_true")
   ap.add_argument("--out", default="benchmarks/results/memory_throughput.json")
   args = ap.parse_args()

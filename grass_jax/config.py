@@ -40,7 +40,8 @@ class ModelConfig:
     gradient memory), 'dots' or 'none'.
   tokenizer: tokenizer directory or hub id (default: ``path``), or 'bytes'
     for the built-in byte tokenizer (demo).
-  attention: 'einsum' (explicit scores, every model), or 'xla' / 'cudnn'
+  attention: 'auto' (cuDNN fused attention on GPU where it applies, else
+    'einsum'), 'einsum' (explicit scores, every model), or 'xla' / 'cudnn'
     (``jax.nn.dot_product_attention``; no Gemma 2 soft-capping).
   """
 
@@ -50,7 +51,7 @@ class ModelConfig:
   compute_dtype: str = "bfloat16"
   remat: str = "full"
   tokenizer: str | None = None
-  attention: str = "einsum"
+  attention: str = "auto"
 
 
 @dataclasses.dataclass
@@ -180,7 +181,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
     "model.remat": ("full", "dots", "none"),
-    "model.attention": ("einsum", "xla", "cudnn"),
+    "model.attention": ("auto", "einsum", "xla", "cudnn"),
     "data.template": ("alpaca",),
     "optim.strategy": ("grass", "lisa", "full"),
     "optim.schedule": ("cosine", "linear", "constant"),

@@ -59,7 +59,7 @@ FROZEN_GRADS = ("cond", "select")
 
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
               batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
-              attention: str = "einsum") -> tuple[jax.Array, jax.Array]:
+              attention: str = "auto") -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -106,7 +106,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
 
 def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
-                    remat: str = "full", frozen_grads: str = "cond", attention: str = "einsum",
+                    remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
                     donate: bool = True) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 

@@ -243,3 +243,20 @@ def test_fused_attention_refuses_softcapping(saved):
   params, config = load_pretrained(d)
   with pytest.raises(ValueError, match="no logit soft-capping"):
     models.forward(params, config, jnp.ones((1, 4), jnp.int32), attention="xla")
+
+
+def test_auto_attention_picks_cudnn_only_where_it_applies(saved, monkeypatch):
+  from grass_jax.models.decoder import resolve_attention
+  _, d = saved["mistral"]
+  _, config = load_pretrained(d)
+  _, d2 = saved["gemma2"]
+  _, gemma2 = load_pretrained(d2)
+  assert resolve_attention(config, "auto", jnp.bfloat16) == "einsum"  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve_attention(config, "auto", jnp.bfloat16) == "cudnn"
+  assert resolve_attention(config, "auto", jnp.float32) == "einsum"
+  assert resolve_attention(config, "auto", jnp.bfloat16, decoding=True) == "einsum"
+  assert resolve_attention(gemma2, "auto", jnp.bfloat16) == "einsum"  # soft-capping
+  assert resolve_attention(config, "xla", jnp.float32) == "xla"
+  with pytest.raises(ValueError, match="choose one of auto, einsum"):
+    resolve_attention(config, "flash", jnp.bfloat16)

@@ -1,0 +1,104 @@
+"""The paper-style figure from the committed GPU results: memory and throughput per method,
+memory per extra active layer, memory against sequence length.
+
+  python benchmarks/plot.py [--results benchmarks/results] [--out benchmarks/results/figure_h100.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+GiB = 2**30
+
+
+def load_rows(results: Path) -> list[dict[str, Any]]:
+  """Every measured row in results/*.json ({"rows": [...]}) and results/**/*.jsonl, tagged with its file."""
+  rows = []
+  for f in sorted(results.glob("*.json")):
+    data = json.loads(f.read_text())
+    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+      rows += [{**r, "file": f.name} for r in data["rows"] if "size" in r]
+  for f in sorted(results.glob("**/*.jsonl")):
+    rows += [{**json.loads(l), "file": f.name} for l in f.read_text().splitlines() if l.strip()]
+  return [r for r in rows if "size" in r and "error" not in r and r.get("tokens_per_s")]
+
+
+def pick(rows: list[dict], **match: Any) -> dict | None:
+  """The last row whose fields equal ``match`` (None: absent)."""
+  found = [r for r in rows if all(r.get(k) == v for k, v in match.items())]
+  return found[-1] if found else None
+
+
+def method_rows(rows: list[dict]) -> dict[str, list[tuple[str, dict]]]:
+  """Per model, (label, row) for full FT, LISA, GRASS and GRASS + offload at gamma 2, seq 512."""
+  out: dict[str, list[tuple[str, dict]]] = {}
+  specs: list[tuple[str, str, Callable[[dict], bool]]] = [
+      ("full FT", "full", lambda r: r.get("strategy") == "full"),
+      ("LISA", "lisa", lambda r: r.get("strategy") == "lisa"),
+      ("GRASS", "grass", lambda r: r.get("strategy") == "grass" and not r.get("offload")),
+      ("GRASS+offload", "grass+offload", lambda r: r.get("strategy") == "grass" and r.get("offload")),
+  ]
+  for size in ("tinyllama-1.1b", "gemma-2b", "llama2-7b"):
+    for label, _, ok in specs:
+      cands = [r for r in rows if r["size"] == size and r.get("seq") == 512 and ok(r) and r.get("always_on", True)
+               and r.get("num_active") in (0, 2, None) and r.get("period") in (1, 50) and r.get("frozen_grads", "cond") == "cond"
+               and r.get("attention") in (None, "einsum") and r.get("remat") in (None, "full") and not r.get("profile")]
+      if cands:  # the first file in name order: the side-by-side memory_throughput runs come first
+        out.setdefault(size, []).append((label, cands[0]))
+  return out
+
+
+def main() -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--results", default="benchmarks/results")
+  ap.add_argument("--out", default="benchmarks/results/figure_h100.png")
+  args = ap.parse_args()
+  rows = load_rows(Path(args.results))
+  per_model = method_rows(rows)
+  fig, ax = plt.subplots(2, 2, figsize=(12, 8.5))
+  colors = {"full FT": "tab:gray", "LISA": "tab:orange", "GRASS": "tab:blue", "GRASS+offload": "tab:green"}
+  width = 0.2
+  for i, (size, items) in enumerate(per_model.items()):
+    for j, (label, r) in enumerate(items):
+      x = i + (j - 1.5) * width
+      ax[0, 0].bar(x, r["peak_bytes"] / GiB, width, color=colors[label], label=label if i == 0 else None)
+      ax[0, 1].bar(x, r["tokens_per_s"] / 1e3, width, color=colors[label], label=label if i == 0 else None)
+  for a, title in ((ax[0, 0], "peak device memory (GiB)"), (ax[0, 1], "throughput (k tokens/s)")):
+    a.set_xticks(range(len(per_model)), [f"{s}\n(batch {items[0][1]['batch']})" for s, items in per_model.items()])
+    a.set_title(title)
+    a.legend(fontsize=8)
+  sweep = [r for r in rows if r.get("file", "").startswith("sweep")]
+  for size, style in (("tinyllama-1.1b", "o-"), ("llama2-7b", "s-")):
+    pts = sorted((r["num_active"], r["peak_bytes"] / GiB) for r in sweep
+                 if r["size"] == size and r.get("offload") and r.get("seq") == 512
+                 and r["name"].startswith(("gamma", "7b-gamma")) and r.get("always_on", True) == (size != "llama2-7b"))
+    if pts:
+      ax[1, 0].plot(*zip(*pts), style, label=f"{size} (batch {16 if size.startswith('tiny') else 2})")
+  ax[1, 0].set_xlabel("active layers (gamma)")
+  ax[1, 0].set_title("GRASS + offload: peak memory vs active layers (GiB)")
+  ax[1, 0].legend(fontsize=8)
+  for label, pred in (("GRASS+offload", lambda r: r.get("offload")), ("full FT", lambda r: r.get("strategy") == "full")):
+    pts = sorted((r["seq"], r["peak_bytes"] / GiB) for r in sweep + [r for r in rows if r.get("file") == "memory_throughput_tinyllama.json"]
+                 if r["size"] == "tinyllama-1.1b" and pred(r) and r.get("batch", 0) * r["seq"] == 8192
+                 and r.get("num_active", 2) in (0, 2) and r.get("attention", "einsum") == "einsum")
+    if pts:
+      ax[1, 1].plot(*zip(*sorted(dict(pts).items())), "o-", label=label, color=colors[label])
+  ax[1, 1].set_xscale("log", base=2)
+  ax[1, 1].set_xlabel("sequence length (8192 tokens per batch)")
+  ax[1, 1].set_title("TinyLlama: peak memory vs sequence length (GiB)")
+  ax[1, 1].legend(fontsize=8)
+  fig.suptitle("grass_jax on one H100 80GB (bf16, remat full, gamma 2 unless shown)")
+  fig.tight_layout()
+  fig.savefig(args.out, dpi=110)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()
