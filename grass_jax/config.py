@@ -90,9 +90,11 @@ class OptimConfig:
   importance_decay: null for the running mean of gradient norms, or an EMA decay.
   always_on: also train embeddings, final norm and LM head every step.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
-  frozen_grads: how frozen layers skip weight gradients: 'cond' (lax.cond per
-    block: no dW matmuls; faster on Llama-2-7B) or 'select' (one code path,
-    dW computed and dropped; faster on TinyLlama-size models).
+  frozen_grads: how frozen layers skip weight gradients: 'cond' (a hand-written
+    backward pass of the layer scan with lax.cond per block: no dW matmuls for
+    frozen layers, the active layers' gradients accumulate in place; always
+    rematerialises blocks, whatever model.remat says) or 'select' (one code
+    path, dW computed for every layer and dropped; honours model.remat).
   learning_rate: peak learning rate.
   schedule: 'cosine', 'linear' or 'constant' after warm-up.
   warmup_ratio: fraction of the steps spent warming up linearly from 0.

@@ -67,9 +67,11 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       layers, in the order of ``active``); other leaves are the always-on group.
     frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
-    frozen_grads: how frozen layers avoid weight gradients. 'cond': each block
-      runs through ``lax.cond`` on "is this layer active", so the backward pass
-      of a frozen layer computes only the input gradient (no dW matmuls).
+    frozen_grads: how frozen layers avoid weight gradients. 'cond': the layer
+      scan has a hand-written backward pass (``forward(slots=...)``) that picks
+      per layer with ``lax.cond``: a frozen layer computes only its input
+      gradient (no dW matmuls), an active layer adds its weight gradient into
+      its slot in place (the scan always rematerialises each block).
       'select': every block picks its weights with ``jnp.where`` (one code
       path, but dW is computed for every layer and then discarded).
   """
@@ -78,19 +80,12 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   num_layers = config.num_layers
   gamma = active.shape[0]
   frozen_layers = jax.lax.stop_gradient(frozen_layers)
-  runner = None
+  slots = None
   if gamma == num_layers:  # all layers train: the slots are the stack itself (active == arange)
     params, override = trainable, None
   elif frozen_grads == "cond":
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
-
-    def runner(run: Callable, lp: Params, idx: jax.Array, h: jax.Array) -> jax.Array:
-      slot = slot_of[idx]
-      pick = jnp.maximum(slot, 0)
-      trained = lambda x: run({k: trainable["layers"][k][pick].astype(v.dtype) for k, v in lp.items()}, x)
-      return jax.lax.cond(slot >= 0, trained, lambda x: run(lp, x), h)
-
-    params, override = {**trainable, "layers": frozen_layers}, None
+    params, override, slots = {**trainable, "layers": frozen_layers}, None, (trainable["layers"], slot_of)
   else:
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
 
@@ -101,7 +96,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
     params = {**trainable, "layers": frozen_layers}
   logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
-                      layer_override=override, layer_runner=runner, attention=attention)
+                      layer_override=override, slots=slots, attention=attention)
   return cross_entropy(logits, batch["tokens"], batch["loss_mask"])
 
 

@@ -25,10 +25,12 @@ as a Flax NNX module.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,10 +313,80 @@ def _remat(fn: Callable, policy: str) -> Callable:
   raise ValueError(f"remat must be one of {REMAT_POLICIES}; got {policy!r}")
 
 
+class _LayerInputs(NamedTuple):
+  """What every block reads besides its weights and hidden state (no gradient flows to these)."""
+  positions: jax.Array
+  inv_freq: jax.Array
+  sliding: jax.Array  # bool [L]
+  k_valid: jax.Array
+
+
+def _run_block(config: DecoderConfig, attention: str, lp: Params, h: jax.Array, idx: jax.Array,
+               inputs: _LayerInputs) -> jax.Array:
+  return block(config, lp, h, inputs.positions, inputs.inv_freq, inputs.sliding[idx], None, None, inputs.k_valid,
+               attention)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _slot_scan(config: DecoderConfig, attention: str, slots: Params, frozen: Params, slot_of: jax.Array,
+               h: jax.Array, inputs: _LayerInputs) -> jax.Array:
+  return _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs)[0]
+
+
+def _slot_params(slots: Params, frozen_lp: Params, slot: jax.Array) -> Params:
+  pick = jnp.maximum(slot, 0)
+  return {k: jax.lax.dynamic_index_in_dim(slots[k], pick, keepdims=False).astype(v.dtype) for k, v in frozen_lp.items()}
+
+
+def _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs):
+  def body(h, xs):
+    lp, idx = xs
+    slot = slot_of[idx]
+    out = jax.lax.cond(slot >= 0, lambda x: _run_block(config, attention, _slot_params(slots, lp, slot), x, idx, inputs),
+                       lambda x: _run_block(config, attention, lp, x, idx, inputs), h)
+    return out, h  # each block's input is kept: the backward pass recomputes the block from it
+
+  num_layers = slot_of.shape[0]
+  out, hs = jax.lax.scan(body, h, (frozen, jnp.arange(num_layers)))
+  return out, (slots, frozen, slot_of, hs, inputs)
+
+
+def _slot_scan_bwd(config, attention, res, d_out):
+  slots, frozen, slot_of, hs, inputs = res
+
+  def body(carry, xs):
+    dh, acc = carry
+    lp, idx, h_in = xs
+    slot = slot_of[idx]
+
+    def trained(dh, acc):
+      pick = jnp.maximum(slot, 0)
+      _, vjp = jax.vjp(lambda p, x: _run_block(config, attention, p, x, idx, inputs), _slot_params(slots, lp, slot), h_in)
+      dp, dx = vjp(dh)
+      # Only this slot's rows change, in place: no [gamma, ...] zeros are built or added per layer.
+      acc = {k: jax.lax.dynamic_update_index_in_dim(
+          a, jax.lax.dynamic_index_in_dim(a, pick, keepdims=False) + dp[k].astype(a.dtype), pick, 0)
+             for k, a in acc.items()}
+      return dx, acc
+
+    def frozen_layer(dh, acc):  # input gradient only: no weight-gradient matmuls
+      _, vjp = jax.vjp(lambda x: _run_block(config, attention, lp, x, idx, inputs), h_in)
+      return vjp(dh)[0], acc
+
+    return jax.lax.cond(slot >= 0, trained, frozen_layer, dh, acc), None
+
+  acc0 = jax.tree.map(jnp.zeros_like, slots)
+  (dh, acc), _ = jax.lax.scan(body, (d_out, acc0), (frozen, jnp.arange(slot_of.shape[0]), hs), reverse=True)
+  return acc, None, None, dh, None
+
+
+_slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)
+
+
 def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
             *, positions: jax.Array | None = None, cache: KVCache | None = None,
             cache_index: jax.Array | int = 0, dtype: Any = jnp.float32, remat: str = "none",
-            layer_override: LayerOverride | None = None, layer_runner: Callable | None = None,
+            layer_override: LayerOverride | None = None, slots: tuple[Params, jax.Array] | None = None,
             return_hidden: bool = False, attention: str = "auto"
             ) -> tuple[jax.Array, KVCache | None]:
   """Runs the model. Returns ``(logits [B, T, V] float32, updated cache or None)``.
@@ -332,9 +404,14 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
     remat: 'none', 'full' or 'dots' rematerialisation of each block.
     layer_override: ``(layer_params, layer_index) -> layer_params`` applied
       inside the scan, e.g. to substitute trainable slots for frozen layers.
-    layer_runner: ``(run, layer_params, layer_index, h) -> h`` takes over running
-      each block (``run(params, h) -> h``), e.g. to pick a trainable or a
-      frozen code path per layer with ``lax.cond``. Not with a cache.
+    slots: ``(slot_params, slot_of)``: train only some layers. ``slot_params``
+      holds ``[gamma, ...]`` weights of the trained layers, ``slot_of`` (int
+      ``[L]``) each layer's slot or -1. Gradients flow to ``slot_params`` only
+      (``params['layers']`` is treated as frozen), and the backward pass of a
+      frozen layer computes its input gradient only (no weight-gradient
+      matmuls). The layer scan keeps each block's input and recomputes the
+      block in the backward pass (``remat='full'`` whatever ``remat`` says).
+      Not with a cache.
     return_hidden: return the final normed hidden states ``[B, T, D]`` instead
       of the logits (for a chunked loss).
     attention: 'auto' (default: 'cudnn' where it applies, see
@@ -355,19 +432,25 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
   sliding = jnp.asarray(config.sliding_layers or (config.sliding_window is not None,) * config.num_layers)
   k_valid = attention_mask.astype(bool) if cache is None else cache.mask
 
-  def body(h, xs):
-    lp, idx, slide, kv = xs
-    if layer_override is not None:
-      lp = layer_override(lp, idx)
-    if layer_runner is not None:
-      run = lambda p, x: block(config, p, x, positions, inv_freq, slide, None, cache_index, k_valid, attention)[0]
-      return layer_runner(run, lp, idx, h), None
-    h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid, attention)
-    return h, (new_kv if cache is not None else None)
+  if slots is not None:
+    if cache is not None:
+      raise ValueError("slots (training a subset of layers) cannot be combined with a KV cache")
+    slot_params, slot_of = slots
+    chex.assert_shape(slot_of, (config.num_layers,))
+    h = _slot_scan(config, attention, slot_params, jax.lax.stop_gradient(params["layers"]), slot_of, h,
+                   _LayerInputs(positions, inv_freq, sliding, k_valid))
+    new_kv = None
+  else:
+    def body(h, xs):
+      lp, idx, slide, kv = xs
+      if layer_override is not None:
+        lp = layer_override(lp, idx)
+      h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid, attention)
+      return h, (new_kv if cache is not None else None)
 
-  xs = (params["layers"], jnp.arange(config.num_layers), sliding,
-        None if cache is None else (cache.k, cache.v))
-  h, new_kv = jax.lax.scan(_remat(body, remat), h, xs)
+    xs = (params["layers"], jnp.arange(config.num_layers), sliding,
+          None if cache is None else (cache.k, cache.v))
+    h, new_kv = jax.lax.scan(_remat(body, remat), h, xs)
   h = rms_norm(h, params["final_norm"], config.rms_norm_eps, config.norm_offset)
   new_cache = None if cache is None else KVCache(new_kv[0].astype(cache.k.dtype), new_kv[1].astype(cache.v.dtype),
                                                  cache.mask)
