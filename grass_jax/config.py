@@ -169,6 +169,21 @@ class EvalConfig:
 
 
 @dataclasses.dataclass
+class MeshConfig:
+  """mesh: devices (see grass_jax/sharding.py).
+
+  data: data-parallel replicas (null: all local devices / fsdp).
+  fsdp: devices that also split the large parameter and optimizer-state arrays.
+  distributed: call jax.distributed.initialize() first (several hosts; the
+    coordinator comes from the environment). The mesh then spans every host.
+  """
+
+  data: int | None = None
+  fsdp: int = 1
+  distributed: bool = False
+
+
+@dataclasses.dataclass
 class Config:
   """The whole training configuration (one YAML file)."""
 
@@ -177,6 +192,7 @@ class Config:
   optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
   train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
   eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+  mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
 CHOICES = {
@@ -237,6 +253,9 @@ def validate(cfg: Config) -> Config:
     if value not in allowed:
       raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
   m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+  if cfg.mesh.fsdp < 1 or (cfg.mesh.data is not None and cfg.mesh.data < 1):
+    raise ConfigError(f"mesh.data and mesh.fsdp must be >= 1 (mesh.data may be null: all devices); "
+                      f"got data={cfg.mesh.data}, fsdp={cfg.mesh.fsdp}")
   if (m.path is None) == (m.random_init is None):
     raise ConfigError("set exactly one of model.path (a HF checkpoint) and model.random_init")
   if not d.train:
@@ -282,7 +301,7 @@ def validate(cfg: Config) -> Config:
 
 def from_dict(data: dict) -> Config:
   if not isinstance(data, dict):
-    raise ConfigError(f"a config must be a mapping with sections model, data, optim, train, eval; "
+    raise ConfigError(f"a config must be a mapping with sections model, data, optim, train, eval, mesh; "
                       f"got {type(data).__name__}")
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
   unknown = sorted(set(data) - set(sections))
@@ -290,7 +309,7 @@ def from_dict(data: dict) -> Config:
     raise ConfigError(f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                       f"valid sections: {', '.join(sections)}")
   classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
-             "eval": EvalConfig}
+             "eval": EvalConfig, "mesh": MeshConfig}
   return validate(Config(**{k: _section(classes[k], data.get(k) or {}, k) for k in classes}))
 
 

@@ -52,12 +52,13 @@ def memory_kind(tree: Any) -> set[str]:
   return {x.sharding.memory_kind for x in jax.tree.leaves(tree)}
 
 
-def _sharding(device: jax.Device, kind: str) -> jax.sharding.Sharding:
-  return jax.sharding.SingleDeviceSharding(device, memory_kind=kind)
+def _shardings(tree: Any, kind: str) -> Any:
+  """The shardings of ``tree``'s arrays (single device or a mesh) in memory ``kind``."""
+  return jax.tree.map(lambda x: x.sharding.with_memory_kind(kind), tree)
 
 
-def _device_kind(device: jax.Device) -> str:
-  return device.default_memory().kind
+def _device_kind(tree: Any) -> str:
+  return next(iter(jax.tree.leaves(tree)[0].devices())).default_memory().kind
 
 
 class Offloader:
@@ -92,10 +93,9 @@ class Offloader:
       raise ValueError("nothing to offload: all layers are active (full fine-tuning)")
     self.num_layers = int(s.importance.shape[0])
     self.num_active = int(s.active.shape[0])
-    leaf = jax.tree.leaves(s.slot_states)[0]
-    self.device = next(iter(leaf.devices()))
-    self.host = _sharding(self.device, host_memory_kind)
-    self.on_device = _sharding(self.device, _device_kind(self.device))
+    # Per-leaf shardings: host copies keep the device layout (one device, or a mesh with FSDP).
+    self.host = _shardings(s.slot_states[0], host_memory_kind)
+    self.on_device = _shardings(s.slot_states[0], _device_kind(s.slot_states))
     # The only host reads outside the loop: where we start from.
     self.step = int(s.count)
     self.slot_layers = [int(x) for x in np.asarray(s.slot_layers)]
@@ -114,7 +114,7 @@ class Offloader:
       for l in range(self.num_layers):
         if l not in self.bank and l not in self.slot_layers:
           self.bank[l] = jax.device_put(source, self.host)
-    self._prev_next = jax.device_put(jnp.copy(s.next_active), self.on_device)
+    self._prev_next = jnp.copy(s.next_active)
 
   def after_step(self, opt_state: Any) -> Any:
     """Call once after every optimizer step with the new state; returns the state to use next."""
@@ -152,8 +152,7 @@ class Offloader:
   def checkpoint_target(opt_state: Any, host_memory_kind: str = "pinned_host") -> dict[str, Any]:
     """The structure of :meth:`checkpoint_tree`, to restore into, without allocating a host state per layer."""
     s = find_state(opt_state)
-    device = next(iter(jax.tree.leaves(s.slot_states)[0].devices()))
-    fresh = jax.device_put(s.slot_states[0], _sharding(device, host_memory_kind))
+    fresh = jax.device_put(s.slot_states[0], _shardings(s.slot_states[0], host_memory_kind))
     return {"fresh": fresh, "layers": {str(l): fresh for l in range(int(s.importance.shape[0]))}}
 
   @classmethod

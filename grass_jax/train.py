@@ -39,6 +39,7 @@ from grass_jax.models import LAYERS, config_from_hf, init_params
 from grass_jax.models.decoder import DecoderConfig, Params, forward
 from grass_jax.offload import Offloader
 from grass_jax.pretrained import load_pretrained, save_pretrained
+from grass_jax import sharding as sharding_lib
 from grass_jax.transform import apply_slot_updates, diagnostics, find_state, strategy
 
 Batch = dict[str, jax.Array]
@@ -102,7 +103,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
 def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
                     remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, shardings: tuple[Any, Any, Any] | None = None) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -111,6 +112,10 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   and no moment (the GRASS transform skips it) and ``metrics['skipped']`` is 1.
   ``tx`` must contain one GRASS transform (any strategy), with any clipping
   or scaling before or after it in an ``optax.chain``.
+
+  ``shardings``: ``(params, opt_state, batch)`` shardings on a mesh
+  (:mod:`grass_jax.sharding`); params and state keep theirs across steps, so
+  the step compiles once. Without it the step runs where its inputs are.
   """
 
   def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, dict[str, jax.Array]]:
@@ -146,7 +151,13 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": (~ok).astype(jnp.int32)}
     return new_params, new_opt_state, metrics
 
-  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+  donate_argnums = (0, 1) if donate else ()
+  if shardings is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  p_sh, s_sh, b_sh = shardings
+  metrics_sh = jax.sharding.NamedSharding(b_sh.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=donate_argnums, in_shardings=(p_sh, s_sh, b_sh),
+                 out_shardings=(p_sh, s_sh, metrics_sh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,6 +208,12 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
       schedule still spans the whole run, so ``resume`` continues it exactly.
     return_state: add the final ``params`` and ``opt_state`` to the summary.
   """
+  if cfg.mesh.distributed:
+    sharding_lib.initialize_distributed()
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  if cfg.train.batch_size % mesh.size:
+    raise sharding_lib.MeshError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {mesh.size} "
+                                 f"devices of the mesh (mesh.data x mesh.fsdp = {dict(mesh.shape)})")
   out = Path(cfg.train.output_dir)
   ckpt_dir = out / "checkpoints"
   if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
@@ -216,10 +233,12 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   if cfg.train.max_steps is not None:
     total = min(total, cfg.train.max_steps)
   tx, schedule = build_optimizer(cfg.optim, mcfg.num_layers, total, cfg.train.seed)
-  device = jax.devices()[0]
+  device = jax.local_devices()[0]
   opt_state = tx.init(params)
-  # Committed once, so the jitted step sees the same input shardings every call (one compile).
-  params, opt_state = jax.device_put((params, opt_state), device)
+  # Placed once on the mesh; the step keeps these shardings, so it compiles once.
+  p_sh, s_sh, b_sh = (sharding_lib.tree_shardings(params, mesh), sharding_lib.tree_shardings(opt_state, mesh),
+                      sharding_lib.batch_sharding(mesh))
+  params, opt_state = jax.device_put((params, opt_state), (p_sh, s_sh))
   offload = cfg.optim.offload_optimizer_state
   offloader = None
   ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
@@ -241,7 +260,8 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
     offloader = Offloader(opt_state, period=cfg.optim.period)
 
   train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-                               frozen_grads=cfg.optim.frozen_grads, attention=cfg.model.attention)
+                               frozen_grads=cfg.optim.frozen_grads, attention=cfg.model.attention,
+                               shardings=(p_sh, s_sh, b_sh))
   writer = MetricsWriter(out)
   diag_kw = dict(temperature=cfg.optim.temperature, epsilon=cfg.optim.epsilon)
 
@@ -272,7 +292,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
       next_batch = batch_idx  # fetched, not consumed: resume starts with it
       break
     next_batch = batch_idx + 1
-    params, opt_state, m = train_step(params, opt_state, batch)
+    params, opt_state, m = train_step(params, opt_state, sharding_lib.shard_batch(batch, b_sh))
     if offloader is not None:
       opt_state = offloader.after_step(opt_state)
     step += 1

@@ -1,0 +1,65 @@
+"""Helper for tests/test_sharding.py: runs in a process with 4 CPU devices (XLA_FLAGS set by the test).
+
+  python tests/sharded_run.py OUT_DIR  ->  prints one JSON line with the comparisons
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from grass_jax import config as config_lib  # noqa: E402
+from grass_jax.sharding import FSDP  # noqa: E402
+from grass_jax.transform import find_state  # noqa: E402
+from grass_jax.train import run  # noqa: E402
+
+MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_size: 64, intermediate_size: 128, "
+         "num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2}")
+
+
+def cfg(out: Path, mesh: str, offload: bool):
+  return config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [
+      MODEL, f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=8", "train.checkpoint_every=0",
+      "train.log_every=2", "data.max_length=160", "data.buckets=[160]", "optim.period=2",
+      "model.dtype=float32", "model.compute_dtype=float32", f"optim.offload_optimizer_state={str(offload).lower()}",
+      *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false"])
+
+
+def main() -> None:
+  out = Path(sys.argv[1])
+  assert len(jax.devices()) == 4, jax.devices()
+  result = {}
+  for offload in (False, True):
+    ref = run(cfg(out / f"single-{offload}", {"data": 1, "fsdp": 1}, offload), progress=False, return_state=True)
+    for name, mesh in (("data4", {"data": 4}), ("data2_fsdp2", {"data": 2, "fsdp": 2})):
+      r = run(cfg(out / f"{name}-{offload}", mesh, offload), progress=False, return_state=True)
+      diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                 for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(r["params"])))
+      scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(ref["params"]))
+      s_ref, s = find_state(ref["opt_state"]), find_state(r["opt_state"])
+      lines = lambda d: [json.loads(l)["active_layers"] for l in (d / "metrics.jsonl").read_text().splitlines()]
+      result[f"{name}-offload{offload}"] = {
+          "max_param_diff": diff, "param_scale": scale,
+          "same_layer_draws": lines(out / f"single-{offload}") == lines(out / f"{name}-{offload}"),
+          "same_final_active": np.asarray(s_ref.active).tolist() == np.asarray(s.active).tolist(),
+          "active_replicated": bool(s.active.sharding.is_fully_replicated),
+          "devices_used": len(jax.tree.leaves(r["params"])[0].sharding.device_set),
+          "fsdp_sharded_leaves": sum(FSDP in str(x.sharding.spec) for x in jax.tree.leaves(r["params"])),
+          "loss": [r["final_loss"], ref["final_loss"]],
+      }
+      if offload:  # an inactive layer's state: in host memory, laid out like its device copy
+        inactive = next(l for l in r["layer_states"] if l not in np.asarray(s.active).tolist())
+        host = jax.tree.leaves(r["layer_states"][inactive])
+        result[f"{name}-offload{offload}"].update(
+            host_kinds=sorted({x.sharding.memory_kind for x in host}),
+            host_fsdp_leaves=sum(FSDP in str(x.sharding.spec) for x in host))
+  print("RESULT" + json.dumps(result))
+
+
+if __name__ == "__main__":
+  main()
