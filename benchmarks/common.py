@@ -59,24 +59,35 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   from grass_jax.offload import Offloader
   from grass_jax.train import LAYERS, make_train_step
 
+  from grass_jax import sharding
+
   cfg = config_from_hf(SIZES[spec["size"]])
   dev = jax.devices()[0]
+  # spec["devices"]: data-parallel over that many devices (default 1: the single-device runs).
+  mesh = sharding.make_mesh(data=spec.get("devices", 1), fsdp=spec.get("fsdp", 1))
   t0 = time.perf_counter()
-  params = jax.device_put(jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.PRNGKey(0)), dev)
+  params = jax.jit(lambda k: init_params(cfg, k, jnp.bfloat16))(jax.random.PRNGKey(0))
+  p_sh = sharding.tree_shardings(params, mesh)
+  params = jax.device_put(params, p_sh)
   strategy = spec["strategy"]
   gamma = None if strategy == "full" else spec["num_active"]
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    grass_jax.strategy(strategy, optax.adamw(1e-5, weight_decay=0.0), layers=LAYERS,
                                       num_active=gamma, period=spec["period"], offload=spec.get("offload", False),
                                       always_on=spec.get("always_on", True)))
-  opt_state = jax.device_put(jax.jit(tx.init)(params), dev)
+  opt_state = jax.jit(tx.init)(params)
+  s_sh = sharding.tree_shardings(opt_state, mesh)
+  opt_state = jax.device_put(opt_state, s_sh)
   off = Offloader(opt_state, period=spec["period"]) if spec.get("offload") else None
+  b_sh = sharding.batch_sharding(mesh)
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
-                         frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"))
+                         frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
+                         shardings=(p_sh, s_sh, b_sh))
   rng = np.random.default_rng(0)
   b, t = spec["batch"], spec["seq"]
-  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32))
-  batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
+  tokens = rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)
+  batch = sharding.shard_batch({"tokens": tokens, "attention_mask": np.ones_like(tokens),
+                                "loss_mask": np.ones_like(tokens)}, b_sh)
 
   def run(n):
     nonlocal params, opt_state
