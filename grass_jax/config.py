@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -218,13 +219,14 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
   for t in options:
     if t is type(None):
       continue
-    if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-      return float(value)
-    if t is float and isinstance(value, str):
+    if t is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
       try:  # YAML 1.1 reads `1e-4` (no dot) as a string
-        return float(value)
+        number = float(value)
       except ValueError:
-        pass
+        continue
+      if not math.isfinite(number):
+        raise ConfigError(f"{key} must be a finite number; got {value!r}")
+      return number
     if t is int and isinstance(value, int) and not isinstance(value, bool):
       return value
     if t in (str, bool, dict, list) and isinstance(value, t):
@@ -237,7 +239,7 @@ def _section(cls: type, data: dict, prefix: str) -> Any:
   if not isinstance(data, dict):
     raise ConfigError(f"{prefix} must be a mapping of keys to values; got {data!r}")
   fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(set(data) - set(fields))
+  unknown = sorted(str(k) for k in set(data) - set(fields))
   if unknown:
     raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
                       f"{', '.join(prefix + '.' + k for k in unknown)}; valid keys in {prefix}: {', '.join(fields)}")
@@ -304,7 +306,7 @@ def from_dict(data: dict) -> Config:
     raise ConfigError(f"a config must be a mapping with sections model, data, optim, train, eval, mesh; "
                       f"got {type(data).__name__}")
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
-  unknown = sorted(set(data) - set(sections))
+  unknown = sorted(str(k) for k in set(data) - set(sections))
   if unknown:
     raise ConfigError(f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                       f"valid sections: {', '.join(sections)}")
@@ -320,8 +322,11 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     raise ConfigError(f"config file {path} does not exist (see configs/ for examples)")
   try:
     data = yaml.safe_load(path.read_text()) or {}
-  except yaml.YAMLError as e:
+  except (yaml.YAMLError, UnicodeDecodeError) as e:
     raise ConfigError(f"{path} is not valid YAML: {e}") from e
+  if not isinstance(data, dict):
+    raise ConfigError(f"{path} must hold a mapping with sections model, data, optim, train, eval, mesh; "
+                      f"got {type(data).__name__} (see configs/tiny-demo.yaml)")
   return from_dict(_merge_overrides(data, overrides))
 
 

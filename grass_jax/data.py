@@ -86,9 +86,16 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
   path = Path(source).expanduser()
   if path.is_file():
     suffix = path.suffix.lower()
+
+    def text() -> str:
+      try:
+        return path.read_text(encoding="utf-8")
+      except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}); JSON/JSONL files must be UTF-8") from e
+
     if suffix == ".jsonl":
       records = []
-      for n, line in enumerate(path.read_text().splitlines(), 1):
+      for n, line in enumerate(text().splitlines(), 1):
         if not line.strip():
           continue
         try:
@@ -97,7 +104,7 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
           raise DataError(f"{path}:{n} is not valid JSON: {e.msg}") from e
     elif suffix == ".json":
       try:
-        data = json.loads(path.read_text())
+        data = json.loads(text())
       except json.JSONDecodeError as e:
         raise DataError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from e
       records = data.get("data", data.get(split)) if isinstance(data, dict) else data
@@ -105,12 +112,18 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
         raise DataError(f"{path} must hold a list of records (or {{'data': [...]}}); got {type(records).__name__}")
     elif suffix == ".parquet":
       import datasets
-      records = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+      try:
+        records = list(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+      except Exception as e:  # noqa: BLE001 (pyarrow and datasets raise many types for a bad file)
+        raise DataError(f"{path} is not a readable parquet file: {type(e).__name__}: {e}") from e
     else:
       raise DataError(f"{path}: unsupported file type {suffix!r}; use .json, .jsonl or .parquet")
   elif path.is_dir():
     import datasets
-    records = list(datasets.load_dataset(str(path), split=split))
+    try:
+      records = list(datasets.load_dataset(str(path), split=split))
+    except Exception as e:  # noqa: BLE001
+      raise DataError(f"cannot read a dataset (split {split!r}) from directory {path}: {type(e).__name__}: {e}") from e
   elif "/" in source and not source.startswith((".", "/")):
     import datasets
     try:
@@ -123,7 +136,8 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
   if not records:
     raise DataError(f"{source} holds no records")
   for i, r in enumerate(records):
-    if not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+    if (not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str)
+        or not isinstance(r.get("input") or "", str)):
       raise DataError(f"{source}: record {i} must be an object with string fields 'instruction' and 'output' "
                       f"(optional 'input'); got {str(r)[:120]}")
   return records

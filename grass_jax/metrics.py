@@ -34,10 +34,20 @@ class MetricsWriter:
   TensorBoard needs ``tensorboardX``; without it only the JSONL file is written.
   """
 
-  def __init__(self, directory: str | Path):
+  def __init__(self, directory: str | Path, *, resume_step: int | None = None):
+    """``resume_step``: drop lines after this step (a crashed run logged past its last checkpoint)."""
     self.directory = Path(directory)
     self.directory.mkdir(parents=True, exist_ok=True)
     self.path = self.directory / "metrics.jsonl"
+    if resume_step is not None and self.path.exists():
+      kept = []
+      for line in self.path.read_text().splitlines():
+        try:
+          if json.loads(line)["step"] <= resume_step:
+            kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+          continue  # a line cut short by the crash
+      self.path.write_text("".join(l + "\n" for l in kept))
     self._file = self.path.open("a")
     try:
       from tensorboardX import SummaryWriter

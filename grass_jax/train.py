@@ -262,7 +262,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                                frozen_grads=cfg.optim.frozen_grads, attention=cfg.model.attention,
                                shardings=(p_sh, s_sh, b_sh))
-  writer = MetricsWriter(out)
+  writer = MetricsWriter(out, resume_step=step if resume else None)
   diag_kw = dict(temperature=cfg.optim.temperature, epsilon=cfg.optim.epsilon)
 
   eval_sets = {t: load_task_records(t, cfg.eval.data, cfg.eval.limit) for t in cfg.eval.tasks}
