@@ -262,7 +262,9 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                                frozen_grads=cfg.optim.frozen_grads, attention=cfg.model.attention,
                                shardings=(p_sh, s_sh, b_sh))
-  writer = MetricsWriter(out, resume_step=step if resume else None)
+  # With several hosts, process 0 writes the files; every process takes part in checkpoints.
+  main_process = jax.process_index() == 0
+  writer = MetricsWriter(out, resume_step=step if resume else None) if main_process else None
   diag_kw = dict(temperature=cfg.optim.temperature, epsilon=cfg.optim.epsilon)
 
   eval_sets = {t: load_task_records(t, cfg.eval.data, cfg.eval.limit) for t in cfg.eval.tasks}
@@ -271,14 +273,16 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
     ckpt.save(step, params=params, opt_state=opt_state, layer_states=layer_states_tree(),
               meta={"epoch": epoch, "batch": batch, "skipped": skipped,
                     "probability_history": [(s, p.tolist()) for s, p in history]})
-    plot_probability_heatmap(history, out / "layer_probabilities.png")
+    if main_process:
+      plot_probability_heatmap(history, out / "layer_probabilities.png")
     accuracies = {}
     for task, records in eval_sets.items():
       summary, rows = evaluate(params, mcfg, tokenizer, task, records, batch_size=cfg.eval.batch_size,
                                max_new_tokens=cfg.eval.max_new_tokens, dtype=_dtype(cfg.model.compute_dtype))
-      write_results(out / "eval" / f"step_{step}", summary, rows)
+      if main_process:
+        write_results(out / "eval" / f"step_{step}", summary, rows)
       accuracies[f"eval/{task}_accuracy"] = summary["accuracy"]
-    if accuracies:
+    if accuracies and writer is not None:
       writer.write(step, accuracies)
       last.update(accuracies)
 
@@ -316,7 +320,8 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
               "tokens_per_s": window_tokens / dt if dt > 0 else 0.0, "skipped_steps": skipped,
               "peak_memory_bytes": stats.get("peak_bytes_in_use"), "epoch": epoch,
               "active_layers": d["active"], "importance": d["importance"], "probabilities": d["current_probabilities"]}
-      writer.write(step, last)
+      if writer is not None:
+        writer.write(step, last)
       bar.set_postfix(loss=f"{last['mean_loss']:.4f}", tok_s=f"{last['tokens_per_s']:.0f}",
                       active=",".join(map(str, d["active"])))
       window_tokens, window_start = 0.0, time.perf_counter()
@@ -326,17 +331,23 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   if ckpt.latest_step() != step:
     save(epoch, next_batch)
   ckpt.close()
-  writer.close()
+  if writer is not None:
+    writer.close()
   summary = {"steps": step, "final_loss": last.get("mean_loss"), "skipped_steps": skipped,
              "output_dir": str(out), "heatmap": str(out / "layer_probabilities.png"),
              **{k: v for k, v in last.items() if k.startswith("eval/")}}
   if cfg.train.export:
     export = out / "hf_model"
-    save_pretrained(params, mcfg, export)
+    if jax.process_count() > 1:  # arrays span hosts: gather, then one process writes
+      from jax.experimental import multihost_utils
+      params = multihost_utils.process_allgather(params, tiled=True)
+    if main_process:
+      save_pretrained(params, mcfg, export)
     if hasattr(tokenizer, "save_pretrained"):
       tokenizer.save_pretrained(export)
     summary["hf_model"] = str(export)
-  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  if main_process:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
   if return_state:
     summary.update(params=params, opt_state=opt_state,
                    layer_states=None if offloader is None else offloader.full_bank(opt_state))
