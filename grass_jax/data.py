@@ -81,8 +81,12 @@ def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
   return tok
 
 
-def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
-  """Reads records from a local JSON/JSONL/parquet file or directory, or a hub dataset id."""
+def load_records(source: str, split: str = "train", *, test: bool = False) -> list[dict[str, Any]]:
+  """Reads records from a local JSON/JSONL/parquet file or directory, or a hub dataset id.
+
+  Training records need string ``instruction`` and ``output``; test records (``test=True``)
+  need ``instruction`` and a gold ``answer`` (string or number) or ``output``.
+  """
   path = Path(source).expanduser()
   if path.is_file():
     suffix = path.suffix.lower()
@@ -135,11 +139,17 @@ def load_records(source: str, split: str = "train") -> list[dict[str, Any]]:
     raise DataError(f"data file {source!r} does not exist")
   if not records:
     raise DataError(f"{source} holds no records")
+  target = "'answer' (or 'output')" if test else "'output'"
   for i, r in enumerate(records):
-    if (not isinstance(r, dict) or not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str)
-        or not isinstance(r.get("input") or "", str)):
-      raise DataError(f"{source}: record {i} must be an object with string fields 'instruction' and 'output' "
-                      f"(optional 'input'); got {str(r)[:120]}")
+    ok = isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("input") or "", str)
+    if ok and test:
+      gold = r.get("answer", r.get("output"))
+      ok = isinstance(gold, (str, int, float)) and not isinstance(gold, bool)
+    elif ok:
+      ok = isinstance(r.get("output"), str)
+    if not ok:
+      raise DataError(f"{source}: record {i} must be an object with a string 'instruction' and {target} "
+                      f"(optional string 'input'); got {str(r)[:120]}")
   return records
 
 

@@ -162,5 +162,5 @@ def load_task_records(task: str, data: str | None, limit: int | None = None) -> 
   """Test records from ``data`` (file, directory or hub id); default ``dataset/<task>/test.json`` (LLM-Adapters)."""
   task = canonical_task(task)
   source = data or f"dataset/{task}/test.json"
-  records = load_records(source, split="test")
+  records = load_records(source, split="test", test=True)
   return records[:limit] if limit else records

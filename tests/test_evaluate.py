@@ -86,3 +86,15 @@ def test_evaluate_script_writes_predictions_and_summary(tmp_path):
                         "--task", "gsm8k"], capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1",
                         "PATH": "/usr/bin:/bin"})
   assert bad.returncode == 2 and "error:" in bad.stderr
+
+
+def test_test_sets_need_an_answer_not_an_output(tmp_path):
+  from grass_jax.data import DataError
+  from grass_jax.evaluate import load_task_records
+  good = tmp_path / "good.json"
+  good.write_text(json.dumps([{"instruction": "1+1?", "input": "", "answer": 2}, {"instruction": "x", "answer": "3"}]))
+  assert [r["answer"] for r in load_task_records("gsm8k", str(good))] == [2, "3"]
+  bad = tmp_path / "bad.json"
+  bad.write_text(json.dumps([{"instruction": "1+1?"}]))
+  with pytest.raises(DataError, match="'answer' \\(or 'output'\\)"):
+    load_task_records("gsm8k", str(bad))

@@ -97,6 +97,20 @@ def test_record_files_fail_only_with_data_error(tmp_path_factory, recs, suffix, 
 
 
 @SETTINGS
+@given(st.lists(st.one_of(values, st.fixed_dictionaries(
+    {"instruction": st.one_of(st.text(max_size=20), values)},
+    optional={"answer": values, "output": values, "input": values})), max_size=4))
+def test_test_set_records_fail_only_with_data_error(tmp_path_factory, recs):
+  from grass_jax.evaluate import load_task_records
+  path = tmp_path_factory.mktemp("data") / "test.json"
+  path.write_text(json.dumps(recs))
+  try:
+    load_task_records("gsm8k", str(path))
+  except data_lib.DataError:
+    pass
+
+
+@SETTINGS
 @given(st.binary(max_size=200), st.sampled_from([".json", ".jsonl", ".parquet", ".csv"]))
 def test_binary_garbage_fails_only_with_data_error(tmp_path_factory, blob, suffix):
   path = tmp_path_factory.mktemp("data") / f"train{suffix}"
