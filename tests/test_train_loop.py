@@ -116,7 +116,7 @@ def test_data_errors(tmp_path):
     data_lib.load_records(str(broken))
   fields = tmp_path / "fields.json"
   fields.write_text(json.dumps([{"question": "a", "answer": "b"}]))
-  with pytest.raises(data_lib.DataError, match="record 0 must be an object with string fields 'instruction'"):
+  with pytest.raises(data_lib.DataError, match="record 0 must be an object with a string 'instruction' and 'output'"):
     data_lib.load_records(str(fields))
   with pytest.raises(data_lib.DataError, match="unsupported file type"):
     (tmp_path / "x.csv").write_text("a,b")
