@@ -301,10 +301,14 @@ def validate(cfg: Config) -> Config:
   return cfg
 
 
-def from_dict(data: dict) -> Config:
+def _require_mapping(data: Any, where: str) -> None:
   if not isinstance(data, dict):
-    raise ConfigError(f"a config must be a mapping with sections model, data, optim, train, eval, mesh; "
-                      f"got {type(data).__name__}")
+    raise ConfigError(f"{where} must be a mapping with sections model, data, optim, train, eval, mesh; "
+                      f"got {type(data).__name__} (see configs/tiny-demo.yaml)")
+
+
+def from_dict(data: dict) -> Config:
+  _require_mapping(data, "a config")
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
   unknown = sorted(str(k) for k in set(data) - set(sections))
   if unknown:
@@ -324,9 +328,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
     data = yaml.safe_load(path.read_text()) or {}
   except (yaml.YAMLError, UnicodeDecodeError) as e:
     raise ConfigError(f"{path} is not valid YAML: {e}") from e
-  if not isinstance(data, dict):
-    raise ConfigError(f"{path} must hold a mapping with sections model, data, optim, train, eval, mesh; "
-                      f"got {type(data).__name__} (see configs/tiny-demo.yaml)")
+  _require_mapping(data, str(path))  # before the overrides are merged into it
   return from_dict(_merge_overrides(data, overrides))
 
 

@@ -81,19 +81,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """Raises :class:`MeshError` unless every device of ``mesh`` gets the same number of rows."""
+  if batch_size % mesh.size:
+    raise MeshError(f"train.batch_size={batch_size} must be a multiple of the {mesh.size} devices of the mesh "
+                    f"(mesh.data x mesh.fsdp = {dict(mesh.shape)}); set train.batch_size to a multiple of {mesh.size}")
+
+
 def shard_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Global host batch -> sharded device arrays; each process fills only its own devices.
 
   Every process holds the same global batch (the data order is a function of the seed),
   so this works unchanged with several hosts.
   """
-  n = sharding.mesh.size
   out = {}
   for k, v in batch.items():
     v = np.asarray(v)
-    if v.shape[1] % n:
-      raise MeshError(f"train.batch_size={v.shape[1]} must be a multiple of the {n} devices of the mesh "
-                      f"(mesh.data x mesh.fsdp); set train.batch_size to a multiple of {n}")
+    check_batch_size(v.shape[1], sharding.mesh)
     out[k] = jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
   return out
 

@@ -31,6 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from grass_jax import data as data_lib
+from grass_jax import sharding as sharding_lib
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.config import Config, ModelConfig, OptimConfig, to_dict
 from grass_jax.evaluate import evaluate, load_task_records, write_results
@@ -39,7 +40,6 @@ from grass_jax.models import LAYERS, config_from_hf, init_params
 from grass_jax.models.decoder import DecoderConfig, Params, forward
 from grass_jax.offload import Offloader
 from grass_jax.pretrained import load_pretrained, save_pretrained
-from grass_jax import sharding as sharding_lib
 from grass_jax.transform import apply_slot_updates, diagnostics, find_state, strategy
 
 Batch = dict[str, jax.Array]
@@ -211,9 +211,7 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   if cfg.mesh.distributed:
     sharding_lib.initialize_distributed()
   mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
-  if cfg.train.batch_size % mesh.size:
-    raise sharding_lib.MeshError(f"train.batch_size={cfg.train.batch_size} must be a multiple of the {mesh.size} "
-                                 f"devices of the mesh (mesh.data x mesh.fsdp = {dict(mesh.shape)})")
+  sharding_lib.check_batch_size(cfg.train.batch_size, mesh)  # before loading the model
   out = Path(cfg.train.output_dir)
   ckpt_dir = out / "checkpoints"
   if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
