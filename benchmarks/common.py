@@ -197,5 +197,7 @@ def run_isolated(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
       return json.loads(line[len("RESULT"):])
   err = (proc.stderr or "").strip().splitlines()
   oom = any("RESOURCE_EXHAUSTED" in l or "Out of memory" in l for l in err)
-  return {**spec, "error": "out of memory" if oom else (err[-1] if err else f"exit {proc.returncode}"),
+  # JAX appends a note after the exception; keep the tail so the real error line survives.
+  tail = "\n".join(l for l in err[-25:] if not l.startswith("For simplicity, JAX has removed"))
+  return {**spec, "error": "out of memory" if oom else (tail or f"exit {proc.returncode}"),
           "wall_s": time.perf_counter() - t0}

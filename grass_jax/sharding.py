@@ -77,6 +77,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, (DATA, FSDP), None))
 
 
+def activation_sharding(mesh: Mesh) -> NamedSharding:
+  """Activations ``[B, T, H, hd]`` inside the model: ``B`` split like the batch, the rest whole."""
+  return NamedSharding(mesh, P((DATA, FSDP), None, None, None))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -60,7 +60,7 @@ FROZEN_GRADS = ("cond", "select")
 
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
               batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
-              attention: str = "auto") -> tuple[jax.Array, jax.Array]:
+              attention: str = "auto", act_sharding: Any = None) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -97,7 +97,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
     params = {**trainable, "layers": frozen_layers}
   logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
-                      layer_override=override, slots=slots, attention=attention)
+                      layer_override=override, slots=slots, attention=attention, act_sharding=act_sharding)
   return cross_entropy(logits, batch["tokens"], batch["loss_mask"])
 
 
@@ -117,6 +117,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   (:mod:`grass_jax.sharding`); params and state keep theirs across steps, so
   the step compiles once. Without it the step runs where its inputs are.
   """
+  act_sharding = None
+  if shardings is not None and shardings[2].mesh.size > 1:
+    act_sharding = sharding_lib.activation_sharding(shardings[2].mesh)
 
   def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, dict[str, jax.Array]]:
     active = find_state(opt_state).active
@@ -124,7 +127,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
     grad_fn = jax.value_and_grad(
         lambda tr, frozen, act, mb: slot_loss(tr, frozen, act, config, mb, dtype=dtype, remat=remat,
-                                              frozen_grads=frozen_grads, attention=attention), has_aux=True)
+                                              frozen_grads=frozen_grads, attention=attention,
+                                              act_sharding=act_sharding), has_aux=True)
 
     def micro(acc, mb):
       (loss_sum, count), g = grad_fn(trainable, params["layers"], active, mb)

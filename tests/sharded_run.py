@@ -22,12 +22,12 @@ MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_size: 64
          "num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2}")
 
 
-def cfg(out: Path, mesh: str, offload: bool):
+def cfg(out: Path, mesh: dict, offload: bool, extra: tuple[str, ...] = ()):
   return config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [
       MODEL, f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=8", "train.checkpoint_every=0",
       "train.log_every=2", "data.max_length=160", "data.buckets=[160]", "optim.period=2",
       "model.dtype=float32", "model.compute_dtype=float32", f"optim.offload_optimizer_state={str(offload).lower()}",
-      *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false"])
+      *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false", *extra])
 
 
 def main() -> None:
@@ -36,8 +36,12 @@ def main() -> None:
   result = {}
   for offload in (False, True):
     ref = run(cfg(out / f"single-{offload}", {"data": 1, "fsdp": 1}, offload), progress=False, return_state=True)
-    for name, mesh in (("data4", {"data": 4}), ("data2_fsdp2", {"data": 2, "fsdp": 2})):
-      r = run(cfg(out / f"{name}-{offload}", mesh, offload), progress=False, return_state=True)
+    runs = [("data4", {"data": 4}, ()), ("data2_fsdp2", {"data": 2, "fsdp": 2}, ())]
+    if not offload:
+      # A fused attention kernel (dot_product_attention) under FSDP: q, k, v get the activation sharding.
+      runs.append(("data2_fsdp2_xla", {"data": 2, "fsdp": 2}, ("model.attention=xla",)))
+    for name, mesh, extra in runs:
+      r = run(cfg(out / f"{name}-{offload}", mesh, offload, extra), progress=False, return_state=True)
       diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                  for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(r["params"])))
       scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(ref["params"]))

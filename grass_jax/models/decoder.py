@@ -244,12 +244,16 @@ def resolve_attention(config: DecoderConfig, attention: str, dtype: Any, *, deco
 
 
 def _attention(config: DecoderConfig, q: jax.Array, keys: jax.Array, values: jax.Array, mask: jax.Array,
-               impl: str) -> jax.Array:
+               impl: str, act_sharding: Any = None) -> jax.Array:
   """Grouped-query attention ``[B, T, H, hd]`` over ``[B, S, Hkv, hd]`` keys; mask ``[B, 1, 1, T, S]``."""
   b, t = q.shape[:2]
   if impl != "einsum":
     if config.attn_softcap is not None:
       raise ValueError(f"attention={impl!r} has no logit soft-capping ({config.model_type}); use 'einsum'")
+    if act_sharding is not None:
+      # cuDNN's partitioner needs q, k and v sharded alike; with FSDP-split projection weights XLA
+      # would otherwise split q and k/v differently (e.g. over heads), and compilation fails.
+      q, keys, values = (jax.lax.with_sharding_constraint(x, act_sharding) for x in (q, keys, values))
     out = jax.nn.dot_product_attention(q, keys, values, mask=mask[:, :, 0], scale=config.scale, implementation=impl)
     return out.reshape(b, t, config.num_heads * config.head_dim)
   groups = config.num_heads // config.num_kv_heads
@@ -264,8 +268,12 @@ def _attention(config: DecoderConfig, q: jax.Array, keys: jax.Array, values: jax
 def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array, inv_freq: jax.Array,
           sliding: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
           cache_index: jax.Array | None, k_valid: jax.Array,
-          attention: str = "einsum") -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """One transformer block. Returns the new hidden state and this layer's (k, v) cache."""
+          attention: str = "einsum", act_sharding: Any = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """One transformer block. Returns the new hidden state and this layer's (k, v) cache.
+
+  ``act_sharding``: sharding of ``[B, T, H, hd]`` activations on a mesh (batch split), applied to
+  q, k and v before a fused attention kernel; None on one device.
+  """
   b, t, _ = h.shape
   eps, off = config.rms_norm_eps, config.norm_offset
   x = rms_norm(h, lp["input_norm"], eps, off)
@@ -285,7 +293,7 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
     q_pos = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
     k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
   mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding)
-  attn = _attention(config, q, keys, values, mask, attention)
+  attn = _attention(config, q, keys, values, mask, attention, act_sharding)
   out = _linear(attn, lp["o_proj"], lp.get("o_bias"))
   if config.post_norms:
     out = rms_norm(out, lp["post_attn_norm"], eps, off)
@@ -321,14 +329,20 @@ class _LayerInputs(NamedTuple):
   k_valid: jax.Array
 
 
-def _run_block(config: DecoderConfig, attention: str, lp: Params, h: jax.Array, idx: jax.Array,
+class _Attention(NamedTuple):
+  """Static attention settings of the slot scan: implementation and activation sharding (or None)."""
+  impl: str
+  act_sharding: Any
+
+
+def _run_block(config: DecoderConfig, attention: _Attention, lp: Params, h: jax.Array, idx: jax.Array,
                inputs: _LayerInputs) -> jax.Array:
   return block(config, lp, h, inputs.positions, inputs.inv_freq, inputs.sliding[idx], None, None, inputs.k_valid,
-               attention)[0]
+               attention.impl, attention.act_sharding)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _slot_scan(config: DecoderConfig, attention: str, slots: Params, frozen: Params, slot_of: jax.Array,
+def _slot_scan(config: DecoderConfig, attention: _Attention, slots: Params, frozen: Params, slot_of: jax.Array,
                h: jax.Array, inputs: _LayerInputs) -> jax.Array:
   return _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs)[0]
 
@@ -387,7 +401,7 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
             *, positions: jax.Array | None = None, cache: KVCache | None = None,
             cache_index: jax.Array | int = 0, dtype: Any = jnp.float32, remat: str = "none",
             layer_override: LayerOverride | None = None, slots: tuple[Params, jax.Array] | None = None,
-            return_hidden: bool = False, attention: str = "auto"
+            return_hidden: bool = False, attention: str = "auto", act_sharding: Any = None
             ) -> tuple[jax.Array, KVCache | None]:
   """Runs the model. Returns ``(logits [B, T, V] float32, updated cache or None)``.
 
@@ -418,6 +432,10 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       :func:`resolve_attention`, else 'einsum'), 'einsum' (explicit scores; any
       model) or an implementation of ``jax.nn.dot_product_attention``: 'xla', or
       'cudnn' (fused, GPU, bf16). Those two have no soft-capping (Gemma 2).
+    act_sharding: on a mesh, the sharding of ``[B, T, H, hd]`` activations
+      (:func:`grass_jax.sharding.activation_sharding`); q, k and v are
+      constrained to it before a fused attention kernel, which needs them
+      sharded alike. None (default) on one device.
   """
   attention = resolve_attention(config, attention, dtype, decoding=cache is not None)
   b, t = tokens.shape
@@ -437,7 +455,7 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       raise ValueError("slots (training a subset of layers) cannot be combined with a KV cache")
     slot_params, slot_of = slots
     chex.assert_shape(slot_of, (config.num_layers,))
-    h = _slot_scan(config, attention, slot_params, jax.lax.stop_gradient(params["layers"]), slot_of, h,
+    h = _slot_scan(config, _Attention(attention, act_sharding), slot_params, jax.lax.stop_gradient(params["layers"]), slot_of, h,
                    _LayerInputs(positions, inv_freq, sliding, k_valid))
     new_kv = None
   else:
@@ -445,7 +463,8 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       lp, idx, slide, kv = xs
       if layer_override is not None:
         lp = layer_override(lp, idx)
-      h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid, attention)
+      h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid, attention,
+                        act_sharding)
       return h, (new_kv if cache is not None else None)
 
     xs = (params["layers"], jnp.arange(config.num_layers), sliding,
