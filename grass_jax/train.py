@@ -69,10 +69,11 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
     frozen_grads: how frozen layers avoid weight gradients. 'cond': the layer
-      scan has a hand-written backward pass (``forward(slots=...)``) that picks
-      per layer with ``lax.cond``: a frozen layer computes only its input
-      gradient (no dW matmuls), an active layer adds its weight gradient into
-      its slot in place (the scan always rematerialises each block).
+      scan has a hand-written backward pass (``forward(slots=...)``): input
+      gradients for every layer, then weight gradients for the active layers
+      only (the scan always rematerialises each block). The active layers'
+      weights are read from ``frozen_layers``; the values of
+      ``trainable['layers']`` are not read (only their shapes).
       'select': every block picks its weights with ``jnp.where`` (one code
       path, but dW is computed for every layer and then discarded).
   """
@@ -125,19 +126,24 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     active = find_state(opt_state).active
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
     trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
+    # 'cond' reads the active layers from the frozen stack and never the slot values, so the gradient
+    # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
+    slot_handles = not all_layers and frozen_grads == "cond"
+    wrt = ({**params, "layers": {k: jnp.zeros_like(v) for k, v in trainable["layers"].items()}}
+           if slot_handles else trainable)
     grad_fn = jax.value_and_grad(
         lambda tr, frozen, act, mb: slot_loss(tr, frozen, act, config, mb, dtype=dtype, remat=remat,
                                               frozen_grads=frozen_grads, attention=attention,
                                               act_sharding=act_sharding), has_aux=True)
 
     def micro(acc, mb):
-      (loss_sum, count), g = grad_fn(trainable, params["layers"], active, mb)
+      (loss_sum, count), g = grad_fn(wrt, params["layers"], active, mb)
       acc_g, acc_l, acc_n = acc
       return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss_sum, acc_n + count), None
 
     if batch["tokens"].shape[0] == 1:
       # No accumulation: skip the float32 accumulators (a copy of the trained parameters' size).
-      (loss_sum, count), grads = grad_fn(trainable, params["layers"], active, jax.tree.map(lambda x: x[0], batch))
+      (loss_sum, count), grads = grad_fn(wrt, params["layers"], active, jax.tree.map(lambda x: x[0], batch))
     else:
       zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), trainable)
       (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)

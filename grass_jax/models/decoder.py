@@ -344,56 +344,55 @@ def _run_block(config: DecoderConfig, attention: _Attention, lp: Params, h: jax.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _slot_scan(config: DecoderConfig, attention: _Attention, slots: Params, frozen: Params, slot_of: jax.Array,
                h: jax.Array, inputs: _LayerInputs) -> jax.Array:
+  """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (see ``forward(slots=...)``)."""
   return _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs)[0]
-
-
-def _slot_params(slots: Params, frozen_lp: Params, slot: jax.Array) -> Params:
-  pick = jnp.maximum(slot, 0)
-  return {k: jax.lax.dynamic_index_in_dim(slots[k], pick, keepdims=False).astype(v.dtype) for k, v in frozen_lp.items()}
 
 
 def _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs):
   def body(h, xs):
     lp, idx = xs
-    slot = slot_of[idx]
-    out = jax.lax.cond(slot >= 0, lambda x: _run_block(config, attention, _slot_params(slots, lp, slot), x, idx, inputs),
-                       lambda x: _run_block(config, attention, lp, x, idx, inputs), h)
-    return out, h  # each block's input is kept: the backward pass recomputes the block from it
+    return _run_block(config, attention, lp, h, idx, inputs), h  # inputs kept: the backward pass recomputes
 
-  num_layers = slot_of.shape[0]
-  out, hs = jax.lax.scan(body, h, (frozen, jnp.arange(num_layers)))
-  return out, (slots, frozen, slot_of, hs, inputs)
+  out, hs = jax.lax.scan(body, h, (frozen, jnp.arange(slot_of.shape[0])))
+  # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
+  marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
+  return out, (marks, frozen, slot_of, hs, inputs)
 
 
 def _slot_scan_bwd(config, attention, res, d_out):
-  slots, frozen, slot_of, hs, inputs = res
+  marks, frozen, slot_of, hs, inputs = res
+  gamma = jax.tree.leaves(marks)[0].shape[0]
 
+  # Pass 1, every layer: input gradient only (no weight-gradient matmuls, no branch). A trained
+  # layer's output cotangent is kept (activation-sized) for pass 2, so no [gamma, ...] weight-sized
+  # buffer is carried through the layer loop.
   def body(carry, xs):
-    dh, acc = carry
+    dh, d_outs = carry
     lp, idx, h_in = xs
     slot = slot_of[idx]
+    pick = jnp.maximum(slot, 0)
+    keep = jnp.where(slot >= 0, dh, jax.lax.dynamic_index_in_dim(d_outs, pick, keepdims=False))
+    d_outs = jax.lax.dynamic_update_index_in_dim(d_outs, keep, pick, 0)
+    _, vjp = jax.vjp(lambda x: _run_block(config, attention, lp, x, idx, inputs), h_in)
+    return (vjp(dh)[0], d_outs), None
 
-    def trained(dh, acc):
-      pick = jnp.maximum(slot, 0)
-      _, vjp = jax.vjp(lambda p, x: _run_block(config, attention, p, x, idx, inputs), _slot_params(slots, lp, slot), h_in)
-      dp, dx = vjp(dh)
-      # Only this slot's rows change, in place: no [gamma, ...] zeros are built or added per layer.
-      acc = {k: jax.lax.dynamic_update_index_in_dim(
-          a, jax.lax.dynamic_index_in_dim(a, pick, keepdims=False) + dp[k].astype(a.dtype), pick, 0)
-             for k, a in acc.items()}
-      return dx, acc
+  d_outs0 = jnp.zeros((gamma,) + d_out.shape, d_out.dtype)
+  (dh, d_outs), _ = jax.lax.scan(body, (d_out, d_outs0), (frozen, jnp.arange(slot_of.shape[0]), hs), reverse=True)
 
-    def frozen_layer(dh, acc):  # input gradient only: no weight-gradient matmuls
-      _, vjp = jax.vjp(lambda x: _run_block(config, attention, lp, x, idx, inputs), h_in)
-      return vjp(dh)[0], acc
+  # Pass 2, trained layers only: recompute the block and take its weight gradient; the scan's
+  # stacked outputs are the [gamma, ...] gradient itself.
+  layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
 
-    return jax.lax.cond(slot >= 0, trained, frozen_layer, dh, acc), None
+  def weight_grad(_, xs):
+    layer, d_o = xs
+    lp = {k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for k, w in frozen.items()}
+    h_in = jax.lax.dynamic_index_in_dim(hs, layer, keepdims=False)
+    _, vjp = jax.vjp(lambda p: _run_block(config, attention, p, h_in, layer, inputs), lp)
+    dp = vjp(d_o)[0]
+    return None, {k: dp[k].astype(marks[k].dtype) for k in marks}
 
-  acc0 = jax.tree.map(jnp.zeros_like, slots)
-  (dh, acc), _ = jax.lax.scan(body, (d_out, acc0), (frozen, jnp.arange(slot_of.shape[0]), hs), reverse=True)
-  return acc, None, None, dh, None
-
-
+  _, grads = jax.lax.scan(weight_grad, None, (layer_of, d_outs))
+  return grads, None, None, dh, None
 _slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)
 
 
@@ -418,14 +417,17 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
     remat: 'none', 'full' or 'dots' rematerialisation of each block.
     layer_override: ``(layer_params, layer_index) -> layer_params`` applied
       inside the scan, e.g. to substitute trainable slots for frozen layers.
-    slots: ``(slot_params, slot_of)``: train only some layers. ``slot_params``
-      holds ``[gamma, ...]`` weights of the trained layers, ``slot_of`` (int
-      ``[L]``) each layer's slot or -1. Gradients flow to ``slot_params`` only
-      (``params['layers']`` is treated as frozen), and the backward pass of a
-      frozen layer computes its input gradient only (no weight-gradient
-      matmuls). The layer scan keeps each block's input and recomputes the
-      block in the backward pass (``remat='full'`` whatever ``remat`` says).
-      Not with a cache.
+    slots: ``(slot_params, slot_of)``: train only some layers. ``slot_of``
+      (int ``[L]``) is each layer's slot or -1; ``slot_params`` are ``[gamma,
+      ...]`` handles for the trained layers' weights: their gradient is the
+      weight gradient of layer ``i`` at slot ``slot_of[i]``, but their values
+      are never read (the weights are ``params['layers']``; pass zeros, so the
+      trained layers need not be copied). No gradient flows to
+      ``params['layers']``. The backward pass computes input gradients only
+      for every layer, then the weight gradients of the trained layers alone
+      (no dW matmuls for frozen layers, no branch in the layer loop). Each
+      block's input is kept and the block recomputed in the backward pass
+      (``remat='full'`` whatever ``remat`` says). Not with a cache.
     return_hidden: return the final normed hidden states ``[B, T, D]`` instead
       of the logits (for a chunked loss).
     attention: 'auto' (default: 'cudnn' where it applies, see
