@@ -47,7 +47,8 @@ def required_flops(cfg: Any, batch: int, seq: int, num_active: int | None) -> fl
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   """Runs one training configuration in-process and returns its measurements.
 
-  spec keys: size, strategy (grass|lisa|full), num_active, period, offload, batch, seq, steps, warmup.
+  spec keys: size, strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
+  host too), batch, seq, steps, warmup.
   """
   import jax
   import jax.numpy as jnp
@@ -56,7 +57,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
   import grass_jax
   from grass_jax.models import config_from_hf, init_params
-  from grass_jax.offload import Offloader
+  from grass_jax.offload import Offloader, host_slot_states
   from grass_jax.train import LAYERS, make_train_step
 
   from grass_jax import sharding
@@ -78,11 +79,14 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   opt_state = jax.jit(tx.init)(params)
   s_sh = sharding.tree_shardings(opt_state, mesh)
   opt_state = jax.device_put(opt_state, s_sh)
-  off = Offloader(opt_state, period=spec["period"]) if spec.get("offload") else None
+  stream = bool(spec.get("stream"))
+  if stream:
+    opt_state, s_sh = host_slot_states(opt_state, s_sh)
+  off = Offloader(opt_state, period=spec["period"], stream=stream) if spec.get("offload") else None
   b_sh = sharding.batch_sharding(mesh)
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
                          frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
-                         shardings=(p_sh, s_sh, b_sh))
+                         shardings=(p_sh, s_sh, b_sh), stream_states=stream)
   rng = np.random.default_rng(0)
   b, t = spec["batch"], spec["seq"]
   tokens = rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)

@@ -46,6 +46,15 @@ PLAN: list[tuple[str, dict]] = [
     ("7b-gamma4-offload-b2-no-always-on", dict(TINY, size="llama2-7b", batch=2, **dict(OFFLOAD, num_active=4),
                                                always_on=False)),
     ("7b-gamma2-offload-b2", dict(TINY, size="llama2-7b", batch=2, **OFFLOAD)),
+    # Active layers' states streamed from the host for their update (optim.stream_active_states).
+    *[(f"7b-gamma{g}-stream-b2-no-always-on", dict(TINY, size="llama2-7b", batch=2, **dict(OFFLOAD, num_active=g),
+                                                  stream=True, always_on=False)) for g in (1, 2, 4)],
+    ("7b-gamma2-stream-b8-no-always-on", dict(TINY, size="llama2-7b", batch=8, **OFFLOAD, stream=True,
+                                              always_on=False)),
+    ("7b-gamma2-offload-b8-no-always-on", dict(TINY, size="llama2-7b", batch=8, **OFFLOAD, always_on=False)),
+    ("cudnn-grass-stream", dict(TINY, **OFFLOAD, stream=True, attention="cudnn")),
+    ("cudnn-grass-offload", dict(TINY, **OFFLOAD, attention="cudnn")),
+    ("cudnn-grass-no-always-on", dict(TINY, **GRASS, attention="cudnn", always_on=False)),
 ]
 
 

@@ -91,11 +91,16 @@ class OptimConfig:
   importance_decay: null for the running mean of gradient norms, or an EMA decay.
   always_on: also train embeddings, final norm and LM head every step.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
+  stream_active_states: with offload_optimizer_state, keep the active layers'
+    state in host memory too and copy each to the device only for its update,
+    one layer at a time (device memory grows by a layer's gradient, not its
+    moments, per extra active layer; costs host<->device copies every step).
   frozen_grads: how frozen layers skip weight gradients: 'cond' (a hand-written
-    backward pass of the layer scan with lax.cond per block: no dW matmuls for
-    frozen layers, the active layers' gradients accumulate in place; always
-    rematerialises blocks, whatever model.remat says) or 'select' (one code
-    path, dW computed for every layer and dropped; honours model.remat).
+    backward pass of the layer scan: frozen layers compute input gradients
+    only, no dW matmuls; the active layers' gradients are written into their
+    slots in place; always rematerialises blocks, whatever model.remat says)
+    or 'select' (one code path, dW computed for every layer and dropped;
+    honours model.remat).
   learning_rate: peak learning rate.
   schedule: 'cosine', 'linear' or 'constant' after warm-up.
   warmup_ratio: fraction of the steps spent warming up linearly from 0.
@@ -112,6 +117,7 @@ class OptimConfig:
   importance_decay: float | None = None
   always_on: bool = True
   offload_optimizer_state: bool = False
+  stream_active_states: bool = False
   frozen_grads: str = "cond"
   learning_rate: float = 1e-5
   schedule: str = "cosine"
@@ -283,6 +289,8 @@ def validate(cfg: Config) -> Config:
   if o.offload_optimizer_state and o.strategy != "grass":
     raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
                       "fine-tuning has no inactive layers)")
+  if o.stream_active_states and not o.offload_optimizer_state:
+    raise ConfigError("optim.stream_active_states needs optim.offload_optimizer_state: true")
   if cfg.eval.tasks:
     from grass_jax.evaluate import canonical_task
     try:

@@ -31,6 +31,13 @@ The few lines a user adds to a training loop::
     opt_state = offloader.after_step(opt_state)
 
 Results are identical with and without offloading (tested bitwise on CPU).
+
+**Streaming** (``Offloader(..., stream=True)``): the active layers' states live
+in host memory too. The train step (``make_train_step(..., stream_states=True)``)
+copies each active layer's state to the device for its update, after the
+backward pass and one layer at a time, and copies it back: device memory then
+grows by one layer's gradient per extra active layer, not by its moments, for
+two host<->device copies of each active layer's state every step.
 ``inner.init`` must depend on parameter shapes only (true for adam, adamw,
 sgd, lion, adafactor, ...): a layer never trained before starts from a copy of
 the fresh state of the first slot.
@@ -44,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grass_jax.transform import find_state, replace_state
+from grass_jax.transform import StateStream, find_state, replace_state
 
 
 def memory_kind(tree: Any) -> set[str]:
@@ -61,6 +68,34 @@ def _device_kind(tree: Any) -> str:
   return next(iter(jax.tree.leaves(tree)[0].devices())).default_memory().kind
 
 
+def host_slot_states(opt_state: Any, shardings: Any, host_memory_kind: str = "pinned_host") -> tuple[Any, Any]:
+  """``(opt_state, shardings)`` with the active layers' states (``slot_states``) moved to host memory.
+
+  For streaming: pass the results to the train step (its in/out shardings) and to
+  ``Offloader(..., stream=True)``.
+  """
+  s, sh = find_state(opt_state), find_state(shardings)
+  host_sh = jax.tree.map(lambda x: x.with_memory_kind(host_memory_kind), sh.slot_states)
+  moved = jax.device_put(s.slot_states, host_sh)
+  return (replace_state(opt_state, s._replace(slot_states=moved)),
+          replace_state(shardings, sh._replace(slot_states=host_sh)))
+
+
+def state_stream(host_shardings: Any, device_memory_kind: str = "device") -> StateStream:
+  """The :class:`~grass_jax.transform.StateStream` for one slot's host shardings (use inside jit).
+
+  The barrier ties each fetch to the previous layer's update (or the gradients), so a layer's
+  state comes to the device only when it is needed, one layer at a time.
+  """
+  on_device = jax.tree.map(lambda x: x.with_memory_kind(device_memory_kind), host_shardings)
+
+  def fetch(state: Any, after: Any) -> Any:
+    state, _ = jax.lax.optimization_barrier((state, after))
+    return jax.device_put(state, on_device)
+
+  return StateStream(fetch=fetch, store=lambda state: jax.device_put(state, host_shardings))
+
+
 class Offloader:
   """Keeps inactive layers' inner-optimizer states in host memory; see the module docstring.
 
@@ -72,7 +107,8 @@ class Offloader:
   """
 
   def __init__(self, opt_state: Any, *, period: int, host_memory_kind: str = "pinned_host",
-               bank: dict[int, Any] | None = None, fresh: Any = None, preallocate: bool = True):
+               bank: dict[int, Any] | None = None, fresh: Any = None, preallocate: bool = True,
+               stream: bool = False):
     """Args:
       opt_state: the optimizer state right after ``init`` (or restored, with
         ``bank`` and ``fresh``; see :meth:`restore`).
@@ -82,6 +118,8 @@ class Offloader:
       preallocate: create every inactive layer's host state now (L x one
         layer's optimizer state of host memory), so that no switch pays for
         pinning new host memory.
+      stream: the active layers' states are in host memory too
+        (:func:`host_slot_states`); a switch then moves no data.
     """
     if period < 1:
       raise ValueError(f"period must be >= 1; got {period}")
@@ -95,7 +133,12 @@ class Offloader:
     self.num_active = int(s.active.shape[0])
     # Per-leaf shardings: host copies keep the device layout (one device, or a mesh with FSDP).
     self.host = _shardings(s.slot_states[0], host_memory_kind)
-    self.on_device = _shardings(s.slot_states[0], _device_kind(s.slot_states))
+    self.stream = stream
+    if stream and memory_kind(s.slot_states) != {host_memory_kind}:
+      raise ValueError("stream=True needs the active layers' states in host memory: "
+                       "opt_state, shardings = host_slot_states(opt_state, shardings) first")
+    # Where active layers' states live: the device, or the host when streaming.
+    self.on_device = self.host if stream else _shardings(s.slot_states[0], _device_kind(s.slot_states))
     # The only host reads outside the loop: where we start from.
     self.step = int(s.count)
     self.slot_layers = [int(x) for x in np.asarray(s.slot_layers)]
@@ -105,15 +148,18 @@ class Offloader:
       if self.step != 0:
         raise ValueError("resuming an offloaded state needs the saved `bank` and `fresh` (Offloader.restore)")
       fresh = s.slot_states[0]
-    self.fresh = jax.device_put(fresh, self.host)
-    self.bank: dict[int, Any] = {int(l): jax.device_put(v, self.host) for l, v in (bank or {}).items()}
+    # Copies, never aliases: the train step donates the active states, and a host state may
+    # otherwise share its buffer with `fresh` or another layer's.
+    self.fresh = jax.device_put(fresh, self.host, may_alias=False)
+    self.bank: dict[int, Any] = {int(l): jax.device_put(v, self.host, may_alias=False)
+                                 for l, v in (bank or {}).items()}
     if preallocate:
       # Pinning host memory is slow (it would otherwise happen during the first switches of
       # every layer); allocate a host state for every inactive layer up front instead.
-      source = jax.device_put(fresh, self.on_device)
+      source = jax.device_put(fresh, self.on_device, may_alias=False)
       for l in range(self.num_layers):
         if l not in self.bank and l not in self.slot_layers:
-          self.bank[l] = jax.device_put(source, self.host)
+          self.bank[l] = jax.device_put(source, self.host, may_alias=False)
     self._prev_next = jnp.copy(s.next_active)
 
   def after_step(self, opt_state: Any) -> Any:
@@ -130,11 +176,12 @@ class Offloader:
     # while the step just dispatched keeps the device busy.
     incoming = [int(x) for x in np.asarray(prev_next)]
     staying = {l: j for j, l in enumerate(self.slot_layers)}
-    prefetched = {l: jax.device_put(self.bank.pop(l, self.fresh), self.on_device)
+    prefetched = {l: self.bank.pop(l) if self.stream and l in self.bank else
+                  jax.device_put(self.bank.pop(l, self.fresh), self.on_device, may_alias=False)
                   for l in incoming if l not in staying}
     for j, l in enumerate(self.slot_layers):
       if l not in incoming:
-        self.bank[l] = jax.device_put(s.slot_states[j], self.host)
+        self.bank[l] = s.slot_states[j] if self.stream else jax.device_put(s.slot_states[j], self.host)
     slots = tuple(s.slot_states[staying[l]] if l in staying else prefetched[l] for l in incoming)
     self.slot_layers = incoming
     return replace_state(opt_state, s._replace(slot_states=slots, slot_layers=prev_next))
@@ -157,12 +204,12 @@ class Offloader:
 
   @classmethod
   def restore(cls, opt_state: Any, tree: dict[str, Any], *, period: int,
-              host_memory_kind: str = "pinned_host") -> Offloader:
+              host_memory_kind: str = "pinned_host", stream: bool = False) -> Offloader:
     """Rebuilds the offloader of a restored ``opt_state`` from its :meth:`checkpoint_tree`."""
     active = set(np.asarray(find_state(opt_state).active).tolist())
     bank = {int(l): v for l, v in tree["layers"].items() if int(l) not in active}
     return cls(opt_state, period=period, host_memory_kind=host_memory_kind, bank=bank, fresh=tree["fresh"],
-               preallocate=False)
+               preallocate=False, stream=stream)
 
   def full_bank(self, opt_state: Any) -> dict[int, Any]:
     """Every trained layer's current state (active ones from the device), for inspection."""

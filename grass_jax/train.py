@@ -38,7 +38,7 @@ from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, config_from_hf, init_params
 from grass_jax.models.decoder import DecoderConfig, Params, forward
-from grass_jax.offload import Offloader
+from grass_jax.offload import Offloader, host_slot_states, state_stream
 from grass_jax.pretrained import load_pretrained, save_pretrained
 from grass_jax.transform import apply_slot_updates, diagnostics, find_state, strategy
 
@@ -69,9 +69,9 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
     frozen_grads: how frozen layers avoid weight gradients. 'cond': the layer
-      scan has a hand-written backward pass (``forward(slots=...)``): input
-      gradients for every layer, then weight gradients for the active layers
-      only (the scan always rematerialises each block). The active layers'
+      scan has a hand-written backward pass (``forward(slots=...)``): frozen
+      layers compute input gradients only, active layers both (the scan always
+      rematerialises each block). The active layers'
       weights are read from ``frozen_layers``; the values of
       ``trainable['layers']`` are not read (only their shapes).
       'select': every block picks its weights with ``jnp.where`` (one code
@@ -104,7 +104,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
 def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
                     remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
-                    donate: bool = True, shardings: tuple[Any, Any, Any] | None = None) -> Callable:
+                    donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
+                    stream_states: bool = False) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -117,7 +118,16 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   ``shardings``: ``(params, opt_state, batch)`` shardings on a mesh
   (:mod:`grass_jax.sharding`); params and state keep theirs across steps, so
   the step compiles once. Without it the step runs where its inputs are.
+
+  ``stream_states``: the active layers' optimizer states are in host memory
+  (``shardings`` from :func:`grass_jax.offload.host_slot_states`); each is
+  copied to the device for its update, one layer at a time, and back.
   """
+  stream_sh = None
+  if stream_states:
+    if shardings is None:
+      raise ValueError("stream_states needs shardings: see grass_jax.offload.host_slot_states")
+    stream_sh = find_state(shardings[1]).slot_states[0]
   act_sharding = None
   if shardings is not None and shardings[2].mesh.size > 1:
     act_sharding = sharding_lib.activation_sharding(shardings[2].mesh)
@@ -153,7 +163,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # The GRASS transform itself skips non-finite steps (zero updates, moments kept).
-    updates, new_opt_state = tx.update(grads, opt_state, trainable)
+    extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh)}
+    updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra)
     if all_layers:
       new_params = optax.apply_updates(params, updates)
     else:
@@ -248,6 +259,9 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
                       sharding_lib.batch_sharding(mesh))
   params, opt_state = jax.device_put((params, opt_state), (p_sh, s_sh))
   offload = cfg.optim.offload_optimizer_state
+  stream = cfg.optim.stream_active_states
+  if stream:
+    opt_state, s_sh = host_slot_states(opt_state, s_sh)
   offloader = None
   ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
 
@@ -263,13 +277,13 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
     start_epoch, start_batch, skipped = meta["epoch"], meta["batch"], meta["skipped"]
     history = [(s, np.asarray(p)) for s, p in meta["probability_history"]]
     if offload:
-      offloader = Offloader.restore(opt_state, layer_states, period=cfg.optim.period)
+      offloader = Offloader.restore(opt_state, layer_states, period=cfg.optim.period, stream=stream)
   elif offload:
-    offloader = Offloader(opt_state, period=cfg.optim.period)
+    offloader = Offloader(opt_state, period=cfg.optim.period, stream=stream)
 
   train_step = make_train_step(mcfg, tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                                frozen_grads=cfg.optim.frozen_grads, attention=cfg.model.attention,
-                               shardings=(p_sh, s_sh, b_sh))
+                               shardings=(p_sh, s_sh, b_sh), stream_states=stream)
   # With several hosts, process 0 writes the files; every process takes part in checkpoints.
   main_process = jax.process_index() == 0
   writer = MetricsWriter(out, resume_step=step if resume else None) if main_process else None

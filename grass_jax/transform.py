@@ -36,7 +36,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import chex
@@ -98,21 +98,47 @@ def _take(tree: Any, idx: jax.Array) -> Any:
   return jax.tree.map(lambda x: x[idx], tree)
 
 
+class StateStream(NamedTuple):
+  """Moves an active layer's inner state between host and device around its update.
+
+  Passed to the GRASS update as ``tx.update(..., state_stream=...)`` (see
+  :func:`grass_jax.offload.state_stream`) when the active layers' states live in
+  host memory: each layer's state is fetched, updated and stored in turn, so
+  the device holds one layer's state at a time.
+
+  Attributes:
+    fetch: ``(host_state, after) -> device_state``; the copy must not start
+      before ``after`` (a pytree) is computed, which orders the layers.
+    store: ``device_state -> host_state``.
+  """
+  fetch: Callable[[Any, Any], Any]
+  store: Callable[[Any], Any]
+
+
 def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: tuple, params: Any,
-                      num: int) -> tuple[Any, tuple]:
+                      num: int, ok: jax.Array | None = None,
+                      stream: StateStream | None = None) -> tuple[Any, tuple]:
   """``inner.update`` on each of ``num`` stacked layers with its own state (a tuple).
 
   An unrolled loop rather than ``jax.vmap``: under vmap the per-layer step
   count becomes a vector and XLA evaluates the bias correction's power through
   a different (vectorised) code path, so updates would differ from the bare
-  inner optimizer's in the last bit.
+  inner optimizer's in the last bit. ``ok`` (bool scalar): False keeps every
+  state and zeroes the updates. ``stream``: states live in host memory; each
+  is fetched after the previous layer's update and stored back.
   """
   outs, new_states = [], []
+  after = grads
   for i in range(num):
     p_i = None if params is None else _take(params, i)
-    u, s = inner.update(_take(grads, i), states[i], p_i)
+    old = states[i] if stream is None else stream.fetch(states[i], after)
+    u, s = inner.update(_take(grads, i), old, p_i)
+    if ok is not None:
+      s = jax.tree.map(lambda a, b: jnp.where(ok, a, b), s, old)
+      u = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), u)
+    after = u
     outs.append(u)
-    new_states.append(s)
+    new_states.append(s if stream is None else stream.store(s))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs), tuple(new_states)
 
 
@@ -229,7 +255,8 @@ def transform(
                        f"or num_active={gamma} (slot form)")
     return stack, always, n == layout.num_layers
 
-  def update_fn(updates: Any, state: GrassState, params: Any = None, **extra_args) -> tuple[Any, GrassState]:
+  def update_fn(updates: Any, state: GrassState, params: Any = None, *, state_stream: StateStream | None = None,
+                **extra_args) -> tuple[Any, GrassState]:
     del extra_args
     num_layers = state.importance.shape[0]
     gamma = state.active.shape[0]
@@ -241,23 +268,25 @@ def transform(
     imp, counts = importance_lib.update_importance(
         state.importance, state.num_measurements, state.active, norms, importance_decay)
 
+    if state_stream is not None and (gamma == num_layers or state.bank is not None or reset_on_switch):
+      raise ValueError("state_stream needs offload=True with num_active < L and reset_on_switch=False")
+    # A NaN/inf anywhere skips the update (zero updates, moments kept) but not the
+    # layer schedule, which stays a function of the step count (offloading relies on it).
+    ok = jnp.isfinite(optax.tree.norm((slot_g, always_g))) if skip_nonfinite else None
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+    zero_unless_ok = lambda u: jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), u)
     if gamma == num_layers:  # one inner state for the whole stack: plain full fine-tuning
       slot_u, slot_states = inner.update(slot_g, state.slot_states, slot_p)
+      if ok is not None:
+        slot_states, slot_u = keep(slot_states, state.slot_states), zero_unless_ok(slot_u)
     else:
-      slot_u, slot_states = _per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma)
+      slot_u, slot_states = _per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma, ok, state_stream)
     if always_g:
       always_u, always_state = inner.update(always_g, state.always_on_state, always_p)
+      if ok is not None:
+        always_state, always_u = keep(always_state, state.always_on_state), zero_unless_ok(always_u)
     else:
       always_u, always_state = {}, state.always_on_state
-    if skip_nonfinite:
-      # A NaN/inf anywhere skips the update (zero updates, moments kept) but not the
-      # layer schedule, which stays a function of the step count (offloading relies on it).
-      ok = jnp.isfinite(optax.tree.norm((slot_g, always_g)))
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-      slot_states = keep(slot_states, state.slot_states)
-      always_state = keep(always_state, state.always_on_state)
-      slot_u = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), slot_u)
-      always_u = jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), always_u)
 
     count = state.count + 1
     key, sub = jax.random.split(state.key)

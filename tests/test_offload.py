@@ -7,21 +7,26 @@ import optax
 import pytest
 
 import grass_jax
-from grass_jax.offload import Offloader, memory_kind
+from grass_jax.offload import Offloader, host_slot_states, memory_kind, state_stream
 from tests.test_transform import random_grads, stacked_params
 
 
-def _run(offload, period, steps=14, seed=2):
+def _run(offload, period, steps=14, seed=2, stream=False):
   params = stacked_params()
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), layers=grass_jax.stacked_layers(),
                                        num_active=2, period=period, seed=seed, offload=offload))
   state = tx.init(params)
-  off = Offloader(state, period=period) if offload else None
+  extra = {}
+  if stream:  # the active layers' states live on the host too; the step fetches each for its update
+    state = jax.device_put(state, jax.devices()[0])
+    state, shardings = host_slot_states(state, jax.tree.map(lambda x: x.sharding, state))
+    extra = {"state_stream": state_stream(grass_jax.find_state(shardings).slot_states[0])}
+  off = Offloader(state, period=period, stream=stream) if offload else None
 
   @jax.jit
   def step(p, s, g):
-    u, s = tx.update(g, s, p)
+    u, s = tx.update(g, s, p, **extra)
     return optax.apply_updates(p, u), s
 
   seen = []
@@ -33,9 +38,9 @@ def _run(offload, period, steps=14, seed=2):
   return params, state, off, seen
 
 
-@pytest.mark.parametrize("period", [1, 3])
-def test_params_identical_with_and_without_offload(period):
-  p_on, s_on, off, seq_on = _run(True, period)
+@pytest.mark.parametrize("period,stream", [(1, False), (3, False), (1, True), (3, True)])
+def test_params_identical_with_and_without_offload(period, stream):
+  p_on, s_on, off, seq_on = _run(True, period, stream=stream)
   p_off, s_off, _, seq_off = _run(False, period)
   assert seq_on == seq_off
   assert len({tuple(a) for a in seq_on}) > 2
@@ -58,6 +63,16 @@ def test_memory_kinds_after_switch():
   assert memory_kind(s.slot_states) == {"device"}
   assert sorted(off.slot_layers) == np.asarray(s.active).tolist() == np.asarray(s.slot_layers).tolist()
   assert not set(off.bank) & set(off.slot_layers)
+
+
+def test_streamed_active_states_stay_on_the_host():
+  _, state, off, _ = _run(True, 1, steps=6, stream=True)
+  s = grass_jax.find_state(state)
+  assert off.bank and memory_kind(off.bank) == {"pinned_host"}
+  assert memory_kind(s.slot_states) == {"pinned_host"}  # after steps and switches alike
+  assert memory_kind((s.importance, s.active)) == {"device"}
+  with pytest.raises(ValueError, match="host_slot_states"):
+    Offloader(grass_jax.find_state(_run(True, 1, steps=1)[1]), period=1, stream=True)
 
 
 def test_resumed_layer_continues_from_saved_moments():

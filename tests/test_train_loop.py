@@ -13,6 +13,7 @@ from grass_jax import config as config_lib
 from grass_jax import data as data_lib
 from grass_jax.pretrained import load_pretrained
 from grass_jax.train import run
+from grass_jax.transform import find_state
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "tiny-demo.yaml"
@@ -38,10 +39,10 @@ def test_demo_config_runs_to_the_end_and_loss_falls(tmp_path):
   assert mcfg.num_layers == 6
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_resume_equals_straight_run(tmp_path, offload):
+@pytest.mark.parametrize("offload,stream", [(False, False), (True, False), (True, True)])
+def test_resume_equals_straight_run(tmp_path, offload, stream):
   extra = ["train.max_steps=12", "train.checkpoint_every=0", "optim.period=3",
-           f"optim.offload_optimizer_state={str(offload).lower()}"]
+           f"optim.offload_optimizer_state={str(offload).lower()}", f"optim.stream_active_states={str(stream).lower()}"]
   straight = run(_cfg(tmp_path / "a", *extra), progress=False, return_state=True)
   first = run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=5)
   assert first["steps"] == 5
@@ -53,6 +54,11 @@ def test_resume_equals_straight_run(tmp_path, offload):
     assert set(straight["layer_states"]) == set(resumed["layer_states"])
     for l in straight["layer_states"]:
       jax.tree.map(np.testing.assert_array_equal, straight["layer_states"][l], resumed["layer_states"][l])
+  if stream:  # streaming moves the active states, not the numbers
+    s = find_state(resumed["opt_state"])
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(s.slot_states)} == {"pinned_host"}
+    plain = run(_cfg(tmp_path / "c", *extra[:-1]), progress=False, return_state=True)
+    jax.tree.map(np.testing.assert_array_equal, plain["params"], resumed["params"])
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
@@ -70,6 +76,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     ("train.batch_size=null", "train.batch_size must not be null"),
     ("optim.strategy=lisa", "offload_optimizer_state needs optim.strategy: grass"),
     ("data.buckets=[64]", "largest of data.buckets"),
+    ("optim.stream_active_states=true", "needs optim.offload_optimizer_state: true"),
     ("model.path=foo", "exactly one of model.path"),
     ("nonsense.key=1", "unknown section"),
     ("optim.num_active", "must look like section.key=value"),

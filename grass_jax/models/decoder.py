@@ -362,37 +362,41 @@ def _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs):
 def _slot_scan_bwd(config, attention, res, d_out):
   marks, frozen, slot_of, hs, inputs = res
   gamma = jax.tree.leaves(marks)[0].shape[0]
+  num_layers = slot_of.shape[0]
 
-  # Pass 1, every layer: input gradient only (no weight-gradient matmuls, no branch). A trained
-  # layer's output cotangent is kept (activation-sized) for pass 2, so no [gamma, ...] weight-sized
-  # buffer is carried through the layer loop.
-  def body(carry, xs):
-    dh, d_outs = carry
-    lp, idx, h_in = xs
-    slot = slot_of[idx]
-    pick = jnp.maximum(slot, 0)
-    keep = jnp.where(slot >= 0, dh, jax.lax.dynamic_index_in_dim(d_outs, pick, keepdims=False))
-    d_outs = jax.lax.dynamic_update_index_in_dim(d_outs, keep, pick, 0)
-    _, vjp = jax.vjp(lambda x: _run_block(config, attention, lp, x, idx, inputs), h_in)
-    return (vjp(dh)[0], d_outs), None
+  def layer_params(layer):
+    return {k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for k, w in frozen.items()}
 
-  d_outs0 = jnp.zeros((gamma,) + d_out.shape, d_out.dtype)
-  (dh, d_outs), _ = jax.lax.scan(body, (d_out, d_outs0), (frozen, jnp.arange(slot_of.shape[0]), hs), reverse=True)
+  def frozen_layers(dh, lo, hi):
+    """Input gradient through layers hi-1 down to lo (dynamic bounds): no weight-gradient matmuls."""
+    def body(i, dh):
+      layer = hi - 1 - i
+      h_in = jax.lax.dynamic_index_in_dim(hs, layer, keepdims=False)
+      _, vjp = jax.vjp(lambda x: _run_block(config, attention, layer_params(layer), x, layer, inputs), h_in)
+      return vjp(dh)[0]
+    return jax.lax.fori_loop(0, hi - lo, body, dh)
 
-  # Pass 2, trained layers only: recompute the block and take its weight gradient; the scan's
-  # stacked outputs are the [gamma, ...] gradient itself.
+  # The trained layers in descending order split the stack into gamma + 1 runs of frozen layers.
+  # Each run is a loop with dynamic bounds (one compilation whatever the draw); each trained layer
+  # is unrolled and computes its input and weight gradients from one recomputation, writing the
+  # latter into its slot in place. Nothing weight-sized is carried through a loop or a branch.
   layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
-
-  def weight_grad(_, xs):
-    layer, d_o = xs
-    lp = {k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for k, w in frozen.items()}
+  order = jnp.argsort(-layer_of)  # slots, deepest layer first
+  grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
+  dh, hi = d_out, jnp.asarray(num_layers, layer_of.dtype)
+  for j in range(gamma):
+    slot = order[j]
+    layer = layer_of[slot]
+    dh = frozen_layers(dh, layer + 1, hi)
     h_in = jax.lax.dynamic_index_in_dim(hs, layer, keepdims=False)
-    _, vjp = jax.vjp(lambda p: _run_block(config, attention, p, h_in, layer, inputs), lp)
-    dp = vjp(d_o)[0]
-    return None, {k: dp[k].astype(marks[k].dtype) for k in marks}
-
-  _, grads = jax.lax.scan(weight_grad, None, (layer_of, d_outs))
+    _, vjp = jax.vjp(lambda p, x: _run_block(config, attention, p, x, layer, inputs), layer_params(layer), h_in)
+    dp, dh = vjp(dh)
+    grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
+    hi = layer
+  dh = frozen_layers(dh, 0, hi)
   return grads, None, None, dh, None
+
+
 _slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)
 
 
@@ -423,9 +427,10 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       weight gradient of layer ``i`` at slot ``slot_of[i]``, but their values
       are never read (the weights are ``params['layers']``; pass zeros, so the
       trained layers need not be copied). No gradient flows to
-      ``params['layers']``. The backward pass computes input gradients only
-      for every layer, then the weight gradients of the trained layers alone
-      (no dW matmuls for frozen layers, no branch in the layer loop). Each
+      ``params['layers']``. In the backward pass frozen layers compute input
+      gradients only (no dW matmuls), in loops between the trained layers,
+      which are unrolled (``gamma`` of them) and write their weight gradient
+      into their slot in place; the step compiles once for any draw. Each
       block's input is kept and the block recomputed in the backward pass
       (``remat='full'`` whatever ``remat`` says). Not with a cache.
     return_hidden: return the final normed hidden states ``[B, T, D]`` instead
