@@ -55,6 +55,10 @@ PLAN: list[tuple[str, dict]] = [
     ("cudnn-grass-stream", dict(TINY, **OFFLOAD, stream=True, attention="cudnn")),
     ("cudnn-grass-offload", dict(TINY, **OFFLOAD, attention="cudnn")),
     ("cudnn-grass-no-always-on", dict(TINY, **GRASS, attention="cudnn", always_on=False)),
+    # Without rematerialisation (frozen layers keep their input-gradient residuals; weights not copied).
+    *[(f"cudnn-{m}-remat-{r}", dict(TINY, **(GRASS if m == "grass" else dict(strategy="full", period=1, num_active=0)),
+                                    attention="cudnn", remat=r))
+      for r in ("none", "dots") for m in ("grass", "full")],
 ]
 
 

@@ -98,9 +98,9 @@ class OptimConfig:
   frozen_grads: how frozen layers skip weight gradients: 'cond' (a hand-written
     backward pass of the layer scan: frozen layers compute input gradients
     only, no dW matmuls; the active layers' gradients are written into their
-    slots in place; always rematerialises blocks, whatever model.remat says)
-    or 'select' (one code path, dW computed for every layer and dropped;
-    honours model.remat).
+    slots in place; model.remat says what frozen layers keep: 'full' their
+    inputs, 'none'/'dots' more, for speed) or 'select' (one code path, dW
+    computed for every layer and dropped).
   learning_rate: peak learning rate.
   schedule: 'cosine', 'linear' or 'constant' after warm-up.
   warmup_ratio: fraction of the steps spent warming up linearly from 0.

@@ -431,7 +431,12 @@ def apply_slot_updates(params: Any, updates: Any, active: jax.Array, layers: Lab
   out = []
   for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
     if i in layer_leaves:
-      out.append(p.at[active].set((p[active] + u).astype(p.dtype)))
+      # One slot at a time, in place: each slot's update is a static slice of the stacked updates,
+      # which XLA forwards from the per-layer results, so the stack need never exist.
+      for j in range(u.shape[0]):
+        row = jax.lax.dynamic_index_in_dim(p, active[j], keepdims=False)
+        p = jax.lax.dynamic_update_index_in_dim(p, (row + u[j]).astype(p.dtype), active[j], 0)
+      out.append(p)
     else:
       out.append((p + u).astype(p.dtype))
   return layout.treedef.unflatten(out)

@@ -330,9 +330,11 @@ class _LayerInputs(NamedTuple):
 
 
 class _Attention(NamedTuple):
-  """Static attention settings of the slot scan: implementation and activation sharding (or None)."""
+  """Static settings of the slot scan: attention implementation, activation sharding (or None) and
+  what the forward pass keeps for the backward pass (a ``remat`` policy)."""
   impl: str
   act_sharding: Any
+  remat: str = "full"
 
 
 def _run_block(config: DecoderConfig, attention: _Attention, lp: Params, h: jax.Array, idx: jax.Array,
@@ -348,32 +350,74 @@ def _slot_scan(config: DecoderConfig, attention: _Attention, slots: Params, froz
   return _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs)[0]
 
 
+def _frozen_vjp(config, attention, lp, h, idx, inputs):
+  """``(out, pullback)`` of one block as a function of its input only, under the remat policy."""
+  return jax.vjp(_remat(lambda x: _run_block(config, attention, lp, x, idx, inputs), attention.remat), h)
+
+
+def _residual_sources(pullback, lp, h, idx) -> tuple[Any, list[tuple], list[jax.Array]]:
+  """Splits a block pullback's residuals into what must be stored and what the backward pass has anyway.
+
+  Returns ``(treedef, sources, stored)``: a leaf that *is* one of the layer's weights, its input or
+  its index is re-supplied from the weight stack, the stored block inputs or the loop counter (so
+  weights are never stacked per layer); every other leaf is stored. Deciding by identity is safe:
+  a leaf not recognised is merely stored.
+  """
+  leaves, treedef = jax.tree.flatten(pullback)
+  known = [(("w", k), v) for k, v in lp.items()] + [(("h",), h), (("idx",), idx)]
+  sources = [next((tag for tag, v in known if leaf is v), ("stored",)) for leaf in leaves]
+  return treedef, sources, [leaf for leaf, src in zip(leaves, sources) if src == ("stored",)]
+
+
 def _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs):
   def body(h, xs):
     lp, idx = xs
-    return _run_block(config, attention, lp, h, idx, inputs), h  # inputs kept: the backward pass recomputes
+    if attention.remat == "full":  # keep only the block input; the backward pass recomputes the block
+      return _run_block(config, attention, lp, h, idx, inputs), (h, [])
+    out, pullback = _frozen_vjp(config, attention, lp, h, idx, inputs)
+    return out, (h, _residual_sources(pullback, lp, h, idx)[2])
 
-  out, hs = jax.lax.scan(body, h, (frozen, jnp.arange(slot_of.shape[0])))
+  out, (hs, stored) = jax.lax.scan(body, h, (frozen, jnp.arange(slot_of.shape[0])))
   # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
   marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
-  return out, (marks, frozen, slot_of, hs, inputs)
+  return out, (marks, frozen, slot_of, hs, stored, inputs)
 
 
 def _slot_scan_bwd(config, attention, res, d_out):
-  marks, frozen, slot_of, hs, inputs = res
+  marks, frozen, slot_of, hs, stored, inputs = res
   gamma = jax.tree.leaves(marks)[0].shape[0]
   num_layers = slot_of.shape[0]
 
   def layer_params(layer):
     return {k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for k, w in frozen.items()}
 
+  if attention.remat != "full":
+    # The pullback's structure, from an abstract trace of the same forward code (nothing is computed).
+    layout = {}
+
+    def probe(lp, h, idx):
+      _, pullback = _frozen_vjp(config, attention, lp, h, idx, inputs)
+      layout["treedef"], layout["sources"], kept = _residual_sources(pullback, lp, h, idx)
+      return kept
+
+    shapes = jax.eval_shape(probe, {k: w[0] for k, w in frozen.items()}, hs[0], jnp.zeros((), jnp.int32))
+    if [(x.shape, x.dtype) for x in shapes] != [(x.shape[1:], x.dtype) for x in stored]:
+      raise RuntimeError("slot scan: the backward pass rebuilt a different block pullback than the forward pass")
+
+  def frozen_pullback(layer, h_in):
+    if attention.remat == "full":
+      return jax.vjp(lambda x: _run_block(config, attention, layer_params(layer), x, layer, inputs), h_in)[1]
+    lp, saved = layer_params(layer), iter([jax.lax.dynamic_index_in_dim(r, layer, keepdims=False) for r in stored])
+    pick = {"w": lambda src: lp[src[1]], "h": lambda src: h_in, "idx": lambda src: layer,
+            "stored": lambda src: next(saved)}
+    return layout["treedef"].unflatten([pick[src[0]](src) for src in layout["sources"]])
+
   def frozen_layers(dh, lo, hi):
     """Input gradient through layers hi-1 down to lo (dynamic bounds): no weight-gradient matmuls."""
     def body(i, dh):
-      layer = hi - 1 - i
+      layer = (hi - 1 - i).astype(jnp.int32)
       h_in = jax.lax.dynamic_index_in_dim(hs, layer, keepdims=False)
-      _, vjp = jax.vjp(lambda x: _run_block(config, attention, layer_params(layer), x, layer, inputs), h_in)
-      return vjp(dh)[0]
+      return frozen_pullback(layer, h_in)(dh)[0]
     return jax.lax.fori_loop(0, hi - lo, body, dh)
 
   # The trained layers in descending order split the stack into gamma + 1 runs of frozen layers.
@@ -430,9 +474,11 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       ``params['layers']``. In the backward pass frozen layers compute input
       gradients only (no dW matmuls), in loops between the trained layers,
       which are unrolled (``gamma`` of them) and write their weight gradient
-      into their slot in place; the step compiles once for any draw. Each
-      block's input is kept and the block recomputed in the backward pass
-      (``remat='full'`` whatever ``remat`` says). Not with a cache.
+      into their slot in place; the step compiles once for any draw. ``remat``
+      says what the forward pass keeps of frozen layers: 'full' their inputs
+      only (each block is recomputed), 'none' or 'dots' what the block's
+      input-gradient needs under that policy (faster, more memory; weights are
+      never copied). Trained layers are always recomputed. Not with a cache.
     return_hidden: return the final normed hidden states ``[B, T, D]`` instead
       of the logits (for a chunked loss).
     attention: 'auto' (default: 'cudnn' where it applies, see
@@ -462,7 +508,7 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       raise ValueError("slots (training a subset of layers) cannot be combined with a KV cache")
     slot_params, slot_of = slots
     chex.assert_shape(slot_of, (config.num_layers,))
-    h = _slot_scan(config, _Attention(attention, act_sharding), slot_params, jax.lax.stop_gradient(params["layers"]), slot_of, h,
+    h = _slot_scan(config, _Attention(attention, act_sharding, remat), slot_params, jax.lax.stop_gradient(params["layers"]), slot_of, h,
                    _LayerInputs(positions, inv_freq, sliding, k_valid))
     new_kv = None
   else:
