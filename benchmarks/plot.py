@@ -48,7 +48,16 @@ def method_rows(rows: list[dict]) -> dict[str, list[tuple[str, dict]]]:
                and r.get("attention") in (None, "einsum") and r.get("remat") in (None, "full") and not r.get("profile")]
       if cands:  # the first file in name order: the side-by-side memory_throughput runs come first
         out.setdefault(size, []).append((label, cands[0]))
+  # TinyLlama: the final side-by-side run (cuDNN attention, current slot scan) replaces the older rows.
+  final = {r["name"]: r for r in rows if r.get("file") == FINAL}
+  names = [("full FT", "cudnn-full"), ("LISA", "cudnn-lisa"), ("GRASS", "cudnn-grass"),
+           ("GRASS+offload", "cudnn-grass-offload")]
+  if all(n in final for _, n in names):
+    out["tinyllama-1.1b"] = [(label, final[n]) for label, n in names]
   return out
+
+
+FINAL = "sweep_h100_final.jsonl"
 
 
 def main() -> None:
@@ -75,13 +84,19 @@ def main() -> None:
     a.set_title(title)
     a.legend(fontsize=8)
   sweep = [r for r in rows if r.get("file", "").startswith("sweep")]
-  for size, style in (("tinyllama-1.1b", "o-"), ("llama2-7b", "s-")):
-    pts = sorted((r["num_active"], r["peak_bytes"] / GiB) for r in sweep
-                 if r["size"] == size and r.get("offload") and r.get("seq") == 512
-                 and r["name"].startswith(("gamma", "7b-gamma")) and r.get("always_on", True) == (size != "llama2-7b"))
+  series = [("tinyllama-1.1b (batch 16, einsum)", "o-",
+             lambda r: r["size"] == "tinyllama-1.1b" and r["name"].startswith("gamma") and r.get("offload")),
+            ("llama2-7b (batch 2) offload", "s-",
+             lambda r: r.get("file") == FINAL and r["name"].startswith("7b-gamma") and "-offload-" in r["name"]),
+            ("llama2-7b (batch 2) offload + stream", "^-",
+             lambda r: r.get("file") == FINAL and r["name"].startswith("7b-gamma") and "-stream-" in r["name"])]
+  for label, style, ok in series:
+    pts = sorted((r["num_active"], r["peak_bytes"] / GiB) for r in sweep if ok(r))
     if pts:
-      ax[1, 0].plot(*zip(*pts), style, label=f"{size} (batch {16 if size.startswith('tiny') else 2})")
+      ax[1, 0].plot(*zip(*pts), style, label=label)
   ax[1, 0].set_xlabel("active layers (gamma)")
+  ax[1, 0].axhline(12.55, color="gray", ls=":", lw=1)
+  ax[1, 0].text(1, 12.75, "7B bf16 weights", fontsize=7, color="gray")
   ax[1, 0].set_title("GRASS + offload: peak memory vs active layers (GiB)")
   ax[1, 0].legend(fontsize=8)
   for label, pred in (("GRASS+offload", lambda r: r.get("offload")), ("full FT", lambda r: r.get("strategy") == "full")):
@@ -94,7 +109,7 @@ def main() -> None:
   ax[1, 1].set_xlabel("sequence length (8192 tokens per batch)")
   ax[1, 1].set_title("TinyLlama: peak memory vs sequence length (GiB)")
   ax[1, 1].legend(fontsize=8)
-  fig.suptitle("grass_jax on one H100 80GB (bf16, remat full, gamma 2 unless shown)")
+  fig.suptitle("grass_jax on one H100 80GB (bf16, remat full, gamma 2 unless shown; TinyLlama bars: cuDNN attention)")
   fig.tight_layout()
   fig.savefig(args.out, dpi=110)
   print(f"wrote {args.out}")

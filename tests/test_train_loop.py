@@ -54,11 +54,10 @@ def test_resume_equals_straight_run(tmp_path, offload, stream):
     assert set(straight["layer_states"]) == set(resumed["layer_states"])
     for l in straight["layer_states"]:
       jax.tree.map(np.testing.assert_array_equal, straight["layer_states"][l], resumed["layer_states"][l])
-  if stream:  # streaming moves the active states, not the numbers
+  if stream:  # the active states stay on the host through steps, switches and the restore
+    # (bitwise equality with plain offloading: tests/test_offload.py)
     s = find_state(resumed["opt_state"])
     assert {x.sharding.memory_kind for x in jax.tree.leaves(s.slot_states)} == {"pinned_host"}
-    plain = run(_cfg(tmp_path / "c", *extra[:-1]), progress=False, return_state=True)
-    jax.tree.map(np.testing.assert_array_equal, plain["params"], resumed["params"])
 
 
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
