@@ -93,8 +93,8 @@ class OptimConfig:
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy each to the device only for its update,
-    one layer at a time (device memory grows by a layer's gradient, not its
-    moments, per extra active layer; costs host<->device copies every step).
+    one layer at a time (no optimizer state per extra active layer on the
+    device; costs host<->device copies every step).
   frozen_grads: how frozen layers skip weight gradients: 'cond' (a hand-written
     backward pass of the layer scan: frozen layers compute input gradients
     only, no dW matmuls; the active layers' gradients are written into their

@@ -36,8 +36,9 @@ Results are identical with and without offloading (tested bitwise on CPU).
 in host memory too. The train step (``make_train_step(..., stream_states=True)``)
 copies each active layer's state to the device for its update, after the
 backward pass and one layer at a time, and copies it back: device memory then
-grows by one layer's gradient per extra active layer, not by its moments, for
-two host<->device copies of each active layer's state every step.
+holds one layer's moments instead of ``gamma`` (Llama-2-7B on an H100: 0.6-0.76
+GiB per extra active layer instead of 1.3), for two host<->device copies of each
+active layer's state every step.
 ``inner.init`` must depend on parameter shapes only (true for adam, adamw,
 sgd, lion, adafactor, ...): a layer never trained before starts from a copy of
 the fresh state of the first slot.

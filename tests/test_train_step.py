@@ -57,21 +57,21 @@ def test_slot_gradients_equal_slices_of_full_gradient(frozen_grads, order, remat
 def test_kept_residuals_never_copy_the_weights(remat):
   # Without remat the forward pass keeps what each frozen block's input gradient needs, but the
   # weights themselves are re-read from the stack in the backward pass, never stacked again.
-  from grass_jax.models.decoder import _Attention, _LayerInputs, _slot_scan_fwd, rope_inv_freq
+  from grass_jax.models.decoder import _ScanSettings, _LayerInputs, _slot_scan_fwd, rope_inv_freq
   params = models.init_params(CFG, jax.random.PRNGKey(0))
   b, t = 2, 8
   inputs = _LayerInputs(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.asarray(rope_inv_freq(CFG)),
                         jnp.zeros((CFG.num_layers,), bool), jnp.ones((b, t), bool))
   slots = jax.tree.map(lambda x: x[:2], params["layers"])
   slot_of = jnp.full((CFG.num_layers,), -1).at[:2].set(jnp.arange(2))
-  _, res = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, _Attention("einsum", None, remat), slots, params["layers"],
+  _, res = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, _ScanSettings("einsum", None, remat), slots, params["layers"],
                                                     slot_of, h, inputs),
                           jnp.ones((b, t, CFG.hidden_size)))
   stored = res[4]
   assert stored, "nothing kept: the backward pass would recompute every block"
   weight_shapes = {v.shape for v in params["layers"].values() if v.ndim == 3}
   assert not [x.shape for x in stored if x.shape in weight_shapes]
-  full = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, _Attention("einsum", None, "full"), slots, params["layers"],
+  full = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, _ScanSettings("einsum", None, "full"), slots, params["layers"],
                                                   slot_of, h, inputs), jnp.ones((b, t, CFG.hidden_size)))
   assert full[1][4] == []
 

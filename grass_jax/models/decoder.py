@@ -329,7 +329,7 @@ class _LayerInputs(NamedTuple):
   k_valid: jax.Array
 
 
-class _Attention(NamedTuple):
+class _ScanSettings(NamedTuple):
   """Static settings of the slot scan: attention implementation, activation sharding (or None) and
   what the forward pass keeps for the backward pass (a ``remat`` policy)."""
   impl: str
@@ -337,14 +337,14 @@ class _Attention(NamedTuple):
   remat: str = "full"
 
 
-def _run_block(config: DecoderConfig, attention: _Attention, lp: Params, h: jax.Array, idx: jax.Array,
+def _run_block(config: DecoderConfig, attention: _ScanSettings, lp: Params, h: jax.Array, idx: jax.Array,
                inputs: _LayerInputs) -> jax.Array:
   return block(config, lp, h, inputs.positions, inputs.inv_freq, inputs.sliding[idx], None, None, inputs.k_valid,
                attention.impl, attention.act_sharding)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _slot_scan(config: DecoderConfig, attention: _Attention, slots: Params, frozen: Params, slot_of: jax.Array,
+def _slot_scan(config: DecoderConfig, attention: _ScanSettings, slots: Params, frozen: Params, slot_of: jax.Array,
                h: jax.Array, inputs: _LayerInputs) -> jax.Array:
   """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (see ``forward(slots=...)``)."""
   return _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs)[0]
@@ -508,7 +508,8 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       raise ValueError("slots (training a subset of layers) cannot be combined with a KV cache")
     slot_params, slot_of = slots
     chex.assert_shape(slot_of, (config.num_layers,))
-    h = _slot_scan(config, _Attention(attention, act_sharding, remat), slot_params, jax.lax.stop_gradient(params["layers"]), slot_of, h,
+    h = _slot_scan(config, _ScanSettings(attention, act_sharding, remat), slot_params,
+                   jax.lax.stop_gradient(params["layers"]), slot_of, h,
                    _LayerInputs(positions, inv_freq, sliding, k_valid))
     new_kv = None
   else:
