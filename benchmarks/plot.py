@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 GiB = 2**30
+FINAL = "sweep_h100_final.jsonl"  # the last side-by-side run (cuDNN attention, current slot scan)
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
@@ -56,8 +57,6 @@ def method_rows(rows: list[dict]) -> dict[str, list[tuple[str, dict]]]:
     out["tinyllama-1.1b"] = [(label, final[n]) for label, n in names]
   return out
 
-
-FINAL = "sweep_h100_final.jsonl"
 
 
 def main() -> None:

@@ -70,10 +70,10 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     active: int32 ``[gamma]`` layer index of each slot.
     frozen_grads: how frozen layers avoid weight gradients. 'cond': the layer
       scan has a hand-written backward pass (``forward(slots=...)``): frozen
-      layers compute input gradients only, active layers both (the scan always
-      rematerialises each block). The active layers'
-      weights are read from ``frozen_layers``; the values of
-      ``trainable['layers']`` are not read (only their shapes).
+      layers compute input gradients only, active layers both (``remat``
+      applies to what frozen layers keep). The active layers' weights are read
+      from ``frozen_layers``; the values of ``trainable['layers']`` are not
+      read (only their shapes).
       'select': every block picks its weights with ``jnp.where`` (one code
       path, but dW is computed for every layer and then discarded).
   """

@@ -98,6 +98,14 @@ def _take(tree: Any, idx: jax.Array) -> Any:
   return jax.tree.map(lambda x: x[idx], tree)
 
 
+def _guard(ok: jax.Array | None, updates: Any, new_state: Any, old_state: Any) -> tuple[Any, Any]:
+  """``(updates, state)`` of a step, or zero updates and the old state where ``ok`` is False."""
+  if ok is None:
+    return updates, new_state
+  return (jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates),
+          jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, old_state))
+
+
 class StateStream(NamedTuple):
   """Moves an active layer's inner state between host and device around its update.
 
@@ -123,8 +131,7 @@ def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: t
   An unrolled loop rather than ``jax.vmap``: under vmap the per-layer step
   count becomes a vector and XLA evaluates the bias correction's power through
   a different (vectorised) code path, so updates would differ from the bare
-  inner optimizer's in the last bit. ``ok`` (bool scalar): False keeps every
-  state and zeroes the updates. ``stream``: states live in host memory; each
+  inner optimizer's in the last bit. ``ok``: see :func:`_guard`. ``stream``: states live in host memory; each
   is fetched after the previous layer's update and stored back.
   """
   outs, new_states = [], []
@@ -132,10 +139,7 @@ def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: t
   for i in range(num):
     p_i = None if params is None else _take(params, i)
     old = states[i] if stream is None else stream.fetch(states[i], after)
-    u, s = inner.update(_take(grads, i), old, p_i)
-    if ok is not None:
-      s = jax.tree.map(lambda a, b: jnp.where(ok, a, b), s, old)
-      u = jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), u)
+    u, s = _guard(ok, *inner.update(_take(grads, i), old, p_i), old)
     after = u
     outs.append(u)
     new_states.append(s if stream is None else stream.store(s))
@@ -273,18 +277,13 @@ def transform(
     # A NaN/inf anywhere skips the update (zero updates, moments kept) but not the
     # layer schedule, which stays a function of the step count (offloading relies on it).
     ok = jnp.isfinite(optax.tree.norm((slot_g, always_g))) if skip_nonfinite else None
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-    zero_unless_ok = lambda u: jax.tree.map(lambda x: jnp.where(ok, x, jnp.zeros_like(x)), u)
     if gamma == num_layers:  # one inner state for the whole stack: plain full fine-tuning
-      slot_u, slot_states = inner.update(slot_g, state.slot_states, slot_p)
-      if ok is not None:
-        slot_states, slot_u = keep(slot_states, state.slot_states), zero_unless_ok(slot_u)
+      slot_u, slot_states = _guard(ok, *inner.update(slot_g, state.slot_states, slot_p), state.slot_states)
     else:
       slot_u, slot_states = _per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma, ok, state_stream)
     if always_g:
-      always_u, always_state = inner.update(always_g, state.always_on_state, always_p)
-      if ok is not None:
-        always_state, always_u = keep(always_state, state.always_on_state), zero_unless_ok(always_u)
+      always_u, always_state = _guard(ok, *inner.update(always_g, state.always_on_state, always_p),
+                                      state.always_on_state)
     else:
       always_u, always_state = {}, state.always_on_state
 

@@ -65,7 +65,7 @@ def test_fused_attention_gets_q_k_v_sharded_alike():
 
   count = lambda text: text.count("@Sharding") + text.count("sharding_constraint")
   assert count(hlo(None, "xla")) == 0
-  # q, k, v in the forward scan and in both backward branches (trained and frozen layer).
+  # q, k, v in the forward scan, the frozen-layer loops and the unrolled trained layer.
   assert count(hlo(act, "xla")) >= 9
   assert count(hlo(act, "einsum")) == 0  # only fused kernels need it
 
