@@ -82,13 +82,21 @@ class DataConfig:
 class OptimConfig:
   """optim: optimizer and layer sampling.
 
-  strategy: 'grass' (adaptive importance sampling), 'lisa' (uniform, moments
-    reset) or 'full' (all layers).
+  strategy: 'grass' (adaptive importance sampling), 'grass_static' (GRASS*:
+    importance from probing only), 'lisa' (uniform, moments reset) or 'full'.
   num_active: gamma, layers trained at a time.
   period: K, steps between layer switches.
-  temperature: p ~ importance ** (1 / temperature).
+  probability: 'softmax' (the paper's: softmax of MGN / mean(MGN) / temperature)
+    or 'power' (p ~ MGN ** (1 / temperature)).
+  temperature: sharpness of the probabilities (smaller: sharper).
   epsilon: uniform exploration floor (every layer keeps p >= epsilon / L).
-  importance_decay: null for the running mean of gradient norms, or an EMA decay.
+  probe_steps: T_p, the first steps measure every layer's gradient norm and
+    update nothing (a multiple of period; null: one period; 0: no probing).
+  refresh_every: T_u, steps between MGN refreshes (null: period).
+  mgn_ema: alpha, weight of a layer's previous MGN at a refresh (null: running mean).
+  importance: 'grad' (measured layers: the trained ones, and all while probing)
+    or 'sketch' (every layer at every step, frozen ones by random projections).
+  sketch_size: k, random projections per linear map for importance 'sketch'.
   always_on: also train embeddings, final norm and LM head every step.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
@@ -112,9 +120,14 @@ class OptimConfig:
   strategy: str = "grass"
   num_active: int = 2
   period: int = 20
-  temperature: float = 1.0
+  probability: str = "softmax"
+  temperature: float = 0.5
   epsilon: float = 0.1
-  importance_decay: float | None = None
+  probe_steps: int | None = None
+  refresh_every: int | None = None
+  mgn_ema: float | None = 0.5
+  importance: str = "grad"
+  sketch_size: int = 4
   always_on: bool = True
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
@@ -127,6 +140,12 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
+
+  def probing_steps(self) -> int:
+    """T_p as the run uses it: 0 for strategies without importance, ``period`` when ``probe_steps`` is null."""
+    if not self.strategy.startswith("grass"):
+      return 0
+    return self.period if self.probe_steps is None else self.probe_steps
 
 
 @dataclasses.dataclass
@@ -208,7 +227,9 @@ CHOICES = {
     "model.remat": ("full", "dots", "none"),
     "model.attention": ("auto", "einsum", "xla", "cudnn"),
     "data.template": ("alpaca",),
-    "optim.strategy": ("grass", "lisa", "full"),
+    "optim.strategy": ("grass", "grass_static", "lisa", "full"),
+    "optim.probability": ("softmax", "power"),
+    "optim.importance": ("grad", "sketch"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.frozen_grads": ("cond", "select"),
 }
@@ -284,9 +305,20 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"optim.warmup_ratio must be in [0, 1); got {o.warmup_ratio}")
   if o.learning_rate <= 0:
     raise ConfigError(f"optim.learning_rate must be > 0; got {o.learning_rate}")
-  if o.importance_decay is not None and not 0 <= o.importance_decay < 1:
-    raise ConfigError(f"optim.importance_decay must be null or in [0, 1); got {o.importance_decay}")
-  if o.offload_optimizer_state and o.strategy != "grass":
+  if o.mgn_ema is not None and not 0 <= o.mgn_ema < 1:
+    raise ConfigError(f"optim.mgn_ema must be null or in [0, 1); got {o.mgn_ema}")
+  if o.probe_steps is not None and (o.probe_steps < 0 or o.probe_steps % o.period):
+    raise ConfigError(f"optim.probe_steps must be a multiple of optim.period ({o.period}); got {o.probe_steps}")
+  if o.refresh_every is not None and o.refresh_every < 1:
+    raise ConfigError(f"optim.refresh_every must be >= 1 or null (every period); got {o.refresh_every}")
+  if o.sketch_size < 1:
+    raise ConfigError(f"optim.sketch_size must be >= 1; got {o.sketch_size}")
+  if o.strategy == "grass_static" and o.probing_steps() == 0:
+    raise ConfigError("optim.strategy grass_static takes its importance from probing: set optim.probe_steps > 0")
+  if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.importance == "sketch"):
+    raise ConfigError("probing and importance: sketch measure frozen layers in the slot scan: "
+                      "use optim.frozen_grads: cond")
+  if o.offload_optimizer_state and not o.strategy.startswith("grass"):
     raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
                       "fine-tuning has no inactive layers)")
   if o.stream_active_states and not o.offload_optimizer_state:

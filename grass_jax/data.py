@@ -64,15 +64,22 @@ class ByteTokenizer:
 
 
 def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
-  """'bytes' for :class:`ByteTokenizer`; otherwise a HF tokenizer directory or hub id."""
+  """'bytes' for :class:`ByteTokenizer`; otherwise a HF tokenizer directory or hub id, or a GGUF model."""
   source = spec or model_path
   if source == "bytes":
     return ByteTokenizer()
   if not source:
     raise DataError("no tokenizer: set model.tokenizer (a HF tokenizer directory, hub id, or 'bytes')")
   from transformers import AutoTokenizer
+
+  from grass_jax import gguf_checkpoint
   try:
-    tok = AutoTokenizer.from_pretrained(source)
+    if gguf_checkpoint.is_gguf(source):  # the tokenizer inside the GGUF file, converted by transformers
+      tok = gguf_checkpoint.load_tokenizer(gguf_checkpoint.resolve(source))
+    else:
+      tok = AutoTokenizer.from_pretrained(source)
+  except gguf_checkpoint.GGUFError as e:
+    raise DataError(str(e)) from e
   except Exception as e:  # noqa: BLE001
     raise DataError(f"cannot load the tokenizer from {source!r} ({type(e).__name__}: {e}); set model.tokenizer to "
                     "a local tokenizer directory, or HF_HUB_OFFLINE=1 to use the cache") from e

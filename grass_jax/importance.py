@@ -1,13 +1,16 @@
-"""Layer importance: running mean of size-normalised gradient norms (GRASS's MGN).
+"""Layer importance: GRASS's mean gradient norm (MGN).
 
-For every layer ``l`` GRASS keeps ``importance[l]``, a running mean of
+For every layer ``l`` GRASS keeps ``importance[l]``, the mean over steps of the
+layer's gradient RMS
 
     ||g_l||_2 / sqrt(n_l)
 
-over the steps in which layer ``l`` was active (``n_l`` is the number of
-parameters in the layer, so that wide layers do not dominate). Inactive layers
-keep their last estimate. Non-finite norms (a NaN/inf gradient) are skipped so
-that one bad step cannot poison the statistics.
+(``n_l`` is the number of parameters in the layer, so that wide layers do not
+dominate). Measurements go into a window (:func:`accumulate`); at a refresh
+the window's mean is folded into the MGN (:func:`refresh`), by a running mean
+over all measurements or an EMA. A layer not measured in the window keeps its
+last MGN. Non-finite norms (a NaN/inf gradient, or NaN for "not measured")
+are skipped so that one bad step cannot poison the statistics.
 
 Example::
 
@@ -69,3 +72,38 @@ def update_importance(importance: jax.Array, counts: jax.Array, layers: jax.Arra
   new = jnp.where(ok, new, old)
   n_new = jnp.where(ok, n_new, n_old)
   return importance.at[layers].set(new.astype(importance.dtype)), counts.at[layers].set(n_new)
+
+
+def accumulate(window_sum: jax.Array, window_count: jax.Array, rms: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Adds one step's per-layer RMS ``[L]`` (NaN: not measured) to the window ``(sum, count)``."""
+  chex.assert_equal_shape([window_sum, window_count, rms])
+  ok = jnp.isfinite(rms)
+  return window_sum + jnp.where(ok, rms, 0.0), window_count + ok.astype(window_count.dtype)
+
+
+def refresh(importance: jax.Array, counts: jax.Array, window_sum: jax.Array, window_count: jax.Array,
+            ema: float | None) -> tuple[jax.Array, jax.Array]:
+  """Folds each layer's window into its MGN; layers with an empty window keep theirs.
+
+  Args:
+    importance, counts: float32 / int32 ``[L]``: the MGN and how many step
+      measurements it holds.
+    window_sum, window_count: the window (:func:`accumulate`).
+    ema: None for the running mean over every measurement so far (a window
+      of ``n`` steps weighs ``n``); a float ``alpha`` in [0, 1) for
+      ``m <- alpha * m + (1 - alpha) * window_mean`` (a layer's first window
+      sets ``m``).
+
+  Returns:
+    ``(importance, counts)``.
+  """
+  chex.assert_equal_shape([importance, counts, window_sum, window_count])
+  seen = window_count > 0
+  n_new = counts + window_count
+  if ema is None:
+    new = importance + (window_sum - window_count.astype(jnp.float32) * importance) / jnp.maximum(
+        n_new, 1).astype(jnp.float32)
+  else:
+    mean = window_sum / jnp.maximum(window_count, 1).astype(jnp.float32)
+    new = jnp.where(counts == 0, mean, ema * importance + (1.0 - ema) * mean)
+  return jnp.where(seen, new, importance).astype(importance.dtype), n_new

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grass_jax import models
+from grass_jax import gguf_checkpoint, models
 from grass_jax.models.decoder import DecoderConfig, Params
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "flax_model.msgpack", "tokenizer*", "*.model", "*.txt"]
@@ -130,8 +130,13 @@ def _get(tree: dict, path: str) -> Any:
   return tree
 
 
-def load_params(directory: Path, config: DecoderConfig, dtype: Any = jnp.float32) -> Params:
-  """Streams the checkpoint into host numpy arrays of ``dtype``, then moves them to the device."""
+def load_params(directory: Path, config: DecoderConfig, dtype: Any = jnp.float32,
+                tensors: Iterator[tuple[str, np.ndarray, bool]] | None = None) -> Params:
+  """Streams the checkpoint into host numpy arrays of ``dtype``, then moves them to the device.
+
+  ``tensors``: ``(hf_name, array, already_transposed)`` from another source
+  (a GGUF file, :mod:`grass_jax.gguf_checkpoint`); default: the files in ``directory``.
+  """
   table = models.hf_names(config)
   np_dtype = np.dtype(jnp.dtype(dtype))  # bfloat16 is ml_dtypes' numpy dtype
   shapes = config.param_shapes()
@@ -141,7 +146,7 @@ def load_params(directory: Path, config: DecoderConfig, dtype: Any = jnp.float32
   filled: dict[str, set[int]] = {p: set() for p in expected}
   unexpected: list[str] = []
   value = arr = target = dest = None
-  for name, value, transposed in iter_tensors(directory):
+  for name, value, transposed in (iter_tensors(directory) if tensors is None else tensors):
     hit = _match(name, table)
     if hit is None:
       if not IGNORED.search(name):
@@ -189,16 +194,25 @@ def _flat_paths(shapes: dict) -> dict[str, tuple]:
 
 
 def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Params, DecoderConfig]:
-  """Loads ``(params, config)`` from a HF checkpoint directory or hub id.
+  """Loads ``(params, config)`` from a HF checkpoint directory or hub id, or a GGUF file.
 
   Args:
-    path_or_hub_id: local directory with ``config.json`` and weights, or a hub id.
+    path_or_hub_id: local directory with ``config.json`` and weights, a hub id,
+      or a llama-architecture GGUF model: a ``.gguf`` file, a directory holding
+      one, or ``package:<module>/<file>.gguf`` (:mod:`grass_jax.gguf_checkpoint`).
     dtype: parameter dtype (``jnp.float32`` or ``jnp.bfloat16``).
 
   Raises:
     CheckpointError: unknown ``model_type``, missing files or weights, shape
       mismatches or unexpected tensors, each naming the tensors involved.
+    GGUFError: an unsupported GGUF architecture or tensor type (named), or
+      the ``gguf`` package missing (the message names the extra to install).
   """
+  if gguf_checkpoint.is_gguf(path_or_hub_id):
+    file = gguf_checkpoint.resolve(path_or_hub_id)
+    reader = gguf_checkpoint.open_reader(file)
+    config = gguf_checkpoint.read_config(reader)
+    return load_params(file, config, dtype, tensors=gguf_checkpoint.iter_tensors(reader, config)), config
   directory = resolve(path_or_hub_id)
   config = read_config(directory)
   return load_params(directory, config, dtype), config

@@ -1,9 +1,18 @@
 """Layer sampling probabilities and draws without replacement.
 
-``p_l`` is proportional to ``importance_l ** (1 / temperature)``, mixed with a
-uniform floor so that every layer keeps probability at least ``epsilon / L``::
+Two rules turn the layers' MGN ``m`` into probabilities, each mixed with a
+uniform floor so that every layer keeps probability at least ``epsilon / L``:
 
-    p = (1 - epsilon) * normalise(importance ** (1 / temperature)) + epsilon / L
+* ``softmax`` (the paper's): ``softmax(m / (mean(m) * temperature))``. The MGN
+  is divided by its mean over the layers first, because raw values (around
+  1e-4, and different for every model and loss scale) would make any fixed
+  temperature meaningless: with it, a layer whose MGN is ``1 + T`` times the
+  mean weighs ``e`` times as much as an average layer;
+* ``power``: ``normalise(m ** (1 / temperature))``.
+
+::
+
+    p = (1 - epsilon) * rule(m) + epsilon / L
 
 A layer without a measurement yet uses the mean importance of the measured
 ones (all uniform before any measurement). ``num_active`` distinct layers are
@@ -29,20 +38,48 @@ import jax
 import jax.numpy as jnp
 
 
+def _fill_unknown(importance: jax.Array, counts: jax.Array) -> jax.Array:
+  """A layer not measured yet gets the mean MGN of the measured ones (all 1 before any measurement)."""
+  chex.assert_equal_shape([importance, counts])
+  known = counts > 0
+  n_known = jnp.sum(known)
+  fill = jnp.where(n_known > 0, jnp.sum(jnp.where(known, importance, 0.0)) / jnp.maximum(n_known, 1), 1.0)
+  return jnp.where(known, importance, fill).astype(jnp.float32)
+
+
 def probabilities(importance: jax.Array, counts: jax.Array, *, temperature: float,
                   epsilon: float) -> jax.Array:
   """Sampling probabilities ``[L]`` (float32, sum 1) from importance estimates."""
   chex.assert_rank(importance, 1)
   chex.assert_equal_shape([importance, counts])
   num_layers = importance.shape[0]
-  known = counts > 0
-  n_known = jnp.sum(known)
-  fill = jnp.where(n_known > 0, jnp.sum(jnp.where(known, importance, 0.0)) / jnp.maximum(n_known, 1), 1.0)
-  imp = jnp.where(known, importance, fill).astype(jnp.float32)
+  imp = _fill_unknown(importance, counts)
   # log space: importance ** (1/T) over- or underflows for small T.
   logits = jnp.log(jnp.maximum(imp, jnp.finfo(jnp.float32).tiny)) / temperature
   p_imp = jax.nn.softmax(logits)
   return (1.0 - epsilon) * p_imp + epsilon / num_layers
+
+
+def softmax_probabilities(importance: jax.Array, counts: jax.Array, *, temperature: float,
+                          epsilon: float) -> jax.Array:
+  """The paper's rule: softmax over the mean-normalised MGN (module docstring); ``[L]``, sum 1."""
+  chex.assert_rank(importance, 1)
+  imp = _fill_unknown(importance, counts)
+  scaled = imp / jnp.maximum(jnp.mean(imp), jnp.finfo(jnp.float32).tiny)
+  return (1.0 - epsilon) * jax.nn.softmax(scaled / temperature) + epsilon / importance.shape[0]
+
+
+PROBABILITIES = ("softmax", "power")
+
+
+def layer_probabilities(rule: str, importance: jax.Array, counts: jax.Array, *, temperature: float,
+                        epsilon: float) -> jax.Array:
+  """Probabilities by rule name: 'softmax' or 'power'."""
+  if rule == "softmax":
+    return softmax_probabilities(importance, counts, temperature=temperature, epsilon=epsilon)
+  if rule == "power":
+    return probabilities(importance, counts, temperature=temperature, epsilon=epsilon)
+  raise ValueError(f"probability rule must be one of {PROBABILITIES}; got {rule!r}")
 
 
 def uniform(num_layers: int) -> jax.Array:

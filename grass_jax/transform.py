@@ -2,11 +2,26 @@
 
 :func:`transform` wraps an inner optimizer (e.g. ``optax.adamw``) so that only
 ``num_active`` of the ``L`` transformer layers (plus an always-on group) are
-updated at a time. Every ``period`` steps a new set of layers is drawn with
-probabilities derived from each layer's mean gradient norm
-(:mod:`grass_jax.importance`, :mod:`grass_jax.sampling`). Updates of the other
-layers are exactly zero; their inner-optimizer moments are kept and used again
-when the layer is drawn again.
+updated at a time. Updates of the other layers are exactly zero; their
+inner-optimizer moments are kept and used again when the layer is drawn again.
+One update is the paper's algorithm, step by step (each a function below):
+
+1. :func:`measure_layers`: each measured layer's gradient RMS
+   ``sqrt(||g_l||^2 / N_l)`` (:mod:`grass_jax.importance`);
+2. :func:`accumulate_window`: add it to the layer's MGN window;
+3. :func:`update_active_layers`: the inner optimizer on the active layers and
+   the always-on group (nothing during probing);
+4. :func:`refresh_importance`: every ``refresh_every`` steps fold each
+   measured layer's window mean into its MGN (EMA with ``mgn_ema``); layers
+   not measured keep theirs;
+5. :func:`switch_layers`: every ``period`` steps the layers drawn one step
+   earlier become active (their saved moments come back);
+6. :func:`draw_next_layers`: one step before a switch, draw ``num_active``
+   layers from the probabilities over the MGN (:mod:`grass_jax.sampling`).
+
+**Probing** (``probe_steps``, the paper's T_p): the first steps measure every
+layer and update nothing. **GRASS\\*** (``static=True``): the MGN of probing is
+never refreshed.
 
 Gradients may come in two forms:
 
@@ -16,6 +31,9 @@ Gradients may come in two forms:
   ``state.active``, as produced by differentiating with respect to
   :func:`gather_active` params. The frozen layers' gradients then never exist,
   and clipping in the same ``optax.chain`` sees only the trained parameters.
+  Probing, and any measurement of frozen layers, then comes from the caller:
+  ``tx.update(..., layer_norms=rms)`` with ``rms`` float32 ``[L]`` (NaN for
+  a layer not measured), as :func:`grass_jax.train_step.make_train_step` does.
 
 Updates are returned in the form the gradients came in.
 
@@ -36,7 +54,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
@@ -49,18 +67,22 @@ from grass_jax import importance as importance_lib
 from grass_jax import sampling
 from grass_jax.layers import AlwaysOn, LabelsFn, LayerLayout, build_layout
 
-STRATEGIES = ("grass", "lisa", "full")
+STRATEGIES = ("grass", "grass_static", "lisa", "full")
 
 
 class GrassState(NamedTuple):
   """State of :func:`transform`.
 
   Attributes:
-    count: int32 scalar, number of updates applied so far.
+    count: int32 scalar, number of updates applied so far (probing included).
     key: uint32 ``[2]`` PRNG key; every layer draw is derived from it only.
-    importance: float32 ``[L]``, running mean of each layer's size-normalised
-      gradient norm (0 for a layer never measured).
-    num_measurements: int32 ``[L]``, how many steps fed ``importance``.
+    importance: float32 ``[L]``, each layer's MGN (mean gradient norm: the
+      mean of its per-step gradient RMS, refreshed as :func:`refresh_importance`
+      says); 0 for a layer never measured.
+    num_measurements: int32 ``[L]``, how many steps' measurements were folded
+      into ``importance``.
+    window_sum: float32 ``[L]``, sum of the measurements since the last refresh.
+    window_count: int32 ``[L]``, how many steps ``window_sum`` holds.
     probabilities: float32 ``[L]``, the probabilities of the latest draw.
     active: int32 ``[gamma]`` (sorted), the layers updated by the next step.
     next_active: int32 ``[gamma]``, the layers of the next period. It is drawn
@@ -85,6 +107,8 @@ class GrassState(NamedTuple):
   key: jax.Array
   importance: jax.Array
   num_measurements: jax.Array
+  window_sum: jax.Array
+  window_count: jax.Array
   probabilities: jax.Array
   active: jax.Array
   next_active: jax.Array
@@ -92,6 +116,26 @@ class GrassState(NamedTuple):
   slot_states: Any
   bank: Any
   always_on_state: Any
+
+
+class Settings(NamedTuple):
+  """The static hyperparameters of :func:`transform` (see its arguments)."""
+  layers: LabelsFn
+  num_active: int | None
+  period: int
+  probability: str
+  temperature: float
+  epsilon: float
+  probe_steps: int
+  refresh_every: int
+  mgn_ema: float | None
+  static: bool
+  seed: int
+  always_on: AlwaysOn
+  sampling_kind: str
+  reset_on_switch: bool
+  offload: bool
+  skip_nonfinite: bool
 
 
 def _take(tree: Any, idx: jax.Array) -> Any:
@@ -146,20 +190,238 @@ def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: t
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs), tuple(new_states)
 
 
-def _check_args(num_active: int | None, period: int, temperature: float, epsilon: float,
-                importance_decay: float | None, sampling_kind: str) -> None:
-  if num_active is not None and (not isinstance(num_active, (int, np.integer)) or num_active < 1):
-    raise ValueError(f"num_active must be a positive int (or None for all layers); got {num_active!r}")
-  if not isinstance(period, (int, np.integer)) or period < 1:
-    raise ValueError(f"period must be an int >= 1 (steps between layer switches); got {period!r}")
-  if not temperature > 0:
-    raise ValueError(f"temperature must be > 0; got {temperature!r}")
-  if not 0.0 <= epsilon <= 1.0:
-    raise ValueError(f"epsilon (uniform exploration floor) must be in [0, 1]; got {epsilon!r}")
-  if importance_decay is not None and not 0.0 <= importance_decay < 1.0:
-    raise ValueError(f"importance_decay must be None (running mean) or in [0, 1); got {importance_decay!r}")
-  if sampling_kind not in ("importance", "uniform"):
-    raise ValueError(f"sampling must be 'importance' or 'uniform'; got {sampling_kind!r}")
+def _check_args(s: Settings) -> None:
+  if s.num_active is not None and (not isinstance(s.num_active, (int, np.integer)) or s.num_active < 1):
+    raise ValueError(f"num_active must be a positive int (or None for all layers); got {s.num_active!r}")
+  if not isinstance(s.period, (int, np.integer)) or s.period < 1:
+    raise ValueError(f"period must be an int >= 1 (steps between layer switches); got {s.period!r}")
+  if not s.temperature > 0:
+    raise ValueError(f"temperature must be > 0; got {s.temperature!r}")
+  if not 0.0 <= s.epsilon <= 1.0:
+    raise ValueError(f"epsilon (uniform exploration floor) must be in [0, 1]; got {s.epsilon!r}")
+  if s.mgn_ema is not None and not 0.0 <= s.mgn_ema < 1.0:
+    raise ValueError(f"mgn_ema must be None (running mean) or in [0, 1); got {s.mgn_ema!r}")
+  if s.sampling_kind not in ("importance", "uniform"):
+    raise ValueError(f"sampling must be 'importance' or 'uniform'; got {s.sampling_kind!r}")
+  if s.probability not in sampling.PROBABILITIES:
+    raise ValueError(f"probability must be one of {sampling.PROBABILITIES}; got {s.probability!r}")
+  if not isinstance(s.probe_steps, (int, np.integer)) or s.probe_steps < 0 or s.probe_steps % s.period:
+    raise ValueError(f"probe_steps must be a multiple of period={s.period} (layers switch every period steps); "
+                     f"got {s.probe_steps!r}")
+  if not isinstance(s.refresh_every, (int, np.integer)) or s.refresh_every < 1:
+    raise ValueError(f"refresh_every must be an int >= 1 (or None: every period); got {s.refresh_every!r}")
+  if s.static and s.probe_steps == 0:
+    raise ValueError("static importance (GRASS*) comes from probing: set probe_steps > 0")
+
+
+def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> GrassState:
+  """The state before the first step: uniform probabilities, a first draw, fresh inner states."""
+  layout = build_layout(params, s.layers, s.always_on)
+  num_layers = layout.num_layers
+  gamma = num_layers if s.num_active is None else s.num_active
+  if gamma > num_layers:
+    raise ValueError(f"num_active={gamma} exceeds the number of layers L={num_layers}")
+  stack, always = layout.split(params)
+  key, k0, k1 = jax.random.split(jax.random.PRNGKey(s.seed), 3)
+  probs = sampling.uniform(num_layers)
+  if gamma == num_layers:
+    active = next_active = jnp.arange(num_layers, dtype=jnp.int32)
+    slot_states = inner.init(stack)
+  else:
+    active = sampling.draw(k0, probs, gamma)
+    next_active = sampling.draw(k1, probs, gamma) if s.period == 1 else active
+    slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
+  keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload
+  return GrassState(
+      count=jnp.zeros([], jnp.int32),
+      key=key,
+      importance=jnp.zeros((num_layers,), jnp.float32),
+      num_measurements=jnp.zeros((num_layers,), jnp.int32),
+      window_sum=jnp.zeros((num_layers,), jnp.float32),
+      window_count=jnp.zeros((num_layers,), jnp.int32),
+      probabilities=probs,
+      # Distinct buffers: a train step donates the state, and one buffer cannot be donated twice.
+      active=active,
+      next_active=jnp.copy(next_active),
+      slot_layers=jnp.copy(active),
+      slot_states=slot_states,
+      bank=jax.vmap(inner.init)(stack) if keeps_bank else None,
+      always_on_state=inner.init(always) if always else optax.EmptyState(),
+  )
+
+
+def _to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> tuple[dict, dict, bool]:
+  """``(active layers' stack, always-on leaves, whether the tree came in full form)``."""
+  stack, always = layout.split(tree)
+  n = layout.stack_size(layout.treedef.flatten_up_to(tree))
+  if n == layout.num_layers:
+    if gamma < n:
+      stack = _take(stack, active)
+  elif n != gamma:
+    raise ValueError(f"layer leaves have a leading size {n}; expected L={layout.num_layers} (full form) "
+                     f"or num_active={gamma} (slot form)")
+  return stack, always, n == layout.num_layers
+
+
+def measure_layers(s: Settings, state: GrassState, layout: LayerLayout, grads: Any, slot_grads: dict,
+                   full_form: bool, probing: jax.Array, layer_norms: jax.Array | None) -> jax.Array:
+  """Step 1: each layer's gradient RMS this step, float32 ``[L]``, NaN where not measured.
+
+  ``layer_norms`` from the caller when given (slot form: the train step measures
+  frozen layers in its backward pass). Otherwise the active layers from their
+  gradients, and, while probing, every layer of a full-form gradient.
+  """
+  num_layers = state.importance.shape[0]
+  if layer_norms is not None:
+    chex.assert_shape(layer_norms, (num_layers,))
+    return layer_norms.astype(jnp.float32)
+  if s.probe_steps and not full_form:
+    raise ValueError("probing with slot-form gradients needs the caller's measurement: "
+                     "tx.update(..., layer_norms=...) (see grass_jax.train_step)")
+  rms = jnp.full((num_layers,), jnp.nan, jnp.float32)
+  rms = rms.at[state.active].set(importance_lib.layer_grad_norms(slot_grads, layout.layer_size))
+  if s.probe_steps:
+    every = importance_lib.layer_grad_norms(layout.split(grads)[0], layout.layer_size)
+    rms = jnp.where(probing, every, rms)
+  return rms
+
+
+def accumulate_window(s: Settings, state: GrassState, rms: jax.Array,
+                      probing: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Step 2: ``(window_sum, window_count)`` with this step's finite measurements added."""
+  if s.static:  # GRASS*: only probing feeds the importance
+    rms = jnp.where(probing, rms, jnp.nan)
+  return importance_lib.accumulate(state.window_sum, state.window_count, rms)
+
+
+def update_active_layers(inner: optax.GradientTransformation, state: GrassState, slot_g: dict, always_g: dict,
+                         slot_p: Any, always_p: Any, ok: jax.Array | None,
+                         stream: StateStream | None) -> tuple[dict, Any, dict, Any]:
+  """Step 3: the inner optimizer on the active layers and the always-on group.
+
+  Returns ``(slot updates, slot states, always-on updates, always-on state)``;
+  where ``ok`` is False the updates are zero and the states unchanged.
+  """
+  num_layers, gamma = state.importance.shape[0], state.active.shape[0]
+  if gamma == num_layers:  # one inner state for the whole stack: plain full fine-tuning
+    slot_u, slot_states = _guard(ok, *inner.update(slot_g, state.slot_states, slot_p), state.slot_states)
+  else:
+    slot_u, slot_states = _per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma, ok, stream)
+  if not always_g:
+    return slot_u, slot_states, {}, state.always_on_state
+  always_u, always_state = _guard(ok, *inner.update(always_g, state.always_on_state, always_p),
+                                  state.always_on_state)
+  return slot_u, slot_states, always_u, always_state
+
+
+def refresh_importance(s: Settings, state: GrassState, count: jax.Array, window_sum: jax.Array,
+                       window_count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Step 4: ``(importance, num_measurements, window_sum, window_count)`` after an optional refresh.
+
+  A refresh is due one step before every ``refresh_every``-th step after probing
+  (the draw for a switch happens one step early, and must see it), and at the
+  end of probing; GRASS* refreshes only then. It folds each layer's window into
+  its MGN (:func:`grass_jax.importance.refresh`) and empties the windows.
+  """
+  after_probe = count + 1 - s.probe_steps
+  if s.static:
+    due = after_probe == 0
+  else:
+    due = (after_probe >= 0) & (after_probe % s.refresh_every == 0)
+  imp, counts = importance_lib.refresh(state.importance, state.num_measurements, window_sum, window_count,
+                                       s.mgn_ema)
+  return (jnp.where(due, imp, state.importance), jnp.where(due, counts, state.num_measurements),
+          jnp.where(due, 0.0, window_sum), jnp.where(due, 0, window_count))
+
+
+def switch_layers(inner: optax.GradientTransformation, s: Settings, state: GrassState, count: jax.Array,
+                  slot_g: dict, slot_states: tuple, bank: Any) -> tuple[jax.Array, jax.Array, tuple, Any]:
+  """Step 5: at a switch, ``next_active`` becomes active. Returns ``(active, slot_layers, slot_states, bank)``.
+
+  GRASS saves the outgoing layers' inner states in the bank and restores the
+  incoming ones (or, offloaded, leaves the swap to :class:`grass_jax.offload.Offloader`:
+  ``slot_layers`` then lags behind ``active``); LISA starts them afresh.
+  """
+  gamma = state.active.shape[0]
+  switch = count % s.period == 0
+  active = jnp.where(switch, state.next_active, state.active)
+  slot_layers = state.slot_layers
+  if s.reset_on_switch:
+    fresh = tuple(inner.init(jax.tree.map(jnp.zeros_like, _take(slot_g, i))) for i in range(gamma))
+    slot_states = jax.tree.map(lambda f, x: jnp.where(switch, f, x), fresh, slot_states)
+    slot_layers = active
+  elif bank is not None:
+    def do_switch(bank, slots):
+      for i in range(gamma):
+        bank = jax.tree.map(lambda b, x: b.at[state.active[i]].set(x), bank, slots[i])
+      return bank, tuple(_take(bank, state.next_active[i]) for i in range(gamma))
+    bank, slot_states = jax.lax.cond(switch, do_switch, lambda b, x: (b, x), bank, slot_states)
+    slot_layers = active
+  return active, slot_layers, slot_states, bank
+
+
+def draw_next_layers(s: Settings, state: GrassState, count: jax.Array, importance: jax.Array,
+                     num_measurements: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Step 6: one step before a switch, draw the next period's layers. Returns ``(next_active, probabilities, key)``."""
+  num_layers, gamma = importance.shape[0], state.active.shape[0]
+  key, sub = jax.random.split(state.key)
+  draw_due = (count + 1) % s.period == 0
+  if s.sampling_kind == "uniform":
+    new_probs = sampling.uniform(num_layers)
+  else:
+    new_probs = sampling.layer_probabilities(s.probability, importance, num_measurements,
+                                             temperature=s.temperature, epsilon=s.epsilon)
+  drawn = sampling.draw(sub, new_probs, gamma)
+  return (jnp.where(draw_due, drawn, state.next_active), jnp.where(draw_due, new_probs, state.probabilities), key)
+
+
+def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state: GrassState, params: Any = None,
+           *, state_stream: StateStream | None = None, layer_norms: jax.Array | None = None,
+           **extra_args) -> tuple[Any, GrassState]:
+  """One GRASS step (the module docstring lists its steps)."""
+  del extra_args
+  num_layers, gamma = state.importance.shape[0], state.active.shape[0]
+  layout = build_layout(updates, s.layers, s.always_on, num_layers=num_layers)
+  slot_g, always_g, full_form = _to_slots(layout, updates, state.active, gamma)
+  slot_p, always_p, _ = (None, None, None) if params is None else _to_slots(layout, params, state.active, gamma)
+  if state_stream is not None and (gamma == num_layers or state.bank is not None or s.reset_on_switch):
+    raise ValueError("state_stream needs offload=True with num_active < L and reset_on_switch=False")
+  probing = state.count < s.probe_steps
+  measuring = gamma < num_layers and s.sampling_kind == "importance"
+
+  if measuring:
+    rms = measure_layers(s, state, layout, updates, slot_g, full_form, probing, layer_norms)
+    window_sum, window_count = accumulate_window(s, state, rms, probing)
+  else:
+    window_sum, window_count = state.window_sum, state.window_count
+  # A NaN/inf anywhere skips the update (zero updates, moments kept) but not the
+  # layer schedule, which stays a function of the step count (offloading relies on it).
+  ok = jnp.isfinite(optax.tree.norm((slot_g, always_g))) if s.skip_nonfinite else None
+  if s.probe_steps:
+    ok = ~probing if ok is None else ok & ~probing
+  slot_u, slot_states, always_u, always_state = update_active_layers(
+      inner, state, slot_g, always_g, slot_p, always_p, ok, state_stream)
+
+  count = state.count + 1
+  imp, counts, bank, slot_layers, active = (
+      state.importance, state.num_measurements, state.bank, state.slot_layers, state.active)
+  next_active, probs, key = state.next_active, state.probabilities, state.key
+  if measuring:
+    imp, counts, window_sum, window_count = refresh_importance(s, state, count, window_sum, window_count)
+  if gamma < num_layers:
+    active, slot_layers, slot_states, bank = switch_layers(inner, s, state, count, slot_g, slot_states, bank)
+    next_active, probs, key = draw_next_layers(s, state, count, imp, counts)
+  else:
+    key, _ = jax.random.split(state.key)
+
+  if full_form and gamma < num_layers:
+    stack_u = {r: jnp.zeros((num_layers,) + u.shape[1:], u.dtype).at[state.active].set(u)
+               for r, u in slot_u.items()}
+  else:
+    stack_u = slot_u
+  new_updates = layout.merge(stack_u, always_u, updates)
+  return new_updates, GrassState(count, key, imp, counts, window_sum, window_count, probs, active, next_active,
+                                 slot_layers, slot_states, bank, always_state)
 
 
 def transform(
@@ -168,9 +430,13 @@ def transform(
     layers: LabelsFn,
     num_active: int | None,
     period: int = 20,
-    temperature: float = 1.0,
+    probability: str = "softmax",
+    temperature: float = 0.5,
     epsilon: float = 0.1,
-    importance_decay: float | None = None,
+    probe_steps: int = 0,
+    refresh_every: int | None = None,
+    mgn_ema: float | None = 0.5,
+    static: bool = False,
     seed: int = 0,
     always_on: AlwaysOn = True,
     sampling_kind: str = "importance",
@@ -191,9 +457,17 @@ def transform(
       or your own, see :mod:`grass_jax.layers`).
     num_active: gamma, layers updated at a time; None means all (full fine-tuning).
     period: K, steps between layer switches.
-    temperature: sharpness of importance sampling: ``p ~ importance ** (1/T)``.
+    probability: 'softmax' (the paper's: ``p ~ exp(m_l / (mean(m) * T))``, MGN
+      divided by its mean over the layers so that one ``temperature`` means the
+      same for every model) or 'power' (``p ~ m_l ** (1/T)``).
+    temperature: T, sharpness of the probabilities (smaller: sharper).
     epsilon: uniform exploration floor: every layer has ``p >= epsilon / L``.
-    importance_decay: None for a running mean of all measurements, or an EMA decay.
+    probe_steps: T_p, the first steps measure every layer and update nothing
+      (a multiple of ``period``). Slot-form callers pass ``layer_norms``.
+    refresh_every: T_u, steps between MGN refreshes (None: ``period``).
+    mgn_ema: alpha, weight kept from a layer's previous MGN when its window is
+      folded in; None for the running mean of all its measurements.
+    static: GRASS* (the paper's ablation): the MGN of probing, never refreshed.
     seed: seeds the PRNG key in the state; same seed, same layer sequence.
     always_on: which leaves outside the layers are updated every step: True
       (LISA's convention: embeddings, final norm, LM head), False (frozen), a
@@ -209,123 +483,16 @@ def transform(
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.
+    Its update accepts ``layer_norms`` (float32 ``[L]`` gradient RMS, NaN where
+    not measured) and ``state_stream`` (:class:`StateStream`) as extra arguments.
   """
-  _check_args(num_active, period, temperature, epsilon, importance_decay, sampling_kind)
-
-  def init_fn(params: Any) -> GrassState:
-    layout = build_layout(params, layers, always_on)
-    num_layers = layout.num_layers
-    gamma = num_layers if num_active is None else num_active
-    if gamma > num_layers:
-      raise ValueError(f"num_active={gamma} exceeds the number of layers L={num_layers}")
-    stack, always = layout.split(params)
-    key, k0, k1 = jax.random.split(jax.random.PRNGKey(seed), 3)
-    probs = sampling.uniform(num_layers)
-    if gamma == num_layers:
-      active = next_active = jnp.arange(num_layers, dtype=jnp.int32)
-    else:
-      active = sampling.draw(k0, probs, gamma)
-      next_active = sampling.draw(k1, probs, gamma) if period == 1 else active
-    if gamma == num_layers:
-      slot_states = inner.init(stack)
-    else:
-      slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
-    keeps_bank = gamma < num_layers and not reset_on_switch and not offload
-    bank = jax.vmap(inner.init)(stack) if keeps_bank else None
-    return GrassState(
-        count=jnp.zeros([], jnp.int32),
-        key=key,
-        importance=jnp.zeros((num_layers,), jnp.float32),
-        num_measurements=jnp.zeros((num_layers,), jnp.int32),
-        probabilities=probs,
-        # Distinct buffers: a train step donates the state, and one buffer cannot be donated twice.
-        active=active,
-        next_active=jnp.copy(next_active),
-        slot_layers=jnp.copy(active),
-        slot_states=slot_states,
-        bank=bank,
-        always_on_state=inner.init(always) if always else optax.EmptyState(),
-    )
-
-  def to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> tuple[dict, dict, bool]:
-    """``(active layers' stack, always-on leaves, whether the tree came in full form)``."""
-    stack, always = layout.split(tree)
-    n = layout.stack_size(layout.treedef.flatten_up_to(tree))
-    if n == layout.num_layers:
-      if gamma < n:
-        stack = _take(stack, active)
-    elif n != gamma:
-      raise ValueError(f"layer leaves have a leading size {n}; expected L={layout.num_layers} (full form) "
-                       f"or num_active={gamma} (slot form)")
-    return stack, always, n == layout.num_layers
-
-  def update_fn(updates: Any, state: GrassState, params: Any = None, *, state_stream: StateStream | None = None,
-                **extra_args) -> tuple[Any, GrassState]:
-    del extra_args
-    num_layers = state.importance.shape[0]
-    gamma = state.active.shape[0]
-    layout = build_layout(updates, layers, always_on, num_layers=num_layers)
-    slot_g, always_g, full_form = to_slots(layout, updates, state.active, gamma)
-    slot_p, always_p, _ = (None, None, None) if params is None else to_slots(layout, params, state.active, gamma)
-
-    norms = importance_lib.layer_grad_norms(slot_g, layout.layer_size)
-    imp, counts = importance_lib.update_importance(
-        state.importance, state.num_measurements, state.active, norms, importance_decay)
-
-    if state_stream is not None and (gamma == num_layers or state.bank is not None or reset_on_switch):
-      raise ValueError("state_stream needs offload=True with num_active < L and reset_on_switch=False")
-    # A NaN/inf anywhere skips the update (zero updates, moments kept) but not the
-    # layer schedule, which stays a function of the step count (offloading relies on it).
-    ok = jnp.isfinite(optax.tree.norm((slot_g, always_g))) if skip_nonfinite else None
-    if gamma == num_layers:  # one inner state for the whole stack: plain full fine-tuning
-      slot_u, slot_states = _guard(ok, *inner.update(slot_g, state.slot_states, slot_p), state.slot_states)
-    else:
-      slot_u, slot_states = _per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma, ok, state_stream)
-    if always_g:
-      always_u, always_state = _guard(ok, *inner.update(always_g, state.always_on_state, always_p),
-                                      state.always_on_state)
-    else:
-      always_u, always_state = {}, state.always_on_state
-
-    count = state.count + 1
-    key, sub = jax.random.split(state.key)
-    bank, slot_layers, active, next_active, probs = (
-        state.bank, state.slot_layers, state.active, state.next_active, state.probabilities)
-    if gamma < num_layers:
-      switch = count % period == 0
-      active = jnp.where(switch, state.next_active, state.active)
-      if reset_on_switch:
-        fresh = tuple(inner.init(jax.tree.map(jnp.zeros_like, _take(slot_g, i))) for i in range(gamma))
-        slot_states = jax.tree.map(lambda f, s: jnp.where(switch, f, s), fresh, slot_states)
-        slot_layers = active
-      elif bank is not None:
-        def do_switch(bank, slots):
-          for i in range(gamma):
-            bank = jax.tree.map(lambda b, s: b.at[state.active[i]].set(s), bank, slots[i])
-          return bank, tuple(_take(bank, state.next_active[i]) for i in range(gamma))
-        bank, slot_states = jax.lax.cond(switch, do_switch, lambda b, s: (b, s), bank, slot_states)
-        slot_layers = active
-      # else: offloaded; slot_layers lag behind `active` until the Offloader swaps.
-      draw_due = (count + 1) % period == 0
-      if sampling_kind == "uniform":
-        new_probs = sampling.uniform(num_layers)
-      else:
-        new_probs = sampling.probabilities(imp, counts, temperature=temperature, epsilon=epsilon)
-      drawn = sampling.draw(sub, new_probs, gamma)
-      next_active = jnp.where(draw_due, drawn, state.next_active)
-      probs = jnp.where(draw_due, new_probs, state.probabilities)
-
-    if full_form and gamma < num_layers:
-      stack_u = {r: jnp.zeros((num_layers,) + u.shape[1:], u.dtype).at[state.active].set(u)
-                 for r, u in slot_u.items()}
-    else:
-      stack_u = slot_u
-    new_updates = layout.merge(stack_u, always_u, updates)
-    new_state = GrassState(count, key, imp, counts, probs, active, next_active, slot_layers,
-                           slot_states, bank, always_state)
-    return new_updates, new_state
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  s = Settings(layers, num_active, period, probability, temperature, epsilon, probe_steps,
+               period if refresh_every is None else refresh_every, mgn_ema, static, seed, always_on,
+               sampling_kind, reset_on_switch, offload, skip_nonfinite)
+  _check_args(s)
+  return optax.GradientTransformationExtraArgs(
+      lambda params: init(inner, s, params),
+      lambda updates, state, params=None, **kw: update(inner, s, updates, state, params, **kw))
 
 
 def lisa(inner: optax.GradientTransformation, *, layers: LabelsFn, num_active: int, period: int = 20,
@@ -348,14 +515,18 @@ def full(inner: optax.GradientTransformation, *, layers: LabelsFn,
 
 
 def strategy(name: str, inner: optax.GradientTransformation, *, layers: LabelsFn,
-             num_active: int | None = None, period: int = 20, temperature: float = 1.0,
-             epsilon: float = 0.1, importance_decay: float | None = None, seed: int = 0,
-             always_on: AlwaysOn = True, offload: bool = False) -> optax.GradientTransformationExtraArgs:
-  """Builds a strategy by name (``grass | lisa | full``), as configs name them."""
-  if name == "grass":
-    return transform(inner, layers=layers, num_active=num_active, period=period, temperature=temperature,
-                     epsilon=epsilon, importance_decay=importance_decay, seed=seed, always_on=always_on,
-                     offload=offload)
+             num_active: int | None = None, period: int = 20, seed: int = 0, always_on: AlwaysOn = True,
+             offload: bool = False, **importance_args: Any) -> optax.GradientTransformationExtraArgs:
+  """Builds a strategy by name, as configs name them.
+
+  ``grass`` (:func:`transform`), ``grass_static`` (GRASS*: ``static=True``,
+  needs ``probe_steps``), ``lisa`` or ``full``. ``importance_args`` are
+  :func:`transform`'s ``probability``, ``temperature``, ``epsilon``,
+  ``probe_steps``, ``refresh_every`` and ``mgn_ema`` (ignored by lisa and full).
+  """
+  if name in ("grass", "grass_static"):
+    return transform(inner, layers=layers, num_active=num_active, period=period, seed=seed, always_on=always_on,
+                     offload=offload, static=name == "grass_static", **importance_args)
   if name == "lisa":
     if num_active is None:
       raise ValueError("strategy 'lisa' needs num_active")
@@ -381,16 +552,21 @@ def replace_state(opt_state: Any, new: GrassState) -> Any:
                                 is_leaf=lambda x: isinstance(x, GrassState))
 
 
-def diagnostics(opt_state: Any, *, temperature: float = 1.0, epsilon: float = 0.1) -> dict[str, np.ndarray]:
+def diagnostics(opt_state: Any, *, probability: str = "softmax", temperature: float = 0.5,
+                epsilon: float = 0.1, uniform: bool = False) -> dict[str, np.ndarray]:
   """Readable snapshot for logging and plots (host numpy arrays).
 
-  Keys: ``step``, ``active``, ``next_active``, ``importance``,
+  Keys: ``step``, ``active``, ``next_active``, ``importance`` (MGN),
   ``num_measurements``, ``probabilities`` (of the latest draw) and
-  ``current_probabilities`` (what a draw now would use, given ``temperature``
-  and ``epsilon``).
+  ``current_probabilities`` (what a draw now would use under the given rule;
+  uniform when ``uniform``, as LISA draws).
   """
   s = find_state(opt_state)
-  cur = sampling.probabilities(s.importance, s.num_measurements, temperature=temperature, epsilon=epsilon)
+  if uniform:
+    cur = sampling.uniform(s.importance.shape[0])
+  else:
+    cur = sampling.layer_probabilities(probability, s.importance, s.num_measurements, temperature=temperature,
+                                       epsilon=epsilon)
   return {
       "step": np.asarray(s.count),
       "active": np.asarray(s.active),

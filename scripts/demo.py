@@ -5,7 +5,7 @@
 
 import argparse
 
-from grass_jax.toy import run_toy
+from toy_problem import run_toy
 
 
 def main() -> None:

@@ -98,7 +98,8 @@ def test_running_mean_by_hand_and_inactive_layers_frozen():
 def test_importance_in_transform_matches_hand_computed_norms():
   """On a toy stacked tree: importance = mean over active steps of ||g_l|| / sqrt(n_l)."""
   params = {"layers": {"w": jnp.zeros((4, 2, 3)), "b": jnp.zeros((4, 3))}, "head": jnp.zeros(2)}
-  tx = grass_jax.transform(optax.sgd(1.0), layers=grass_jax.stacked_layers(), num_active=2, period=1, seed=0)
+  tx = grass_jax.transform(optax.sgd(1.0), layers=grass_jax.stacked_layers(), num_active=2, period=1, seed=0,
+                           mgn_ema=None)
   state = tx.init(params)
   sums, counts = np.zeros(4), np.zeros(4)
   for step in range(10):

@@ -48,7 +48,7 @@ def test_fused_attention_gets_q_k_v_sharded_alike():
   # must reach all three in the lowered step, forward and backward.
   import jax.numpy as jnp
   from grass_jax.models import config_from_hf, init_params
-  from grass_jax.train import slot_loss
+  from grass_jax.train_step import slot_loss
   cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
   params = init_params(cfg, jax.random.PRNGKey(0), jnp.float32)

