@@ -55,6 +55,12 @@ PLAN: list[tuple[str, dict]] = [
     ("cudnn-grass-stream", dict(TINY, **OFFLOAD, stream=True, attention="cudnn")),
     ("cudnn-grass-offload", dict(TINY, **OFFLOAD, attention="cudnn")),
     ("cudnn-grass-no-always-on", dict(TINY, **GRASS, attention="cudnn", always_on=False)),
+    # The cost of sketched importance (every layer's gradient norm at every step), k projections per map.
+    *[(f"cudnn-grass-sketch{k}", dict(TINY, **GRASS, attention="cudnn", measure="sketch", sketch_size=k))
+      for k in (1, 4, 16)],
+    *[(f"7b-gamma2-offload-b2-no-always-on-sketch{k}", dict(TINY, size="llama2-7b", batch=2, **OFFLOAD,
+                                                           always_on=False, measure="sketch", sketch_size=k))
+      for k in (1, 4, 16)],
     # Without rematerialisation (frozen layers keep their input-gradient residuals; weights not copied).
     *[(f"cudnn-{m}-remat-{r}", dict(TINY, **(GRASS if m == "grass" else dict(strategy="full", period=1, num_active=0)),
                                     attention="cudnn", remat=r))

@@ -12,14 +12,23 @@ import sys
 
 import jax.numpy as jnp
 
+from grass_jax import gguf_checkpoint
 from grass_jax.data import DataError, load_tokenizer
 from grass_jax.evaluate import TASKS, evaluate, load_task_records, write_results
 from grass_jax.pretrained import CheckpointError, load_pretrained
 
 
+def default_out(model: str) -> str:
+  """``<model>/eval`` for a checkpoint directory; ``runs/eval-<name>`` for a GGUF file."""
+  if gguf_checkpoint.is_gguf(model):
+    return f"runs/eval-{gguf_checkpoint.resolve(model).stem}"
+  return f"{model}/eval"
+
+
 def main() -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--model", required=True, help="HF checkpoint directory or hub id")
+  ap.add_argument("--model", required=True, help="HF checkpoint directory or hub id, or a GGUF model "
+                  "(file, directory, or package:<module>/<file>.gguf)")
   ap.add_argument("--task", required=True, nargs="+", help=f"one or more of: {', '.join(TASKS)}")
   ap.add_argument("--data", help="test file/dir/hub id (default: dataset/<task>/test.json); one task only")
   ap.add_argument("--tokenizer", help="tokenizer dir/hub id, or 'bytes' (default: the model's)")
@@ -41,9 +50,9 @@ def main() -> int:
       records = load_task_records(task, args.data, args.limit)
       summary, rows = evaluate(params, config, tokenizer, task, records, batch_size=args.batch_size,
                                max_new_tokens=args.max_new_tokens, dtype=dtype, progress=True)
-      write_results(args.out or f"{args.model}/eval", summary, rows)
+      write_results(args.out or default_out(args.model), summary, rows)
       results.append(summary)
-  except (CheckpointError, DataError, ValueError) as e:
+  except (CheckpointError, DataError, gguf_checkpoint.GGUFError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(results, indent=2))

@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.accuracy.tasks import arith, pattern
+from benchmarks.accuracy.study import METHODS
+from benchmarks.accuracy.tasks import DAYS, arith, pattern, weekday
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,14 +20,36 @@ def test_tasks_are_deterministic_and_well_formed():
     assert int(shown) == seq[-1] + (seq[1] - seq[0])
   for r in arith(50, 3):
     assert r["output"].endswith(f"The answer is {r['answer']}.")
+  for r in weekday(50, 3):
+    today = DAYS.index(r["instruction"].split("Today is ")[1].split(".")[0])
+    offset = int(r["instruction"].split(" in ")[1].split(" days")[0])
+    k = int(r["answer"][-1])
+    assert r["instruction"].split(f"Answer{k}: ")[1].split()[0] == DAYS[(today + offset) % 7]
 
 
 def test_tiny_study_runs_all_methods(tmp_path):
   out = tmp_path / "acc.json"
   proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / "study.py"), "--scale", "tiny",
-                         "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True,
-                        cwd=ROOT)
+                         "--work", str(tmp_path / "work"), "--out", str(out), "--parallel", "0"],
+                        capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  table = json.loads(out.read_text())["table"]
-  assert [t["method"] for t in table] == ["full", "lisa", "grass"]
+  result = json.loads(out.read_text())
+  table = result["table"]
+  assert [t["method"] for t in table] == ["pretrained", *METHODS]
   assert all(0.0 <= t["accuracy_mean"] <= 1.0 for t in table)
+  assert all(t["seeds"] == 1 for t in table[1:])
+  assert {"task", "method", "seed", "lr", "accuracy", "peak_bytes", "seconds"} <= set(result["rows"][1])
+  assert (out.parent / "accuracy_smollm2_heatmap_weekday.png").exists()
+
+
+def test_study_picks_the_best_validation_lr_then_runs_the_other_seeds():
+  from benchmarks.accuracy.study import chosen_lr, jobs
+  scale = {"tasks": ["arith"], "methods": ["lisa"], "seeds": [0, 1, 2], "lrs": {"lisa": [1e-4, 3e-4]}}
+  base = {"task": "arith", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.0}
+  assert [j["lr"] for j in jobs(scale, [base])] == [1e-4, 3e-4]  # the grid first, seed 0
+  grid = [dict(task="arith", method="lisa", seed=0, lr=lr, val_accuracy=v, accuracy=0.5)
+          for lr, v in ((1e-4, 0.4), (3e-4, 0.6))]
+  assert chosen_lr([base, grid[0]], "arith", "lisa", scale) is None  # grid incomplete
+  assert chosen_lr([base, *grid], "arith", "lisa", scale) == 3e-4
+  todo = jobs(scale, [base, *grid])
+  assert [(j["seed"], j["lr"], j["splits"]) for j in todo] == [(1, 3e-4, ["test"]), (2, 3e-4, ["test"])]

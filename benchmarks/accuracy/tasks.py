@@ -75,4 +75,53 @@ def pattern(n: int, seed: int) -> list[dict]:
   return out
 
 
-TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa")}
+DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
+
+
+def weekday(n: int, seed: int) -> list[dict]:
+  """Calendar reasoning, multiple choice: "Today is Tuesday. What day will it be in 10 days?"
+
+  Four weekday options; the rationale splits the offset into weeks and days. Scored like
+  ARC / OBQA in LLM-Adapters (the first ``answerN`` counts).
+  """
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    today, offset = rng.randrange(7), rng.randint(2, 40)
+    right = (today + offset) % 7
+    options = [right, *rng.sample([d for d in range(7) if d != right], 3)]
+    rng.shuffle(options)
+    k = options.index(right) + 1
+    opts = " ".join(f"Answer{i + 1}: {DAYS[o]}" for i, o in enumerate(options))
+    weeks, days = divmod(offset, 7)
+    out.append({"instruction": f"Today is {DAYS[today]}. What day of the week will it be in {offset} days?\n\n"
+                               f"{opts}\n\nAnswer format: answer1/answer2/answer3/answer4",
+                "input": "", "output": f"{offset} days is {weeks} weeks and {days} days. {DAYS[today]} plus {days} "
+                                       f"days is {DAYS[right]}. The correct answer is answer{k}",
+                "answer": f"answer{k}"})
+  return out
+
+
+TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa"), "weekday": (weekday, "openbookqa")}
+
+
+def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int) -> dict[str, str]:
+  """Writes ``<task>_{train,val,test}.jsonl`` (disjoint seeds) and returns their paths."""
+  import json
+  from pathlib import Path
+  make = TASKS[task][0]
+  directory = Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  paths = {}
+  for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_test, 3)):
+    path = directory / f"{task}_{split}.jsonl"
+    if not path.exists():
+      path.write_text("".join(json.dumps(r) + "\n" for r in make(n, seed)))
+    paths[split] = str(path)
+  return paths
+
+
+if __name__ == "__main__":  # python benchmarks/accuracy/tasks.py data/ : the files configs/smollm2-*.yaml read
+  import sys
+  for name in ("arith", "weekday"):
+    write_splits(name, sys.argv[1] if len(sys.argv) > 1 else "data", n_train=4000, n_val=200, n_test=500)
