@@ -75,7 +75,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    grass_jax.strategy(strategy, optax.adamw(1e-5, weight_decay=0.0), layers=LAYERS,
                                       num_active=gamma, period=spec["period"], offload=spec.get("offload", False),
-                                      always_on=spec.get("always_on", True)))
+                                      always_on=spec.get("always_on", True),
+                                      **({"probe_steps": spec["probe_steps"]} if spec.get("probe_steps") else {})))
   measure = spec.get("measure", "none")  # 'sketch': every layer's importance in the backward pass (issue 15)
   opt_state = jax.jit(tx.init)(params)
   s_sh = sharding.tree_shardings(opt_state, mesh)
@@ -88,7 +89,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
                          frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
                          shardings=(p_sh, s_sh, b_sh), stream_states=stream, measure=measure,
-                         sketch_size=spec.get("sketch_size", 4))
+                         sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0))
   rng = np.random.default_rng(0)
   b, t = spec["batch"], spec["seq"]
   tokens = rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)

@@ -61,6 +61,8 @@ PLAN: list[tuple[str, dict]] = [
     *[(f"7b-gamma2-offload-b2-no-always-on-sketch{k}", dict(TINY, size="llama2-7b", batch=2, **OFFLOAD,
                                                            always_on=False, measure="sketch", sketch_size=k))
       for k in (1, 4, 16)],
+    # A probing step (every layer's exact gradient norm, nothing updated): every step probes here.
+    ("cudnn-grass-probing", dict(TINY, **GRASS, attention="cudnn", measure="exact", probe_steps=1000)),
     # Without rematerialisation (frozen layers keep their input-gradient residuals; weights not copied).
     *[(f"cudnn-{m}-remat-{r}", dict(TINY, **(GRASS if m == "grass" else dict(strategy="full", period=1, num_active=0)),
                                     attention="cudnn", remat=r))
