@@ -158,12 +158,11 @@ def jobs(scale: dict, rows: list[dict]) -> list[dict]:
   """What is left: baselines, the grid (seed 0, every lr) and the other seeds at the chosen lr."""
   done = {(r["task"], r["method"], r["seed"], r["lr"]) for r in rows}
   todo = [{"kind": "baseline", "task": t} for t in scale["tasks"] if (t, "pretrained", 0, 0.0) not in done]
-  for t in scale["tasks"]:
+  for t in scale["tasks"]:  # one task at a time: a study cut short has whole tasks
     for m in scale["methods"]:
       for lr in scale["lrs"][m]:
         if (t, m, 0, lr) not in done:
           todo.append({"kind": "run", "task": t, "method": m, "seed": 0, "lr": lr, "splits": ["val", "test"]})
-  for t in scale["tasks"]:
     for m in scale["methods"]:
       lr = chosen_lr(rows, t, m, scale)
       for s in scale["seeds"][1:]:
