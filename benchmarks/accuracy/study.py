@@ -224,7 +224,8 @@ def run_pool(args, scale: dict, work: Path) -> None:
     out_of_time = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
     while todo and len(running) < args.parallel and not out_of_time:
       job = todo.pop(0)
-      cmd = [sys.executable, __file__, "--scale", args.scale, "--work", str(work), "--one", json.dumps(job)]
+      cmd = [sys.executable, __file__, "--scale", args.scale, "--work", str(work), "--one", json.dumps(job),
+             *(["--no-compile-cache"] if args.no_compile_cache else [])]
       running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
                       job, time.perf_counter()))
     if not running:
@@ -295,6 +296,7 @@ def main() -> None:
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new run after this many seconds (re-run to continue)")
   ap.add_argument("--report", action="store_true", help="only summarise rows.jsonl: table, JSON, figures")
+  ap.add_argument("--no-compile-cache", action="store_true", help="no persistent compilation cache")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args()
   scale = SCALES[args.scale]
@@ -303,9 +305,9 @@ def main() -> None:
   if args.report:
     return report(args, scale, work)
   import jax
-  # Runs of one method share their step executables: compile each once.
-  jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  if not args.no_compile_cache:  # runs of one method share their step executables: compile each once
+    jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   model = model_path(scale, work)
   if args.one:
     print("RESULT" + json.dumps(run_job(scale, model, json.loads(args.one), work)), flush=True)
