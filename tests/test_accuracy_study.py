@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.accuracy.study import METHODS
 from benchmarks.accuracy.tasks import DAYS, arith, pattern, weekday
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +26,7 @@ def test_tasks_are_deterministic_and_well_formed():
     assert r["instruction"].split(f"Answer{k}: ")[1].split()[0] == DAYS[(today + offset) % 7]
 
 
-def test_tiny_study_runs_all_methods(tmp_path):
+def test_tiny_study_runs_end_to_end(tmp_path):
   out = tmp_path / "acc.json"
   proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / "study.py"), "--scale", "tiny",
                          "--work", str(tmp_path / "work"), "--out", str(out), "--parallel", "0"],
@@ -35,7 +34,7 @@ def test_tiny_study_runs_all_methods(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   table = result["table"]
-  assert [t["method"] for t in table] == ["pretrained", *METHODS]
+  assert [t["method"] for t in table] == ["pretrained", "lisa", "grass_sketch"]
   assert all(0.0 <= t["accuracy_mean"] <= 1.0 for t in table)
   assert all(t["seeds"] == 1 for t in table[1:])
   assert {"task", "method", "seed", "lr", "accuracy", "peak_bytes", "seconds"} <= set(result["rows"][1])

