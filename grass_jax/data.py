@@ -88,6 +88,12 @@ def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
   return tok
 
 
+def _looks_like_a_path(source: str) -> bool:
+  """A data file's name (known suffix, or a parent directory that exists here): never tried as a hub id."""
+  p = Path(source).expanduser()
+  return p.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv", ".txt") or p.parent.exists() and p.parent != Path(".")
+
+
 def load_records(source: str, split: str = "train", *, test: bool = False) -> list[dict[str, Any]]:
   """Reads records from a local JSON/JSONL/parquet file or directory, or a hub dataset id.
 
@@ -135,7 +141,7 @@ def load_records(source: str, split: str = "train", *, test: bool = False) -> li
       records = list(datasets.load_dataset(str(path), split=split))
     except Exception as e:  # noqa: BLE001
       raise DataError(f"cannot read a dataset (split {split!r}) from directory {path}: {type(e).__name__}: {e}") from e
-  elif "/" in source and not source.startswith((".", "/")):
+  elif "/" in source and not source.startswith((".", "/")) and not _looks_like_a_path(source):
     import datasets
     try:
       records = list(datasets.load_dataset(source, split=split))

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from grass_jax import data as data_lib
 from grass_jax import sharding as sharding_lib
 from grass_jax.checkpoints import Checkpointer
-from grass_jax.config import Config, ModelConfig, OptimConfig, to_dict
+from grass_jax.config import Config, ConfigError, ModelConfig, OptimConfig, to_dict
 from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, config_from_hf, init_params
@@ -136,6 +136,9 @@ class Trainer:
     self.out = Path(cfg.train.output_dir)
     self.mesh = self._prepare_run(resume)
     self.params, self.mcfg = load_model(cfg.model, cfg.train.seed)
+    if cfg.optim.strategy != "full" and cfg.optim.num_active > self.mcfg.num_layers:
+      raise ConfigError(f"optim.num_active={cfg.optim.num_active} exceeds the model's {self.mcfg.num_layers} layers; "
+                        f"use at most {self.mcfg.num_layers} (or optim.strategy: full)")
     self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer, cfg.model.path)
     self.dataset = self._load_data()
     self.total = len(self.dataset) * cfg.train.epochs

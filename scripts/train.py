@@ -11,6 +11,9 @@ import json
 import sys
 
 from grass_jax import config as config_lib
+from grass_jax.data import DataError
+from grass_jax.gguf_checkpoint import GGUFError
+from grass_jax.pretrained import CheckpointError
 from grass_jax.train import run
 
 
@@ -19,6 +22,7 @@ def main() -> int:
   ap.add_argument("--config", default="configs/tiny-demo.yaml", help="YAML config (see configs/); default: the CPU demo")
   ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
   ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+  ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.num_active=4")
   args = ap.parse_args()
   try:
@@ -26,7 +30,13 @@ def main() -> int:
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
-  summary = run(cfg, resume=args.resume, progress=not args.no_progress)
+  try:
+    summary = run(cfg, resume=args.resume, progress=not args.no_progress)
+  except (config_lib.ConfigError, DataError, CheckpointError, GGUFError, FileExistsError, FileNotFoundError) as e:
+    if args.debug:
+      raise
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   print(json.dumps(summary, indent=2))
   return 0
 

@@ -186,3 +186,17 @@ def test_eval_config_errors():
     config_lib.load(DEMO, ["eval.tasks=[gsm9k]"])
   with pytest.raises(config_lib.ConfigError, match="single task"):
     config_lib.load(DEMO, ["eval.tasks=[gsm8k, boolq]", "eval.data=x.json"])
+
+
+def test_missing_data_file_is_named_not_tried_as_a_hub_id():
+  from grass_jax.data import DataError, load_records
+  for source in ("data/missing.jsonl", "data/nope", "somewhere/train.json"):
+    with pytest.raises(DataError, match="does not exist"):
+      load_records(source)
+
+
+def test_more_active_layers_than_the_model_has_is_a_config_error(tmp_path):
+  from grass_jax.config import ConfigError
+  cfg = config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [f"train.output_dir={tmp_path}", "optim.num_active=7"])
+  with pytest.raises(ConfigError, match="optim.num_active=7 exceeds the model's 6 layers"):
+    run(cfg, progress=False)
