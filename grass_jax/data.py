@@ -63,10 +63,19 @@ class ByteTokenizer:
     return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
 
 
+BYTES_MARKER = "grass_jax_tokenizer.json"
+
+
+def save_tokenizer_marker(tokenizer: Tokenizer, directory: str | Path) -> None:
+  """Records a built-in tokenizer beside an exported model, so evaluation finds it without ``--tokenizer``."""
+  if isinstance(tokenizer, ByteTokenizer):
+    (Path(directory) / BYTES_MARKER).write_text('{"tokenizer": "bytes"}\n')
+
+
 def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
   """'bytes' for :class:`ByteTokenizer`; otherwise a HF tokenizer directory or hub id, or a GGUF model."""
   source = spec or model_path
-  if source == "bytes":
+  if source == "bytes" or (spec is None and model_path and (Path(model_path) / BYTES_MARKER).is_file()):
     return ByteTokenizer()
   if not source:
     raise DataError("no tokenizer: set model.tokenizer (a HF tokenizer directory, hub id, or 'bytes')")

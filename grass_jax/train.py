@@ -98,6 +98,26 @@ def measure_mode(o: OptimConfig) -> str:
   return "exact" if o.probing_steps() else "none"
 
 
+# What the learning-rate schedule and the layer sequence of a run are a function of.
+SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum", "train.seed",
+                 "optim.strategy", "optim.learning_rate", "optim.schedule", "optim.warmup_ratio", "optim.period",
+                 "optim.probe_steps", "optim.num_active", "data.train", "data.shuffle_seed")
+
+
+def check_same_schedule(cfg: Config, saved: Path) -> None:
+  """Refuses a resume whose schedule keys differ from the run's saved ``config.yaml`` (never a silent jump)."""
+  if not saved.exists():
+    return
+  old, new = yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)
+  for key in SCHEDULE_KEYS:
+    section, name = key.split(".")
+    was, now = (old.get(section) or {}).get(name), new[section][name]
+    if was != now:
+      raise ConfigError(f"--resume with {key}={now!r}, but the run in {saved.parent} was started with {was!r}: "
+                        "the schedule and the layer sequence span the whole run. Set it back, or start a new run "
+                        "in another train.output_dir")
+
+
 @dataclasses.dataclass
 class RunState:
   """What the phases of a run share.
@@ -170,6 +190,8 @@ class Trainer:
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
       raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or set "
                             "train.output_dir to a new directory")
+    if resume:
+      check_same_schedule(cfg, self.out / "config.yaml")
     self.out.mkdir(parents=True, exist_ok=True)
     (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     self.ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
@@ -339,6 +361,8 @@ class Trainer:
       save_pretrained(params, self.mcfg, directory)
     if hasattr(self.tokenizer, "save_pretrained"):
       self.tokenizer.save_pretrained(directory)
+    elif self.main_process:
+      data_lib.save_tokenizer_marker(self.tokenizer, directory)
     return directory
 
 

@@ -200,3 +200,15 @@ def test_more_active_layers_than_the_model_has_is_a_config_error(tmp_path):
   cfg = config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [f"train.output_dir={tmp_path}", "optim.num_active=7"])
   with pytest.raises(ConfigError, match="optim.num_active=7 exceeds the model's 6 layers"):
     run(cfg, progress=False)
+
+
+def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path):
+  from grass_jax.config import ConfigError
+  run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), progress=False, stop_at=2)
+  with pytest.raises(ConfigError, match=r"--resume with train.max_steps=8, but the run .* was started with 4"):
+    run(_cfg(tmp_path, "train.max_steps=8", "train.checkpoint_every=2"), resume=True, progress=False)
+
+
+def test_exported_byte_tokenizer_model_evaluates_without_tokenizer_flag(tmp_path):
+  run(_cfg(tmp_path, "train.max_steps=1"), progress=False)
+  assert isinstance(data_lib.load_tokenizer(None, str(tmp_path / "hf_model")), data_lib.ByteTokenizer)
