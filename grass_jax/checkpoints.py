@@ -19,7 +19,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import contextlib
+import logging
+import shutil
+
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """No checkpoint can be restored (the message says what was tried and the fix)."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax and absl log whole asyncio tracebacks for a damaged file; the caller reports one line instead."""
+  loggers = [logging.getLogger(n) for n in ("absl", "orbax", "orbax.checkpoint", "jax._src.distributed")]
+  levels = [l.level for l in loggers]
+  for l in loggers:
+    l.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    for l, level in zip(loggers, levels):
+      l.setLevel(level)
 
 
 class Checkpointer:
@@ -51,6 +73,38 @@ class Checkpointer:
       items["layer_states"] = ocp.args.StandardRestore(layer_states)
     r = self.manager.restore(step, args=ocp.args.Composite(**items))
     return r.params, r.opt_state, r.get("layer_states") if layer_states is not None else None, r.meta
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def restore_newest_readable(self, *, params: Any, opt_state: Any, layer_states: Any,
+                              warn=print) -> tuple[int, Any, Any, Any, dict] | None:
+    """Restores the newest checkpoint that reads back whole; returns ``(step, params, opt_state, layer_states, meta)``.
+
+    A checkpoint that fails to read (a truncated or garbage array file, a missing metadata file) is
+    moved aside to ``<directory>_unreadable/<step>`` (kept, never deleted) with one line through
+    ``warn`` naming it and the error, and the next older one is tried. None when no checkpoint exists.
+    Raises :class:`CheckpointError` when checkpoints exist but none reads back.
+    """
+    skipped = []
+    for step in reversed(self.all_steps()):
+      try:
+        with _quiet_orbax():
+          restored = self.restore(step, params=params, opt_state=opt_state, layer_states=layer_states)
+      except Exception as e:  # noqa: BLE001 - orbax and tensorstore fail in many ways on a damaged file
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        skipped.append(step)
+        aside = self.directory.parent / f"{self.directory.name}_unreadable" / str(step)
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(self.directory / str(step)), str(aside))
+        warn(f"skipped checkpoint {step} (unreadable: {reason}); moved it to {aside}")
+        self.manager.reload()
+        continue
+      return (step, *restored)
+    if skipped:
+      raise CheckpointError(f"no readable checkpoint in {self.directory} (skipped steps {skipped}, moved to "
+                            f"{self.directory.name}_unreadable/); start without --resume in a new train.output_dir")
+    return None
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -215,14 +216,15 @@ class Trainer:
     if o.stream_active_states:
       opt_state, s_sh = host_slot_states(opt_state, s_sh)
     self.shardings = (p_sh, s_sh, b_sh)
-    if not (resume and self.ckpt.latest_step() is not None):
+    target = Offloader.checkpoint_target(opt_state) if (resume and o.offload_optimizer_state) else None
+    restored = self.ckpt.restore_newest_readable(
+        params=params, opt_state=opt_state, layer_states=target,
+        warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) if resume else None
+    if restored is None:
       offloader = Offloader(opt_state, period=o.period, stream=o.stream_active_states) \
           if o.offload_optimizer_state else None
       return RunState(step=0, params=params, opt_state=opt_state, offloader=offloader)
-    step = self.ckpt.latest_step()
-    target = Offloader.checkpoint_target(opt_state) if o.offload_optimizer_state else None
-    params, opt_state, layer_states, meta = self.ckpt.restore(step, params=params, opt_state=opt_state,
-                                                              layer_states=target)
+    step, params, opt_state, layer_states, meta = restored
     offloader = Offloader.restore(opt_state, layer_states, period=o.period, stream=o.stream_active_states) \
         if o.offload_optimizer_state else None
     return RunState(step=step, params=params, opt_state=opt_state, offloader=offloader, epoch=meta["epoch"],
