@@ -99,10 +99,12 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
 
-    def override(lp: Params, idx: jax.Array) -> Params:
+    def pick_slot(lp: Params, idx: jax.Array) -> Params:
       slot = slot_of[idx]
       pick = jnp.maximum(slot, 0)
       return {k: jnp.where(slot >= 0, trainable["layers"][k][pick].astype(v.dtype), v) for k, v in lp.items()}
+
+    override = pick_slot
 
     params = {**trainable, "layers": frozen_layers}
   logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,

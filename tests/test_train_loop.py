@@ -202,46 +202,6 @@ def test_more_active_layers_than_the_model_has_is_a_config_error(tmp_path):
     run(cfg, progress=False)
 
 
-def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path):
-  from grass_jax.config import ConfigError
-  run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), progress=False, stop_at=2)
-  with pytest.raises(ConfigError, match=r"--resume with train.max_steps=8, but the run .* was started with 4"):
-    run(_cfg(tmp_path, "train.max_steps=8", "train.checkpoint_every=2"), resume=True, progress=False)
-
-
 def test_exported_byte_tokenizer_model_evaluates_without_tokenizer_flag(tmp_path):
   run(_cfg(tmp_path, "train.max_steps=1"), progress=False)
   assert isinstance(data_lib.load_tokenizer(None, str(tmp_path / "hf_model")), data_lib.ByteTokenizer)
-
-
-def _largest_file(directory):
-  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-
-
-FALLBACK = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=2"]
-
-
-@pytest.fixture(scope="module")
-def straight_four_steps(tmp_path_factory):
-  return run(_cfg(tmp_path_factory.mktemp("straight"), *FALLBACK), progress=False, return_state=True)["params"]
-
-
-@pytest.mark.parametrize("damage", ["truncated_array", "missing_metadata", "garbage_bytes"])
-def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, damage, capsys, straight_four_steps):
-  extra = FALLBACK
-  run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=4)
-  newest = tmp_path / "b" / "checkpoints" / "4"
-  if damage == "truncated_array":
-    f = _largest_file(newest / "params")
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-  elif damage == "missing_metadata":
-    for manifest in (newest / "params").rglob("manifest.ocdbt"):  # the index of the array files
-      manifest.unlink()
-  else:
-    f = _largest_file(newest / "opt_state")
-    f.write_bytes(np.random.default_rng(0).integers(0, 256, f.stat().st_size, dtype=np.uint8).tobytes())
-  resumed = run(_cfg(tmp_path / "b", *extra), resume=True, progress=False, return_state=True)
-  assert "skipped checkpoint 4 (unreadable:" in capsys.readouterr().err
-  assert (tmp_path / "b" / "checkpoints_unreadable" / "4").is_dir()  # kept, not deleted
-  assert resumed["steps"] == 4
-  jax.tree.map(np.testing.assert_array_equal, straight_four_steps, resumed["params"])
