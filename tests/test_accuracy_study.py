@@ -34,7 +34,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   table = result["table"]
-  assert [t["method"] for t in table] == ["pretrained", "lisa", "grass_sketch"]
+  assert [t["method"] for t in table] == ["pretrained", "grass_sketch"]
   assert all(0.0 <= t["accuracy_mean"] <= 1.0 for t in table)
   assert all(t["seeds"] == 1 for t in table[1:])
   assert {"task", "method", "seed", "lr", "accuracy", "peak_bytes", "seconds"} <= set(result["rows"][1])
