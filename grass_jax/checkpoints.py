@@ -25,9 +25,7 @@ import shutil
 
 import orbax.checkpoint as ocp
 
-
-class CheckpointError(ValueError):
-  """No checkpoint can be restored (the message says what was tried and the fix)."""
+from grass_jax.pretrained import CheckpointError
 
 
 @contextlib.contextmanager

@@ -100,7 +100,7 @@ def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
 def _looks_like_a_path(source: str) -> bool:
   """A data file's name (known suffix, or a parent directory that exists here): never tried as a hub id."""
   p = Path(source).expanduser()
-  return p.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv", ".txt") or p.parent.exists() and p.parent != Path(".")
+  return p.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv", ".txt") or (p.parent != Path(".") and p.parent.exists())
 
 
 def load_records(source: str, split: str = "train", *, test: bool = False) -> list[dict[str, Any]]:

@@ -61,17 +61,10 @@ def update_importance(importance: jax.Array, counts: jax.Array, layers: jax.Arra
   """
   chex.assert_equal_shape([importance, counts])
   chex.assert_equal_shape([layers, norms])
-  ok = jnp.isfinite(norms)
-  old = importance[layers]
-  n_old = counts[layers]
-  n_new = n_old + 1
-  if decay is None:
-    new = old + (norms - old) / n_new.astype(jnp.float32)
-  else:
-    new = jnp.where(n_old == 0, norms, decay * old + (1.0 - decay) * norms)
-  new = jnp.where(ok, new, old)
-  n_new = jnp.where(ok, n_new, n_old)
-  return importance.at[layers].set(new.astype(importance.dtype)), counts.at[layers].set(n_new)
+  # A window of one step, folded at once: the same rule as the windowed MGN.
+  rms = jnp.full(importance.shape, jnp.nan, jnp.float32).at[layers].set(norms.astype(jnp.float32))
+  window_sum, window_count = accumulate(jnp.zeros_like(rms), jnp.zeros_like(counts), rms)
+  return refresh(importance, counts, window_sum, window_count, decay)
 
 
 def accumulate(window_sum: jax.Array, window_count: jax.Array, rms: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -56,7 +56,7 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) ->
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
               batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
               attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
-              sink: jax.Array | None = None, measurement: Measurement | None = None
+              sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True
               ) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
@@ -73,9 +73,9 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       (only their shapes). 'select': every block picks its weights with
       ``jnp.where`` (one code path, but dW is computed for every layer and then
       discarded).
-    measure, sketch_size, sink, measurement: importance measurement in the
-      backward pass ('cond' only; see :mod:`grass_jax.models.slot_scan`): the
-      gradient with respect to ``sink`` holds each layer's squared gradient norm.
+    measure, sketch_size, sink, measurement, may_probe: importance measurement
+      in the backward pass ('cond' only; see :mod:`grass_jax.models.slot_scan`):
+      the gradient with respect to ``sink`` holds each layer's squared gradient norm.
 
   Returns:
     ``(summed loss, number of loss tokens)``.
@@ -93,7 +93,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
     params = {**trainable, "layers": frozen_layers}
     stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
-                       measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement)
+                       measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement,
+                       may_probe=may_probe)
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
@@ -185,7 +186,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
         lambda tr, sk, frozen, act, mb: slot_loss(
             tr, frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads, attention=attention,
             act_sharding=act_sharding, measure=measure if measuring else "none", sketch_size=sketch_size, sink=sk,
-            measurement=measurement), argnums=(0, 1), has_aux=True)
+            measurement=measurement, may_probe=probe_steps > 0), argnums=(0, 1), has_aux=True)
 
     def micro(acc, mb):
       (loss_sum, count), g = grad_fn(wrt, sink, params["layers"], active, mb)

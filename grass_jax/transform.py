@@ -280,9 +280,9 @@ def measure_layers(s: Settings, state: GrassState, layout: LayerLayout, grads: A
                      "tx.update(..., layer_norms=...) (see grass_jax.train_step)")
   rms = jnp.full((num_layers,), jnp.nan, jnp.float32)
   rms = rms.at[state.active].set(importance_lib.layer_grad_norms(slot_grads, layout.layer_size))
-  if s.probe_steps:
-    every = importance_lib.layer_grad_norms(layout.split(grads)[0], layout.layer_size)
-    rms = jnp.where(probing, every, rms)
+  if s.probe_steps:  # a pass over every layer's gradient, on probing steps only
+    rms = jax.lax.cond(probing, lambda: importance_lib.layer_grad_norms(layout.split(grads)[0], layout.layer_size),
+                       lambda: rms)
   return rms
 
 

@@ -11,7 +11,6 @@ import json
 import sys
 
 from grass_jax import config as config_lib
-from grass_jax.checkpoints import CheckpointError as RestoreError
 from grass_jax.data import DataError
 from grass_jax.gguf_checkpoint import GGUFError
 from grass_jax.pretrained import CheckpointError
@@ -33,8 +32,7 @@ def main() -> int:
     return 2
   try:
     summary = run(cfg, resume=args.resume, progress=not args.no_progress)
-  except (config_lib.ConfigError, DataError, CheckpointError, RestoreError, GGUFError, FileExistsError,
-          FileNotFoundError) as e:
+  except (config_lib.ConfigError, DataError, CheckpointError, GGUFError, FileExistsError, FileNotFoundError) as e:
     if args.debug:
       raise
     print(f"error: {e}", file=sys.stderr)

@@ -28,7 +28,7 @@ def _sink_grad(params, mb, active, *, measure, probing, key, sketch_size=4):
   def f(sink):
     return slot_loss(trainable, params["layers"], active, CFG, mb, dtype=jnp.float32, remat="full",
                      measure=measure, sketch_size=sketch_size, sink=sink,
-                     measurement=Measurement(jnp.asarray(probing), key))[0]
+                     measurement=Measurement(jnp.asarray(probing), key), may_probe=probing)[0]
   return jax.grad(f)(jnp.zeros((CFG.num_layers,), jnp.float32))
 
 

@@ -70,12 +70,15 @@ class ScanSettings(NamedTuple):
     remat: what the forward pass keeps of frozen layers (a ``remat`` policy).
     measure: 'none', 'exact' or 'sketch' (module docstring).
     sketch_size: k, the number of random projections of a sketch.
+    may_probe: whether any step can probe; without it frozen layers have no
+      probing branch (a ``lax.cond``) in the backward pass.
   """
   impl: str
   act_sharding: Any
   remat: str = "full"
   measure: str = "none"
   sketch_size: int = 4
+  may_probe: bool = True
 
 
 class Measurement(NamedTuple):
@@ -92,7 +95,8 @@ class Measurement(NamedTuple):
 
 def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, attention: str,
                act_sharding: Any = None, remat: str = "full", measure: str = "none", sketch_size: int = 4,
-               sink: jax.Array | None = None, measurement: Measurement | None = None) -> LayerStack:
+               sink: jax.Array | None = None, measurement: Measurement | None = None,
+               may_probe: bool = True) -> LayerStack:
   """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers.
 
   Args:
@@ -108,6 +112,8 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
     sink: float32 ``[L]`` zeros whose gradient receives the squared norms
       (required unless ``measure='none'``).
     measurement: the step's :class:`Measurement` (required unless 'none').
+    may_probe: False when ``measurement.probing`` is never true (no probing
+      phase): the probing branch is then left out of the backward pass.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -116,7 +122,8 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
   if measure == "sketch" and sketch_size < 1:
     raise ValueError(f"sketch_size must be >= 1; got {sketch_size}")
   chex.assert_shape(slot_of, (config.num_layers,))
-  settings = ScanSettings(attention, act_sharding, "full" if measure == "sketch" else remat, measure, sketch_size)
+  settings = ScanSettings(attention, act_sharding, "full" if measure == "sketch" else remat, measure, sketch_size,
+                          may_probe)
   if measure == "none":
     sink = measurement = None
 
@@ -237,6 +244,11 @@ class _Backward(NamedTuple):
     measure = self.settings.measure
     if measure == "none":
       return self.input_grad(layer, dh), sink
+    if not self.settings.may_probe:
+      if measure == "exact":  # only trained layers are measured: frozen ones are input gradients alone
+        return self.input_grad(layer, dh), sink
+      dx, sq = self.sketched_norm(layer, dh)
+      return dx, sink.at[layer].set(sq)
     otherwise = (self.sketched_norm if measure == "sketch"
                  else lambda l, d: (self.input_grad(l, d), jnp.float32(0)))
     dx, sq = jax.lax.cond(self.measurement.probing, self.exact_norm, otherwise, layer, dh)
