@@ -89,7 +89,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
                          frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
                          shardings=(p_sh, s_sh, b_sh), stream_states=stream, measure=measure,
-                         sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0))
+                         sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
+                         always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None)
   rng = np.random.default_rng(0)
   b, t = spec["batch"], spec["seq"]
   tokens = rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)
@@ -105,6 +106,10 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
         opt_state = off.after_step(opt_state)
     return m
 
+  if spec.get("run_steps"):  # the peers benchmark: every step timed, compilation included (whole_run_s)
+    return {**spec, **_timed_run(run, spec["run_steps"]), "device": dev.device_kind, "jax": jax.__version__,
+            "peak_bytes": (dev.memory_stats() or {}).get("peak_bytes_in_use"),
+            "compiled_executables": step._cache_size()}
   tc = time.perf_counter()
   jax.block_until_ready(run(1))
   compile_s = time.perf_counter() - tc
@@ -136,6 +141,24 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
           "param_bytes": sum(x.nbytes for x in jax.tree.leaves(params)), "final_loss": loss,
           "skipped": int(m["skipped"]), "compiled_executables": compiles,
           "required_flops": flops, "mfu": flops / step_s / PEAK_FLOPS, "profile": profile}
+
+
+def _timed_run(run: Any, steps: int) -> dict[str, Any]:
+  """Times ``steps`` calls of ``run(1)`` one by one; the first includes compilation."""
+  import jax
+  times = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    jax.block_until_ready(run(1))
+    times.append(time.perf_counter() - t)
+  return step_times_summary(times)
+
+
+def step_times_summary(times: list[float]) -> dict[str, Any]:
+  """Steady state (median step) and whole run (every step, compilation included) of timed steps."""
+  ordered = sorted(times)
+  return {"step_s": ordered[len(ordered) // 2], "whole_run_s": sum(times), "first_step_s": times[0],
+          "slow_steps": sum(t > 3 * ordered[len(ordered) // 2] for t in times)}
 
 
 def _kernel_class(name: str) -> str:

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from grass_jax import sharding as sharding_lib
+from grass_jax.layers import AlwaysOn, build_layout
 from grass_jax.models import LAYERS
 from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
 from grass_jax.models.slot_scan import MEASURES, Measurement, slot_stack
@@ -56,8 +57,8 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) ->
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
               batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
               attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
-              sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True
-              ) -> tuple[jax.Array, jax.Array]:
+              sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True,
+              input_grad: bool = True) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -76,6 +77,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     measure, sketch_size, sink, measurement, may_probe: importance measurement
       in the backward pass ('cond' only; see :mod:`grass_jax.models.slot_scan`):
       the gradient with respect to ``sink`` holds each layer's squared gradient norm.
+    input_grad: False when the embeddings do not train: the backward pass then
+      stops at the lowest trained layer ('cond' only).
 
   Returns:
     ``(summed loss, number of loss tokens)``.
@@ -94,7 +97,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     params = {**trainable, "layers": frozen_layers}
     stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
                        measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement,
-                       may_probe=may_probe)
+                       may_probe=may_probe, input_grad=input_grad)
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
@@ -126,11 +129,28 @@ def _layer_rms(sink_grad: jax.Array, state: GrassState, denom: jax.Array, *, mea
   return jnp.where(measured, rms, jnp.nan)
 
 
+def _gradient_leaves(wrt: Params, always_on: AlwaysOn | None, state: GrassState, num_layers: int) -> list[bool]:
+  """Per leaf of the slot tree (flatten order), whether the step differentiates it.
+
+  The layers always; of the other leaves (embeddings, final norm, LM head) the always-on group, or all of
+  them when ``always_on`` is None. A leaf left out gets a zero gradient and costs no backward pass.
+  """
+  leaves = jax.tree.leaves(wrt)
+  if always_on is None:
+    return [True] * len(leaves)
+  layout = build_layout(wrt, LAYERS, always_on, num_layers=num_layers)
+  trained = {i for idx in layout.role_leaves for i in idx} | set(layout.always_on)
+  if not layout.always_on and jax.tree.leaves(state.always_on_state):
+    raise ValueError("make_train_step(always_on=...) says no leaf outside the layers trains, but the GRASS "
+                     "transform has an always-on group: pass the transform's always_on to both")
+  return [i in trained for i in range(len(leaves))]
+
+
 def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
                     remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
                     donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
                     stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
-                    probe_steps: int = 0) -> Callable:
+                    probe_steps: int = 0, always_on: AlwaysOn | None = None) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -154,6 +174,11 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   'sketch' (every layer at every step, ``sketch_size`` random projections);
   the step passes the norms to the transform as ``layer_norms``.
   ``metrics['probing']`` is 1 for a probing step.
+
+  ``always_on``: the transform's ``always_on`` (which leaves outside the layers
+  train). The step then differentiates only the layers and that group; with
+  embeddings frozen the backward pass stops at the lowest trained layer. None
+  (default): every leaf gets a gradient, the transform keeps what it trains.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -182,24 +207,42 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     sink = jnp.zeros((config.num_layers,), jnp.float32) if measuring else None
     # A key of its own for the sketch's projections, derived from the state's (resume stays exact).
     measurement = Measurement(probing, jax.random.fold_in(state.key, 0x5EC)) if measuring else None
-    grad_fn = jax.value_and_grad(
-        lambda tr, sk, frozen, act, mb: slot_loss(
-            tr, frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads, attention=attention,
-            act_sharding=act_sharding, measure=measure if measuring else "none", sketch_size=sketch_size, sink=sk,
-            measurement=measurement, may_probe=probe_steps > 0), argnums=(0, 1), has_aux=True)
+    leaves, treedef = jax.tree.flatten(wrt)
+    differentiate = ([True] * len(leaves) if all_layers
+                     else _gradient_leaves(wrt, always_on, state, config.num_layers))
+    ids = [i for i, d in enumerate(differentiate) if d]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(wrt)[0]]
+    embed_trains = all(d for p, d in zip(paths, differentiate) if p == "['embed']")
+
+    def loss_of(diff_leaves, sk, frozen, act, mb):
+      full = list(leaves)  # leaves not differentiated enter as constants
+      for i, x in zip(ids, diff_leaves):
+        full[i] = x
+      return slot_loss(
+          treedef.unflatten(full), frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads,
+          attention=attention, act_sharding=act_sharding, measure=measure if measuring else "none",
+          sketch_size=sketch_size, sink=sk, measurement=measurement, may_probe=probe_steps > 0,
+          input_grad=embed_trains)
+
+    grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
+    diff_wrt = [leaves[i] for i in ids]
 
     def micro(acc, mb):
-      (loss_sum, count), g = grad_fn(wrt, sink, params["layers"], active, mb)
+      (loss_sum, count), g = grad_fn(diff_wrt, sink, params["layers"], active, mb)
       acc_g, acc_l, acc_n = acc
       return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss_sum, acc_n + count), None
 
     if batch["tokens"].shape[0] == 1:
       # No accumulation: skip the float32 accumulators (a copy of the trained parameters' size).
-      (loss_sum, count), (grads, sink_grad) = grad_fn(wrt, sink, params["layers"], active,
-                                                      jax.tree.map(lambda x: x[0], batch))
+      (loss_sum, count), (diff_grads, sink_grad) = grad_fn(diff_wrt, sink, params["layers"], active,
+                                                           jax.tree.map(lambda x: x[0], batch))
     else:
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (trainable, sink))
-      ((grads, sink_grad), loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (diff_wrt, sink))
+      ((diff_grads, sink_grad), loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    grad_leaves = [jnp.zeros_like(x) for x in leaves]
+    for i, g in zip(ids, diff_grads):
+      grad_leaves[i] = g
+    grads = treedef.unflatten(grad_leaves)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
     loss = loss_sum / denom

@@ -139,3 +139,74 @@ def test_nan_in_one_layer_does_not_poison_importance_or_moments():
   assert new.num_measurements[active[0]] == state.num_measurements[active[0]]
   assert new.num_measurements[active[1]] == state.num_measurements[active[1]] + 1
   jax.tree.map(np.testing.assert_array_equal, new.slot_states, state.slot_states)
+
+
+def _count_block_runs(monkeypatch):
+  """Counts block evaluations at run time (loops included) through the slot scan's block runner."""
+  from grass_jax.models import slot_scan
+  runs = []
+  inner = slot_scan._run_block
+
+  def counted(config, settings, lp, h, idx, inputs, probes=None):
+    jax.debug.callback(lambda i: runs.append(int(i)), idx)
+    return inner(config, settings, lp, h, idx, inputs, probes)
+
+  monkeypatch.setattr(slot_scan, "_run_block", counted)
+  return runs
+
+
+@pytest.mark.parametrize("measure,probing", [("none", False), ("exact", False), ("exact", True), ("sketch", False)])
+def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeypatch, measure, probing):
+  from grass_jax.models.slot_scan import Measurement
+  params = models.init_params(CFG, jax.random.PRNGKey(0))
+  mb = jax.tree.map(lambda x: x[0], _batch())
+  active = jnp.array([4, 2], jnp.int32)
+  slots = {**params, "layers": {k: jnp.zeros_like(v[active]) for k, v in params["layers"].items()}}
+  sink = jnp.zeros((CFG.num_layers,), jnp.float32)
+  measurement = Measurement(jnp.asarray(probing), jax.random.PRNGKey(3))
+  runs = _count_block_runs(monkeypatch)
+
+  def grads(input_grad):
+    runs.clear()
+    layers_only = lambda sl, sk: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
+                                           dtype=jnp.float32, remat="full", measure=measure, sink=sk,
+                                           measurement=measurement, input_grad=input_grad)[0]
+    g = jax.jit(jax.grad(layers_only, argnums=(0, 1)))(slots["layers"], sink)
+    jax.effects_barrier()
+    return g, sorted(runs)
+
+  (g_all, sink_all), runs_all = grads(True)
+  (g_cut, sink_cut), runs_cut = grads(False)
+  for k in g_all:  # the trained layers' gradients do not change
+    np.testing.assert_allclose(g_cut[k], g_all[k], rtol=1e-6, atol=1e-8)
+  np.testing.assert_allclose(sink_cut, sink_all, rtol=1e-6)
+  # forward: every layer once; backward: layers 0-1 are recomputed only when measured
+  below_lowest = measure == "sketch" or (measure == "exact" and probing)
+  assert runs_all == sorted(list(range(5)) * 2)
+  assert runs_cut == sorted(list(range(5)) + list(range(2 if not below_lowest else 0, 5)))
+
+
+def test_train_step_with_frozen_embeddings_matches_full_gradients():
+  # always_on=False: only the layers are differentiated; the update equals the one computed from
+  # every leaf's gradient, and the non-layer leaves do not move.
+  params = models.init_params(CFG, jax.random.PRNGKey(1))
+  batch = _batch(accum=2)
+  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=3, always_on=False)
+  out = {}
+  for always_on in (None, False):
+    step = make_train_step(CFG, tx, dtype=jnp.float32, always_on=always_on, donate=False)
+    p, s = params, tx.init(params)
+    for _ in range(4):
+      p, s, m = step(p, s, batch)
+    out[always_on] = (p, m)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), out[None][0], out[False][0])
+  np.testing.assert_array_equal(out[False][0]["embed"], params["embed"])
+  assert float(out[False][1]["loss"]) == pytest.approx(float(out[None][1]["loss"]), rel=1e-6)
+
+
+def test_train_step_refuses_an_always_on_mismatch():
+  params = models.init_params(CFG, jax.random.PRNGKey(1))
+  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=3, always_on=True)
+  step = make_train_step(CFG, tx, dtype=jnp.float32, always_on=False, donate=False)
+  with pytest.raises(ValueError, match="pass the transform's always_on"):
+    step(params, tx.init(params), _batch(accum=1))

@@ -37,6 +37,13 @@ gradient of a float32 ``[L]`` *sink* input (zeros; its value is never read):
   ``2 tokens d_in d_out`` for the weight gradient. Norm weights and biases
   are exact. Frozen blocks are recomputed in this mode whatever ``remat`` says.
 
+**Stopping at the lowest trained layer** (``input_grad=False``). When nothing
+below the stack trains (frozen embeddings), the gradient with respect to the
+stack's input is never used, so the backward pass ends at the lowest trained
+layer: the frozen layers below it are neither recomputed nor differentiated
+(except where they are measured: while probing, or by the sketch), and the
+returned input gradient is zeros. PyTorch's autograd does the same by itself.
+
 Squared norms of micro-batches add up (the sink's gradient is a sum), so with
 gradient accumulation a layer's measurement is the sum over micro-batches of
 its squared micro-batch gradient norms (exact with one micro-batch).
@@ -72,6 +79,9 @@ class ScanSettings(NamedTuple):
     sketch_size: k, the number of random projections of a sketch.
     may_probe: whether any step can probe; without it frozen layers have no
       probing branch (a ``lax.cond``) in the backward pass.
+    input_grad: whether the caller uses the gradient with respect to the
+      stack's input; without it the backward pass stops at the lowest trained
+      layer (module docstring).
   """
   impl: str
   act_sharding: Any
@@ -79,6 +89,7 @@ class ScanSettings(NamedTuple):
   measure: str = "none"
   sketch_size: int = 4
   may_probe: bool = True
+  input_grad: bool = True
 
 
 class Measurement(NamedTuple):
@@ -96,7 +107,7 @@ class Measurement(NamedTuple):
 def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, attention: str,
                act_sharding: Any = None, remat: str = "full", measure: str = "none", sketch_size: int = 4,
                sink: jax.Array | None = None, measurement: Measurement | None = None,
-               may_probe: bool = True) -> LayerStack:
+               may_probe: bool = True, input_grad: bool = True) -> LayerStack:
   """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers.
 
   Args:
@@ -114,6 +125,9 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
     measurement: the step's :class:`Measurement` (required unless 'none').
     may_probe: False when ``measurement.probing`` is never true (no probing
       phase): the probing branch is then left out of the backward pass.
+    input_grad: False when the gradient with respect to the stack's input is
+      not used (embeddings frozen): the backward pass then stops at the lowest
+      trained layer and that gradient is returned as zeros.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -123,7 +137,7 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
     raise ValueError(f"sketch_size must be >= 1; got {sketch_size}")
   chex.assert_shape(slot_of, (config.num_layers,))
   settings = ScanSettings(attention, act_sharding, "full" if measure == "sketch" else remat, measure, sketch_size,
-                          may_probe)
+                          may_probe, input_grad)
   if measure == "none":
     sink = measurement = None
 
@@ -304,8 +318,23 @@ def _slot_scan_bwd(config, settings, res, d_out):
     if measuring:
       sink = sink.at[layer].set(_squared_norm(dp))
     hi = layer
-  dh, sink = bw.frozen_run(dh, sink, 0, hi)
+  dh, sink = bw.frozen_run(dh, sink, _lowest_needed(settings, measurement, hi), hi)
+  if not settings.input_grad:
+    dh = jnp.zeros_like(dh)  # the caller does not use it (ScanSettings.input_grad)
   return grads, None, None, dh, None, sink, None
+
+
+def _lowest_needed(settings: ScanSettings, measurement: Measurement | None, hi: jax.Array) -> jax.Array:
+  """Where the backward pass below the lowest trained layer ``hi`` may stop.
+
+  Layer 0 when the input gradient is used or frozen layers are measured (sketch at every step, exact
+  norms while probing); otherwise ``hi`` itself: the loop below it runs no iteration.
+  """
+  if settings.input_grad or settings.measure == "sketch":
+    return jnp.zeros_like(hi)
+  if settings.measure == "exact" and settings.may_probe:
+    return jnp.where(measurement.probing, 0, hi).astype(hi.dtype)
+  return hi
 
 
 _slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)

@@ -1,0 +1,276 @@
+"""grass_jax against the PyTorch setups a user would run instead, side by side on one GPU.
+
+  python benchmarks/peers.py --out-dir benchmarks/results/peers [--only NAME ...] [--group tinyllama|7b]
+  python benchmarks/peers.py --report benchmarks/results/peers/peers_h100.jsonl   # table + figure
+
+Every configuration runs in a fresh process (a clean peak-memory counter) for ``--steps`` steps
+(default 200) with a layer switch every ``--period`` (20), each step timed on its own:
+
+* steady state: tokens/s of the median step (``tokens_per_s``);
+* whole run: tokens/s over all steps, compilation and recompilations included (``run_tokens_per_s``);
+* peak device memory: ``torch.cuda.max_memory_allocated`` / JAX ``peak_bytes_in_use`` (allocator peaks).
+
+The PyTorch peers: a ``transformers`` Llama with SDPA attention, gradient checkpointing
+(non-reentrant) and fused AdamW, everything in bf16 (weights, gradients, moments), random weights
+of the real shapes (only the shapes matter). Methods:
+
+* ``full``: every parameter trains;
+* ``lisa``: the way LMFlow does it: at each switch every layer's ``requires_grad`` is turned off,
+  ``gamma`` layers drawn uniformly are turned on, and a fresh AdamW is built over the trainable
+  parameters (embeddings and head too when ``always_on``);
+* ``lora``: ``peft`` LoRA r=16 (alpha 32) on every linear map of the layers.
+
+Each eager and with ``torch.compile`` (the whole model; the backward through AOTAutograd). The
+JAX rows are ``benchmarks/common.run_config`` with the same shapes, cuDNN attention and full remat.
+Rows are appended to ``peers.jsonl`` as they land, so a run cut short keeps what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import SIZES, step_times_summary  # noqa: E402
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY = dict(size="tinyllama-1.1b", batch=16, seq=512, always_on=True)
+SEVEN_B = dict(size="llama2-7b", batch=2, seq=512, always_on=False)
+JAX = dict(framework="jax", compile=True, attention="cudnn", remat="full", frozen_grads="cond")
+
+
+def _torch(method: str, compile_: bool, **kw) -> dict[str, Any]:
+  return dict(framework="torch", method=method, compile=compile_, **kw)
+
+
+def _jax(method: str, **kw) -> dict[str, Any]:
+  strategy = {"grass": "grass", "lisa": "lisa", "full": "full"}[method]
+  return dict(JAX, method=method, strategy=strategy, **kw)
+
+
+# (name, spec) in priority order; group = the model the row belongs to.
+PLAN: list[tuple[str, dict[str, Any]]] = [
+    ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
+    ("tiny-torch-lisa-compile", _torch("lisa", True, **TINY, num_active=2)),
+    ("tiny-torch-lisa-eager", _torch("lisa", False, **TINY, num_active=2)),
+    ("tiny-jax-lisa", _jax("lisa", **TINY, num_active=2)),
+    ("tiny-torch-full-compile", _torch("full", True, **TINY, num_active=None)),
+    ("tiny-torch-full-eager", _torch("full", False, **TINY, num_active=None)),
+    ("tiny-jax-full", _jax("full", **TINY, num_active=None)),
+    ("tiny-torch-lora-eager", _torch("lora", False, **TINY, num_active=None)),
+    ("tiny-torch-lora-compile", _torch("lora", True, **TINY, num_active=None)),
+    ("tiny-jax-grass-offload-stream", _jax("grass", **TINY, num_active=2, offload=True, stream=True)),
+    ("7b-jax-grass-offload-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True)),
+    ("7b-torch-lisa-compile-g2", _torch("lisa", True, **SEVEN_B, num_active=2)),
+    ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
+                                                    lowest_stop=False)),
+    ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
+    ("7b-jax-grass-stream-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, stream=True)),
+    *[(f"7b-jax-grass-offload-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True)) for g in (1, 4)],
+    *[(f"7b-torch-lisa-compile-g{g}", _torch("lisa", True, **SEVEN_B, num_active=g)) for g in (1, 4)],
+    *[(f"7b-jax-grass-stream-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True, stream=True))
+      for g in (1, 4)],
+    ("7b-torch-lora-eager", _torch("lora", False, **SEVEN_B, num_active=None)),
+    ("7b-torch-lora-compile", _torch("lora", True, **SEVEN_B, num_active=None)),
+    ("7b-torch-full-eager", _torch("full", False, **SEVEN_B, num_active=None)),
+]
+
+
+# ----------------------------------------------------------------------------------------------- torch
+
+def _torch_model(spec: dict[str, Any], device: str):
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+  hf = {k: v for k, v in SIZES[spec["size"]].items() if k != "model_type"}
+  cfg = LlamaConfig(**hf, tie_word_embeddings=False, use_cache=False, max_position_embeddings=4096)
+  cfg._attn_implementation = "sdpa"
+  torch.manual_seed(0)
+  default = torch.get_default_dtype()
+  torch.set_default_dtype(torch.bfloat16)  # create the weights in bf16 (no float32 copy at any time)
+  try:
+    with torch.device(device):
+      model = LlamaForCausalLM(cfg)
+  finally:
+    torch.set_default_dtype(default)
+  model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  model.train()
+  return model
+
+
+class LisaSwitcher:
+  """LMFlow's LISA: at each switch freeze every layer, unfreeze ``gamma`` drawn uniformly, new AdamW.
+
+  ``always_on``: the embeddings, final norm and LM head train at every step.
+  """
+
+  def __init__(self, model, num_active: int, always_on: bool, make_optimizer, seed: int = 0):
+    import numpy as np
+    self.model, self.num_active, self.make_optimizer = model, num_active, make_optimizer
+    self.layers = model.model.layers
+    self.rng = np.random.default_rng(seed)
+    for p in model.parameters():
+      p.requires_grad_(False)
+    for module in (model.model.embed_tokens, model.model.norm, model.lm_head):
+      for p in module.parameters():
+        p.requires_grad_(always_on)
+    self.active: list[int] = []
+
+  def switch(self):
+    for i in self.active:
+      for p in self.layers[i].parameters():
+        p.requires_grad_(False)
+        p.grad = None
+    self.active = sorted(int(i) for i in self.rng.choice(len(self.layers), self.num_active, replace=False))
+    for i in self.active:
+      for p in self.layers[i].parameters():
+        p.requires_grad_(True)
+    return self.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
+
+
+def torch_run(spec: dict[str, Any]) -> dict[str, Any]:
+  """One PyTorch configuration in this process; every step timed on its own."""
+  import torch
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  model = _torch_model(spec, device)
+
+  def adamw(params):
+    return torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=device == "cuda")
+
+  method, switcher = spec["method"], None
+  if method == "full":
+    opt = adamw(list(model.parameters()))
+  elif method == "lisa":
+    switcher = LisaSwitcher(model, spec["num_active"], spec["always_on"], adamw)
+    opt = switcher.switch()
+  elif method == "lora":
+    import peft
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
+                                                       target_modules=LORA_TARGETS))
+    opt = adamw([p for p in model.parameters() if p.requires_grad])
+  else:
+    raise ValueError(f"unknown method {method!r}")
+  forward = torch.compile(model) if spec["compile"] else model
+  gen = torch.Generator().manual_seed(0)
+  tokens = torch.randint(0, model.config.vocab_size, (spec["batch"], spec["seq"]), generator=gen).to(device)
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  times, losses = [], []
+  for i in range(spec["run_steps"]):
+    t = time.perf_counter()
+    if switcher is not None and i and i % spec["period"] == 0:
+      opt = switcher.switch()
+    loss = forward(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    losses.append(loss.detach())
+    sync()
+    times.append(time.perf_counter() - t)
+    print(f"STEP {times[-1]:.6f}", flush=True)  # a row cut short by its timeout still reports its steps
+  return {**spec, **step_times_summary(times), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+          "torch": torch.__version__, "final_loss": float(losses[-1]),
+          "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+  """Runs one row in a fresh process; returns the row (with ``error`` when it failed)."""
+  fn = "torch_run" if spec["framework"] == "torch" else "jax_run"
+  code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks import peers; "
+          f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))))")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false")
+  t0 = time.perf_counter()
+  try:
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+  except subprocess.TimeoutExpired as e:
+    out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+    times = [float(l.split()[1]) for l in out.splitlines() if l.startswith("STEP ")]
+    partial = {**step_times_summary(times), "steps_done": len(times)} if len(times) > 2 else {}
+    return {**spec, **partial, "error": f"timeout after {timeout:.0f}s ({len(times)} steps done)"}
+  for line in proc.stdout.splitlines():
+    if line.startswith("RESULT"):
+      return {**json.loads(line[len("RESULT"):]), "process_s": time.perf_counter() - t0}
+  err = (proc.stderr or "").strip().splitlines()
+  oom = any("out of memory" in l.lower() or "RESOURCE_EXHAUSTED" in l for l in err)
+  return {**spec, "error": "out of memory" if oom else "\n".join(err[-15:]) or f"exit {proc.returncode}"}
+
+
+def jax_run(spec: dict[str, Any]) -> dict[str, Any]:
+  from benchmarks.common import run_config
+  return run_config(spec)
+
+
+def finish_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
+  """Adds the fields every row has: tokens/s steady and whole run, peak GiB."""
+  row = {"name": name, **r}
+  tokens = r["batch"] * r["seq"]
+  if "step_s" in r:  # also a row cut short: its steady state from the steps it finished
+    row["tokens_per_s"] = tokens / r["step_s"]
+  if "error" not in r:
+    row.update(run_tokens_per_s=tokens * r["run_steps"] / r["whole_run_s"], peak_gib=(r["peak_bytes"] or 0) / 2**30)
+  return row
+
+
+def report(path: Path) -> str:
+  """A markdown table of a peers.jsonl (the last row of each name wins)."""
+  rows: dict[str, dict] = {}
+  for line in path.read_text().splitlines():
+    r = json.loads(line)
+    rows[r["name"]] = r
+  out = ["| row | framework | method | compile | gamma | tokens/s steady | tokens/s whole run | peak GiB |",
+         "|---|---|---|---|---|---|---|---|"]
+  for name, r in rows.items():
+    if "error" in r:
+      out.append(f"| {name} | {r['framework']} | {r['method']} | | | error: {r['error'][:60]} | | |")
+      continue
+    out.append(f"| {name} | {r['framework']} | {r['method']}{' + stream' if r.get('stream') else ''} | "
+               f"{'yes' if r['compile'] else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "
+               f"{r['run_tokens_per_s']:,.0f} | {r['peak_gib']:.2f} |")
+  return "\n".join(out)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--out-dir", default="benchmarks/results/peers")
+  ap.add_argument("--only", nargs="+", help="run only these PLAN names")
+  ap.add_argument("--group", choices=["tiny", "7b"], help="run only the rows of one model")
+  ap.add_argument("--steps", type=int, default=200)
+  ap.add_argument("--period", type=int, default=20)
+  ap.add_argument("--deadline-s", type=float, default=None, help="start no row after this many seconds")
+  ap.add_argument("--timeout-s", type=float, default=420, help="per row")
+  ap.add_argument("--report", type=Path, help="print the table of a peers.jsonl and exit")
+  args = ap.parse_args()
+  if args.report:
+    print(report(args.report))
+    return
+  out = Path(args.out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  t0 = time.perf_counter()
+  for name, spec in PLAN:
+    if (args.only and name not in args.only) or (args.group and not name.startswith(args.group + "-")):
+      continue
+    if args.deadline_s is not None and time.perf_counter() - t0 > args.deadline_s:
+      print(f"deadline reached; not run: {name}", flush=True)
+      continue
+    row = finish_row(name, run_one(dict(spec, run_steps=args.steps, period=args.period), args.timeout_s))
+    with (out / "peers.jsonl").open("a") as f:
+      f.write(json.dumps(row) + "\n")
+    if "error" in row:
+      print(f"{name:<40} ERROR {row['error'][-300:]}", flush=True)
+    else:
+      print(f"{name:<40} {row['tokens_per_s']:>8,.0f} tok/s steady {row['run_tokens_per_s']:>8,.0f} whole "
+            f"{row['peak_gib']:>6.2f} GiB first step {row['first_step_s']:.1f}s slow steps {row['slow_steps']}",
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()
