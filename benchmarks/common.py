@@ -90,7 +90,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                          frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
                          shardings=(p_sh, s_sh, b_sh), stream_states=stream, measure=measure,
                          sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
-                         always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None)
+                         always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
+                         loss_chunk=spec.get("loss_chunk", 0))
   rng = np.random.default_rng(0)
   b, t = spec["batch"], spec["seq"]
   tokens = rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)

@@ -56,16 +56,18 @@ def _jax(method: str, **kw) -> dict[str, Any]:
 
 # (name, spec) in priority order; group = the model the row belongs to.
 PLAN: list[tuple[str, dict[str, Any]]] = [
-    ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
+    ("tiny-jax-grass-offload-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, loss_chunk=2048)),
     ("tiny-torch-lisa-compile", _torch("lisa", True, **TINY, num_active=2)),
-    ("tiny-torch-lisa-eager", _torch("lisa", False, **TINY, num_active=2)),
-    ("tiny-jax-lisa", _jax("lisa", **TINY, num_active=2)),
+    ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
     ("tiny-torch-full-compile", _torch("full", True, **TINY, num_active=None)),
+    ("tiny-jax-full-chunk2048", _jax("full", **TINY, num_active=None, loss_chunk=2048)),
+    ("tiny-torch-lisa-eager", _torch("lisa", False, **TINY, num_active=2)),
+    ("tiny-jax-grass-offload-stream-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, stream=True,
+                                                     loss_chunk=2048)),
+    ("tiny-jax-lisa-chunk2048", _jax("lisa", **TINY, num_active=2, loss_chunk=2048)),
     ("tiny-torch-full-eager", _torch("full", False, **TINY, num_active=None)),
-    ("tiny-jax-full", _jax("full", **TINY, num_active=None)),
     ("tiny-torch-lora-eager", _torch("lora", False, **TINY, num_active=None)),
     ("tiny-torch-lora-compile", _torch("lora", True, **TINY, num_active=None)),
-    ("tiny-jax-grass-offload-stream", _jax("grass", **TINY, num_active=2, offload=True, stream=True)),
     ("7b-jax-grass-offload-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True)),
     ("7b-torch-lisa-compile-g2", _torch("lisa", True, **SEVEN_B, num_active=2)),
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,

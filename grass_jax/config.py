@@ -44,6 +44,9 @@ class ModelConfig:
   attention: 'auto' (cuDNN fused attention on GPU where it applies, else
     'einsum'), 'einsum' (explicit scores, every model), or 'xla' / 'cudnn'
     (``jax.nn.dot_product_attention``; no Gemma 2 soft-capping).
+  loss_chunk_tokens: the LM head and the loss run this many tokens at a time,
+    so the float32 ``[tokens, vocab]`` logits and their gradient never exist
+    whole (``grass_jax.loss``); 0 computes them whole.
   """
 
   path: str | None = None
@@ -53,6 +56,7 @@ class ModelConfig:
   remat: str = "full"
   tokenizer: str | None = None
   attention: str = "auto"
+  loss_chunk_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -313,6 +317,9 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"optim.refresh_every must be >= 1 or null (every period); got {o.refresh_every}")
   if o.sketch_size < 1:
     raise ConfigError(f"optim.sketch_size must be >= 1; got {o.sketch_size}")
+  if cfg.model.loss_chunk_tokens < 0:
+    raise ConfigError(f"model.loss_chunk_tokens must be >= 0 (0: the whole loss at once); "
+                      f"got {cfg.model.loss_chunk_tokens}")
   if o.strategy == "grass_static" and o.probing_steps() == 0:
     raise ConfigError("optim.strategy grass_static takes its importance from probing: set optim.probe_steps > 0")
   if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.importance == "sketch"):

@@ -31,6 +31,7 @@ import optax
 
 from grass_jax import sharding as sharding_lib
 from grass_jax.layers import AlwaysOn, build_layout
+from grass_jax.loss import chunked_cross_entropy, cross_entropy
 from grass_jax.models import LAYERS
 from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
 from grass_jax.models.slot_scan import MEASURES, Measurement, slot_stack
@@ -44,21 +45,11 @@ FROZEN_GRADS = ("cond", "select")
 __all__ = ["FROZEN_GRADS", "LAYERS", "MEASURES", "cross_entropy", "make_train_step", "slot_loss"]
 
 
-def cross_entropy(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Next-token loss summed over ``loss_mask[:, 1:]`` positions; returns ``(sum, count)``."""
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = tokens[:, 1:]
-  mask = loss_mask[:, 1:].astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum((logz - picked) * mask), jnp.sum(mask)
-
-
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
               batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
               attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
               sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True,
-              input_grad: bool = True) -> tuple[jax.Array, jax.Array]:
+              input_grad: bool = True, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -79,6 +70,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       the gradient with respect to ``sink`` holds each layer's squared gradient norm.
     input_grad: False when the embeddings do not train: the backward pass then
       stops at the lowest trained layer ('cond' only).
+    loss_chunk: > 0: the LM head and the loss run this many tokens at a time
+      (:func:`grass_jax.loss.chunked_cross_entropy`); 0: whole.
 
   Returns:
     ``(summed loss, number of loss tokens)``.
@@ -111,9 +104,12 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     override = pick_slot
 
     params = {**trainable, "layers": frozen_layers}
-  logits, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
-                      layer_override=override, layer_stack=stack, attention=impl, act_sharding=act_sharding)
-  return cross_entropy(logits, batch["tokens"], batch["loss_mask"])
+  out, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
+                   layer_override=override, layer_stack=stack, attention=impl, act_sharding=act_sharding,
+                   return_hidden=loss_chunk > 0)
+  if loss_chunk > 0:
+    return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], loss_chunk)
+  return cross_entropy(out, batch["tokens"], batch["loss_mask"])
 
 
 def _layer_size(config: DecoderConfig) -> int:
@@ -150,7 +146,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
                     remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
                     donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
                     stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
-                    probe_steps: int = 0, always_on: AlwaysOn | None = None) -> Callable:
+                    probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -179,6 +175,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   train). The step then differentiates only the layers and that group; with
   embeddings frozen the backward pass stops at the lowest trained layer. None
   (default): every leaf gets a gradient, the transform keeps what it trains.
+
+  ``loss_chunk``: the LM head and loss over this many tokens at a time (0:
+  whole); the float32 logits and their gradient never exist whole.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -222,7 +221,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
           treedef.unflatten(full), frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads,
           attention=attention, act_sharding=act_sharding, measure=measure if measuring else "none",
           sketch_size=sketch_size, sink=sk, measurement=measurement, may_probe=probe_steps > 0,
-          input_grad=embed_trains)
+          input_grad=embed_trains, loss_chunk=loss_chunk)
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]

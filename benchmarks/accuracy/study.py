@@ -49,6 +49,13 @@ METHODS = {
     "grass_static": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.5, "probe_steps": None},
     "grass_sketch": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0,
                      "mgn_ema": 0.5, "importance": "sketch"},
+    # Diagnostics of the two extremes around the paper's rule (not methods a user would pick):
+    # concentration: the two highest-MGN layers of probing, always (a near-zero temperature, no floor);
+    "grass_top": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.02, "epsilon": 0.0,
+                  "probe_steps": None},
+    # a flatter softmax (T=2): the importance only tilts a near-uniform draw.
+    "grass_flat": {"strategy": "grass", "probability": "softmax", "temperature": 2.0, "probe_steps": None,
+                   "mgn_ema": 0.5},
 }
 
 SCALES = {
@@ -225,6 +232,8 @@ def run_pool(args, scale: dict, work: Path) -> None:
     while todo and len(running) < args.parallel and not out_of_time:
       job = todo.pop(0)
       cmd = [sys.executable, __file__, "--scale", args.scale, "--work", str(work), "--one", json.dumps(job),
+             *(["--methods", *args.methods] if args.methods else []),
+             *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
              *(["--compile-cache"] if args.compile_cache else [])]
       running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
                       job, time.perf_counter()))
@@ -298,9 +307,15 @@ def main() -> None:
   ap.add_argument("--report", action="store_true", help="only summarise rows.jsonl: table, JSON, figures")
   ap.add_argument("--compile-cache", action="store_true",
                   help="persistent compilation cache in the work dir (hung the GPU runs of the measuring methods)")
+  ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="run only these methods")
+  ap.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args()
-  scale = SCALES[args.scale]
+  scale = dict(SCALES[args.scale])
+  if args.methods:
+    scale["methods"] = args.methods
+  if args.seeds:
+    scale["seeds"] = args.seeds
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
   if args.report:
