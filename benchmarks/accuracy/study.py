@@ -222,8 +222,10 @@ def run_pool(args, scale: dict, work: Path) -> None:
   rows_file = work / "rows.jsonl"
   t_start = time.perf_counter()
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
-  running: list[tuple[subprocess.Popen, dict, float]] = []
+  running: list[tuple[subprocess.Popen, dict, Path]] = []
   failed: set[str] = set()  # not retried in this invocation (a re-run tries again)
+  logs = work / "logs"
+  logs.mkdir(exist_ok=True)
   while True:
     rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
     busy = {json.dumps(j, sort_keys=True) for _, j, _ in running} | failed
@@ -235,21 +237,26 @@ def run_pool(args, scale: dict, work: Path) -> None:
              *(["--methods", *args.methods] if args.methods else []),
              *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
              *(["--compile-cache"] if args.compile_cache else [])]
-      running.append((subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env),
-                      job, time.perf_counter()))
+      # Each run writes to its own log file, never to a pipe: a pipe read only at exit fills up (64 KiB of
+      # warnings) and blocks the run for ever; that was the 'stall' of earlier parallel GPU studies.
+      log = logs / ("-".join(str(job.get(k, "")) for k in ("task", "method", "seed", "lr")) + ".log")
+      with log.open("w") as f:
+        running.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env), job, log))
+      print(f"{time.perf_counter() - t_start:7.0f}s started {job['task']} {job.get('method', 'pretrained')} "
+            f"s{job.get('seed', 0)} (log: {log})", flush=True)
     if not running:
       print(f"{'budget spent' if out_of_time else 'all runs done'}; {len(todo)} runs left", flush=True)
       return
     time.sleep(1.0)
-    for proc, job, t0 in list(running):
+    for proc, job, log in list(running):
       if proc.poll() is None:
         continue
-      running.remove((proc, job, t0))
-      stdout, stderr = proc.communicate()
-      result = next((json.loads(l[6:]) for l in stdout.splitlines() if l.startswith("RESULT")), None)
+      running.remove((proc, job, log))
+      text = log.read_text()
+      result = next((json.loads(l[6:]) for l in text.splitlines() if l.startswith("RESULT")), None)
       if result is None:
         failed.add(json.dumps(job, sort_keys=True))
-        print(f"FAILED {job}:\n{stderr[-2000:]}", flush=True)
+        print(f"FAILED {job} (exit {proc.returncode}, log {log}):\n{text[-2000:]}", flush=True)
         continue
       record(result, work, t_start)
 
