@@ -24,6 +24,8 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from grass_jax.local_paths import looks_local
+
 PROMPT_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request.\n\n"
@@ -98,9 +100,8 @@ def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
 
 
 def _looks_like_a_path(source: str) -> bool:
-  """A data file's name (known suffix, or a parent directory that exists here): never tried as a hub id."""
-  p = Path(source).expanduser()
-  return p.suffix.lower() in (".json", ".jsonl", ".parquet", ".csv", ".txt") or (p.parent != Path(".") and p.parent.exists())
+  """A data file's name: never tried as a hub id."""
+  return looks_local(source, (".json", ".jsonl", ".parquet", ".csv", ".txt"))
 
 
 def load_records(source: str, split: str = "train", *, test: bool = False) -> list[dict[str, Any]]:

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grass_jax import gguf_checkpoint, models
+from grass_jax.local_paths import looks_local
 from grass_jax.models.decoder import DecoderConfig, Params
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "flax_model.msgpack", "tokenizer*", "*.model", "*.txt"]
@@ -49,13 +50,16 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     return path
   if path.exists():
     raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+  if looks_local(path_or_hub_id):
+    raise CheckpointError(f"{path}: no such directory; pass a checkpoint directory that holds config.json "
+                          "(or a hub id such as 'TinyLlama/TinyLlama-1.1B-Chat-v1.0')")
   try:
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(str(path_or_hub_id), allow_patterns=WEIGHT_PATTERNS))
   except Exception as e:  # noqa: BLE001 - any hub failure gets the same actionable message
     raise CheckpointError(
         f"{path_or_hub_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
-        f"({type(e).__name__}: {e}). Pass a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use a "
+        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). Pass a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use a "
         "cached snapshot.") from e
 
 

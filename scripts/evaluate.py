@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from grass_jax import gguf_checkpoint
 from grass_jax.data import DataError, load_tokenizer
-from grass_jax.evaluate import TASKS, evaluate, load_task_records, write_results
+from grass_jax.evaluate import TASKS, canonical_task, evaluate, load_task_records, write_results
 from grass_jax.pretrained import CheckpointError, load_pretrained
 
 
@@ -23,6 +23,22 @@ def default_out(model: str) -> str:
   if gguf_checkpoint.is_gguf(model):
     return f"runs/eval-{gguf_checkpoint.resolve(model).stem}"
   return f"{model}/eval"
+
+
+def argument_problem(args: argparse.Namespace) -> str | None:
+  """What is wrong with the arguments, in one line naming the fix; None when nothing is."""
+  if args.data and len(args.task) > 1:
+    return "--data names one test set: give a single --task with it"
+  for task in args.task:
+    try:
+      canonical_task(task)
+    except ValueError as e:
+      return str(e)
+  for flag in ("batch_size", "max_new_tokens", "limit"):
+    value = getattr(args, flag)
+    if value is not None and value < 1:
+      return f"--{flag.replace('_', '-')} must be >= 1; got {value}"
+  return None
 
 
 def main() -> int:
@@ -37,9 +53,11 @@ def main() -> int:
   ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 commonsense, 256 math")
   ap.add_argument("--limit", type=int, default=None, help="first N examples only")
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+  ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   args = ap.parse_args()
-  if args.data and len(args.task) > 1:
-    print("--data names one file: give one --task with it", file=sys.stderr)
+  problem = argument_problem(args)
+  if problem:
+    print(f"error: {problem}", file=sys.stderr)
     return 2
   try:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype]
@@ -52,7 +70,9 @@ def main() -> int:
                                max_new_tokens=args.max_new_tokens, dtype=dtype, progress=True)
       write_results(args.out or default_out(args.model), summary, rows)
       results.append(summary)
-  except (CheckpointError, DataError, gguf_checkpoint.GGUFError, ValueError) as e:
+  except (CheckpointError, DataError, gguf_checkpoint.GGUFError, ValueError, OSError) as e:
+    if args.debug:
+      raise
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(results, indent=2))

@@ -98,3 +98,24 @@ def test_test_sets_need_an_answer_not_an_output(tmp_path):
   bad.write_text(json.dumps([{"instruction": "1+1?"}]))
   with pytest.raises(DataError, match="'answer' \\(or 'output'\\)"):
     load_task_records("gsm8k", str(bad))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "runs/nowhere/hf_model", "--task", "gsm8k"], "runs/nowhere/hf_model: no such directory"),
+    (["--model", "m", "--task", "gsm9k"], "unknown task 'gsm9k'"),
+    (["--model", "m", "--task", "gsm8k", "boolq", "--data", "x.jsonl"], "give a single --task"),
+    (["--model", "m", "--task", "gsm8k", "--batch-size", "0"], "--batch-size must be >= 1; got 0"),
+    (["--model", "m", "--task", "gsm8k", "--limit", "-1"], "--limit must be >= 1"),
+    (["--model", "{model}", "--task", "gsm8k", "--data", "data/missing.jsonl"],
+     "data file 'data/missing.jsonl' does not exist"),
+    (["--model", "{model}/config.json", "--task", "gsm8k"], "is a file; pass the checkpoint directory"),
+])
+def test_evaluate_script_errors_are_one_line(tmp_path, args, message):
+  # Errors a user can cause: one line naming the problem, exit code 2, no traceback, no hub retries.
+  _tiny_model(tmp_path)
+  args = [a.replace("{model}", str(tmp_path / "model")) for a in args]
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args, "--tokenizer", "bytes"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
