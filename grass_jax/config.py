@@ -69,7 +69,6 @@ class DataConfig:
   max_length: longest sequence in tokens; longer examples are truncated.
   buckets: sequence lengths to pad to (few shapes = few compilations);
     default: powers of two up to max_length.
-  eval_examples: hold out this many examples for evaluation loss.
   shuffle_seed: seed of the epoch order (deterministic and resumable).
   """
 
@@ -78,7 +77,6 @@ class DataConfig:
   template: str = "alpaca"
   max_length: int = 512
   buckets: list | None = None
-  eval_examples: int = 0
   shuffle_seed: int = 0
 
 

@@ -38,6 +38,9 @@ def main() -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(summary, indent=2))
+  for key, value in summary.items():
+    if key.startswith("eval/") and key.endswith("_accuracy"):
+      print(f"accuracy on {cfg.eval.data or key[5:-9]} ({key[5:-9]} scoring): {value:.1%}")
   return 0
 
 

@@ -52,3 +52,29 @@ def test_study_picks_the_best_validation_lr_then_runs_the_other_seeds():
   assert chosen_lr([base, *grid], "arith", "lisa", scale) == 3e-4
   todo = jobs(scale, [base, *grid])
   assert [(j["seed"], j["lr"], j["splits"]) for j in todo] == [(1, 3e-4, ["test"]), (2, 3e-4, ["test"])]
+
+
+def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
+  # A run's RESULT line with a long importance trace is over 64 KiB (71 KB for the probing variants
+  # on SmolLM2); read only at exit through a pipe, it blocked the run for ever.
+  import argparse
+  import signal
+
+  from benchmarks.accuracy import study
+  scale = {"tasks": ["arith"], "methods": ["lisa"], "seeds": [0], "lrs": {"lisa": [1e-4]}}
+  row = {"task": "arith", "method": "lisa", "seed": 0, "lr": 1e-4, "accuracy": 0.5, "seconds": 1.0}
+  base = {"task": "arith", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.0, "seconds": 0.0}
+  (tmp_path / "rows.jsonl").write_text(json.dumps(base) + "\n")
+  child = (f"import json, sys; sys.stderr.write('w' * 200_000 + chr(10)); "
+           f"print('RESULT' + json.dumps({{'row': {row!r}, 'trace': {{**{row!r}, 'log': ['x' * 300_000]}}}}))")
+  monkeypatch.setattr(study, "job_command", lambda args, work, job: [sys.executable, "-c", child])
+  args = argparse.Namespace(parallel=2, budget_s=None, scale="tiny", methods=None, seeds=None, compile_cache=False)
+  signal.alarm(60)  # a blocked run fails the test instead of hanging it
+  try:
+    study.run_pool(args, scale, tmp_path)
+  finally:
+    signal.alarm(0)
+  rows = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
+  assert rows[-1] == row
+  assert len(json.loads((tmp_path / "traces.jsonl").read_text())["log"][0]) == 300_000
+  assert (tmp_path / "logs" / "arith-lisa-0-0.0001.log").stat().st_size > 500_000

@@ -218,6 +218,14 @@ def run_serial(scale: dict, model: str, work: Path) -> None:
     record(run_job(scale, model, todo[0], work), work, t_start)
 
 
+def job_command(args, work: Path, job: dict) -> list[str]:
+  """The command line that runs one job in a fresh process (it prints ``RESULT<json>``)."""
+  return [sys.executable, __file__, "--scale", args.scale, "--work", str(work), "--one", json.dumps(job),
+          *(["--methods", *args.methods] if args.methods else []),
+          *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
+          *(["--compile-cache"] if args.compile_cache else [])]
+
+
 def run_pool(args, scale: dict, work: Path) -> None:
   rows_file = work / "rows.jsonl"
   t_start = time.perf_counter()
@@ -233,10 +241,7 @@ def run_pool(args, scale: dict, work: Path) -> None:
     out_of_time = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
     while todo and len(running) < args.parallel and not out_of_time:
       job = todo.pop(0)
-      cmd = [sys.executable, __file__, "--scale", args.scale, "--work", str(work), "--one", json.dumps(job),
-             *(["--methods", *args.methods] if args.methods else []),
-             *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
-             *(["--compile-cache"] if args.compile_cache else [])]
+      cmd = job_command(args, work, job)
       # Each run writes to its own log file, never to a pipe: a pipe read only at exit fills up (64 KiB of
       # warnings) and blocks the run for ever; that was the 'stall' of earlier parallel GPU studies.
       log = logs / ("-".join(str(job.get(k, "")) for k in ("task", "method", "seed", "lr")) + ".log")
@@ -313,7 +318,8 @@ def main() -> None:
                   help="start no new run after this many seconds (re-run to continue)")
   ap.add_argument("--report", action="store_true", help="only summarise rows.jsonl: table, JSON, figures")
   ap.add_argument("--compile-cache", action="store_true",
-                  help="persistent compilation cache in the work dir (hung the GPU runs of the measuring methods)")
+                  help="persistent compilation cache in the work dir (off by default; the stalls once blamed on it were "
+                       "full output pipes, fixed)")
   ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="run only these methods")
   ap.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
   ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -328,8 +334,7 @@ def main() -> None:
   if args.report:
     return report(args, scale, work)
   import jax
-  # Opt-in: with jax 0.11.2 on the GPU, runs whose step has the measuring backward pass (probing,
-  # sketch) hung in the persistent compilation cache (2026-11-25: no run finished in 570 s; 30-60 s without).
+  # Opt-in. Earlier stalls were blamed on this cache; they were a full output pipe (see run_pool).
   if args.compile_cache:
     jax.config.update("jax_compilation_cache_dir", str(work / "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

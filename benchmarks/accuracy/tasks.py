@@ -102,6 +102,30 @@ def weekday(n: int, seed: int) -> list[dict]:
   return out
 
 
+def parity_demo(directory, *, n_train: int = 1000, n_test: int = 200, seed: int = 0) -> dict[str, str]:
+  """The CPU demo's task: "Is 5407 an even number?" -> "the answer is false" (scored like BoolQ).
+
+  Train and test numbers are disjoint, so the test accuracy is of numbers the model never saw: it
+  must learn to read the last digit. Writes ``tiny_parity_{train,test}.jsonl``; returns their paths.
+  """
+  import json
+  from pathlib import Path
+  rng = random.Random(seed)
+  numbers = rng.sample(range(10, 100000), n_train + n_test)
+
+  def record(x: int) -> dict:
+    answer = "true" if x % 2 == 0 else "false"
+    return {"instruction": f"Is {x} an even number?", "input": "", "output": f"the answer is {answer}",
+            "answer": answer}
+
+  paths = {}
+  for split, chunk in (("train", numbers[:n_train]), ("test", numbers[n_train:])):
+    path = Path(directory) / f"tiny_parity_{split}.jsonl"
+    path.write_text("".join(json.dumps(record(x)) + "\n" for x in chunk))
+    paths[split] = str(path)
+  return paths
+
+
 TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa"), "weekday": (weekday, "openbookqa")}
 
 
@@ -121,7 +145,9 @@ def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int)
   return paths
 
 
-if __name__ == "__main__":  # python benchmarks/accuracy/tasks.py data/ : the files configs/smollm2-*.yaml read
+if __name__ == "__main__":  # python benchmarks/accuracy/tasks.py data/ : the files configs/*.yaml read
   import sys
+  out = sys.argv[1] if len(sys.argv) > 1 else "data"
   for name in ("arith", "weekday"):
-    write_splits(name, sys.argv[1] if len(sys.argv) > 1 else "data", n_train=4000, n_val=200, n_test=500)
+    write_splits(name, out, n_train=4000, n_val=200, n_test=500)
+  parity_demo(out)
