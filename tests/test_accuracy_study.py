@@ -78,3 +78,35 @@ def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
   assert rows[-1] == row
   assert len(json.loads((tmp_path / "traces.jsonl").read_text())["log"][0]) == 300_000
   assert (tmp_path / "logs" / "arith-lisa-0-0.0001.log").stat().st_size > 500_000
+
+
+def test_dates_task_answers_are_the_calendar_and_options_distinct():
+  import datetime
+
+  from benchmarks.accuracy.tasks import MONTHS, dates
+  records = dates(300, 5)
+  assert records == dates(300, 5)
+  crossings = 0
+  for r in records:
+    start = r["instruction"].split("It is ")[1].split(", 2023")[0]
+    offset = int(r["instruction"].split("the date ")[1].split(" days")[0])
+    want = datetime.date(2023, MONTHS.index(start.split()[0]) + 1, int(start.split()[1])) + datetime.timedelta(offset)
+    options = [o.strip() for o in r["instruction"].split("\n\n")[1].split("Answer")[1:]]
+    shown = {o.split(": ")[1] for o in options}
+    assert len(shown) == 4  # four distinct dates
+    k = int(r["answer"][-1])
+    assert options[k - 1] == f"{k}: {MONTHS[want.month - 1]} {want.day}"
+    assert r["output"].endswith(f"The date is {MONTHS[want.month - 1]} {want.day}. The correct answer is answer{k}")
+    crossings += "days, so" in r["output"]
+  assert 0.3 < crossings / len(records) < 0.95  # most problems cross a month boundary, not all
+
+
+def test_rows_of_another_step_count_neither_skip_nor_enter_the_study():
+  from benchmarks.accuracy.study import jobs, summarize
+  scale = {"tasks": ["arith"], "methods": ["lisa"], "seeds": [0], "lrs": {"lisa": [3e-4]}, "steps": 750}
+  base = {"task": "arith", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.01}
+  old = dict(task="arith", method="lisa", seed=0, lr=3e-4, val_accuracy=0.9, accuracy=0.87, steps=500, seconds=1.0,
+             peak_bytes=None)
+  assert [(j["method"], j["seed"]) for j in jobs(scale, [base, old])] == [("lisa", 0)]  # the 500-step row is not it
+  assert [t["method"] for t in summarize([base, old], scale)] == ["pretrained"]
+  assert [t["accuracy_mean"] for t in summarize([base, {**old, "steps": 750}], scale)] == [0.01, 0.87]

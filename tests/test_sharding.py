@@ -30,9 +30,10 @@ def sharded(tmp_path_factory):
 def test_sharded_run_equals_single_device_run(sharded, name):
   r = sharded[name]
   assert r["devices_used"] == 4
-  # Same data, same math; only the order of the cross-device sums differs (measured up to 2.2e-5 since
-  # the default run probes for one period: the gradient norms of probing are cross-device sums too).
-  assert r["max_param_diff"] < 3e-5 * r["param_scale"], r
+  # Same data, same math; only the order of the cross-device sums differs (measured up to 2.2e-5 on one
+  # machine and 3.08e-5 on another, with the same code: the default run probes for one period, and the
+  # gradient norms of probing are cross-device sums too). Adam divides by sqrt(v), which amplifies it.
+  assert r["max_param_diff"] < 5e-5 * r["param_scale"], r
   assert r["same_layer_draws"] and r["same_final_active"] and r["active_replicated"], r
   assert abs(r["loss"][0] - r["loss"][1]) < 1e-4 * abs(r["loss"][1])
   if "fsdp" in name:

@@ -102,6 +102,50 @@ def weekday(n: int, seed: int) -> list[dict]:
   return out
 
 
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]  # 2023, not a leap year
+
+
+def _add_days(month: int, day: int, offset: int, lengths=MONTH_DAYS) -> tuple[int, int, list[str]]:
+  """(month, day) ``offset`` days later, and the rationale's steps (one per month boundary crossed)."""
+  steps, day = [], day + offset
+  while day > lengths[month % 12]:
+    steps.append(f"{MONTHS[month % 12]} has {lengths[month % 12]} days, so {day} - {lengths[month % 12]} = "
+                 f"{day - lengths[month % 12]} in {MONTHS[(month + 1) % 12]}.")
+    day -= lengths[month % 12]
+    month += 1
+  return month % 12, day, steps
+
+
+def dates(n: int, seed: int) -> list[dict]:
+  """Date arithmetic, multiple choice: "It is March 28, 2023. What is the date 10 days later?"
+
+  The model must know each month's length (which it half-knows) and add across one or two month
+  boundaries. The wrong options are the usual slips: a 30/31-day month taken for the other, one day
+  off, a week off. Scored like ARC / OBQA in LLM-Adapters (the first ``answerN`` counts).
+  """
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    month, day, offset = rng.randrange(12), rng.randint(1, 28), rng.randint(5, 45)
+    m, d, steps = _add_days(month, day, offset)
+    right = f"{MONTHS[m]} {d}"
+    slips = [[31 if x == 30 else 30 if x == 31 else 30 for x in MONTH_DAYS]]
+    wrong = {f"{MONTHS[wm]} {wd}" for wm, wd, _ in (_add_days(month, day, offset, l) for l in slips)}
+    wrong |= {f"{MONTHS[wm]} {wd}" for wm, wd, _ in (_add_days(month, day, offset + k) for k in (-1, 1, 7, -7))}
+    wrong.discard(right)
+    options = [right, *rng.sample(sorted(wrong), 3)]
+    rng.shuffle(options)
+    k = options.index(right) + 1
+    opts = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
+    rationale = " ".join([f"{day} + {offset} = {day + offset}.", *steps, f"The date is {right}."])
+    out.append({"instruction": f"It is {MONTHS[month]} {day}, 2023. What is the date {offset} days later?\n\n"
+                               f"{opts}\n\nAnswer format: answer1/answer2/answer3/answer4",
+                "input": "", "output": f"{rationale} The correct answer is answer{k}", "answer": f"answer{k}"})
+  return out
+
+
 def parity_demo(directory, *, n_train: int = 1000, n_test: int = 200, seed: int = 0) -> dict[str, str]:
   """The CPU demo's task: "Is 5407 an even number?" -> "the answer is false" (scored like BoolQ).
 
@@ -126,7 +170,8 @@ def parity_demo(directory, *, n_train: int = 1000, n_test: int = 200, seed: int 
   return paths
 
 
-TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa"), "weekday": (weekday, "openbookqa")}
+TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa"), "weekday": (weekday, "openbookqa"),
+         "dates": (dates, "openbookqa")}
 
 
 def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int) -> dict[str, str]:
@@ -148,6 +193,6 @@ def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int)
 if __name__ == "__main__":  # python benchmarks/accuracy/tasks.py data/ : the files configs/*.yaml read
   import sys
   out = sys.argv[1] if len(sys.argv) > 1 else "data"
-  for name in ("arith", "weekday"):
+  for name in ("arith", "weekday", "dates"):
     write_splits(name, out, n_train=4000, n_val=200, n_test=500)
   parity_demo(out)
