@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 import pytest
 
 from grass_jax import evaluate as ev

@@ -1,0 +1,22 @@
+"""One persistent XLA compilation cache for the whole test session (both workers and the runs they
+start in subprocesses): many tests compile the same small train steps, and a compiled step is read
+back instead of compiled again (the suite: 7m20 without, 5m29 with, on 2 cores). The cache lives in
+a fresh directory per session, removed at the end, so nothing stale is ever read; set
+GRASS_TEST_NO_CACHE=1 to compile everything."""
+
+import os
+import shutil
+import tempfile
+
+_OWNER = False
+if not os.environ.get("GRASS_TEST_NO_CACHE") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  # Set before jax is imported; xdist workers and subprocesses inherit it, so all share one directory.
+  _OWNER = True
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="grass_jax_test_xla_cache_")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_unconfigure(config):
+  if _OWNER:  # the process that made the directory (the xdist controller) removes it last
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
