@@ -68,7 +68,8 @@ def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
   child = (f"import json, sys; sys.stderr.write('w' * 200_000 + chr(10)); "
            f"print('RESULT' + json.dumps({{'row': {row!r}, 'trace': {{**{row!r}, 'log': ['x' * 300_000]}}}}))")
   monkeypatch.setattr(study, "job_command", lambda args, work, job: [sys.executable, "-c", child])
-  args = argparse.Namespace(parallel=2, budget_s=None, scale="tiny", methods=None, seeds=None, compile_cache=False)
+  args = argparse.Namespace(parallel=2, budget_s=None, scale="tiny", methods=None, seeds=None, tasks=None,
+                            compile_cache=False)
   signal.alarm(60)  # a blocked run fails the test instead of hanging it
   try:
     study.run_pool(args, scale, tmp_path)

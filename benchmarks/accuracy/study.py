@@ -68,10 +68,11 @@ SCALES = {
                   lrs={m: [1e-4] for m in METHODS}),
     # 75 periods of K=10: uniform sampling draws each of the 30 layers 5 times on average. A grid of two
     # learning rates per method on the validation split, then seeds 1 and 2 at the chosen one. Tasks:
-    # arith (GSM8K-style) and dates (multiple choice); weekday saturated at 100% for every method.
-    # 64 runs of 45-95 s: about 25 min at --parallel 3 on one GPU, resumable across sessions.
+    # arith (GSM8K-style) and dates_direct (multiple choice, answer alone): weekday (every method 100%)
+    # and dates with its rationale (LISA 99.2%) saturate.
+    # 64 runs; 83 s each with 3 sharing an H200: about 30 min at --parallel 3, resumable across sessions.
     "smollm2": dict(model=SMOLLM2, steps=750, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
-                    n_test=500, tasks=["arith", "dates"], methods=list(METHODS), seeds=[0, 1, 2],
+                    n_test=500, tasks=["arith", "dates_direct"], methods=list(METHODS), seeds=[0, 1, 2],
                     max_new_tokens=96, lrs={m: ([1e-4, 3e-4] if m == "full" else [3e-4, 6e-4]) for m in METHODS}),
     # The first study (2026-11-25): 500 steps, one learning rate per method; its rows stay in the file.
     "smollm2_500": dict(model=SMOLLM2, steps=500, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
@@ -237,6 +238,7 @@ def job_command(args, work: Path, job: dict) -> list[str]:
   return [sys.executable, __file__, "--scale", args.scale, "--work", str(work), "--one", json.dumps(job),
           *(["--methods", *args.methods] if args.methods else []),
           *(["--seeds", *map(str, args.seeds)] if args.seeds else []),
+          *(["--tasks", *args.tasks] if args.tasks else []),
           *(["--compile-cache"] if args.compile_cache else [])]
 
 
@@ -337,6 +339,7 @@ def main() -> None:
                        "full output pipes, fixed)")
   ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="run only these methods")
   ap.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
+  ap.add_argument("--tasks", nargs="+", help="run only these tasks")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args()
   scale = dict(SCALES[args.scale])
@@ -344,6 +347,8 @@ def main() -> None:
     scale["methods"] = args.methods
   if args.seeds:
     scale["seeds"] = args.seeds
+  if args.tasks:
+    scale["tasks"] = args.tasks
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
   if args.report:

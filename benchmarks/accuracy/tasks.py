@@ -118,12 +118,16 @@ def _add_days(month: int, day: int, offset: int, lengths=MONTH_DAYS) -> tuple[in
   return month % 12, day, steps
 
 
-def dates(n: int, seed: int) -> list[dict]:
+def dates(n: int, seed: int, rationale: bool = True) -> list[dict]:
   """Date arithmetic, multiple choice: "It is March 28, 2023. What is the date 10 days later?"
 
   The model must know each month's length (which it half-knows) and add across one or two month
   boundaries. The wrong options are the usual slips: a 30/31-day month taken for the other, one day
   off, a week off. Scored like ARC / OBQA in LLM-Adapters (the first ``answerN`` counts).
+
+  With the worked rationale SmolLM2 saturates it (LISA 99.2% after 750 steps, 2026-12-01);
+  ``rationale=False`` (task ``dates_direct``) asks for the answer alone, as LLM-Adapters'
+  commonsense sets do, so the date has to be worked out without writing the steps.
   """
   rng = random.Random(seed)
   out = []
@@ -139,11 +143,16 @@ def dates(n: int, seed: int) -> list[dict]:
     rng.shuffle(options)
     k = options.index(right) + 1
     opts = " ".join(f"Answer{i + 1}: {o}" for i, o in enumerate(options))
-    rationale = " ".join([f"{day} + {offset} = {day + offset}.", *steps, f"The date is {right}."])
+    work = " ".join([f"{day} + {offset} = {day + offset}.", *steps, f"The date is {right}. "]) if rationale else ""
     out.append({"instruction": f"It is {MONTHS[month]} {day}, 2023. What is the date {offset} days later?\n\n"
                                f"{opts}\n\nAnswer format: answer1/answer2/answer3/answer4",
-                "input": "", "output": f"{rationale} The correct answer is answer{k}", "answer": f"answer{k}"})
+                "input": "", "output": f"{work}The correct answer is answer{k}", "answer": f"answer{k}"})
   return out
+
+
+def dates_direct(n: int, seed: int) -> list[dict]:
+  """:func:`dates` with the answer alone, no worked rationale."""
+  return dates(n, seed, rationale=False)
 
 
 def parity_demo(directory, *, n_train: int = 1000, n_test: int = 200, seed: int = 0) -> dict[str, str]:
@@ -171,7 +180,7 @@ def parity_demo(directory, *, n_train: int = 1000, n_test: int = 200, seed: int 
 
 
 TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa"), "weekday": (weekday, "openbookqa"),
-         "dates": (dates, "openbookqa")}
+         "dates": (dates, "openbookqa"), "dates_direct": (dates_direct, "openbookqa")}
 
 
 def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int) -> dict[str, str]:
@@ -193,6 +202,6 @@ def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int)
 if __name__ == "__main__":  # python benchmarks/accuracy/tasks.py data/ : the files configs/*.yaml read
   import sys
   out = sys.argv[1] if len(sys.argv) > 1 else "data"
-  for name in ("arith", "weekday", "dates"):
+  for name in ("arith", "weekday", "dates", "dates_direct"):
     write_splits(name, out, n_train=4000, n_val=200, n_test=500)
   parity_demo(out)
