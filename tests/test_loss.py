@@ -82,3 +82,20 @@ def test_chunk_size_is_checked():
   tokens, loss_mask = _data()
   with pytest.raises(ValueError, match="chunk_tokens must be >= 1"):
     chunked_cross_entropy({}, CFG, jnp.zeros((3, 11, 16)), tokens, loss_mask, 0)
+
+
+def test_step_memory_probe_accounts_for_the_always_on_state():
+  # benchmarks/probes/step_memory.py (run on the GPU for #17): with the head frozen, the always-on
+  # group's moments leave the step's arguments; with SGD no moment is an argument at all.
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from benchmarks.common import SIZES
+  from benchmarks.probes.step_memory import measure
+  rows = {v: measure(SIZES["tiny-test"], 2, 32, 2, v) for v in ("chunk16", "chunk16-frozen-head", "chunk16-sgd")}
+  cfg = SIZES["tiny-test"]
+  head_bytes = 2 * cfg["vocab_size"] * cfg["hidden_size"] * 2  # embed + lm_head, bf16
+  moments = rows["chunk16"]["argument_bytes"] - rows["chunk16-frozen-head"]["argument_bytes"]
+  assert moments >= 2 * head_bytes  # Adam's two moments of the embeddings and head
+  assert rows["chunk16-sgd"]["argument_bytes"] < rows["chunk16-frozen-head"]["argument_bytes"]
+  assert all(r["temp_bytes"] > 0 for r in rows.values())

@@ -1,0 +1,84 @@
+"""Compiled memory of the GRASS train step, variant by variant, without running it.
+
+  python benchmarks/probes/step_memory.py --size tinyllama-1.1b --batch 16 --seq 512 \\
+      --variants whole chunk2048 chunk2048-frozen-head chunk2048-sgd [--json OUT]
+
+Lowers and compiles the step of the peers benchmark's GRASS + offload row (gamma 2, bf16 weights
+and moments, full remat) with abstract inputs on the default backend, and prints XLA's
+``memory_analysis()``: arguments (weights, device-resident optimizer state, batch), outputs, and
+the temporaries the step needs on top (``temp``). A variant changes one thing:
+
+* ``whole`` / ``chunkN``: the loss over all tokens at once, or N tokens at a time;
+* ``-frozen-head``: embeddings and head frozen (no always-on optimizer step, no head gradient);
+* ``-sgd``: plain SGD instead of AdamW (no moments, no Adam temporaries).
+
+The differences in ``temp`` say what the loss, the always-on group and the optimizer cost. On a CPU
+the attention is einsum (its scores add to ``temp``); run it on the GPU for cuDNN's numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import grass_jax
+  from grass_jax.layers import AlwaysOn  # noqa: F401  (the step's always_on argument type)
+  from grass_jax.models import config_from_hf, init_params
+  from grass_jax.train_step import LAYERS, make_train_step
+
+  cfg = config_from_hf(model)
+  base = variant.split("-")[0]
+  chunk = int(base[len("chunk"):]) if base.startswith("chunk") else 0
+  always_on = "frozen-head" not in variant
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+  inner = optax.sgd(1e-4) if variant.endswith("-sgd") else optax.adamw(1e-5, weight_decay=0.0)
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   grass_jax.transform(inner, layers=LAYERS, num_active=gamma, period=20, offload=True,
+                                       always_on=always_on, probe_steps=0))
+  state = jax.eval_shape(tx.init, params)
+  attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
+  step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat="full", attention=attention, always_on=always_on,
+                         loss_chunk=chunk)
+  tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
+  compiled = step.lower(params, state, {"tokens": tok, "attention_mask": tok, "loss_mask": tok}).compile()
+  mem = compiled.memory_analysis()
+  return {"variant": variant, "backend": jax.default_backend(), "attention": attention,
+          "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+          "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes}
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--size", default="tinyllama-1.1b", help="a model of benchmarks/common.py SIZES")
+  ap.add_argument("--batch", type=int, default=16)
+  ap.add_argument("--seq", type=int, default=512)
+  ap.add_argument("--gamma", type=int, default=2)
+  ap.add_argument("--variants", nargs="+", default=["whole", "chunk2048", "chunk2048-frozen-head", "chunk2048-sgd"])
+  ap.add_argument("--json", default=None, help="also write the rows here")
+  args = ap.parse_args()
+  from benchmarks.common import SIZES
+  rows = []
+  for variant in args.variants:
+    r = measure(SIZES[args.size], args.batch, args.seq, args.gamma, variant)
+    rows.append(r)
+    gib = {k: r[k] / 2**30 for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")}
+    print(f"{variant:26s} arguments {gib['argument_bytes']:6.2f} GiB  outputs {gib['output_bytes']:6.2f}  "
+          f"aliased {gib['alias_bytes']:6.2f}  temp {gib['temp_bytes']:6.2f}  ({r['backend']}, {r['attention']})",
+          flush=True)
+  if args.json:
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+  main()
