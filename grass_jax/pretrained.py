@@ -67,7 +67,15 @@ def read_config(directory: Path) -> DecoderConfig:
   cfg = directory / "config.json"
   if not cfg.exists():
     raise CheckpointError(f"no config.json in {directory}")
-  return models.config_from_hf(json.loads(cfg.read_text()))
+  return models.config_from_hf(_read_json(cfg))
+
+
+def _read_json(path: Path) -> Any:
+  try:
+    return json.loads(path.read_text())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); the checkpoint is damaged: export or download it "
+                          "again") from e
 
 
 def _flax_name(path: tuple[str, ...]) -> tuple[str, bool]:
@@ -88,7 +96,7 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray, bool]]:
   single = directory / "model.safetensors"
   msgpack = directory / "flax_model.msgpack"
   if index.exists():
-    weight_map = json.loads(index.read_text()).get("weight_map")
+    weight_map = _read_json(index).get("weight_map")
     if not weight_map:
       raise CheckpointError(f"{index} has no weight_map")
     files = sorted(set(weight_map.values()))
@@ -108,11 +116,15 @@ def iter_tensors(directory: Path) -> Iterator[tuple[str, np.ndarray, bool]]:
   else:
     raise CheckpointError(f"no weights in {directory}: expected model.safetensors, model.safetensors.index.json "
                           "or flax_model.msgpack")
-  from safetensors import safe_open
+  from safetensors import SafetensorError, safe_open
   for fname in files:
-    with safe_open(str(directory / fname), framework="numpy") as f:
-      for name in f.keys():
-        yield name, f.get_tensor(name), False
+    try:
+      with safe_open(str(directory / fname), framework="numpy") as f:
+        for name in f.keys():
+          yield name, f.get_tensor(name), False
+    except SafetensorError as e:  # a truncated or overwritten file: name it, not safetensors' internals
+      raise CheckpointError(f"{directory / fname} cannot be read ({e}); the checkpoint is damaged: export or "
+                            "download it again") from e
 
 
 def _match(name: str, table: dict[str, tuple[str, bool]]) -> tuple[str, int | None, bool] | None:

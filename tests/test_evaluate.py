@@ -118,3 +118,20 @@ def test_evaluate_script_errors_are_one_line(tmp_path, args, message):
   assert proc.returncode == 2, proc.stderr[-2000:]
   lines = proc.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda m: (m / "config.json").write_text("{garbage"), "config.json is not valid JSON"),
+    (lambda m: (m / "model.safetensors").write_bytes((m / "model.safetensors").read_bytes()[:1000]),
+     "model.safetensors cannot be read"),
+    (lambda m: (m / "model.safetensors").write_bytes(b"\x00" * 64), "model.safetensors cannot be read"),
+])
+def test_a_damaged_model_is_one_line_naming_the_file(tmp_path, damage, message):
+  _tiny_model(tmp_path)
+  damage(tmp_path / "model")
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "model"),
+                         "--task", "gsm8k", "--tokenizer", "bytes"], capture_output=True, text=True, cwd=ROOT,
+                        timeout=120)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  assert "export or download it again" in lines[0]
