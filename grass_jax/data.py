@@ -83,6 +83,9 @@ def load_tokenizer(spec: str | None, model_path: str | None) -> Tokenizer:
     raise DataError("no tokenizer: set model.tokenizer (a HF tokenizer directory, hub id, or 'bytes')")
   from transformers import AutoTokenizer
 
+  if looks_local(source) and not Path(source).expanduser().exists():
+    raise DataError(f"tokenizer {source!r}: no such file or directory; set model.tokenizer to a tokenizer "
+                    "directory, a hub id, or 'bytes'")
   from grass_jax import gguf_checkpoint
   try:
     if gguf_checkpoint.is_gguf(source):  # the tokenizer inside the GGUF file, converted by transformers

@@ -189,6 +189,8 @@ class Trainer:
     mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
     sharding_lib.check_batch_size(cfg.train.batch_size, mesh)  # before loading the model
     ckpt_dir = self.out / "checkpoints"
+    if self.out.exists() and not self.out.is_dir():
+      raise FileExistsError(f"train.output_dir {self.out} is a file: set train.output_dir to a directory")
     if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
       raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or set "
                             "train.output_dir to a new directory")

@@ -191,3 +191,16 @@ def test_more_active_layers_than_the_model_has_is_a_config_error(tmp_path):
 def test_exported_byte_tokenizer_model_evaluates_without_tokenizer_flag(tmp_path):
   run(_cfg(tmp_path, "train.max_steps=1"), progress=False)
   assert isinstance(data_lib.load_tokenizer(None, str(tmp_path / "hf_model")), data_lib.ByteTokenizer)
+
+
+@pytest.mark.parametrize("make, override, message", [
+    (lambda d: (d / "afile").write_text("x"), "train.output_dir={d}/afile", "is a file: set train.output_dir"),
+    (lambda d: None, "model.tokenizer={d}/no/tokenizer", "no such file or directory; set model.tokenizer"),
+])
+def test_cli_errors_outside_the_config_are_one_line(tmp_path, make, override, message):
+  make(tmp_path)
+  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(DEMO), "--no-progress",
+                         f"train.output_dir={tmp_path}/run", override.format(d=tmp_path), "train.max_steps=1"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  lines = proc.stderr.strip().splitlines()
+  assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
