@@ -85,7 +85,9 @@ class OptimConfig:
   """optim: optimizer and layer sampling.
 
   strategy: 'grass' (adaptive importance sampling), 'grass_static' (GRASS*:
-    importance from probing only), 'lisa' (uniform, moments reset) or 'full'.
+    importance from probing only), 'lisa' (uniform, moments reset), 'full', or
+    'fixed' (the layers in fixed_layers, all run long: an oracle baseline).
+  fixed_layers: with strategy 'fixed', the num_active layer indices that train.
   num_active: gamma, layers trained at a time.
   period: K, steps between layer switches.
   probability: 'softmax' (the paper's: softmax of MGN / mean(MGN) / temperature)
@@ -121,6 +123,7 @@ class OptimConfig:
 
   strategy: str = "grass"
   num_active: int = 2
+  fixed_layers: list | None = None
   period: int = 20
   probability: str = "softmax"
   temperature: float = 0.5
@@ -229,7 +232,7 @@ CHOICES = {
     "model.remat": ("full", "dots", "none"),
     "model.attention": ("auto", "einsum", "xla", "cudnn"),
     "data.template": ("alpaca",),
-    "optim.strategy": ("grass", "grass_static", "lisa", "full"),
+    "optim.strategy": ("grass", "grass_static", "lisa", "full", "fixed"),
     "optim.probability": ("softmax", "power"),
     "optim.importance": ("grad", "sketch"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -318,12 +321,20 @@ def validate(cfg: Config) -> Config:
   if cfg.model.loss_chunk_tokens < 0:
     raise ConfigError(f"model.loss_chunk_tokens must be >= 0 (0: the whole loss at once); "
                       f"got {cfg.model.loss_chunk_tokens}")
+  if o.strategy == "fixed":
+    layers = o.fixed_layers or []
+    if (len(layers) != o.num_active or len(set(layers)) != len(layers)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
+      raise ConfigError(f"optim.strategy fixed trains optim.fixed_layers: give optim.num_active={o.num_active} "
+                        f"distinct layer indices >= 0, e.g. optim.fixed_layers=[12,13]; got {o.fixed_layers!r}")
+  elif o.fixed_layers is not None:
+    raise ConfigError(f"optim.fixed_layers is for optim.strategy fixed (this run: {o.strategy}); remove it")
   if o.strategy == "grass_static" and o.probing_steps() == 0:
     raise ConfigError("optim.strategy grass_static takes its importance from probing: set optim.probe_steps > 0")
   if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.importance == "sketch"):
     raise ConfigError("probing and importance: sketch measure frozen layers in the slot scan: "
                       "use optim.frozen_grads: cond")
-  if o.offload_optimizer_state and not o.strategy.startswith("grass"):
+  if o.offload_optimizer_state and not (o.strategy.startswith("grass") or o.strategy == "fixed"):
     raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
                       "fine-tuning has no inactive layers)")
   if o.stream_active_states and not o.offload_optimizer_state:

@@ -74,7 +74,8 @@ def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
                          probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema)
   grass = strategy(o.strategy, inner, layers=LAYERS,
                    num_active=None if o.strategy == "full" else min(o.num_active, num_layers), period=o.period,
-                   seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, **importance_args)
+                   seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, fixed_layers=o.fixed_layers,
+                   **importance_args)
   parts = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
   return optax.chain(*parts, grass, optax.scale_by_schedule(schedule)), schedule
 
@@ -102,7 +103,7 @@ def measure_mode(o: OptimConfig) -> str:
 # What the learning-rate schedule and the layer sequence of a run are a function of.
 SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum", "train.seed",
                  "optim.strategy", "optim.learning_rate", "optim.schedule", "optim.warmup_ratio", "optim.period",
-                 "optim.probe_steps", "optim.num_active", "data.train", "data.shuffle_seed")
+                 "optim.probe_steps", "optim.num_active", "optim.fixed_layers", "data.train", "data.shuffle_seed")
 
 
 def check_same_schedule(cfg: Config, saved: Path) -> None:
@@ -157,6 +158,9 @@ class Trainer:
     self.out = Path(cfg.train.output_dir)
     self.mesh = self._prepare_run(resume)
     self.params, self.mcfg = load_model(cfg.model, cfg.train.seed)
+    if cfg.optim.strategy == "fixed" and max(cfg.optim.fixed_layers) >= self.mcfg.num_layers:
+      raise ConfigError(f"optim.fixed_layers={cfg.optim.fixed_layers} names a layer beyond the model's "
+                        f"{self.mcfg.num_layers} (0 to {self.mcfg.num_layers - 1})")
     if cfg.optim.strategy != "full" and cfg.optim.num_active > self.mcfg.num_layers:
       raise ConfigError(f"optim.num_active={cfg.optim.num_active} exceeds the model's {self.mcfg.num_layers} layers; "
                         f"use at most {self.mcfg.num_layers} (or optim.strategy: full)")
@@ -271,7 +275,7 @@ class Trainer:
   def diagnostics(self) -> dict[str, np.ndarray]:
     o = self.cfg.optim
     return diagnostics(self.state.opt_state, probability=o.probability, temperature=o.temperature,
-                       epsilon=o.epsilon, uniform=o.strategy == "lisa")
+                       epsilon=o.epsilon, uniform=o.strategy == "lisa", fixed=o.strategy == "fixed")
 
   def log(self, bar: Any = None) -> None:
     """Reads the pending step metrics (the only host sync, once per log interval) and writes one line."""
@@ -319,6 +323,8 @@ class Trainer:
       return "LISA layer sampling probability (uniform)"
     if o.strategy == "full":
       return "Full fine-tuning (every layer trains)"
+    if o.strategy == "fixed":
+      return f"Fixed layers {sorted(o.fixed_layers)} (no sampling)"
     name = "GRASS*" if o.strategy == "grass_static" else "GRASS"
     return f"{name} layer sampling probability ({o.probability}, T={o.temperature}, importance: {o.importance})"
 

@@ -54,7 +54,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -67,7 +67,7 @@ from grass_jax import importance as importance_lib
 from grass_jax import sampling
 from grass_jax.layers import AlwaysOn, LabelsFn, LayerLayout, build_layout
 
-STRATEGIES = ("grass", "grass_static", "lisa", "full")
+STRATEGIES = ("grass", "grass_static", "lisa", "full", "fixed")
 
 
 class GrassState(NamedTuple):
@@ -136,6 +136,7 @@ class Settings(NamedTuple):
   reset_on_switch: bool
   offload: bool
   skip_nonfinite: bool
+  fixed_layers: tuple[int, ...] | None = None
 
 
 def _take(tree: Any, idx: jax.Array) -> Any:
@@ -201,8 +202,14 @@ def _check_args(s: Settings) -> None:
     raise ValueError(f"epsilon (uniform exploration floor) must be in [0, 1]; got {s.epsilon!r}")
   if s.mgn_ema is not None and not 0.0 <= s.mgn_ema < 1.0:
     raise ValueError(f"mgn_ema must be None (running mean) or in [0, 1); got {s.mgn_ema!r}")
-  if s.sampling_kind not in ("importance", "uniform"):
-    raise ValueError(f"sampling must be 'importance' or 'uniform'; got {s.sampling_kind!r}")
+  if s.sampling_kind not in ("importance", "uniform", "fixed"):
+    raise ValueError(f"sampling must be 'importance', 'uniform' or 'fixed'; got {s.sampling_kind!r}")
+  if s.sampling_kind == "fixed":
+    layers = s.fixed_layers or ()
+    if (len(layers) != s.num_active or len(set(layers)) != len(layers)
+        or not all(isinstance(i, (int, np.integer)) and i >= 0 for i in layers)):
+      raise ValueError(f"fixed_layers must be num_active={s.num_active} distinct layer indices >= 0; "
+                       f"got {s.fixed_layers!r}")
   if s.probability not in sampling.PROBABILITIES:
     raise ValueError(f"probability must be one of {sampling.PROBABILITIES}; got {s.probability!r}")
   if not isinstance(s.probe_steps, (int, np.integer)) or s.probe_steps < 0 or s.probe_steps % s.period:
@@ -227,11 +234,18 @@ def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> Grass
   if gamma == num_layers:
     active = next_active = jnp.arange(num_layers, dtype=jnp.int32)
     slot_states = inner.init(stack)
+  elif s.sampling_kind == "fixed":
+    if max(s.fixed_layers) >= num_layers:
+      raise ValueError(f"fixed_layers {list(s.fixed_layers)} name a layer beyond the model's L={num_layers}")
+    active = next_active = jnp.asarray(sorted(s.fixed_layers), jnp.int32)
+    probs = jnp.zeros((num_layers,), jnp.float32).at[active].set(1.0 / gamma)
+    slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
   else:
     active = sampling.draw(k0, probs, gamma)
     next_active = sampling.draw(k1, probs, gamma) if s.period == 1 else active
     slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
-  keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload
+  # Fixed layers never switch: no other layer's state is ever needed.
+  keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload and s.sampling_kind != "fixed"
   return GrassState(
       count=jnp.zeros([], jnp.int32),
       key=key,
@@ -366,6 +380,8 @@ def draw_next_layers(s: Settings, state: GrassState, count: jax.Array, importanc
   num_layers, gamma = importance.shape[0], state.active.shape[0]
   key, sub = jax.random.split(state.key)
   draw_due = (count + 1) % s.period == 0
+  if s.sampling_kind == "fixed":
+    return state.next_active, state.probabilities, key
   if s.sampling_kind == "uniform":
     new_probs = sampling.uniform(num_layers)
   else:
@@ -443,6 +459,7 @@ def transform(
     reset_on_switch: bool = False,
     offload: bool = False,
     skip_nonfinite: bool = True,
+    fixed_layers: Sequence[int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """GRASS: gradient-based adaptive layer-wise importance sampling.
 
@@ -472,7 +489,8 @@ def transform(
     always_on: which leaves outside the layers are updated every step: True
       (LISA's convention: embeddings, final norm, LM head), False (frozen), a
       regex on the leaf path, or a predicate on it.
-    sampling_kind: 'importance' (GRASS) or 'uniform' (LISA).
+    sampling_kind: 'importance' (GRASS), 'uniform' (LISA) or 'fixed' (the
+      layers in ``fixed_layers``, always: an oracle baseline).
     reset_on_switch: start layers with fresh inner states at every switch (LISA)
       instead of restoring their saved moments (GRASS).
     offload: keep no bank of inactive layers' states in the state: they live in
@@ -480,6 +498,7 @@ def transform(
     skip_nonfinite: when any gradient is NaN/inf, return zero updates and keep
       the inner states (the step still counts for the layer schedule). A
       non-finite layer norm never enters the importance statistics.
+    fixed_layers: with ``sampling_kind='fixed'``, the ``num_active`` layers that train.
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.
@@ -488,7 +507,8 @@ def transform(
   """
   s = Settings(layers, num_active, period, probability, temperature, epsilon, probe_steps,
                period if refresh_every is None else refresh_every, mgn_ema, static, seed, always_on,
-               sampling_kind, reset_on_switch, offload, skip_nonfinite)
+               sampling_kind, reset_on_switch, offload, skip_nonfinite,
+               None if fixed_layers is None else tuple(int(i) for i in fixed_layers))
   _check_args(s)
   return optax.GradientTransformationExtraArgs(
       lambda params: init(inner, s, params),
@@ -505,6 +525,18 @@ def lisa(inner: optax.GradientTransformation, *, layers: LabelsFn, num_active: i
                    always_on=always_on, sampling_kind="uniform", reset_on_switch=True)
 
 
+def fixed(inner: optax.GradientTransformation, *, layers: LabelsFn, fixed_layers: Sequence[int],
+          always_on: AlwaysOn = True, offload: bool = False) -> optax.GradientTransformationExtraArgs:
+  """The same layers all run long: the oracle baseline for a chosen set (``len(fixed_layers)`` of them).
+
+  Example::
+
+    tx = grass_jax.fixed(optax.adamw(1e-4), layers=grass_jax.stacked_layers("layers"), fixed_layers=[12, 13])
+  """
+  return transform(inner, layers=layers, num_active=len(fixed_layers), period=1, always_on=always_on,
+                   sampling_kind="fixed", fixed_layers=fixed_layers, offload=offload)
+
+
 def full(inner: optax.GradientTransformation, *, layers: LabelsFn,
          always_on: AlwaysOn = True) -> optax.GradientTransformationExtraArgs:
   """Full fine-tuning baseline: every layer active at every step (``num_active = L``).
@@ -516,11 +548,12 @@ def full(inner: optax.GradientTransformation, *, layers: LabelsFn,
 
 def strategy(name: str, inner: optax.GradientTransformation, *, layers: LabelsFn,
              num_active: int | None = None, period: int = 20, seed: int = 0, always_on: AlwaysOn = True,
-             offload: bool = False, **importance_args: Any) -> optax.GradientTransformationExtraArgs:
+             offload: bool = False, fixed_layers: Sequence[int] | None = None,
+             **importance_args: Any) -> optax.GradientTransformationExtraArgs:
   """Builds a strategy by name, as configs name them.
 
   ``grass`` (:func:`transform`), ``grass_static`` (GRASS*: ``static=True``,
-  needs ``probe_steps``), ``lisa`` or ``full``. ``importance_args`` are
+  needs ``probe_steps``), ``lisa``, ``full`` or ``fixed`` (needs ``fixed_layers``). ``importance_args`` are
   :func:`transform`'s ``probability``, ``temperature``, ``epsilon``,
   ``probe_steps``, ``refresh_every`` and ``mgn_ema`` (ignored by lisa and full).
   """
@@ -533,6 +566,10 @@ def strategy(name: str, inner: optax.GradientTransformation, *, layers: LabelsFn
     return lisa(inner, layers=layers, num_active=num_active, period=period, seed=seed, always_on=always_on)
   if name == "full":
     return full(inner, layers=layers, always_on=always_on)
+  if name == "fixed":
+    if not fixed_layers:
+      raise ValueError("strategy 'fixed' needs fixed_layers")
+    return fixed(inner, layers=layers, fixed_layers=fixed_layers, always_on=always_on, offload=offload)
   raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
 
 
@@ -553,16 +590,18 @@ def replace_state(opt_state: Any, new: GrassState) -> Any:
 
 
 def diagnostics(opt_state: Any, *, probability: str = "softmax", temperature: float = 0.5,
-                epsilon: float = 0.1, uniform: bool = False) -> dict[str, np.ndarray]:
+                epsilon: float = 0.1, uniform: bool = False, fixed: bool = False) -> dict[str, np.ndarray]:
   """Readable snapshot for logging and plots (host numpy arrays).
 
   Keys: ``step``, ``active``, ``next_active``, ``importance`` (MGN),
   ``num_measurements``, ``probabilities`` (of the latest draw) and
   ``current_probabilities`` (what a draw now would use under the given rule;
-  uniform when ``uniform``, as LISA draws).
+  uniform when ``uniform``, as LISA draws; the fixed set's when ``fixed``).
   """
   s = find_state(opt_state)
-  if uniform:
+  if fixed:
+    cur = s.probabilities
+  elif uniform:
     cur = sampling.uniform(s.importance.shape[0])
   else:
     cur = sampling.layer_probabilities(probability, s.importance, s.num_measurements, temperature=temperature,

@@ -204,3 +204,33 @@ def test_cli_errors_outside_the_config_are_one_line(tmp_path, make, override, me
                         capture_output=True, text=True, cwd=ROOT, timeout=120)
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_fixed_strategy_trains_only_its_layers_through_the_trainer(tmp_path, offload):
+  from grass_jax.train import load_model
+  cfg = _cfg(tmp_path, "optim.strategy=fixed", "optim.fixed_layers=[3,1]", "train.max_steps=4", "optim.period=2",
+             "train.checkpoint_every=0", "train.export=false", f"optim.offload_optimizer_state={str(offload).lower()}")
+  out = run(cfg, progress=False, return_state=True)
+  before, _ = load_model(cfg.model, cfg.train.seed)
+  for name, after in out["params"]["layers"].items():
+    moved = [not np.array_equal(np.asarray(after[i]), np.asarray(before["layers"][name][i]))
+             for i in range(after.shape[0])]
+    assert moved == [False, True, False, True], name
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(l["active_layers"] == [1, 3] for l in lines if "active_layers" in l)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.strategy=fixed"], "optim.strategy fixed trains optim.fixed_layers"),
+    (["optim.strategy=fixed", "optim.fixed_layers=[1,1]"], "distinct layer indices"),
+    (["optim.fixed_layers=[1,2]"], "optim.fixed_layers is for optim.strategy fixed"),
+])
+def test_fixed_strategy_config_errors(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.load(DEMO, overrides)
+
+
+def test_fixed_layer_beyond_the_model_is_a_config_error(tmp_path):
+  with pytest.raises(config_lib.ConfigError, match="names a layer beyond the model's 4"):
+    run(_cfg(tmp_path, "optim.strategy=fixed", "optim.fixed_layers=[1,4]", "train.max_steps=1"), progress=False)

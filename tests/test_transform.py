@@ -252,3 +252,44 @@ def test_strategy_by_name_and_bad_arguments():
   uneven = {"blocks_0": {"w": jnp.ones((2, 2))}, "blocks_1": {"w": jnp.ones((3, 2))}}
   with pytest.raises(ValueError, match="identical layers"):
     grass_jax.transform(optax.sgd(1.0), layers=grass_jax.indexed_layers(), num_active=1).init(uneven)
+
+
+def test_fixed_layers_train_only_those_layers_with_adams_own_updates():
+  # The oracle baseline: layers 1 and 4 train at every step, with the moments of a plain Adam on them;
+  # no other layer ever moves, nothing is ever drawn.
+  params = stacked_params()
+  tx = grass_jax.fixed(optax.adam(1e-2), layers=grass_jax.stacked_layers("layers"), fixed_layers=[4, 1])
+  ref = optax.adam(1e-2)
+  state, ref_state = tx.init(params), ref.init(params)
+  p, rp = params, params
+  for i in range(7):
+    g = random_grads(params, i)
+    u, state = tx.update(g, state, p)
+    p = optax.apply_updates(p, u)
+    ru, ref_state = ref.update(g, ref_state, rp)
+    rp = optax.apply_updates(rp, ru)
+    s = grass_jax.find_state(state)
+    assert list(np.asarray(s.active)) == [1, 4] and list(np.asarray(s.next_active)) == [1, 4]
+  for name in ("w", "b"):
+    for layer in range(L):
+      if layer in (1, 4):
+        np.testing.assert_allclose(p["layers"][name][layer], rp["layers"][name][layer], **ULPS)
+      else:
+        np.testing.assert_array_equal(p["layers"][name][layer], params["layers"][name][layer])
+  np.testing.assert_allclose(p["embed"], rp["embed"], **ULPS)  # always-on trains as usual
+  probs = grass_jax.diagnostics(state, fixed=True)["current_probabilities"]
+  np.testing.assert_array_equal(probs, [0, 0.5, 0, 0, 0.5, 0])
+
+
+@pytest.mark.parametrize("fixed_layers, message", [([1], "num_active=2 distinct"), ([2, 2], "distinct"),
+                                                    ([1, -1], ">= 0")])
+def test_fixed_layers_are_checked(fixed_layers, message):
+  with pytest.raises(ValueError, match=message):
+    grass_jax.transform(optax.adam(1e-2), layers=grass_jax.stacked_layers("layers"), num_active=2,
+                        sampling_kind="fixed", fixed_layers=fixed_layers)
+
+
+def test_fixed_layer_beyond_the_model_is_an_error_at_init():
+  tx = grass_jax.fixed(optax.adam(1e-2), layers=grass_jax.stacked_layers("layers"), fixed_layers=[0, L])
+  with pytest.raises(ValueError, match=f"beyond the model's L={L}"):
+    tx.init(stacked_params())

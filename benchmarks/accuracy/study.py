@@ -58,14 +58,19 @@ METHODS = {
                    "mgn_ema": 0.5},
 }
 
+# The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
+# pairs help most says whether the layers a method favours are the ones worth training here.
+ORACLE = {f"fixed_{i}_{i + 1}": {"strategy": "fixed", "fixed_layers": [i, i + 1]} for i in range(0, 30, 2)}
+ALL_METHODS = {**METHODS, **ORACLE}
+
 SCALES = {
     "tiny": dict(model=None, steps=4, batch=4, period=2, max_length=512, n_train=32, n_val=4, n_test=4,
                  tasks=["weekday"], methods=["grass_sketch"], seeds=[0], max_new_tokens=4,
-                 lrs={m: [1e-3] for m in METHODS}),
+                 lrs={m: [1e-3] for m in ALL_METHODS}),
     # The real model on CPU, two steps: checks the pipeline before GPU time is spent.
     "smoke": dict(model=SMOLLM2, steps=2, batch=2, period=1, max_length=256, n_train=8, n_val=2, n_test=2,
                   tasks=["dates"], methods=["grass", "grass_sketch"], seeds=[0], max_new_tokens=4,
-                  lrs={m: [1e-4] for m in METHODS}),
+                  lrs={m: [1e-4] for m in ALL_METHODS}),
     # 75 periods of K=10: uniform sampling draws each of the 30 layers 5 times on average. A grid of two
     # learning rates per method on the validation split, then seeds 1 and 2 at the chosen one. Tasks:
     # arith (GSM8K-style) and dates_direct (multiple choice, answer alone): weekday (every method 100%)
@@ -74,6 +79,11 @@ SCALES = {
     "smollm2": dict(model=SMOLLM2, steps=750, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
                     n_test=500, tasks=["arith", "dates_direct"], methods=list(METHODS), seeds=[0, 1, 2],
                     max_new_tokens=96, lrs={m: ([1e-4, 3e-4] if m == "full" else [3e-4, 6e-4]) for m in METHODS}),
+    # The oracle sweep: 15 fixed pairs on arith at LISA's learning rate, one seed (15 runs, ~7 min at
+    # --parallel 3 on an H200).
+    "smollm2_oracle": dict(model=SMOLLM2, steps=750, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
+                           n_test=500, tasks=["arith"], methods=list(ORACLE), seeds=[0], max_new_tokens=96,
+                           lrs={m: [3e-4] for m in ORACLE}),
     # The first study (2026-11-25): 500 steps, one learning rate per method; its rows stay in the file.
     "smollm2_500": dict(model=SMOLLM2, steps=500, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
                         n_test=500, tasks=["arith", "weekday"], methods=list(METHODS), seeds=[0, 1, 2],
@@ -90,7 +100,7 @@ def run_config(scale: dict, model: str, data: dict, method: str, seed: int, lr: 
       "data": {"train": data["train"], "max_length": scale["max_length"], "buckets": [scale["max_length"]],
                "shuffle_seed": seed},
       "optim": {"num_active": 2, "period": scale["period"], "learning_rate": lr, "warmup_ratio": 0.03,
-                "max_grad_norm": 1.0, **METHODS[method]},
+                "max_grad_norm": 1.0, **ALL_METHODS[method]},
       "train": {"epochs": 100, "max_steps": scale["steps"], "batch_size": scale["batch"], "seed": seed,
                 "log_every": scale["period"], "checkpoint_every": 0, "output_dir": str(out), "export": False},
   }
@@ -315,7 +325,7 @@ def report(args, scale: dict, work: Path) -> None:
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
-                             "lr_grid": scale["lrs"], "methods": METHODS, "rows": rows, "table": table}, indent=2))
+                             "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]}, "rows": rows, "table": table}, indent=2))
   traces = work / "traces.jsonl"
   if traces.exists():
     from benchmarks.accuracy.figures import plot_all
@@ -337,7 +347,7 @@ def main() -> None:
   ap.add_argument("--compile-cache", action="store_true",
                   help="persistent compilation cache in the work dir (off by default; the stalls once blamed on it were "
                        "full output pipes, fixed)")
-  ap.add_argument("--methods", nargs="+", choices=sorted(METHODS), help="run only these methods")
+  ap.add_argument("--methods", nargs="+", choices=sorted(ALL_METHODS), help="run only these methods")
   ap.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
   ap.add_argument("--tasks", nargs="+", help="run only these tasks")
   ap.add_argument("--one", help=argparse.SUPPRESS)

@@ -32,7 +32,6 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
   import optax
 
   import grass_jax
-  from grass_jax.layers import AlwaysOn  # noqa: F401  (the step's always_on argument type)
   from grass_jax.models import config_from_hf, init_params
   from grass_jax.train_step import LAYERS, make_train_step
 
