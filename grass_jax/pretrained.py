@@ -57,10 +57,11 @@ def resolve(path_or_hub_id: str | os.PathLike) -> Path:
     from huggingface_hub import snapshot_download
     return Path(snapshot_download(str(path_or_hub_id), allow_patterns=WEIGHT_PATTERNS))
   except Exception as e:  # noqa: BLE001 - any hub failure gets the same actionable message
+    first_line = (str(e).strip().splitlines() or [""])[0]  # hub errors run to several lines
     raise CheckpointError(
         f"{path_or_hub_id!r} is not a local directory and could not be fetched from the Hugging Face hub "
-        f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}). Pass a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use a "
-        "cached snapshot.") from e
+        f"({type(e).__name__}: {first_line}). Pass a local checkpoint directory, or set HF_HUB_OFFLINE=1 to use "
+        "a cached snapshot.") from e
 
 
 def read_config(directory: Path) -> DecoderConfig:

@@ -25,7 +25,8 @@ MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_size: 64
 def cfg(out: Path, mesh: dict, offload: bool, extra: tuple[str, ...] = ()):
   return config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [
       MODEL, f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=8", "train.checkpoint_every=0",
-      "train.log_every=2", "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]", "data.max_length=160", "data.buckets=[160]", "optim.period=2",
+      "train.log_every=2", "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]", "data.max_length=160",
+      "data.buckets=[160]", "optim.period=2",
       "model.dtype=float32", "model.compute_dtype=float32", f"optim.offload_optimizer_state={str(offload).lower()}",
       *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false", *extra])
 

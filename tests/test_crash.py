@@ -23,7 +23,8 @@ from grass_jax.train import run
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["model.random_init={model_type: llama, vocab_size: 259, hidden_size: 32, intermediate_size: 48, "
          "num_hidden_layers: 4, num_attention_heads: 2, num_key_value_heads: 1}",
-         "train.batch_size=8", "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]", "data.max_length=160", "data.buckets=[160]", "optim.period=3",
+         "train.batch_size=8", "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]",
+         "data.max_length=160", "data.buckets=[160]", "optim.period=3",
          "optim.offload_optimizer_state=true", "train.log_every=1", "train.export=false"]
 
 

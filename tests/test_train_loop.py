@@ -22,7 +22,8 @@ SMALL_MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_si
 
 def _cfg(tmp_path, *extra):
   return config_lib.load(DEMO, [SMALL_MODEL, f"train.output_dir={tmp_path}", "train.batch_size=8",
-                                "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]", "data.max_length=160", "data.buckets=[160]", *extra])
+                                "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]", "data.max_length=160",
+                                "data.buckets=[160]", *extra])
 
 
 @pytest.mark.parametrize("offload,stream", [(False, False), (True, False), (True, True)])

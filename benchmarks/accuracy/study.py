@@ -325,7 +325,8 @@ def report(args, scale: dict, work: Path) -> None:
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
-                             "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]}, "rows": rows, "table": table}, indent=2))
+                             "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]},
+                             "rows": rows, "table": table}, indent=2))
   traces = work / "traces.jsonl"
   if traces.exists():
     from benchmarks.accuracy.figures import plot_all
