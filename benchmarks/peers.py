@@ -1,7 +1,8 @@
 """grass_jax against the PyTorch setups a user would run instead, side by side on one GPU.
 
   python benchmarks/peers.py --out-dir benchmarks/results/peers [--only NAME ...] [--group tinyllama|7b]
-  python benchmarks/peers.py --report benchmarks/results/peers/peers_h100.jsonl   # table + figure
+  python benchmarks/peers.py --report benchmarks/results/peers/peers_h200.jsonl \
+      --figure benchmarks/results/peers/peers_h200.png                              # table + figure
 
 Every configuration runs in a fresh process (a clean peak-memory counter) for ``--steps`` steps
 (default 200) with a layer switch every ``--period`` (20), each step timed on its own:
@@ -240,6 +241,44 @@ def report(path: Path) -> str:
   return "\n".join(out)
 
 
+def figure(path: Path, out: Path) -> Path:
+  """Bar charts of a peers.jsonl: tokens/s (steady and whole run) and peak GiB per row, one model per row of plots."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  rows: dict[str, dict] = {}
+  for line in path.read_text().splitlines():
+    r = json.loads(line)
+    if "error" not in r:
+      rows[r["name"]] = r
+  groups = sorted({r["size"] for r in rows.values()})
+  fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.2 * len(groups) + 0.6), squeeze=False)
+  for g, size in enumerate(groups):
+    rs = [r for r in rows.values() if r["size"] == size]
+    names = [r["name"].split("-", 1)[1] for r in rs]
+    colors = ["tab:green" if r["framework"] == "jax" else "tab:orange" for r in rs]
+    y = range(len(rs))
+    ax = axes[g][0]
+    ax.barh([i + 0.2 for i in y], [r["tokens_per_s"] for r in rs], height=0.4, color=colors, label="steady")
+    ax.barh([i - 0.2 for i in y], [r["run_tokens_per_s"] for r in rs], height=0.4, color=colors, alpha=0.45,
+            label="whole run (compilation included)")
+    ax.set_yticks(list(y), names, fontsize=8)
+    ax.set_xlabel("tokens/s")
+    device = ", ".join(sorted({r.get("device", "?").replace("NVIDIA ", "") for r in rs}))
+    ax.set_title(f"{size} on {device}: throughput (green: grass_jax, orange: PyTorch)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
+    ax = axes[g][1]
+    ax.barh(list(y), [r["peak_gib"] for r in rs], color=colors)
+    ax.set_yticks(list(y), [""] * len(rs))
+    ax.set_xlabel("peak device memory, GiB")
+    ax.set_title(f"{size} on {device}: peak memory", fontsize=9)
+  fig.tight_layout()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(out, dpi=110)
+  plt.close(fig)
+  return out
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--out-dir", default="benchmarks/results/peers")
@@ -250,9 +289,12 @@ def main() -> None:
   ap.add_argument("--deadline-s", type=float, default=None, help="start no row after this many seconds")
   ap.add_argument("--timeout-s", type=float, default=420, help="per row")
   ap.add_argument("--report", type=Path, help="print the table of a peers.jsonl and exit")
+  ap.add_argument("--figure", type=Path, help="with --report: also draw its bar charts here (PNG)")
   args = ap.parse_args()
   if args.report:
     print(report(args.report))
+    if args.figure:
+      print(f"figure: {figure(args.report, args.figure)}")
     return
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -111,3 +111,4 @@ def test_rows_of_another_step_count_neither_skip_nor_enter_the_study():
   assert [(j["method"], j["seed"]) for j in jobs(scale, [base, old])] == [("lisa", 0)]  # the 500-step row is not it
   assert [t["method"] for t in summarize([base, old], scale)] == ["pretrained"]
   assert [t["accuracy_mean"] for t in summarize([base, {**old, "steps": 750}], scale)] == [0.01, 0.87]
+
