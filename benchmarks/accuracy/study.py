@@ -317,10 +317,10 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
 def report(args, scale: dict, work: Path) -> None:
   rows = [json.loads(l) for l in (work / "rows.jsonl").read_text().splitlines()]
   table = summarize(rows, scale)
-  print(f"\n{'task':<9}{'method':<14}{'lr':>8}{'accuracy':>16}{'seeds':>6}{'train s':>9}{'peak GiB':>9}")
+  print(f"\n{'task':<13}{'method':<14}{'lr':>8}{'accuracy':>16}{'seeds':>6}{'train s':>9}{'peak GiB':>9}")
   for t in table:
     peak = "" if t["peak_gib"] is None else f"{t['peak_gib']:.2f}"
-    print(f"{t['task']:<9}{t['method']:<14}{t['lr'] or 0:>8g}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}"
+    print(f"{t['task']:<13}{t['method']:<14}{t['lr'] or 0:>8g}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}"
           f"{t['seeds']:>6}{t['seconds_mean']:>9.1f}{peak:>9}")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
