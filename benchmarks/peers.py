@@ -223,12 +223,19 @@ def finish_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
   return row
 
 
-def report(path: Path) -> str:
-  """A markdown table of a peers.jsonl (the last row of each name wins)."""
+def latest_rows(path: Path, *, measured_only: bool = False) -> dict[str, dict]:
+  """The rows of a peers.jsonl by name, the last of each name winning (``measured_only``: of those without error)."""
   rows: dict[str, dict] = {}
   for line in path.read_text().splitlines():
     r = json.loads(line)
-    rows[r["name"]] = r
+    if not (measured_only and "error" in r):
+      rows[r["name"]] = r
+  return rows
+
+
+def report(path: Path) -> str:
+  """A markdown table of a peers.jsonl (the last row of each name wins)."""
+  rows = latest_rows(path)
   out = ["| row | framework | method | compile | gamma | tokens/s steady | tokens/s whole run | peak GiB |",
          "|---|---|---|---|---|---|---|---|"]
   for name, r in rows.items():
@@ -246,11 +253,7 @@ def figure(path: Path, out: Path) -> Path:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows: dict[str, dict] = {}
-  for line in path.read_text().splitlines():
-    r = json.loads(line)
-    if "error" not in r:
-      rows[r["name"]] = r
+  rows = latest_rows(path, measured_only=True)
   groups = sorted({r["size"] for r in rows.values()})
   fig, axes = plt.subplots(len(groups), 2, figsize=(13, 3.2 * len(groups) + 0.6), squeeze=False)
   for g, size in enumerate(groups):

@@ -38,9 +38,9 @@ def main() -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(json.dumps(summary, indent=2))
-  for key, value in summary.items():
-    if key.startswith("eval/") and key.endswith("_accuracy"):
-      print(f"accuracy on {cfg.eval.data or key[5:-9]} ({key[5:-9]} scoring): {value:.1%}")
+  for task in cfg.eval.tasks:  # the summary holds eval/<task>_accuracy for each evaluated task
+    if f"eval/{task}_accuracy" in summary:
+      print(f"accuracy on {cfg.eval.data or task} ({task} scoring): {summary[f'eval/{task}_accuracy']:.1%}")
   return 0
 
 
