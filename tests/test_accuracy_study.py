@@ -38,7 +38,10 @@ def test_tiny_study_runs_end_to_end(tmp_path):
   assert all(0.0 <= t["accuracy_mean"] <= 1.0 for t in table)
   assert all(t["seeds"] == 1 for t in table[1:])
   assert {"task", "method", "seed", "lr", "accuracy", "peak_bytes", "seconds"} <= set(result["rows"][1])
-  assert (out.parent / "accuracy_smollm2_heatmap_weekday.png").exists()
+  assert (out.parent / "acc_heatmap_weekday.png").exists() and (out.parent / "acc_mgn.png").exists()
+  # each run's checkpoints go once it is scored (40 runs of SmolLM2 filled a 64 GB disk)
+  assert not list((tmp_path / "work" / "runs").glob("*/checkpoints"))
+  assert list((tmp_path / "work" / "runs").glob("*/metrics.jsonl"))
 
 
 def test_study_picks_the_best_validation_lr_then_runs_the_other_seeds():
@@ -112,3 +115,30 @@ def test_rows_of_another_step_count_neither_skip_nor_enter_the_study():
   assert [t["method"] for t in summarize([base, old], scale)] == ["pretrained"]
   assert [t["accuracy_mean"] for t in summarize([base, {**old, "steps": 750}], scale)] == [0.01, 0.87]
 
+
+
+def test_oracle_sets_each_pairs_accuracy_against_its_probing_mgn(tmp_path):
+  from benchmarks.accuracy.figures import plot_oracle
+  from benchmarks.accuracy.study import SCALES, oracle_analysis, spearman
+  assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+  assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+  assert abs(spearman([1, 1, 2, 3], [1, 2, 3, 4]) - 0.9487) < 1e-4  # ties share their mean rank
+  scale = SCALES["smollm2_oracle"]
+  mgn = [1.0] * 30
+  mgn[12], mgn[13], mgn[28], mgn[29] = 3.0, 3.0, 0.2, 0.2
+  rows = [{"task": "arith", "method": f"fixed_{i}_{i + 1}", "seed": 0, "lr": 3e-4, "steps": 750,
+           "accuracy": 0.5 + i / 100, "val_accuracy": 0.5} for i in range(0, 30, 2)]
+  rows += [{"task": "arith", "method": "lisa", "seed": 0, "lr": 3e-4, "steps": 750, "accuracy": 0.9},
+           {"task": "arith", "method": "lisa", "seed": 0, "lr": 3e-4, "steps": 500, "accuracy": 0.1}]
+  traces = [{"task": "arith", "method": "lisa", "seed": 0, "lr": 3e-4, "log": [{"probing": False, "importance": [0] * 30}]},
+            {"task": "arith", "method": "grass", "seed": 0, "lr": 3e-4, "log": [{"probing": True, "importance": mgn}]}]
+  o = oracle_analysis(rows, traces, "arith", scale)
+  assert o["probe_method"] == "grass" and o["lisa_accuracy"] == 0.9  # 750 steps, not the 500-step study
+  assert [p["layers"] for p in o["pairs"]] == [[i, i + 1] for i in range(0, 30, 2)]
+  mean = sum(mgn) / 30
+  assert abs(o["pairs"][6]["mgn"] - 3.0 / mean) < 1e-9 and o["top_mgn_pair"] == [12, 13]
+  assert o["best_pair"] == [28, 29]  # accuracy rises with the layer index here, MGN does not
+  expected = spearman([p["mgn"] for p in o["pairs"]], [0.5 + i / 100 for i in range(0, 30, 2)])
+  assert o["spearman"] == expected and o["spearman"] < 0
+  assert oracle_analysis(rows, traces[:1], "arith", scale) is None  # no probing run: nothing to set against
+  assert plot_oracle(o, tmp_path / "o.png").stat().st_size > 1000

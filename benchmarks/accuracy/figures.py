@@ -60,10 +60,44 @@ def plot_heatmaps(traces: list[dict], task: str, lrs: dict, path: Path) -> Path:
   return path
 
 
-def plot_all(traces: list[dict], rows: list[dict], scale: dict, directory: Path) -> list[Path]:
-  from benchmarks.accuracy.study import chosen_lr
-  out = [plot_mgn_per_task(traces, scale["tasks"], directory / "accuracy_smollm2_mgn.png")]
+def plot_oracle(oracle: dict, path: Path) -> Path:
+  """Each fixed pair's test accuracy (bars) against its MGN at probing (line), with uniform sampling's accuracy."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  pairs = oracle["pairs"]
+  x = np.arange(len(pairs))
+  fig, ax = plt.subplots(figsize=(7.5, 3.4))
+  ax.bar(x, [p["accuracy"] for p in pairs], color="tab:blue", alpha=0.7, label="pair trained alone (test)")
+  if oracle.get("lisa_accuracy") is not None:
+    ax.axhline(oracle["lisa_accuracy"], color="tab:green", ls="--", label="LISA, same lr and seed")
+  lo = min(p["accuracy"] for p in pairs)
+  ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+  ax.set_xticks(x, [f"{p['layers'][0]}-{p['layers'][1]}" for p in pairs], fontsize=7)
+  ax.set_xlabel("layers trained for the whole run")
+  ax.set_ylabel("accuracy")
+  twin = ax.twinx()
+  twin.plot(x, [p["mgn"] for p in pairs], color="tab:red", marker="o", ms=3, label="pair MGN at probing / mean")
+  twin.set_ylabel("MGN / mean", color="tab:red")
+  ax.set_title(f"Oracle on {oracle['task']}: Spearman(MGN, accuracy) = {oracle['spearman']:.2f}", fontsize=10)
+  h1, l1 = ax.get_legend_handles_labels()
+  h2, l2 = twin.get_legend_handles_labels()
+  ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="lower left")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def plot_all(traces: list[dict], rows: list[dict], scale: dict, prefix: Path) -> list[Path]:
+  """The study's figures, named ``<prefix>_mgn.png``, ``<prefix>_heatmap_<task>.png`` (the oracle scale:
+  ``<prefix>_<task>.png``); the prefix is the report JSON without its suffix."""
+  from benchmarks.accuracy.study import chosen_lr, oracle_analysis
+  if all(m.startswith("fixed_") for m in scale["methods"]):
+    return [plot_oracle(o, Path(f"{prefix}_{o['task']}.png"))
+            for o in (oracle_analysis(rows, traces, t, scale) for t in scale["tasks"]) if o is not None]
+  out = [plot_mgn_per_task(traces, scale["tasks"], Path(f"{prefix}_mgn.png"))]
   for task in scale["tasks"]:
-    lrs = {m: chosen_lr(rows, task, m, scale) for m in VARIANTS}
-    out.append(plot_heatmaps(traces, task, lrs, directory / f"accuracy_smollm2_heatmap_{task}.png"))
+    lrs = {m: chosen_lr(rows, task, m, scale) for m in VARIANTS if m in scale["lrs"]}
+    out.append(plot_heatmaps(traces, task, lrs, Path(f"{prefix}_heatmap_{task}.png")))
   return out

@@ -56,6 +56,10 @@ METHODS = {
     # a flatter softmax (T=2): the importance only tilts a near-uniform draw.
     "grass_flat": {"strategy": "grass", "probability": "softmax", "temperature": 2.0, "probe_steps": None,
                    "mgn_ema": 0.5},
+    # The oracle's lesson (no fixed pair beat uniform coverage; MGN ranks the worst layers right, not the best):
+    # half of each draw's probability uniform, half the paper's softmax.
+    "grass_floor": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "epsilon": 0.5,
+                    "probe_steps": None, "mgn_ema": 0.5},
 }
 
 # The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
@@ -140,6 +144,9 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
     row["accuracy" if split == "test" else "val_accuracy"] = result["accuracy"]
     row[f"{split}_eval_seconds"] = time.perf_counter() - t1
   lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  # The run's final checkpoint (1.6 GB for SmolLM2 with its optimizer state) is not needed once it is scored:
+  # kept, 40 of them filled the GPU machine's 64 GB disk and the next runs failed writing theirs.
+  shutil.rmtree(out / "checkpoints", ignore_errors=True)
   trace = {k: row[k] for k in ("task", "method", "seed", "lr")}
   trace["log"] = [{k: l[k] for k in ("step", "importance", "probabilities", "active_layers", "probing")
                    if k in l} for l in lines if "importance" in l]
@@ -314,6 +321,45 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
   return table
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+  """Rank correlation (ties take their mean rank)."""
+  import numpy as np
+
+  def ranks(v):
+    v = np.asarray(v, float)
+    r = np.empty(len(v))
+    r[np.argsort(v, kind="stable")] = np.arange(len(v))
+    for x in np.unique(v):
+      r[v == x] = r[v == x].mean()
+    return r
+  return float(np.corrcoef(ranks(a), ranks(b))[0, 1])
+
+
+def oracle_analysis(rows: list[dict], traces: list[dict], task: str, scale: dict) -> dict | None:
+  """Each fixed pair's accuracy beside the MGN that probing measured for its layers (mean over the pair, relative
+  to the mean layer) and their rank correlation: are the layers GRASS favours the ones worth training?"""
+  import numpy as np
+  rows = of_this_scale(rows, scale)
+  fixed = [r for r in rows if r["task"] == task and r["method"] in ORACLE and r["seed"] == 0 and "accuracy" in r]
+  # Probing updates nothing, so any probing run of this task on seed 0's data order measured the same MGN.
+  probe = next((t for t in traces if t["task"] == task and t["seed"] == 0 and t["log"] and t["log"][0].get("probing")),
+               None)
+  if len(fixed) < 3 or probe is None:
+    return None
+  mgn = np.asarray(probe["log"][0]["importance"], float)
+  mgn = mgn / mgn.mean()
+  pairs = sorted(({"layers": ORACLE[r["method"]]["fixed_layers"], "accuracy": r["accuracy"],
+                   "val_accuracy": r.get("val_accuracy"), "mgn": float(mgn[ORACLE[r["method"]]["fixed_layers"]].mean())}
+                  for r in fixed), key=lambda p: p["layers"])
+  lr = fixed[0]["lr"]
+  lisa = next((r["accuracy"] for r in rows if r["task"] == task and r["method"] == "lisa" and r["seed"] == 0
+               and r["lr"] == lr and "accuracy" in r), None)
+  return {"task": task, "lr": lr, "probe_method": probe["method"], "pairs": pairs, "lisa_accuracy": lisa,
+          "spearman": spearman([p["mgn"] for p in pairs], [p["accuracy"] for p in pairs]),
+          "best_pair": max(pairs, key=lambda p: p["accuracy"])["layers"],
+          "top_mgn_pair": max(pairs, key=lambda p: p["mgn"])["layers"]}
+
+
 def report(args, scale: dict, work: Path) -> None:
   rows = [json.loads(l) for l in (work / "rows.jsonl").read_text().splitlines()]
   table = summarize(rows, scale)
@@ -322,15 +368,20 @@ def report(args, scale: dict, work: Path) -> None:
     peak = "" if t["peak_gib"] is None else f"{t['peak_gib']:.2f}"
     print(f"{t['task']:<13}{t['method']:<14}{t['lr'] or 0:>8g}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}"
           f"{t['seeds']:>6}{t['seconds_mean']:>9.1f}{peak:>9}")
+  traces_file = work / "traces.jsonl"
+  traces = [json.loads(l) for l in traces_file.read_text().splitlines()] if traces_file.exists() else []
+  oracle = [o for o in (oracle_analysis(rows, traces, t, scale) for t in scale["tasks"]) if o is not None]
+  for o in oracle:
+    print(f"\noracle on {o['task']} (lr {o['lr']:g}): best pair {o['best_pair']}, highest-MGN pair {o['top_mgn_pair']}, "
+          f"Spearman(MGN, accuracy) {o['spearman']:.2f}, LISA {o['lisa_accuracy']}")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
                              "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]},
-                             "rows": rows, "table": table}, indent=2))
-  traces = work / "traces.jsonl"
-  if traces.exists():
+                             "rows": rows, "table": table, **({"oracle": oracle} if oracle else {})}, indent=2))
+  if traces:
     from benchmarks.accuracy.figures import plot_all
-    plot_all([json.loads(l) for l in traces.read_text().splitlines()], rows, scale, out.parent)
+    plot_all(traces, rows, scale, out.with_suffix(""))
 
 
 def main() -> None:

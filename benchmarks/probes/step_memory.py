@@ -20,8 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+# Compile-only: without this a probe beside a running study takes 75% of the GPU (2026-12-01: it did, and a study
+# run died out of memory).
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
