@@ -84,7 +84,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   stream = bool(spec.get("stream"))
   if stream:
     opt_state, s_sh = host_slot_states(opt_state, s_sh)
-  off = Offloader(opt_state, period=spec["period"], stream=stream) if spec.get("offload") else None
+  off = Offloader(opt_state, period=spec["period"], stream=stream, prefetch=spec.get("prefetch", True)) \
+      if spec.get("offload") else None
   b_sh = sharding.batch_sharding(mesh)
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
                          frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),

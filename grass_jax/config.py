@@ -107,6 +107,10 @@ class OptimConfig:
     state in host memory too and copy each to the device only for its update,
     one layer at a time (no optimizer state per extra active layer on the
     device; costs host<->device copies every step).
+  offload_prefetch: with offload_optimizer_state, copy the incoming layers'
+    states while the period's last step computes (true, fastest); false: only
+    after it, so the device never holds a second set of active layers' states
+    (less peak memory: gamma layers' moments; a pause of one copy per period).
   frozen_grads: how frozen layers skip weight gradients: 'cond' (a hand-written
     backward pass of the layer scan: frozen layers compute input gradients
     only, no dW matmuls; the active layers' gradients are written into their
@@ -136,6 +140,7 @@ class OptimConfig:
   always_on: bool = True
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
+  offload_prefetch: bool = True
   frozen_grads: str = "cond"
   learning_rate: float = 1e-5
   schedule: str = "cosine"
@@ -339,6 +344,9 @@ def validate(cfg: Config) -> Config:
                       "fine-tuning has no inactive layers)")
   if o.stream_active_states and not o.offload_optimizer_state:
     raise ConfigError("optim.stream_active_states needs optim.offload_optimizer_state: true")
+  if not o.offload_prefetch and not o.offload_optimizer_state:
+    raise ConfigError("optim.offload_prefetch: false says when offloaded states are copied; it needs "
+                      "optim.offload_optimizer_state: true (or drop it)")
   if cfg.eval.tasks:
     from grass_jax.evaluate import canonical_task
     try:

@@ -228,12 +228,12 @@ class Trainer:
         params=params, opt_state=opt_state, layer_states=target,
         warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) if resume else None
     if restored is None:
-      offloader = Offloader(opt_state, period=o.period, stream=o.stream_active_states) \
+      offloader = Offloader(opt_state, period=o.period, stream=o.stream_active_states, prefetch=o.offload_prefetch) \
           if o.offload_optimizer_state else None
       return RunState(step=0, params=params, opt_state=opt_state, offloader=offloader)
     step, params, opt_state, layer_states, meta = restored
-    offloader = Offloader.restore(opt_state, layer_states, period=o.period, stream=o.stream_active_states) \
-        if o.offload_optimizer_state else None
+    offloader = Offloader.restore(opt_state, layer_states, period=o.period, stream=o.stream_active_states,
+                                  prefetch=o.offload_prefetch) if o.offload_optimizer_state else None
     return RunState(step=step, params=params, opt_state=opt_state, offloader=offloader, epoch=meta["epoch"],
                     next_batch=meta["batch"], skipped=meta["skipped"],
                     history=[(s, np.asarray(p)) for s, p in meta["probability_history"]])

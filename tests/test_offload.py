@@ -11,7 +11,7 @@ from grass_jax.offload import Offloader, host_slot_states, memory_kind, state_st
 from tests.test_transform import random_grads, stacked_params
 
 
-def _run(offload, period, steps=14, seed=2, stream=False):
+def _run(offload, period, steps=14, seed=2, stream=False, prefetch=True):
   params = stacked_params()
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), layers=grass_jax.stacked_layers(),
@@ -22,7 +22,7 @@ def _run(offload, period, steps=14, seed=2, stream=False):
     state = jax.device_put(state, jax.devices()[0])
     state, shardings = host_slot_states(state, jax.tree.map(lambda x: x.sharding, state))
     extra = {"state_stream": state_stream(grass_jax.find_state(shardings).slot_states[0])}
-  off = Offloader(state, period=period, stream=stream) if offload else None
+  off = Offloader(state, period=period, stream=stream, prefetch=prefetch) if offload else None
 
   @jax.jit
   def step(p, s, g):
@@ -38,9 +38,10 @@ def _run(offload, period, steps=14, seed=2, stream=False):
   return params, state, off, seen
 
 
-@pytest.mark.parametrize("period,stream", [(1, False), (3, False), (1, True), (3, True)])
-def test_params_identical_with_and_without_offload(period, stream):
-  p_on, s_on, off, seq_on = _run(True, period, stream=stream)
+@pytest.mark.parametrize("period,stream,prefetch", [(1, False, True), (3, False, True), (1, True, True),
+                                                     (3, True, True), (3, False, False)])
+def test_params_identical_with_and_without_offload(period, stream, prefetch):
+  p_on, s_on, off, seq_on = _run(True, period, stream=stream, prefetch=prefetch)
   p_off, s_off, _, seq_off = _run(False, period)
   assert seq_on == seq_off
   assert len({tuple(a) for a in seq_on}) > 2
@@ -51,6 +52,26 @@ def test_params_identical_with_and_without_offload(period, stream):
   for l, st in off.full_bank(s_on).items():
     want = ref.slot_states[ref_active.index(l)] if l in ref_active else jax.tree.map(lambda b: b[l], ref.bank)
     jax.tree.map(np.testing.assert_array_equal, st, want)
+
+
+def test_late_swap_copies_only_after_the_step_and_waits_for_its_copies(monkeypatch):
+  """prefetch=False: at a switch that moves layers, wait for the step, then copy, then wait for the copies;
+  no waiting at steps without a switch or with the default prefetch."""
+  events = []
+  block, put = jax.block_until_ready, jax.device_put
+  monkeypatch.setattr(jax, "block_until_ready", lambda x: (events.append("wait"), block(x))[1])
+  monkeypatch.setattr(jax, "device_put", lambda *a, **k: (events.append("copy"), put(*a, **k))[1])
+  _, _, off, seen = _run(True, 3, steps=12, prefetch=False)
+  periods = [seen[0], *seen[2::3]]  # the first set, then the sets after the switches at steps 3, 6, 9, 12
+  moves = sum(set(a) != set(b) for a, b in zip(periods, periods[1:]))
+  swaps = "".join("w" if e == "wait" else "c" for e in events)
+  assert moves >= 2
+  assert swaps.count("w") == 2 * moves  # one wait before and one after each switch that moves layers
+  for chunk in swaps.split("w")[1::2]:  # between the two waits: the copies of that switch
+    assert chunk and set(chunk) == {"c"}
+  events.clear()
+  _run(True, 3, steps=12)
+  assert "wait" not in events  # the default prefetches while the step computes
 
 
 def test_memory_kinds_after_switch():

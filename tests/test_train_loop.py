@@ -11,7 +11,7 @@ import pytest
 
 from grass_jax import config as config_lib
 from grass_jax import data as data_lib
-from grass_jax.train import run
+from grass_jax.train import Trainer, run
 from grass_jax.transform import find_state
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +47,15 @@ def test_resume_equals_straight_run(tmp_path, offload, stream):
     assert {x.sharding.memory_kind for x in jax.tree.leaves(s.slot_states)} == {"pinned_host"}
 
 
+def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path):
+  extra = ["train.max_steps=4", "optim.period=2", "optim.offload_optimizer_state=true", "optim.offload_prefetch=false"]
+  trainer = Trainer(_cfg(tmp_path, *extra), progress=False)
+  assert trainer.state.offloader.prefetch is False
+  trainer.train()
+  trainer.finish()
+  assert Trainer(_cfg(tmp_path, *extra), resume=True, progress=False).state.offloader.prefetch is False
+
+
 def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
   run(_cfg(tmp_path, "train.max_steps=2"), progress=False)
   with pytest.raises(FileExistsError, match="--resume"):
@@ -63,6 +72,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     ("optim.strategy=lisa", "offload_optimizer_state needs optim.strategy: grass"),
     ("data.buckets=[64]", "largest of data.buckets"),
     ("optim.stream_active_states=true", "needs optim.offload_optimizer_state: true"),
+    ("optim.offload_prefetch=false", "offload_prefetch: false says when offloaded states are copied"),
     ("model.path=foo", "exactly one of model.path"),
     ("nonsense.key=1", "unknown section"),
     ("optim.num_active", "must look like section.key=value"),
