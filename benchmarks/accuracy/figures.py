@@ -89,13 +89,12 @@ def plot_oracle(oracle: dict, path: Path) -> Path:
   return path
 
 
-def plot_all(traces: list[dict], rows: list[dict], scale: dict, prefix: Path) -> list[Path]:
+def plot_all(traces: list[dict], rows: list[dict], scale: dict, prefix: Path, oracle: list[dict]) -> list[Path]:
   """The study's figures, named ``<prefix>_mgn.png``, ``<prefix>_heatmap_<task>.png`` (the oracle scale:
-  ``<prefix>_<task>.png``); the prefix is the report JSON without its suffix."""
-  from benchmarks.accuracy.study import chosen_lr, oracle_analysis
-  if all(m.startswith("fixed_") for m in scale["methods"]):
-    return [plot_oracle(o, Path(f"{prefix}_{o['task']}.png"))
-            for o in (oracle_analysis(rows, traces, t, scale) for t in scale["tasks"]) if o is not None]
+  ``<prefix>_<task>.png`` from ``oracle``, the report's analyses); the prefix is the report JSON without its suffix."""
+  from benchmarks.accuracy.study import ORACLE, chosen_lr
+  if all(m in ORACLE for m in scale["methods"]):
+    return [plot_oracle(o, Path(f"{prefix}_{o['task']}.png")) for o in oracle]
   out = [plot_mgn_per_task(traces, scale["tasks"], Path(f"{prefix}_mgn.png"))]
   for task in scale["tasks"]:
     lrs = {m: chosen_lr(rows, task, m, scale) for m in VARIANTS if m in scale["lrs"]}

@@ -381,7 +381,7 @@ def report(args, scale: dict, work: Path) -> None:
                              "rows": rows, "table": table, **({"oracle": oracle} if oracle else {})}, indent=2))
   if traces:
     from benchmarks.accuracy.figures import plot_all
-    plot_all(traces, rows, scale, out.with_suffix(""))
+    plot_all(traces, rows, scale, out.with_suffix(""), oracle)
 
 
 def main() -> None:
