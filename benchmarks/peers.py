@@ -62,6 +62,8 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     # The incoming layers' states copied after the period's last step, not during it (one slot set less at the peak).
     ("tiny-jax-grass-offload-late-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
                                                    loss_chunk=2048)),
+    ("tiny-jax-grass-offload-late-chunk1024", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
+                                                   loss_chunk=1024)),
     ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
     ("tiny-torch-full-compile", _torch("full", True, **TINY, num_active=None)),
     ("tiny-jax-full-chunk2048", _jax("full", **TINY, num_active=None, loss_chunk=2048)),

@@ -42,20 +42,60 @@ def test_chunked_loss_and_gradients_equal_the_whole_loss(config, chunk):
 
 
 def test_chunked_head_gradient_sums_in_float32():
-  # bf16 weights: the head's gradient over 8 chunks equals the whole one's to bf16 rounding.
-  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), models.init_params(CFG, jax.random.PRNGKey(1)))
+  # bf16 head and hidden states: each chunk's head gradient comes out of its matmul in float32 and only the sum
+  # over 9 chunks is rounded to bf16, so the result is the float32 gradient to bf16 rounding (the logits'
+  # gradient itself is rounded to bf16 before the matmuls, as a bf16 model's would be).
+  rng = np.random.default_rng(1)
+  head = jnp.asarray(rng.normal(0, 0.5, (16, 300)), jnp.bfloat16)
+  hidden = jnp.asarray(rng.normal(0, 1, (4, 33, 16)), jnp.bfloat16)
   tokens, loss_mask = _data(b=4, t=33)
 
-  def loss(p, chunk):
-    h, _ = models.forward(p, CFG, tokens, return_hidden=True, dtype=jnp.bfloat16)
-    if chunk:
-      return chunked_cross_entropy(p, CFG, h, tokens, loss_mask, chunk)[0]
-    return cross_entropy(models.decoder.logits_from_hidden(p, CFG, h), tokens, loss_mask)[0]
+  def exact(hd):
+    logits = jnp.einsum("btd,dv->btv", hidden.astype(jnp.float32), hd, precision="highest")
+    return cross_entropy(logits, tokens, loss_mask)[0]
 
-  g_whole = jax.grad(loss)(params, 0)["lm_head"].astype(jnp.float32)
-  g_chunk = jax.grad(loss)(params, 16)["lm_head"].astype(jnp.float32)
-  assert g_chunk.dtype == jnp.float32
-  np.testing.assert_allclose(g_chunk, g_whole, rtol=2 ** -7, atol=1e-3 * float(jnp.abs(g_whole).max()))
+  g_exact = jax.grad(exact)(head.astype(jnp.float32))
+  g_chunk = jax.grad(lambda hd: chunked_cross_entropy({"lm_head": hd}, CFG, hidden, tokens, loss_mask, 14)[0])(head)
+  assert g_chunk.dtype == jnp.bfloat16  # the gradient has the head's dtype...
+  err = np.abs(np.asarray(g_chunk, np.float32) - np.asarray(g_exact))
+  scale = float(jnp.abs(g_exact).max())
+  assert err.max() < 2 ** -6 * scale  # ...and float32 accuracy up to bf16 roundings
+  # Rounding each chunk's gradient to bf16 and summing in bf16 (autodiff of a bf16 scan) is further off.
+  positions = np.arange(4 * 32).reshape(4, 32)  # the flat loss positions the chunks of 14 cut
+  g_bf16_sum = jnp.zeros_like(head)
+  for start in range(0, 4 * 32, 14):
+    in_chunk = np.pad((positions >= start) & (positions < start + 14), ((0, 0), (1, 0)))
+    g_i = jax.grad(lambda hd: cross_entropy(jnp.einsum("btd,dv->btv", hidden.astype(jnp.float32), hd),
+                                            tokens, loss_mask * in_chunk)[0])(head.astype(jnp.float32))
+    g_bf16_sum = g_bf16_sum + g_i.astype(jnp.bfloat16)
+  err_bf16 = np.abs(np.asarray(g_bf16_sum, np.float32) - np.asarray(g_exact))
+  assert err_bf16.mean() > 1.5 * err.mean()
+
+
+@pytest.mark.parametrize("chunk", [5, 64])
+def test_chunked_loss_with_final_softcapping(chunk):
+  # Gemma 2's final soft-capping goes through the hand-written backward pass too.
+  from grass_jax.models import gemma
+  config = gemma.config_from_hf({"model_type": "gemma2", "vocab_size": 300, "hidden_size": 16,
+                                 "intermediate_size": 24, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2, "head_dim": 4, "final_logit_softcapping": 3.0})
+  assert config.final_softcap == 3.0
+  params = models.init_params(config, jax.random.PRNGKey(2))
+  params = {**params, "embed": params["embed"] * 20}  # logits well past the cap, where tanh bends
+  tokens, loss_mask = _data()
+  h = jax.random.normal(jax.random.PRNGKey(3), (3, 11, 16))
+
+  def whole(p, h):
+    return cross_entropy(models.decoder.logits_from_hidden(p, config, h), tokens, loss_mask)[0]
+
+  def chunked(p, h):
+    return chunked_cross_entropy(p, config, h, tokens, loss_mask, chunk)[0]
+
+  l_w, (gp_w, gh_w) = jax.value_and_grad(whole, argnums=(0, 1))(params, h)
+  l_c, (gp_c, gh_c) = jax.value_and_grad(chunked, argnums=(0, 1))(params, h)
+  np.testing.assert_allclose(l_c, l_w, rtol=1e-6)
+  np.testing.assert_allclose(gh_c, gh_w, rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(gp_c["embed"], gp_w["embed"], rtol=2e-5, atol=1e-6)
 
 
 def test_chunked_loss_needs_less_memory():
@@ -76,6 +116,23 @@ def test_chunked_loss_needs_less_memory():
   whole, chunked = temp_bytes(0), temp_bytes(128)
   assert whole > logits_bytes  # the whole logits exist at once...
   assert chunked < whole - logits_bytes  # ...and the chunked loss saves at least their size
+
+
+def test_chunked_backward_holds_one_chunk_of_logits_and_no_float32_head():
+  # The hand-written backward pass keeps, besides the float32 head-gradient sum, one chunk's float32 logits and
+  # its bf16 gradient; autodiff of the rematerialised scan held another chunk of float32 logits and a float32
+  # copy of the head (350 MiB here, against 222).
+  cfg = llama.config_from_hf({**CFG.hf_config, "vocab_size": 32000, "hidden_size": 256})
+  head = jnp.zeros((256, 32000), jnp.bfloat16)
+  tokens = jnp.zeros((4, 1025), jnp.int32)
+  hidden = jnp.zeros((4, 1025, 256), jnp.bfloat16)
+
+  def loss(hd, h):
+    return chunked_cross_entropy({"lm_head": hd}, cfg, h, tokens, jnp.ones_like(tokens), 1024)[0]
+
+  temp = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(head, hidden).compile().memory_analysis().temp_size_in_bytes
+  logits, dlogits, head_sum = 1024 * 32000 * 4, 1024 * 32000 * 2, 256 * 32000 * 4
+  assert temp < 1.05 * (logits + dlogits + head_sum)
 
 
 def test_chunk_size_is_checked():
