@@ -49,6 +49,9 @@ METHODS = {
     "grass_static": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.5, "probe_steps": None},
     "grass_sketch": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0,
                      "mgn_ema": 0.5, "importance": "sketch"},
+    # The same with the inactive layers' moments in host memory: the paper's setting, at LISA's memory.
+    "grass_sketch_offload": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0,
+                             "mgn_ema": 0.5, "importance": "sketch", "offload_optimizer_state": True},
     # Diagnostics of the two extremes around the paper's rule (not methods a user would pick):
     # concentration: the two highest-MGN layers of probing, always (a near-zero temperature, no floor);
     "grass_top": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.02, "epsilon": 0.0,
@@ -82,7 +85,8 @@ SCALES = {
     # 64 runs; 83 s each with 3 sharing an H200: about 30 min at --parallel 3, resumable across sessions.
     "smollm2": dict(model=SMOLLM2, steps=750, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
                     n_test=500, tasks=["arith", "dates_direct"], methods=list(METHODS), seeds=[0, 1, 2],
-                    max_new_tokens=96, lrs={m: ([1e-4, 3e-4] if m == "full" else [3e-4, 6e-4]) for m in METHODS}),
+                    max_new_tokens=96, lrs={m: ([1e-4, 3e-4] if m == "full" else [3e-4, 6e-4]) for m in METHODS}
+                    | {"grass_sketch_offload": [6e-4]}),  # grass_sketch's pick on both tasks
     # The oracle sweep: 15 fixed pairs on arith at LISA's learning rate, one seed (15 runs, ~7 min at
     # --parallel 3 on an H200).
     "smollm2_oracle": dict(model=SMOLLM2, steps=750, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
