@@ -95,7 +95,7 @@ def measure_mode(o: OptimConfig) -> str:
   """What the train step's backward pass measures for the strategy (see grass_jax.train_step)."""
   if not o.strategy.startswith("grass"):
     return "none"
-  if o.importance == "sketch":
+  if o.live_importance():
     return "sketch"
   return "exact" if o.probing_steps() else "none"
 
@@ -103,7 +103,8 @@ def measure_mode(o: OptimConfig) -> str:
 # What the learning-rate schedule and the layer sequence of a run are a function of.
 SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum", "train.seed",
                  "optim.strategy", "optim.learning_rate", "optim.schedule", "optim.warmup_ratio", "optim.period",
-                 "optim.probe_steps", "optim.num_active", "optim.fixed_layers", "data.train", "data.shuffle_seed")
+                 "optim.probe_steps", "optim.importance", "optim.num_active", "optim.fixed_layers", "data.train",
+                 "data.shuffle_seed")
 
 
 def check_same_schedule(cfg: Config, saved: Path) -> None:
@@ -325,8 +326,8 @@ class Trainer:
       return "Full fine-tuning (every layer trains)"
     if o.strategy == "fixed":
       return f"Fixed layers {sorted(o.fixed_layers)} (no sampling)"
-    name = "GRASS*" if o.strategy == "grass_static" else "GRASS"
-    return f"{name} layer sampling probability ({o.probability}, T={o.temperature}, importance: {o.importance})"
+    name, importance = ("GRASS*", "probing") if o.strategy == "grass_static" else ("GRASS", o.importance)
+    return f"{name} layer sampling probability ({o.probability}, T={o.temperature}, importance: {importance})"
 
   def evaluate(self) -> None:
     """Evaluates the configured tasks on the current parameters (``eval.tasks``)."""

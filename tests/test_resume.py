@@ -57,3 +57,12 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, damage, c
   assert (tmp_path / "b" / "checkpoints_unreadable" / "4").is_dir()  # kept, not deleted
   assert resumed["steps"] == 4
   jax.tree.map(np.testing.assert_array_equal, straight_four_steps, resumed["params"])
+
+
+def test_resume_of_a_run_started_with_the_papers_importance_is_refused_under_the_new_default(tmp_path):
+  # The default importance changed from grad to sketch; a run started with grad must not continue with
+  # another layer sequence without a word.
+  run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "optim.importance=grad"), progress=False,
+      stop_at=2)
+  with pytest.raises(ConfigError, match=r"--resume with optim.importance='sketch', but the run .* with 'grad'"):
+    run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), resume=True, progress=False)

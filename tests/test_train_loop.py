@@ -245,3 +245,17 @@ def test_fixed_strategy_config_errors(overrides, message):
 def test_fixed_layer_beyond_the_model_is_a_config_error(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="names a layer beyond the model's 4"):
     run(_cfg(tmp_path, "optim.strategy=fixed", "optim.fixed_layers=[1,4]", "train.max_steps=1"), progress=False)
+
+
+@pytest.mark.parametrize("overrides,probing,measure", [
+    ([], 0, "sketch"),  # the default: live importance, no probing
+    (["optim.importance=grad"], 5, "exact"),  # the paper's: one period of probing, then the trained layers
+    (["optim.importance=grad", "optim.probe_steps=0"], 0, "none"),
+    (["optim.probe_steps=10"], 10, "sketch"),
+    (["optim.strategy=grass_static"], 5, "exact"),  # GRASS* takes its importance from probing, whatever importance says
+    (["optim.strategy=lisa"], 0, "none"),
+])
+def test_importance_defaults_resolve_to_what_the_train_step_measures(overrides, probing, measure):
+  from grass_jax.train import measure_mode
+  o = config_lib.load(DEMO, ["optim.period=5", *overrides]).optim
+  assert (o.probing_steps(), measure_mode(o)) == (probing, measure)

@@ -42,10 +42,10 @@ TINY_MODEL = {"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "inte
 METHODS = {
     "full": {"strategy": "full"},
     "lisa": {"strategy": "lisa"},
-    "grass_power": {"strategy": "grass", "probability": "power", "temperature": 1.0, "probe_steps": 0,
-                    "refresh_every": 1, "mgn_ema": None},
-    "grass": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": None,
-              "mgn_ema": 0.5},
+    "grass_power": {"strategy": "grass", "importance": "grad", "probability": "power", "temperature": 1.0,
+                    "probe_steps": 0, "refresh_every": 1, "mgn_ema": None},
+    "grass": {"strategy": "grass", "importance": "grad", "probability": "softmax", "temperature": 0.5,
+              "probe_steps": None, "mgn_ema": 0.5},
     "grass_static": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.5, "probe_steps": None},
     "grass_sketch": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0,
                      "mgn_ema": 0.5, "importance": "sketch"},
@@ -57,12 +57,12 @@ METHODS = {
     "grass_top": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.02, "epsilon": 0.0,
                   "probe_steps": None},
     # a flatter softmax (T=2): the importance only tilts a near-uniform draw.
-    "grass_flat": {"strategy": "grass", "probability": "softmax", "temperature": 2.0, "probe_steps": None,
-                   "mgn_ema": 0.5},
+    "grass_flat": {"strategy": "grass", "importance": "grad", "probability": "softmax", "temperature": 2.0,
+                   "probe_steps": None, "mgn_ema": 0.5},
     # The oracle's lesson (no fixed pair beat uniform coverage; MGN ranks the worst layers right, not the best):
     # half of each draw's probability uniform, half the paper's softmax.
-    "grass_floor": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "epsilon": 0.5,
-                    "probe_steps": None, "mgn_ema": 0.5},
+    "grass_floor": {"strategy": "grass", "importance": "grad", "probability": "softmax", "temperature": 0.5,
+                    "epsilon": 0.5, "probe_steps": None, "mgn_ema": 0.5},
 }
 
 # The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
