@@ -62,6 +62,9 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     # The incoming layers' states copied after the period's last step, not during it (one slot set less at the peak).
     ("tiny-jax-grass-offload-late-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
                                                    loss_chunk=2048)),
+    # The config default since 2026-12-01: live importance (every layer measured at every step by sketch).
+    ("tiny-jax-grass-offload-late-sketch-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
+                                                          loss_chunk=2048, measure="sketch")),
     ("tiny-jax-grass-offload-late-chunk1024", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
                                                    loss_chunk=1024)),
     ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
@@ -77,6 +80,8 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("7b-jax-grass-offload-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True)),
     ("7b-torch-lisa-compile-g2", _torch("lisa", True, **SEVEN_B, num_active=2)),
     ("7b-jax-grass-offload-late-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False)),
+    ("7b-jax-grass-offload-late-sketch-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
+                                                 measure="sketch")),
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                     lowest_stop=False)),
     ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
@@ -249,6 +254,7 @@ def report(path: Path) -> str:
       out.append(f"| {name} | {r['framework']} | {r['method']} | | | error: {r['error'][:60]} | | |")
       continue
     variant = " + stream" if r.get("stream") else " + late swap" if r.get("prefetch") is False else ""
+    variant += " + live importance" if r.get("measure") == "sketch" else ""
     out.append(f"| {name} | {r['framework']} | {r['method']}{variant} | "
                f"{'yes' if r['compile'] else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "
                f"{r['run_tokens_per_s']:,.0f} | {r['peak_gib']:.2f} |")
