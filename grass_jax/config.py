@@ -104,7 +104,8 @@ class OptimConfig:
     projections of their weight gradient) or 'grad' (the paper's: the trained
     layers, and all of them while probing). On SmolLM2-135M, sketch had the best
     mean accuracy of every sampler on both tasks of docs/accuracy.md and grad
-    the worst against LISA; sketch costs 5-11% of the tokens/s (docs/optax.md).
+    the worst against LISA. Sketch costs tokens/s: 0.93x on TinyLlama, 0.78x on
+    Llama-2-7B with frozen embeddings (docs/performance.md).
     grass_static always takes its importance from probing.
   sketch_size: k, random projections per linear map for importance 'sketch'.
   always_on: also train embeddings, final norm and LM head every step.
