@@ -352,7 +352,7 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("optim.strategy grass_static takes its importance from probing: set optim.probe_steps > 0")
   if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.live_importance()):
     raise ConfigError("probing and importance: sketch measure frozen layers in the slot scan: "
-                      "use optim.frozen_grads: cond")
+                      "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0")
   if o.offload_optimizer_state and not (o.strategy.startswith("grass") or o.strategy == "fixed"):
     raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
                       "fine-tuning has no inactive layers)")

@@ -76,6 +76,7 @@ def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
     ("model.path=foo", "exactly one of model.path"),
     ("nonsense.key=1", "unknown section"),
     ("optim.num_active", "must look like section.key=value"),
+    ("optim.frozen_grads=select", "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0"),
 ])
 def test_config_errors_name_the_key(override, message):
   extra = ["optim.offload_optimizer_state=true"] if "lisa" in override else []
