@@ -39,6 +39,8 @@ TINY_MODEL = {"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "inte
               "num_hidden_layers": 4, "num_attention_heads": 2, "num_key_value_heads": 2}
 
 # optim overrides of each method (the rest is shared: gamma, K, schedule, clipping).
+GRASS_SKETCH = {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0, "mgn_ema": 0.5,
+                "importance": "sketch"}
 METHODS = {
     "full": {"strategy": "full"},
     "lisa": {"strategy": "lisa"},
@@ -47,11 +49,9 @@ METHODS = {
     "grass": {"strategy": "grass", "importance": "grad", "probability": "softmax", "temperature": 0.5,
               "probe_steps": None, "mgn_ema": 0.5},
     "grass_static": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.5, "probe_steps": None},
-    "grass_sketch": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0,
-                     "mgn_ema": 0.5, "importance": "sketch"},
+    "grass_sketch": GRASS_SKETCH,
     # The same with the inactive layers' moments in host memory: the paper's setting, at LISA's memory.
-    "grass_sketch_offload": {"strategy": "grass", "probability": "softmax", "temperature": 0.5, "probe_steps": 0,
-                             "mgn_ema": 0.5, "importance": "sketch", "offload_optimizer_state": True},
+    "grass_sketch_offload": {**GRASS_SKETCH, "offload_optimizer_state": True},
     # Diagnostics of the two extremes around the paper's rule (not methods a user would pick):
     # concentration: the two highest-MGN layers of probing, always (a near-zero temperature, no floor);
     "grass_top": {"strategy": "grass_static", "probability": "softmax", "temperature": 0.02, "epsilon": 0.0,
