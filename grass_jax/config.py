@@ -108,6 +108,12 @@ class OptimConfig:
     Llama-2-7B with frozen embeddings (docs/performance.md).
     grass_static always takes its importance from probing.
   sketch_size: k, random projections per linear map for importance 'sketch'.
+  sketch_every: with importance 'sketch', sketch the frozen layers on every
+    n-th step only (trained layers are measured at every step); the steps
+    between cost what importance 'grad' costs. Must divide the refresh
+    interval (refresh_every, or period), so every refresh sees a sketch.
+    1 (default) is what docs/accuracy.md measured; larger values trade
+    measurements for speed (docs/performance.md) and are not accuracy-tested.
   always_on: also train embeddings, final norm and LM head every step.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
@@ -144,6 +150,7 @@ class OptimConfig:
   mgn_ema: float | None = 0.5
   importance: str = "sketch"
   sketch_size: int = 4
+  sketch_every: int = 1
   always_on: bool = True
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
@@ -337,6 +344,11 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"optim.refresh_every must be >= 1 or null (every period); got {o.refresh_every}")
   if o.sketch_size < 1:
     raise ConfigError(f"optim.sketch_size must be >= 1; got {o.sketch_size}")
+  refresh = o.refresh_every or o.period
+  if o.sketch_every < 1 or refresh % o.sketch_every:
+    raise ConfigError(f"optim.sketch_every must be >= 1 and divide the refresh interval (optim.refresh_every, "
+                      f"or optim.period when null: {refresh}), so every refresh sees a sketch; "
+                      f"got {o.sketch_every}")
   if cfg.model.loss_chunk_tokens < 0:
     raise ConfigError(f"model.loss_chunk_tokens must be >= 0 (0: the whole loss at once); "
                       f"got {cfg.model.loss_chunk_tokens}")

@@ -103,8 +103,8 @@ def measure_mode(o: OptimConfig) -> str:
 # What the learning-rate schedule and the layer sequence of a run are a function of.
 SCHEDULE_KEYS = ("train.max_steps", "train.epochs", "train.batch_size", "train.grad_accum", "train.seed",
                  "optim.strategy", "optim.learning_rate", "optim.schedule", "optim.warmup_ratio", "optim.period",
-                 "optim.probe_steps", "optim.importance", "optim.num_active", "optim.fixed_layers", "data.train",
-                 "data.shuffle_seed")
+                 "optim.probe_steps", "optim.importance", "optim.sketch_every", "optim.num_active",
+                 "optim.fixed_layers", "data.train", "data.shuffle_seed")
 
 
 def check_same_schedule(cfg: Config, saved: Path) -> None:
@@ -178,7 +178,7 @@ class Trainer:
         frozen_grads=o.frozen_grads, attention=cfg.model.attention, shardings=self.shardings,
         stream_states=o.stream_active_states, measure=measure_mode(o), sketch_size=o.sketch_size,
         probe_steps=o.probing_steps(), always_on=o.always_on,
-        loss_chunk=cfg.model.loss_chunk_tokens)
+        loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every)
     # With several hosts, process 0 writes the files; every process takes part in checkpoints.
     self.main_process = jax.process_index() == 0
     self.writer = MetricsWriter(self.out, resume_step=self.state.step if resume else None) \

@@ -49,7 +49,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
               batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
               attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
               sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True,
-              input_grad: bool = True, loss_chunk: int = 0) -> tuple[jax.Array, jax.Array]:
+              input_grad: bool = True, loss_chunk: int = 0, sketch_every: int = 1) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -65,7 +65,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       (only their shapes). 'select': every block picks its weights with
       ``jnp.where`` (one code path, but dW is computed for every layer and then
       discarded).
-    measure, sketch_size, sink, measurement, may_probe: importance measurement
+    measure, sketch_size, sink, measurement, may_probe, sketch_every: importance measurement
       in the backward pass ('cond' only; see :mod:`grass_jax.models.slot_scan`):
       the gradient with respect to ``sink`` holds each layer's squared gradient norm.
     input_grad: False when the embeddings do not train: the backward pass then
@@ -90,7 +90,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     params = {**trainable, "layers": frozen_layers}
     stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
                        measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement,
-                       may_probe=may_probe, input_grad=input_grad)
+                       may_probe=may_probe, input_grad=input_grad, sketch_every=sketch_every)
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
@@ -116,11 +116,11 @@ def _layer_size(config: DecoderConfig) -> int:
   return sum(math.prod(s[1:]) for s in config.param_shapes()["layers"].values())
 
 
-def _layer_rms(sink_grad: jax.Array, state: GrassState, denom: jax.Array, *, measure: str, probing: jax.Array,
+def _layer_rms(sink_grad: jax.Array, state: GrassState, denom: jax.Array, *, measurement: Measurement,
                layer_size: int) -> jax.Array:
   """Per-layer gradient RMS from the sink's gradient (of the summed loss); NaN where not measured."""
   num_layers = sink_grad.shape[0]
-  measured = jnp.zeros((num_layers,), bool).at[state.active].set(True) | probing | (measure == "sketch")
+  measured = jnp.zeros((num_layers,), bool).at[state.active].set(True) | measurement.probing | measurement.sketching
   rms = jnp.sqrt(sink_grad / layer_size) / denom
   return jnp.where(measured, rms, jnp.nan)
 
@@ -146,7 +146,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
                     remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
                     donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
                     stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
-                    probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0) -> Callable:
+                    probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0,
+                    sketch_every: int = 1) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -169,7 +170,11 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   layer during the first ``probe_steps`` steps: GRASS's probing phase) or
   'sketch' (every layer at every step, ``sketch_size`` random projections);
   the step passes the norms to the transform as ``layer_norms``.
-  ``metrics['probing']`` is 1 for a probing step.
+  ``metrics['probing']`` is 1 for a probing step. ``sketch_every``: n > 1
+  sketches frozen layers only on every n-th step, ending with the step
+  that refreshes the transform's importance (n must divide its
+  ``refresh_every``); the steps between cost what 'exact' costs.
+  ``metrics['sketching']`` is 1 for a step that sketched.
 
   ``always_on``: the transform's ``always_on`` (which leaves outside the layers
   train). The step then differentiates only the layers and that group; with
@@ -181,6 +186,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
+  if not isinstance(sketch_every, int) or sketch_every < 1:
+    raise ValueError(f"sketch_every must be an int >= 1; got {sketch_every!r}")
   stream_sh = None
   if stream_states:
     if shardings is None:
@@ -205,7 +212,10 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
            if slot_handles else trainable)
     sink = jnp.zeros((config.num_layers,), jnp.float32) if measuring else None
     # A key of its own for the sketch's projections, derived from the state's (resume stays exact).
-    measurement = Measurement(probing, jax.random.fold_in(state.key, 0x5EC)) if measuring else None
+    # The transform refreshes importance where (count + 2 - probe_steps) % refresh_every == 0; sketch_every
+    # divides refresh_every, so every refresh step is a sketch step.
+    sketching = jnp.asarray(measure == "sketch") & ((state.count + 2 - probe_steps) % sketch_every == 0)
+    measurement = Measurement(probing, jax.random.fold_in(state.key, 0x5EC), sketching) if measuring else None
     leaves, treedef = jax.tree.flatten(wrt)
     differentiate = ([True] * len(leaves) if all_layers
                      else _gradient_leaves(wrt, always_on, state, config.num_layers))
@@ -221,7 +231,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
           treedef.unflatten(full), frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads,
           attention=attention, act_sharding=act_sharding, measure=measure if measuring else "none",
           sketch_size=sketch_size, sink=sk, measurement=measurement, may_probe=probe_steps > 0,
-          input_grad=embed_trains, loss_chunk=loss_chunk)
+          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every)
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]
@@ -250,15 +260,14 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     # The GRASS transform itself skips non-finite steps (zero updates, moments kept).
     extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh)}
     if measuring:
-      extra["layer_norms"] = _layer_rms(sink_grad, state, denom, measure=measure, probing=probing,
-                                        layer_size=layer_size)
+      extra["layer_norms"] = _layer_rms(sink_grad, state, denom, measurement=measurement, layer_size=layer_size)
     updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra)
     if all_layers:
       new_params = optax.apply_updates(params, updates)
     else:
       new_params = apply_slot_updates(params, updates, active, LAYERS)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": (~ok).astype(jnp.int32),
-               "probing": probing.astype(jnp.int32)}
+               "probing": probing.astype(jnp.int32), "sketching": (measuring & sketching).astype(jnp.int32)}
     return new_params, new_opt_state, metrics
 
   donate_argnums = (0, 1) if donate else ()

@@ -101,6 +101,45 @@ def test_train_step_probing_updates_nothing_then_trains():
   assert step._cache_size() == 1
 
 
+def test_sketch_every_n_steps_measures_frozen_layers_on_those_steps_only():
+  # sketch_every=2, refresh every 4 steps (at counts 2, 6, ...): frozen layers are sketched on counts 0 and 2,
+  # so the refresh step is a sketch step; trained layers are measured at every step; the weights follow the
+  # same path as sketching every step.
+  params = models.init_params(CFG, jax.random.PRNGKey(4))
+  runs = {}
+  for every in (1, 2):
+    tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=4, seed=0)
+    step = make_train_step(CFG, tx, dtype=jnp.float32, donate=False, measure="sketch", sketch_every=every)
+    p, s, flags, windows = params, tx.init(params), [], []
+    for i in range(3):
+      p, s, m = step(p, s, _batch(accum=1, seed=i))
+      flags.append(int(m["sketching"]))
+      windows.append(np.asarray(s.window_count))
+    runs[every] = (p, s, flags, windows)
+    assert step._cache_size() == 1
+  assert runs[1][2] == [1, 1, 1] and runs[2][2] == [1, 0, 1]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), runs[2][0], runs[1][0])
+  active = np.asarray(runs[2][1].active)
+  frozen = np.setdiff1d(np.arange(CFG.num_layers), active)
+  np.testing.assert_array_equal(runs[1][3][1], 2)  # after two steps, before the refresh
+  np.testing.assert_array_equal(runs[2][3][1][active], 2)
+  np.testing.assert_array_equal(runs[2][3][1][frozen], 1)
+  for every in (1, 2):  # the refresh emptied the window and gave every layer an importance
+    assert not runs[every][3][2].any() and np.all(np.asarray(runs[every][1].importance) > 0)
+
+
+def test_sketch_every_must_divide_the_refresh_interval():
+  from grass_jax.config import ConfigError, from_dict
+  base = {"model": {"random_init": {"model_type": "llama"}}, "data": {"train": "x.jsonl"}}
+  with pytest.raises(ConfigError, match="sketch_every must be >= 1 and divide the refresh interval .*: 20"):
+    from_dict({**base, "optim": {"period": 20, "sketch_every": 3}})
+  with pytest.raises(ConfigError, match="sketch_every .*: 6"):
+    from_dict({**base, "optim": {"period": 20, "refresh_every": 6, "sketch_every": 4}})
+  assert from_dict({**base, "optim": {"period": 20, "sketch_every": 4}}).optim.sketch_every == 4
+  with pytest.raises(ValueError, match="sketch_every must be an int >= 1"):
+    make_train_step(CFG, optax.sgd(0.1), measure="sketch", sketch_every=0)
+
+
 def _stage_run(variant, steps=400, change=200, num_layers=8, seed=0):
   """Synthetic gradients whose important layer moves from 2 to 6 at ``change``; returns probabilities per step."""
   params = {"layers": {"w": jnp.zeros((num_layers, 4, 4))}}

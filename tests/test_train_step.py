@@ -103,8 +103,9 @@ def test_train_step_matches_full_form_and_never_recompiles():
     ref_params = optax.apply_updates(ref_params, u)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     sets.add(tuple(np.asarray(grass_jax.find_state(opt_state).active)))
-  # Adam divides by sqrt(v): where a gradient is ~0, float noise moves a weight by ~1e-5.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), params, ref_params)
+  # Adam divides by sqrt(v): where a gradient is ~0, float noise moves a weight by ~1e-5 (2.7e-5 seen on an
+  # AMD EPYC); a wrong update moves it by ~lr = 1e-2.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=5e-5), params, ref_params)
   assert len(sets) > 1
   assert step._cache_size() == 1
 
@@ -155,22 +156,27 @@ def _count_block_runs(monkeypatch):
   return runs
 
 
-@pytest.mark.parametrize("measure,probing", [("none", False), ("exact", False), ("exact", True), ("sketch", False)])
-def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeypatch, measure, probing):
+@pytest.mark.parametrize("measure,probing,sketch_every,sketching",
+                         [("none", False, 1, True), ("exact", False, 1, True), ("exact", True, 1, True),
+                          ("sketch", False, 1, True), ("sketch", False, 3, True), ("sketch", False, 3, False),
+                          ("sketch", True, 3, False)])
+def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeypatch, measure, probing, sketch_every,
+                                                                         sketching):
   from grass_jax.models.slot_scan import Measurement
   params = models.init_params(CFG, jax.random.PRNGKey(0))
   mb = jax.tree.map(lambda x: x[0], _batch())
   active = jnp.array([4, 2], jnp.int32)
   slots = {**params, "layers": {k: jnp.zeros_like(v[active]) for k, v in params["layers"].items()}}
   sink = jnp.zeros((CFG.num_layers,), jnp.float32)
-  measurement = Measurement(jnp.asarray(probing), jax.random.PRNGKey(3))
+  measurement = Measurement(jnp.asarray(probing), jax.random.PRNGKey(3), jnp.asarray(sketching))
   runs = _count_block_runs(monkeypatch)
 
-  def grads(input_grad):
+  def grads(input_grad, every=sketch_every):
     runs.clear()
     layers_only = lambda sl, sk: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
                                            dtype=jnp.float32, remat="full", measure=measure, sink=sk,
-                                           measurement=measurement, input_grad=input_grad)[0]
+                                           measurement=measurement, input_grad=input_grad, may_probe=probing,
+                                           sketch_every=every)[0]
     g = jax.jit(jax.grad(layers_only, argnums=(0, 1)))(slots["layers"], sink)
     jax.effects_barrier()
     return g, sorted(runs)
@@ -181,9 +187,20 @@ def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeyp
     np.testing.assert_allclose(g_cut[k], g_all[k], rtol=1e-6, atol=1e-8)
   np.testing.assert_allclose(sink_cut, sink_all, rtol=1e-6)
   # forward: every layer once; backward: layers 0-1 are recomputed only when measured
-  below_lowest = measure == "sketch" or (measure == "exact" and probing)
+  sketched = measure == "sketch" and sketching and not probing
+  below_lowest = sketched or (measure != "none" and probing)
   assert runs_all == sorted(list(range(5)) * 2)
   assert runs_cut == sorted(list(range(5)) + list(range(2 if not below_lowest else 0, 5)))
+  frozen = [0, 1, 3]
+  if measure == "none" or not below_lowest:  # frozen layers unmeasured: their sink entries stay 0
+    assert not np.asarray(sink_cut)[frozen].any()
+  elif sketched and sketch_every > 1:  # a sketch step of sketch_every n measures what every-step sketching does
+    (_, sink_every), _ = grads(False, every=1)
+    np.testing.assert_allclose(sink_cut, sink_every, rtol=1e-6)
+  else:
+    assert np.all(np.asarray(sink_cut)[frozen] > 0)
+  if measure != "none":
+    assert np.all(np.asarray(sink_cut)[[2, 4]] > 0)  # trained layers: measured exactly at every step
 
 
 def test_train_step_with_frozen_embeddings_matches_full_gradients():

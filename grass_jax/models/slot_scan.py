@@ -36,6 +36,10 @@ gradient of a float32 ``[L]`` *sink* input (zeros; its value is never read):
   costs about ``5 k tokens (d_in + d_out)`` flops per map, against
   ``2 tokens d_in d_out`` for the weight gradient. Norm weights and biases
   are exact. Frozen blocks are recomputed in this mode whatever ``remat`` says.
+  With ``sketch_every > 1`` frozen layers are sketched only on the steps where
+  ``Measurement.sketching`` is true; on the others they cost what they cost
+  under ``'exact'`` (input gradients only, and the backward pass may stop at
+  the lowest trained layer).
 
 **Stopping at the lowest trained layer** (``input_grad=False``). When nothing
 below the stack trains (frozen embeddings), the gradient with respect to the
@@ -77,6 +81,8 @@ class ScanSettings(NamedTuple):
     remat: what the forward pass keeps of frozen layers (a ``remat`` policy).
     measure: 'none', 'exact' or 'sketch' (module docstring).
     sketch_size: k, the number of random projections of a sketch.
+    sketch_every: 1: a 'sketch' measures frozen layers at every step; n > 1:
+      only where ``Measurement.sketching`` is true (a ``lax.cond``).
     may_probe: whether any step can probe; without it frozen layers have no
       probing branch (a ``lax.cond``) in the backward pass.
     input_grad: whether the caller uses the gradient with respect to the
@@ -90,6 +96,7 @@ class ScanSettings(NamedTuple):
   sketch_size: int = 4
   may_probe: bool = True
   input_grad: bool = True
+  sketch_every: int = 1
 
 
 class Measurement(NamedTuple):
@@ -99,15 +106,18 @@ class Measurement(NamedTuple):
     probing: bool scalar; with ``measure`` 'exact' or 'sketch', every frozen
       layer computes its exact weight-gradient norm this step.
     key: PRNG key of the sketch's random projections.
+    sketching: bool scalar; with ``measure`` 'sketch' and ``sketch_every > 1``,
+      whether frozen layers are sketched this step (ignored otherwise).
   """
   probing: jax.Array
   key: jax.Array
+  sketching: jax.Array | bool = True
 
 
 def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, attention: str,
                act_sharding: Any = None, remat: str = "full", measure: str = "none", sketch_size: int = 4,
                sink: jax.Array | None = None, measurement: Measurement | None = None,
-               may_probe: bool = True, input_grad: bool = True) -> LayerStack:
+               may_probe: bool = True, input_grad: bool = True, sketch_every: int = 1) -> LayerStack:
   """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers.
 
   Args:
@@ -119,7 +129,7 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
     attention: a resolved attention implementation (not 'auto').
     remat: what frozen layers keep for the backward pass (trained layers are
       always recomputed).
-    measure, sketch_size: the importance measurement (module docstring).
+    measure, sketch_size, sketch_every: the importance measurement (module docstring).
     sink: float32 ``[L]`` zeros whose gradient receives the squared norms
       (required unless ``measure='none'``).
     measurement: the step's :class:`Measurement` (required unless 'none').
@@ -135,9 +145,11 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
     raise ValueError(f"measure={measure!r} needs a sink and a Measurement")
   if measure == "sketch" and sketch_size < 1:
     raise ValueError(f"sketch_size must be >= 1; got {sketch_size}")
+  if sketch_every < 1:
+    raise ValueError(f"sketch_every must be >= 1; got {sketch_every}")
   chex.assert_shape(slot_of, (config.num_layers,))
   settings = ScanSettings(attention, act_sharding, "full" if measure == "sketch" else remat, measure, sketch_size,
-                          may_probe, input_grad)
+                          may_probe, input_grad, sketch_every)
   if measure == "none":
     sink = measurement = None
 
@@ -255,18 +267,26 @@ class _Backward(NamedTuple):
 
   def frozen_step(self, layer, dh, sink):
     """One frozen layer of the backward pass, measuring it as ``settings.measure`` says."""
-    measure = self.settings.measure
-    if measure == "none":
-      return self.input_grad(layer, dh), sink
-    if not self.settings.may_probe:
-      if measure == "exact":  # only trained layers are measured: frozen ones are input gradients alone
-        return self.input_grad(layer, dh), sink
-      dx, sq = self.sketched_norm(layer, dh)
-      return dx, sink.at[layer].set(sq)
-    otherwise = (self.sketched_norm if measure == "sketch"
-                 else lambda l, d: (self.input_grad(l, d), jnp.float32(0)))
-    dx, sq = jax.lax.cond(self.measurement.probing, self.exact_norm, otherwise, layer, dh)
+    if self.settings.measure == "none" or (self.settings.measure == "exact" and not self.settings.may_probe):
+      return self.input_grad(layer, dh), sink  # only trained layers are measured
+    cases = self.measurement_cases()
+    index = jnp.int32(len(cases) - 1)
+    for i in reversed(range(len(cases) - 1)):  # the first case whose condition holds runs
+      index = jnp.where(cases[i][0], i, index)
+    branches = [branch for _, branch in cases]
+    dx, sq = branches[0](layer, dh) if len(branches) == 1 else jax.lax.switch(index, branches, layer, dh)
     return dx, sink.at[layer].set(sq)
+
+  def measurement_cases(self) -> list[tuple[Any, Any]]:
+    """``(condition, branch)`` pairs for a frozen layer, the first that holds running (the last always holds):
+    the exact norm while probing, the sketch on a sketch step, else the input gradient alone."""
+    s, m = self.settings, self.measurement
+    cases = [(m.probing, self.exact_norm)] if s.may_probe else []
+    if s.measure == "sketch":
+      cases.append((m.sketching if s.sketch_every > 1 else True, self.sketched_norm))
+    if not (s.measure == "sketch" and s.sketch_every == 1):
+      cases.append((True, lambda l, d: (self.input_grad(l, d), jnp.float32(0))))
+    return cases
 
   def frozen_run(self, dh, sink, lo, hi):
     """Backward through frozen layers hi-1 down to lo (dynamic bounds)."""
@@ -327,14 +347,17 @@ def _slot_scan_bwd(config, settings, res, d_out):
 def _lowest_needed(settings: ScanSettings, measurement: Measurement | None, hi: jax.Array) -> jax.Array:
   """Where the backward pass below the lowest trained layer ``hi`` may stop.
 
-  Layer 0 when the input gradient is used or frozen layers are measured (sketch at every step, exact
-  norms while probing); otherwise ``hi`` itself: the loop below it runs no iteration.
+  Layer 0 when the input gradient is used or frozen layers are measured this step (a sketch step, a
+  probing step); otherwise ``hi`` itself: the loop below it runs no iteration.
   """
-  if settings.input_grad or settings.measure == "sketch":
+  if settings.input_grad or (settings.measure == "sketch" and settings.sketch_every == 1):
     return jnp.zeros_like(hi)
-  if settings.measure == "exact" and settings.may_probe:
-    return jnp.where(measurement.probing, 0, hi).astype(hi.dtype)
-  return hi
+  measured = jnp.asarray(False)
+  if settings.measure == "sketch":
+    measured = jnp.asarray(measurement.sketching)
+  if settings.measure != "none" and settings.may_probe:
+    measured = measured | measurement.probing
+  return jnp.where(measured, 0, hi).astype(hi.dtype)
 
 
 _slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)
