@@ -91,6 +91,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                          frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
                          shardings=(p_sh, s_sh, b_sh), stream_states=stream, measure=measure,
                          sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
+                         sketch_every=spec.get("sketch_every", 1),
                          always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
                          loss_chunk=spec.get("loss_chunk", 0))
   rng = np.random.default_rng(0)
@@ -109,9 +110,15 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     return m
 
   if spec.get("run_steps"):  # the peers benchmark: every step timed, compilation included (whole_run_s)
-    return {**spec, **_timed_run(run, spec["run_steps"]), "device": dev.device_kind, "jax": jax.__version__,
-            "peak_bytes": (dev.memory_stats() or {}).get("peak_bytes_in_use"),
-            "compiled_executables": step._cache_size()}
+    row = {**spec, **_timed_run(run, spec["run_steps"]), "device": dev.device_kind, "jax": jax.__version__,
+           "peak_bytes": (dev.memory_stats() or {}).get("peak_bytes_in_use"),
+           "compiled_executables": step._cache_size()}
+    if spec.get("profile_steps"):  # after the peak was read: the profiler's buffers do not count
+      log_dir = f"/tmp/jax_profile_{os.getpid()}"
+      with jax.profiler.trace(log_dir, create_perfetto_trace=True):
+        jax.block_until_ready(run(spec["profile_steps"]))
+      row["profile"] = summarize_trace(log_dir, steps=spec["profile_steps"])
+    return row
   tc = time.perf_counter()
   jax.block_until_ready(run(1))
   compile_s = time.perf_counter() - tc
@@ -159,30 +166,33 @@ def _timed_run(run: Any, steps: int) -> dict[str, Any]:
 def step_times_summary(times: list[float]) -> dict[str, Any]:
   """Steady state (median step) and whole run (every step, compilation included) of timed steps."""
   ordered = sorted(times)
-  return {"step_s": ordered[len(ordered) // 2], "whole_run_s": sum(times), "first_step_s": times[0],
-          "slow_steps": sum(t > 3 * ordered[len(ordered) // 2] for t in times)}
+  median = ordered[len(ordered) // 2]
+  # The mean of the steps that are not slow (compilation, recompilation): the steady state of a run
+  # whose steps differ on purpose (sketch_every > 1), where the median would pick the cheap steps.
+  usual = [t for t in times[1:] if t <= 3 * median] or [median]
+  return {"step_s": median, "mean_step_s": sum(usual) / len(usual), "whole_run_s": sum(times),
+          "first_step_s": times[0], "slow_steps": sum(t > 3 * median for t in times)}
 
 
 def _kernel_class(name: str) -> str:
+  """A GPU kernel's class, for XLA's and PyTorch's (eager and Inductor/Triton) kernel names alike."""
   n = name.lower()
+  if any(k in n for k in ("flash", "fmha", "sdpa", "attention")):  # before 'sm90'/'cutlass': attention kernels too
+    return "attention"
   if any(k in n for k in ("gemm", "cublas", "cutlass", "nvjet", "matmul", "xmma", "sm90")):
     return "matmul"
   if "memcpy" in n or "memset" in n or "copy" in n:
     return "copy"
-  if "cudnn" in n or "flash" in n or "fmha" in n:
-    return "attention (cuDNN)"
-  if "fusion" in n or "loop_" in n or "input_" in n or "reduce" in n or "transpose" in n:
+  if "adam" in n or "multi_tensor" in n:
+    return "optimizer (fused)"
+  if any(k in n for k in ("fusion", "loop_", "input_", "reduce", "transpose", "triton", "elementwise", "softmax",
+                          "cross_entropy", "nll", "norm", "embedding", "index", "scatter", "gather", "cat")):
     return "fusion (elementwise/reduce)"
   return "other"
 
 
 def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
-  """Where device time goes: a jax.profiler perfetto trace reduced to kernel-class totals per step.
-
-  ``busy_ms`` is the union of kernel intervals on the GPU (idle gaps excluded), ``span_ms`` the
-  wall time from first to last kernel; both per step.
-  """
-  import collections
+  """Where device time goes: a jax.profiler perfetto trace reduced to kernel-class totals per step."""
   import glob
   import gzip
 
@@ -195,6 +205,16 @@ def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
   kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
   if not kernels:
     return {"error": f"no GPU events in {path}", "processes": sorted(set(procs.values()))}
+  return {"trace": path, **summarize_kernels(kernels, steps, top)}
+
+
+def summarize_kernels(kernels: list[dict], steps: int, top: int = 25) -> dict[str, Any]:
+  """Kernel events (``name``, ``ts``, ``dur`` in microseconds) reduced to per-step totals by kernel class.
+
+  ``busy_ms`` is the union of kernel intervals on the GPU (idle gaps excluded), ``span_ms`` the
+  wall time from first to last kernel; both per step. Shared by the JAX and the PyTorch traces.
+  """
+  import collections
   by_name: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0])
   by_class: dict[str, float] = collections.defaultdict(float)
   for e in kernels:
@@ -208,7 +228,8 @@ def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
       busy += b - max(a, end)
       end = b
   per_step = lambda us: us / steps / 1e3
-  return {"trace": path, "span_ms": per_step(intervals[-1][1] - intervals[0][0]), "busy_ms": per_step(busy),
+  return {"span_ms": per_step(intervals[-1][1] - intervals[0][0]), "busy_ms": per_step(busy),
+          "kernels_per_step": len(kernels) / steps,
           "class_ms": {k: per_step(v) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
           "top": [{"name": n[:120], "ms": per_step(v[0]), "calls_per_step": v[1] / steps}
                   for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}

@@ -65,6 +65,9 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     # The config default since 2026-12-01: live importance (every layer measured at every step by sketch).
     ("tiny-jax-grass-offload-late-sketch-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
                                                           loss_chunk=2048, measure="sketch")),
+    ("tiny-jax-grass-offload-late-sketch4-chunk2048", _jax("grass", **TINY, num_active=2, offload=True,
+                                                           prefetch=False, loss_chunk=2048, measure="sketch",
+                                                           sketch_every=4)),
     ("tiny-jax-grass-offload-late-chunk1024", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
                                                    loss_chunk=1024)),
     ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
@@ -82,6 +85,9 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("7b-jax-grass-offload-late-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False)),
     ("7b-jax-grass-offload-late-sketch-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  measure="sketch")),
+    # Live importance sketched every 4th step: between sketches the backward stops at the lowest trained layer.
+    ("7b-jax-grass-offload-late-sketch4-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
+                                                  measure="sketch", sketch_every=4)),
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                     lowest_stop=False)),
     ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
@@ -176,8 +182,9 @@ def torch_run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.cuda.reset_peak_memory_stats()
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   times, losses = [], []
-  for i in range(spec["run_steps"]):
-    t = time.perf_counter()
+
+  def one_step(i):
+    nonlocal opt
     if switcher is not None and i and i % spec["period"] == 0:
       opt = switcher.switch()
     loss = forward(input_ids=tokens, labels=tokens).loss
@@ -185,13 +192,40 @@ def torch_run(spec: dict[str, Any]) -> dict[str, Any]:
     opt.step()
     opt.zero_grad(set_to_none=True)
     losses.append(loss.detach())
+
+  for i in range(spec["run_steps"]):
+    t = time.perf_counter()
+    one_step(i)
     sync()
     times.append(time.perf_counter() - t)
     print(f"STEP {times[-1]:.6f}", flush=True)  # a row cut short by its timeout still reports its steps
-  return {**spec, **step_times_summary(times), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-          "torch": torch.__version__, "final_loss": float(losses[-1]),
-          "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+  row = {**spec, **step_times_summary(times), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+         "torch": torch.__version__, "final_loss": float(losses[-1]),
+         "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+  if spec.get("profile_steps") and device == "cuda":  # after the peak was read; steps with no switch
+    row["profile"] = torch_profile(lambda: one_step(1), spec["profile_steps"])
+  return row
+
+
+def torch_profile(step, steps: int) -> dict[str, Any]:
+  """``steps`` calls of ``step`` under torch.profiler, reduced like the JAX trace (benchmarks.common)."""
+  import tempfile
+
+  import torch
+  from benchmarks.common import summarize_kernels
+  acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+  with torch.profiler.profile(activities=acts) as prof:
+    for _ in range(steps):
+      step()
+    torch.cuda.synchronize()
+  with tempfile.NamedTemporaryFile(suffix=".json") as f:
+    prof.export_chrome_trace(f.name)
+    events = json.load(open(f.name))["traceEvents"]
+  kernels = [e for e in events if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+  if not kernels:
+    return {"error": "no CUDA kernels in the torch.profiler trace"}
+  return summarize_kernels(kernels, steps)
 
 
 # ----------------------------------------------------------------------------------------------- driver
@@ -229,6 +263,8 @@ def finish_row(name: str, r: dict[str, Any]) -> dict[str, Any]:
   tokens = r["batch"] * r["seq"]
   if "step_s" in r:  # also a row cut short: its steady state from the steps it finished
     row["tokens_per_s"] = tokens / r["step_s"]
+  if "mean_step_s" in r:
+    row["mean_tokens_per_s"] = tokens / r["mean_step_s"]
   if "error" not in r:
     row.update(run_tokens_per_s=tokens * r["run_steps"] / r["whole_run_s"], peak_gib=(r["peak_bytes"] or 0) / 2**30)
   return row
@@ -244,20 +280,35 @@ def latest_rows(path: Path, *, measured_only: bool = False) -> dict[str, dict]:
   return rows
 
 
+PROFILE_CLASSES = ("matmul", "attention", "fusion (elementwise/reduce)", "copy", "optimizer (fused)", "other")
+
+
 def report(path: Path) -> str:
-  """A markdown table of a peers.jsonl (the last row of each name wins)."""
+  """Markdown tables of a peers.jsonl (the last row of each name wins): throughput and memory, then the
+  GPU time per step by kernel class of the rows run with ``--profile``."""
   rows = latest_rows(path)
-  out = ["| row | framework | method | compile | gamma | tokens/s steady | tokens/s whole run | peak GiB |",
-         "|---|---|---|---|---|---|---|---|"]
+  out = ["| row | framework | method | compile | gamma | tokens/s steady | tokens/s mean | tokens/s whole run "
+         "| peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
   for name, r in rows.items():
     if "error" in r:
-      out.append(f"| {name} | {r['framework']} | {r['method']} | | | error: {r['error'][:60]} | | |")
+      out.append(f"| {name} | {r['framework']} | {r['method']} | | | error: {r['error'][:60]} | | | |")
       continue
     variant = " + stream" if r.get("stream") else " + late swap" if r.get("prefetch") is False else ""
-    variant += " + live importance" if r.get("measure") == "sketch" else ""
+    if r.get("measure") == "sketch":
+      every = r.get("sketch_every", 1)
+      variant += " + live importance" + (f" (every {every}th step)" if every > 1 else "")
+    mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     out.append(f"| {name} | {r['framework']} | {r['method']}{variant} | "
                f"{'yes' if r['compile'] else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "
-               f"{r['run_tokens_per_s']:,.0f} | {r['peak_gib']:.2f} |")
+               f"{mean} | {r['run_tokens_per_s']:,.0f} | {r['peak_gib']:.2f} |")
+  profiled = {n: r["profile"] for n, r in rows.items() if "error" not in r.get("profile", {"error": 1})}
+  if profiled:
+    out += ["", "GPU time per step, ms (profiled steps after the run; busy: the union of kernel intervals):", "",
+            "| row | span | busy | " + " | ".join(PROFILE_CLASSES) + " | kernels/step |",
+            "|---|---|---|" + "---|" * len(PROFILE_CLASSES) + "---|"]
+    for name, p in profiled.items():
+      cells = " | ".join(f"{p['class_ms'].get(c, 0.0):.1f}" for c in PROFILE_CLASSES)
+      out.append(f"| {name} | {p['span_ms']:.1f} | {p['busy_ms']:.1f} | {cells} | {p['kernels_per_step']:,.0f} |")
   return "\n".join(out)
 
 
@@ -304,6 +355,9 @@ def main() -> None:
   ap.add_argument("--period", type=int, default=20)
   ap.add_argument("--deadline-s", type=float, default=None, help="start no row after this many seconds")
   ap.add_argument("--timeout-s", type=float, default=420, help="per row")
+  ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                  help="after the timed run, trace this many more steps (jax.profiler / torch.profiler) and add "
+                       "their per-step GPU time by kernel class to the row ('profile')")
   ap.add_argument("--report", type=Path, help="print the table of a peers.jsonl and exit")
   ap.add_argument("--figure", type=Path, help="with --report: also draw its bar charts here (PNG)")
   args = ap.parse_args()
@@ -321,7 +375,9 @@ def main() -> None:
     if args.deadline_s is not None and time.perf_counter() - t0 > args.deadline_s:
       print(f"deadline reached; not run: {name}", flush=True)
       continue
-    row = finish_row(name, run_one(dict(spec, run_steps=args.steps, period=args.period), args.timeout_s))
+    spec = dict(spec, run_steps=args.steps, period=args.period, **({"profile_steps": args.profile}
+                                                                     if args.profile else {}))
+    row = finish_row(name, run_one(spec, args.timeout_s))
     with (out / "peers.jsonl").open("a") as f:
       f.write(json.dumps(row) + "\n")
     if "error" in row:

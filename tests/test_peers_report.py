@@ -5,16 +5,24 @@ import json
 
 def test_peers_report_and_figure_from_rows(tmp_path):
   # benchmarks/peers.py --report/--figure: the table has every row (errors too), the figure is drawn.
+  from benchmarks.common import summarize_kernels
   from benchmarks.peers import figure, finish_row, report
   base = dict(size="tinyllama-1.1b", batch=16, seq=512, run_steps=200, num_active=2, compile=True,
               device="NVIDIA H200", peak_bytes=5 * 2**30)
-  rows = [finish_row("tiny-jax-grass", dict(base, framework="jax", method="grass", step_s=0.1, whole_run_s=25.0)),
+  profile = summarize_kernels([{"name": "sm90_xmma_gemm_bf16", "ts": 0.0, "dur": 600.0},
+                               {"name": "loop_add_fusion", "ts": 500.0, "dur": 300.0},
+                               {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "ts": 1000.0,
+                                "dur": 100.0}], steps=1)
+  rows = [finish_row("tiny-jax-grass", dict(base, framework="jax", method="grass", step_s=0.1, whole_run_s=25.0,
+                                            mean_step_s=0.125, profile=profile)),
           finish_row("tiny-torch-lisa", dict(base, framework="torch", method="lisa", step_s=0.125, whole_run_s=50.0)),
           finish_row("tiny-torch-lora", dict(base, framework="torch", method="lora", error="out of memory"))]
   path = tmp_path / "peers.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   table = report(path)
-  assert "| tiny-jax-grass | jax | grass | yes | 2 | 81,920 | 65,536 | 5.00 |" in table
-  assert "| tiny-torch-lisa | torch | lisa | yes | 2 | 65,536 | 32,768 | 5.00 |" in table
+  assert "| tiny-jax-grass | jax | grass | yes | 2 | 81,920 | 65,536 | 65,536 | 5.00 |" in table
+  assert "| tiny-torch-lisa | torch | lisa | yes | 2 | 65,536 |  | 32,768 | 5.00 |" in table
+  # span 0..1.1 ms; busy: [0, 0.8] and [1.0, 1.1] (the overlap counted once); cuDNN's sm90 kernel is attention
+  assert "| tiny-jax-grass | 1.1 | 0.9 | 0.6 | 0.1 | 0.3 | 0.0 | 0.0 | 0.0 | 3 |" in table
   assert "error: out of memory" in table
   assert figure(path, tmp_path / "peers.png").stat().st_size > 10_000
