@@ -100,6 +100,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   batch = sharding.shard_batch({"tokens": tokens, "attention_mask": np.ones_like(tokens),
                                 "loss_mask": np.ones_like(tokens)}, b_sh)
 
+  draws = []  # the trained layers of each period (host-side: the offloader's slots), for the peers rows
+
   def run(n):
     nonlocal params, opt_state
     m = None
@@ -107,12 +109,14 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       params, opt_state, m = step(params, opt_state, batch)
       if off is not None:
         opt_state = off.after_step(opt_state)
+        if not draws or draws[-1] != sorted(off.slot_layers):
+          draws.append(sorted(off.slot_layers))
     return m
 
   if spec.get("run_steps"):  # the peers benchmark: every step timed, compilation included (whole_run_s)
     row = {**spec, **_timed_run(run, spec["run_steps"]), "device": dev.device_kind, "jax": jax.__version__,
            "peak_bytes": (dev.memory_stats() or {}).get("peak_bytes_in_use"),
-           "compiled_executables": step._cache_size()}
+           "compiled_executables": step._cache_size(), "draws": draws}
     if spec.get("profile_steps"):  # after the peak was read: the profiler's buffers do not count
       log_dir = f"/tmp/jax_profile_{os.getpid()}"
       with jax.profiler.trace(log_dir, create_perfetto_trace=True):

@@ -44,6 +44,9 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 TINY = dict(size="tinyllama-1.1b", batch=16, seq=512, always_on=True)
 SEVEN_B = dict(size="llama2-7b", batch=2, seq=512, always_on=False)
 JAX = dict(framework="jax", compile=True, attention="cudnn", remat="full", frozen_grads="cond")
+# XLA:GPU runs a while loop (our layer scans) and a conditional from the host, one sync per iteration;
+# these command-buffer kinds record them as CUDA graph conditional nodes instead.
+CMDBUF = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
 
 
 def _torch(method: str, compile_: bool, **kw) -> dict[str, Any]:
@@ -68,6 +71,8 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("tiny-jax-grass-offload-late-sketch4-chunk2048", _jax("grass", **TINY, num_active=2, offload=True,
                                                            prefetch=False, loss_chunk=2048, measure="sketch",
                                                            sketch_every=4)),
+    ("tiny-jax-grass-offload-late-chunk2048-cmdbuf", _jax("grass", **TINY, num_active=2, offload=True,
+                                                          prefetch=False, loss_chunk=2048, xla_flags=CMDBUF)),
     ("tiny-jax-grass-offload-late-chunk1024", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
                                                    loss_chunk=1024)),
     ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
@@ -88,6 +93,8 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     # Live importance sketched every 4th step: between sketches the backward stops at the lowest trained layer.
     ("7b-jax-grass-offload-late-sketch4-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                   measure="sketch", sketch_every=4)),
+    ("7b-jax-grass-offload-late-g2-cmdbuf", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
+                                                 xla_flags=CMDBUF)),
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                     lowest_stop=False)),
     ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
@@ -182,11 +189,13 @@ def torch_run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.cuda.reset_peak_memory_stats()
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
   times, losses = [], []
+  draws = [switcher.active] if switcher is not None else []
 
   def one_step(i):
     nonlocal opt
     if switcher is not None and i and i % spec["period"] == 0:
       opt = switcher.switch()
+      draws.append(switcher.active)
     loss = forward(input_ids=tokens, labels=tokens).loss
     loss.backward()
     opt.step()
@@ -202,7 +211,7 @@ def torch_run(spec: dict[str, Any]) -> dict[str, Any]:
   row = {**spec, **step_times_summary(times), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
          "torch": torch.__version__, "final_loss": float(losses[-1]),
          "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
-         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "draws": draws}
   if spec.get("profile_steps") and device == "cuda":  # after the peak was read; steps with no switch
     row["profile"] = torch_profile(lambda: one_step(1), spec["profile_steps"])
   return row
@@ -236,6 +245,8 @@ def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
   code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks import peers; "
           f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))))")
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false")
+  if spec.get("xla_flags"):
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {spec['xla_flags']}".strip()
   t0 = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
