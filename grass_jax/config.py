@@ -104,8 +104,9 @@ class OptimConfig:
     projections of their weight gradient) or 'grad' (the paper's: the trained
     layers, and all of them while probing). On SmolLM2-135M, sketch had the best
     mean accuracy of every sampler on both tasks of docs/accuracy.md and grad
-    the worst against LISA. Sketch costs tokens/s: 0.93x on TinyLlama, 0.78x on
-    Llama-2-7B with frozen embeddings (docs/performance.md).
+    the worst against LISA. Sketch costs tokens/s: 0.93x on TinyLlama, 0.80x on
+    Llama-2-7B with frozen embeddings, mostly because it draws layer 0 there
+    and the backward pass cannot stop early (docs/performance.md).
     grass_static always takes its importance from probing.
   sketch_size: k, random projections per linear map for importance 'sketch'.
   sketch_every: with importance 'sketch', sketch the frozen layers on every
@@ -113,7 +114,8 @@ class OptimConfig:
     between cost what importance 'grad' costs. Must divide the refresh
     interval (refresh_every, or period), so every refresh sees a sketch.
     1 (default) is what docs/accuracy.md measured; larger values trade
-    measurements for speed (docs/performance.md) and are not accuracy-tested.
+    measurements for speed (4: 0.98x instead of 0.93x the tokens/s of grad on
+    TinyLlama, docs/performance.md) and are not accuracy-tested.
   always_on: also train embeddings, final norm and LM head every step.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'

@@ -25,4 +25,7 @@ def test_peers_report_and_figure_from_rows(tmp_path):
   # span 0..1.1 ms; busy: [0, 0.8] and [1.0, 1.1] (the overlap counted once); cuDNN's sm90 kernel is attention
   assert "| tiny-jax-grass | 1.1 | 0.9 | 0.6 | 0.1 | 0.3 | 0.0 | 0.0 | 0.0 | 3 |" in table
   assert "error: out of memory" in table
+  from benchmarks.common import _kernel_class
+  assert _kernel_class("triton_poi_fused__to_copy_add_bmm_cat_clone_cos_mul") == "fusion (elementwise/reduce)"
+  assert _kernel_class("memcpy128") == "copy" and _kernel_class("nvjet_sm90_tst_256x128_64x4") == "matmul"
   assert figure(path, tmp_path / "peers.png").stat().st_size > 10_000
