@@ -66,3 +66,11 @@ def test_resume_of_a_run_started_with_the_papers_importance_is_refused_under_the
       stop_at=2)
   with pytest.raises(ConfigError, match=r"--resume with optim.importance='sketch', but the run .* with 'grad'"):
     run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), resume=True, progress=False)
+
+
+def test_resume_with_another_sketch_schedule_is_refused(tmp_path):
+  run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "optim.period=2", "optim.sketch_every=2"),
+      progress=False, stop_at=2)
+  with pytest.raises(ConfigError, match=r"--resume with optim.sketch_every=1, but the run .* with 2"):
+    run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "optim.period=2"), resume=True,
+        progress=False)
