@@ -299,19 +299,23 @@ def report(path: Path) -> str:
   GPU time per step by kernel class of the rows run with ``--profile``."""
   rows = latest_rows(path)
   out = ["| row | framework | method | compile | gamma | tokens/s steady | tokens/s mean | tokens/s whole run "
-         "| peak GiB |", "|---|---|---|---|---|---|---|---|---|"]
+         "| peak GiB | lowest trained layer (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]
   for name, r in rows.items():
     if "error" in r:
-      out.append(f"| {name} | {r['framework']} | {r['method']} | | | error: {r['error'][:60]} | | | |")
+      out.append(f"| {name} | {r['framework']} | {r['method']} | | | error: {r['error'][:60]} | | | | |")
       continue
     variant = " + stream" if r.get("stream") else " + late swap" if r.get("prefetch") is False else ""
     if r.get("measure") == "sketch":
       every = r.get("sketch_every", 1)
       variant += " + live importance" + (f" (every {every}th step)" if every > 1 else "")
+    variant += " + XLA flags" if r.get("xla_flags") else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
+    # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.
+    draws = r.get("draws") or []
+    lowest = f"{sum(min(d) for d in draws) / len(draws):.1f}" if draws else ""
     out.append(f"| {name} | {r['framework']} | {r['method']}{variant} | "
                f"{'yes' if r['compile'] else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "
-               f"{mean} | {r['run_tokens_per_s']:,.0f} | {r['peak_gib']:.2f} |")
+               f"{mean} | {r['run_tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {lowest} |")
   profiled = {n: r["profile"] for n, r in rows.items() if "error" not in r.get("profile", {"error": 1})}
   if profiled:
     out += ["", "GPU time per step, ms (profiled steps after the run; busy: the union of kernel intervals):", "",

@@ -14,14 +14,14 @@ def test_peers_report_and_figure_from_rows(tmp_path):
                                {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "ts": 1000.0,
                                 "dur": 100.0}], steps=1)
   rows = [finish_row("tiny-jax-grass", dict(base, framework="jax", method="grass", step_s=0.1, whole_run_s=25.0,
-                                            mean_step_s=0.125, profile=profile)),
+                                            mean_step_s=0.125, profile=profile, draws=[[0, 5], [3, 9]])),
           finish_row("tiny-torch-lisa", dict(base, framework="torch", method="lisa", step_s=0.125, whole_run_s=50.0)),
           finish_row("tiny-torch-lora", dict(base, framework="torch", method="lora", error="out of memory"))]
   path = tmp_path / "peers.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   table = report(path)
-  assert "| tiny-jax-grass | jax | grass | yes | 2 | 81,920 | 65,536 | 65,536 | 5.00 |" in table
-  assert "| tiny-torch-lisa | torch | lisa | yes | 2 | 65,536 |  | 32,768 | 5.00 |" in table
+  assert "| tiny-jax-grass | jax | grass | yes | 2 | 81,920 | 65,536 | 65,536 | 5.00 | 1.5 |" in table
+  assert "| tiny-torch-lisa | torch | lisa | yes | 2 | 65,536 |  | 32,768 | 5.00 |  |" in table
   # span 0..1.1 ms; busy: [0, 0.8] and [1.0, 1.1] (the overlap counted once); cuDNN's sm90 kernel is attention
   assert "| tiny-jax-grass | 1.1 | 0.9 | 0.6 | 0.1 | 0.3 | 0.0 | 0.0 | 0.0 | 3 |" in table
   assert "error: out of memory" in table
