@@ -185,13 +185,13 @@ def _kernel_class(name: str) -> str:
     return "attention"
   if any(k in n for k in ("gemm", "cublas", "cutlass", "nvjet", "matmul", "xmma", "sm90")):
     return "matmul"
-  if n.startswith("triton"):  # Inductor's fused kernels; their names often contain '_to_copy' (a dtype cast)
+  if "triton" in n:  # Inductor's fused kernels; their names often contain '_to_copy' (a dtype cast)
     return "fusion (elementwise/reduce)"
   if "memcpy" in n or "memset" in n or "copy" in n:
     return "copy"
   if "adam" in n or "multi_tensor" in n:
     return "optimizer (fused)"
-  if any(k in n for k in ("fusion", "loop_", "input_", "reduce", "transpose", "triton", "elementwise", "softmax",
+  if any(k in n for k in ("fusion", "loop_", "input_", "reduce", "transpose", "elementwise", "softmax",
                           "cross_entropy", "nll", "norm", "embedding", "index", "scatter", "gather", "cat")):
     return "fusion (elementwise/reduce)"
   return "other"

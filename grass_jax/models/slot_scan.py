@@ -267,8 +267,8 @@ class _Backward(NamedTuple):
 
   def frozen_step(self, layer, dh, sink):
     """One frozen layer of the backward pass, measuring it as ``settings.measure`` says."""
-    if self.settings.measure == "none" or (self.settings.measure == "exact" and not self.settings.may_probe):
-      return self.input_grad(layer, dh), sink  # only trained layers are measured
+    if _frozen_measured(self.settings, self.measurement) is False:  # only trained layers are measured
+      return self.input_grad(layer, dh), sink
     cases = self.measurement_cases()
     index = jnp.int32(len(cases) - 1)
     for i in reversed(range(len(cases) - 1)):  # the first case whose condition holds runs
@@ -344,20 +344,26 @@ def _slot_scan_bwd(config, settings, res, d_out):
   return grads, None, None, dh, None, sink, None
 
 
+def _frozen_measured(settings: ScanSettings, measurement: Measurement | None) -> bool | jax.Array:
+  """Whether frozen layers are measured this step: False or True when that is known statically (no
+  measurement at all, or a sketch at every step), else a traced bool (a probing or a sketch step)."""
+  if settings.measure == "sketch" and settings.sketch_every == 1:
+    return True
+  measured = measurement.sketching if settings.measure == "sketch" else False
+  if settings.measure != "none" and settings.may_probe:
+    measured = measurement.probing | measured
+  return measured
+
+
 def _lowest_needed(settings: ScanSettings, measurement: Measurement | None, hi: jax.Array) -> jax.Array:
   """Where the backward pass below the lowest trained layer ``hi`` may stop.
 
   Layer 0 when the input gradient is used or frozen layers are measured this step (a sketch step, a
   probing step); otherwise ``hi`` itself: the loop below it runs no iteration.
   """
-  if settings.input_grad or (settings.measure == "sketch" and settings.sketch_every == 1):
+  if settings.input_grad:
     return jnp.zeros_like(hi)
-  measured = jnp.asarray(False)
-  if settings.measure == "sketch":
-    measured = jnp.asarray(measurement.sketching)
-  if settings.measure != "none" and settings.may_probe:
-    measured = measured | measurement.probing
-  return jnp.where(measured, 0, hi).astype(hi.dtype)
+  return jnp.where(_frozen_measured(settings, measurement), 0, hi).astype(hi.dtype)
 
 
 _slot_scan.defvjp(_slot_scan_fwd, _slot_scan_bwd)
