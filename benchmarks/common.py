@@ -175,7 +175,8 @@ def step_times_summary(times: list[float]) -> dict[str, Any]:
   # whose steps differ on purpose (sketch_every > 1), where the median would pick the cheap steps.
   usual = [t for t in times[1:] if t <= 3 * median] or [median]
   return {"step_s": median, "mean_step_s": sum(usual) / len(usual), "whole_run_s": sum(times),
-          "first_step_s": times[0], "slow_steps": sum(t > 3 * median for t in times)}
+          "first_step_s": times[0], "slow_steps": sum(t > 3 * median for t in times),
+          "step_times_ms": [round(t * 1e3, 3) for t in times]}
 
 
 def _kernel_class(name: str) -> str:
@@ -197,7 +198,7 @@ def _kernel_class(name: str) -> str:
   return "other"
 
 
-def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
+def summarize_trace(log_dir: str, steps: int, top: int = 40) -> dict[str, Any]:
   """Where device time goes: a jax.profiler perfetto trace reduced to kernel-class totals per step."""
   import glob
   import gzip
@@ -214,7 +215,7 @@ def summarize_trace(log_dir: str, steps: int, top: int = 25) -> dict[str, Any]:
   return {"trace": path, **summarize_kernels(kernels, steps, top)}
 
 
-def summarize_kernels(kernels: list[dict], steps: int, top: int = 25) -> dict[str, Any]:
+def summarize_kernels(kernels: list[dict], steps: int, top: int = 40) -> dict[str, Any]:
   """Kernel events (``name``, ``ts``, ``dur`` in microseconds) reduced to per-step totals by kernel class.
 
   ``busy_ms`` is the union of kernel intervals on the GPU (idle gaps excluded), ``span_ms`` the

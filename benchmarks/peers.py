@@ -47,6 +47,19 @@ JAX = dict(framework="jax", compile=True, attention="cudnn", remat="full", froze
 # XLA:GPU runs a while loop (our layer scans) and a conditional from the host, one sync per iteration;
 # these command-buffer kinds record them as CUDA graph conditional nodes instead.
 CMDBUF = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"
+# XLA flag sets tried against the weight copies the profile shows. A layer's weights are a dynamic slice of
+# the [L, ...] stack: XLA copies each weight matrix before each matmul that reads it (a memcpy per matrix per
+# layer pass), and its dot merger concatenates k_proj and v_proj (same input) into one matrix per pass.
+NO_DOT_MERGER = "--xla_gpu_dot_merger_threshold_mb=0"
+DSFUSION = "--xla_gpu_enable_dynamic_slice_fusion=true"  # matmuls read a slice in place (legacy cuBLAS calls only)
+FLAG_VARIANTS = {
+    "dsfusion": DSFUSION,
+    "triton": "--xla_gpu_cublas_fallback=false",  # every matmul a Triton gemm
+    "nomerge": NO_DOT_MERGER,
+    "legacy-dsfusion": f"{DSFUSION} --xla_gpu_enable_cublaslt=false {NO_DOT_MERGER}",
+    "unroll-dsfusion": f"{DSFUSION} --xla_gpu_enable_cublaslt=false {NO_DOT_MERGER} "
+                       "--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL",
+}
 
 
 def _torch(method: str, compile_: bool, **kw) -> dict[str, Any]:
@@ -73,9 +86,14 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                            sketch_every=4)),
     ("tiny-jax-grass-offload-late-chunk2048-cmdbuf", _jax("grass", **TINY, num_active=2, offload=True,
                                                           prefetch=False, loss_chunk=2048, xla_flags=CMDBUF)),
+    *[(f"tiny-jax-grass-offload-late-chunk2048-{v}", _jax("grass", **TINY, num_active=2, offload=True,
+                                                          prefetch=False, loss_chunk=2048, xla_flags=flags))
+      for v, flags in FLAG_VARIANTS.items()],
     ("tiny-jax-grass-offload-late-chunk1024", _jax("grass", **TINY, num_active=2, offload=True, prefetch=False,
                                                    loss_chunk=1024)),
     ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
+    ("tiny-torch-lisa-compile-same-draws", _torch("lisa", True, **TINY, num_active=2,
+                                                  replay_from="tiny-jax-grass-offload-late-chunk2048")),
     ("tiny-torch-full-compile", _torch("full", True, **TINY, num_active=None)),
     ("tiny-jax-full-chunk2048", _jax("full", **TINY, num_active=None, loss_chunk=2048)),
     ("tiny-torch-lisa-eager", _torch("lisa", False, **TINY, num_active=2)),
@@ -95,8 +113,13 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                   measure="sketch", sketch_every=4)),
     ("7b-jax-grass-offload-late-g2-cmdbuf", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  xla_flags=CMDBUF)),
+    *[(f"7b-jax-grass-offload-late-g2-{v}", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
+                                                 xla_flags=flags)) for v, flags in FLAG_VARIANTS.items()],
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                     lowest_stop=False)),
+    # The same layers as the GRASS row, in the same order: both engines doing the same work.
+    ("7b-torch-lisa-compile-g2-same-draws", _torch("lisa", True, **SEVEN_B, num_active=2,
+                                                   replay_from="7b-jax-grass-offload-late-g2")),
     ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
     ("7b-jax-grass-stream-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, stream=True)),
     *[(f"7b-jax-grass-offload-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True)) for g in (1, 4)],
@@ -133,12 +156,15 @@ def _torch_model(spec: dict[str, Any], device: str):
 class LisaSwitcher:
   """LMFlow's LISA: at each switch freeze every layer, unfreeze ``gamma`` drawn uniformly, new AdamW.
 
-  ``always_on``: the embeddings, final norm and LM head train at every step.
+  ``always_on``: the embeddings, final norm and LM head train at every step. ``replay``: instead of
+  drawing, train these layer sets in turn (another row's draws: the same work as that row).
   """
 
-  def __init__(self, model, num_active: int, always_on: bool, make_optimizer, seed: int = 0):
+  def __init__(self, model, num_active: int, always_on: bool, make_optimizer, seed: int = 0,
+               replay: list[list[int]] | None = None):
     import numpy as np
     self.model, self.num_active, self.make_optimizer = model, num_active, make_optimizer
+    self.replay = [sorted(d) for d in replay or []]
     self.layers = model.model.layers
     self.rng = np.random.default_rng(seed)
     for p in model.parameters():
@@ -147,13 +173,18 @@ class LisaSwitcher:
       for p in module.parameters():
         p.requires_grad_(always_on)
     self.active: list[int] = []
+    self.switches = 0
 
   def switch(self):
     for i in self.active:
       for p in self.layers[i].parameters():
         p.requires_grad_(False)
         p.grad = None
-    self.active = sorted(int(i) for i in self.rng.choice(len(self.layers), self.num_active, replace=False))
+    if self.replay:
+      self.active = self.replay[self.switches % len(self.replay)]
+    else:
+      self.active = sorted(int(i) for i in self.rng.choice(len(self.layers), self.num_active, replace=False))
+    self.switches += 1
     for i in self.active:
       for p in self.layers[i].parameters():
         p.requires_grad_(True)
@@ -173,7 +204,7 @@ def torch_run(spec: dict[str, Any]) -> dict[str, Any]:
   if method == "full":
     opt = adamw(list(model.parameters()))
   elif method == "lisa":
-    switcher = LisaSwitcher(model, spec["num_active"], spec["always_on"], adamw)
+    switcher = LisaSwitcher(model, spec["num_active"], spec["always_on"], adamw, replay=spec.get("replay"))
     opt = switcher.switch()
   elif method == "lora":
     import peft
@@ -239,14 +270,19 @@ def torch_profile(step, steps: int) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------------------------- driver
 
-def run_one(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-  """Runs one row in a fresh process; returns the row (with ``error`` when it failed)."""
+def run_one(spec: dict[str, Any], timeout: float, hlo_dir: Path | None = None) -> dict[str, Any]:
+  """Runs one row in a fresh process; returns the row (with ``error`` when it failed).
+
+  ``hlo_dir``: where XLA dumps a JAX row's training step (its HLO before and after optimisation).
+  """
   fn = "torch_run" if spec["framework"] == "torch" else "jax_run"
   code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks import peers; "
           f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))))")
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false")
-  if spec.get("xla_flags"):
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {spec['xla_flags']}".strip()
+  flags = [env.get("XLA_FLAGS", ""), spec.get("xla_flags", "")]
+  if hlo_dir and spec["framework"] == "jax":  # the optimised HLO of the training step, to name the profile's kernels
+    flags.append(f"--xla_dump_to={hlo_dir} --xla_dump_hlo_module_re=jit_step")
+  env["XLA_FLAGS"] = " ".join(f for f in flags if f)
   t0 = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
@@ -373,6 +409,8 @@ def main() -> None:
   ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
                   help="after the timed run, trace this many more steps (jax.profiler / torch.profiler) and add "
                        "their per-step GPU time by kernel class to the row ('profile')")
+  ap.add_argument("--dump-hlo", type=Path, metavar="DIR",
+                  help="XLA dumps each JAX row's training step under DIR/<row name> (to name a profile's fusions)")
   ap.add_argument("--report", type=Path, help="print the table of a peers.jsonl and exit")
   ap.add_argument("--figure", type=Path, help="with --report: also draw its bar charts here (PNG)")
   args = ap.parse_args()
@@ -392,7 +430,14 @@ def main() -> None:
       continue
     spec = dict(spec, run_steps=args.steps, period=args.period, **({"profile_steps": args.profile}
                                                                      if args.profile else {}))
-    row = finish_row(name, run_one(spec, args.timeout_s))
+    if spec.get("replay_from"):  # that row's draws, from this run's rows
+      source = latest_rows(out / "peers.jsonl", measured_only=True).get(spec["replay_from"]) \
+          if (out / "peers.jsonl").exists() else None
+      if source is None or not source.get("draws"):
+        print(f"{name:<40} skipped: run {spec['replay_from']} first (its draws are replayed)", flush=True)
+        continue
+      spec["replay"] = source["draws"]
+    row = finish_row(name, run_one(spec, args.timeout_s, args.dump_hlo / name if args.dump_hlo else None))
     with (out / "peers.jsonl").open("a") as f:
       f.write(json.dumps(row) + "\n")
     if "error" in row:

@@ -29,3 +29,23 @@ def test_peers_report_and_figure_from_rows(tmp_path):
   assert _kernel_class("triton_poi_fused__to_copy_add_bmm_cat_clone_cos_mul") == "fusion (elementwise/reduce)"
   assert _kernel_class("memcpy128") == "copy" and _kernel_class("nvjet_sm90_tst_256x128_64x4") == "matmul"
   assert figure(path, tmp_path / "peers.png").stat().st_size > 10_000
+
+
+def test_lisa_switcher_replays_another_rows_draws():
+  # The same-draws PyTorch rows train the layers a GRASS row trained, in its order, then start over.
+  import torch
+  from transformers import LlamaConfig, LlamaForCausalLM
+  from benchmarks.peers import LisaSwitcher
+  torch.manual_seed(0)
+  model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                                       num_attention_heads=2, num_key_value_heads=1))
+  made = []
+  switcher = LisaSwitcher(model, 2, False, lambda params: made.append(len(params)) or "opt", replay=[[2, 0], [3, 1]])
+  seen = []
+  for _ in range(3):
+    assert switcher.switch() == "opt"
+    trained = [i for i, layer in enumerate(model.model.layers) if all(p.requires_grad for p in layer.parameters())]
+    frozen_rest = not any(p.requires_grad for p in model.model.embed_tokens.parameters())
+    seen.append((switcher.active, trained, frozen_rest))
+  assert seen == [([0, 2], [0, 2], True), ([1, 3], [1, 3], True), ([0, 2], [0, 2], True)]
+  assert made == [2 * 9] * 3  # a fresh optimizer over the two layers' 9 tensors each time
