@@ -16,6 +16,7 @@ from grass_jax import gguf_checkpoint
 from grass_jax.data import DataError, load_tokenizer
 from grass_jax.evaluate import TASKS, canonical_task, evaluate, load_task_records, write_results
 from grass_jax.pretrained import CheckpointError, load_pretrained
+from grass_jax.xla_flags import use_recommended_flags
 
 
 def default_out(model: str) -> str:
@@ -42,6 +43,7 @@ def argument_problem(args: argparse.Namespace) -> str | None:
 
 
 def main() -> int:
+  use_recommended_flags()  # before JAX starts its backend (grass_jax.xla_flags)
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", required=True, help="HF checkpoint directory or hub id, or a GGUF model "
                   "(file, directory, or package:<module>/<file>.gguf)")

@@ -15,9 +15,11 @@ from grass_jax.data import DataError
 from grass_jax.gguf_checkpoint import GGUFError
 from grass_jax.pretrained import CheckpointError
 from grass_jax.train import run
+from grass_jax.xla_flags import use_recommended_flags
 
 
 def main() -> int:
+  use_recommended_flags()  # before JAX starts its backend (grass_jax.xla_flags)
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--config", default="configs/tiny-demo.yaml", help="YAML config (see configs/); default: the CPU demo")
   ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")

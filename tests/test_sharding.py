@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, str(ROOT / "tests" / "sharded_run.py"), str(tmp_path_factory.mktemp("mesh"))],
                         capture_output=True, text=True, env=env, timeout=900)
   lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")]

@@ -1,0 +1,34 @@
+"""grass_jax.xla_flags: the recommended XLA flags join XLA_FLAGS without overriding the user's."""
+
+import os
+import subprocess
+import sys
+
+from grass_jax.xla_flags import RECOMMENDED, use_recommended_flags, with_recommended_flags
+
+
+def test_recommended_flags_are_added_once_and_a_users_setting_wins():
+  assert with_recommended_flags("") == "--xla_gpu_dot_merger_threshold_mb=0"
+  assert with_recommended_flags(" --xla_gpu_autotune_level=2 ") == \
+      "--xla_gpu_autotune_level=2 --xla_gpu_dot_merger_threshold_mb=0"
+  mine = "--xla_gpu_dot_merger_threshold_mb=32 --xla_gpu_autotune_level=2"
+  assert with_recommended_flags(mine) == mine
+  env = {"XLA_FLAGS": "--xla_gpu_autotune_level=2"}
+  assert use_recommended_flags(env) == ["--xla_gpu_dot_merger_threshold_mb=0"]
+  assert env["XLA_FLAGS"] == "--xla_gpu_autotune_level=2 --xla_gpu_dot_merger_threshold_mb=0"
+  assert use_recommended_flags(env) == [] and env["XLA_FLAGS"].count("dot_merger") == 1
+  empty = {}
+  assert use_recommended_flags(empty) == ["--xla_gpu_dot_merger_threshold_mb=0"]
+
+
+def test_this_jaxlib_knows_every_recommended_flag():
+  # XLA aborts on a flag it does not know ("Unknown flag in XLA_FLAGS"): a jax upgrade that renames one
+  # shows here, not as a crash of every training run.
+  env = dict(os.environ, XLA_FLAGS=with_recommended_flags(""), JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
+                        capture_output=True, text=True, env=env, timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == "3.0", proc.stderr[-2000:]
+  assert set(RECOMMENDED) <= {t.lstrip("-").split("=")[0] for t in env["XLA_FLAGS"].split()}
+  bogus = dict(env, XLA_FLAGS="--xla_gpu_no_such_flag_grass=1")
+  assert subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(1)"], capture_output=True,
+                        env=bogus, timeout=120).returncode != 0  # the check above can fail
