@@ -91,7 +91,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                          frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
                          shardings=(p_sh, s_sh, b_sh), stream_states=stream, measure=measure,
                          sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
-                         sketch_every=spec.get("sketch_every", 1),
+                         sketch_every=spec.get("sketch_every", 1), unroll_forward=spec.get("unroll_forward", False),
                          always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
                          loss_chunk=spec.get("loss_chunk", 0))
   rng = np.random.default_rng(0)

@@ -86,6 +86,9 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                            sketch_every=4)),
     ("tiny-jax-grass-offload-late-chunk2048-cmdbuf", _jax("grass", **TINY, num_active=2, offload=True,
                                                           prefetch=False, loss_chunk=2048, xla_flags=CMDBUF)),
+    ("tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled", _jax("grass", **TINY, num_active=2, offload=True,
+                                                                    prefetch=False, loss_chunk=2048,
+                                                                    xla_flags=NO_DOT_MERGER, unroll_forward=True)),
     *[(f"tiny-jax-grass-offload-late-chunk2048-{v}", _jax("grass", **TINY, num_active=2, offload=True,
                                                           prefetch=False, loss_chunk=2048, xla_flags=flags))
       for v, flags in FLAG_VARIANTS.items()],
@@ -113,6 +116,10 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                   measure="sketch", sketch_every=4)),
     ("7b-jax-grass-offload-late-g2-cmdbuf", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  xla_flags=CMDBUF)),
+    # The forward pass over static slices of the stack: no copy of each layer's weights (probes/weight_copies.py).
+    ("7b-jax-grass-offload-late-g2-nomerge-unrolled", _jax("grass", **SEVEN_B, num_active=2, offload=True,
+                                                           prefetch=False, xla_flags=NO_DOT_MERGER,
+                                                           unroll_forward=True)),
     *[(f"7b-jax-grass-offload-late-g2-{v}", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  xla_flags=flags)) for v, flags in FLAG_VARIANTS.items()],
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,

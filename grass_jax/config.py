@@ -47,6 +47,10 @@ class ModelConfig:
   loss_chunk_tokens: the LM head and the loss run this many tokens at a time,
     so the float32 ``[tokens, vocab]`` logits and their gradient never exist
     whole (``grass_jax.loss``); 0 computes them whole.
+  unroll_forward: run the forward pass as a Python loop over static slices of
+    the layer stack instead of a scan, so that XLA:GPU reads each layer's
+    weights in place instead of copying them (``remat: full`` only; more
+    compile time; ``grass_jax.models.slot_scan``).
   """
 
   path: str | None = None
@@ -57,6 +61,7 @@ class ModelConfig:
   tokenizer: str | None = None
   attention: str = "auto"
   loss_chunk_tokens: int = 0
+  unroll_forward: bool = False
 
 
 @dataclasses.dataclass

@@ -178,7 +178,8 @@ class Trainer:
         frozen_grads=o.frozen_grads, attention=cfg.model.attention, shardings=self.shardings,
         stream_states=o.stream_active_states, measure=measure_mode(o), sketch_size=o.sketch_size,
         probe_steps=o.probing_steps(), always_on=o.always_on,
-        loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every)
+        loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every,
+        unroll_forward=cfg.model.unroll_forward)
     # With several hosts, process 0 writes the files; every process takes part in checkpoints.
     self.main_process = jax.process_index() == 0
     self.writer = MetricsWriter(self.out, resume_step=self.state.step if resume else None) \

@@ -49,7 +49,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
               batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
               attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
               sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True,
-              input_grad: bool = True, loss_chunk: int = 0, sketch_every: int = 1) -> tuple[jax.Array, jax.Array]:
+              input_grad: bool = True, loss_chunk: int = 0, sketch_every: int = 1,
+              unroll_forward: bool = False) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -72,6 +73,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       stops at the lowest trained layer ('cond' only).
     loss_chunk: > 0: the LM head and the loss run this many tokens at a time
       (:func:`grass_jax.loss.chunked_cross_entropy`); 0: whole.
+    unroll_forward: the slot scan's forward pass over static slices of the
+      stack ('cond', ``remat='full'``; :mod:`grass_jax.models.slot_scan`).
 
   Returns:
     ``(summed loss, number of loss tokens)``.
@@ -90,7 +93,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     params = {**trainable, "layers": frozen_layers}
     stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
                        measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement,
-                       may_probe=may_probe, input_grad=input_grad, sketch_every=sketch_every)
+                       may_probe=may_probe, input_grad=input_grad, sketch_every=sketch_every,
+                       unroll_forward=unroll_forward)
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
@@ -147,7 +151,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
                     donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
                     stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
                     probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0,
-                    sketch_every: int = 1) -> Callable:
+                    sketch_every: int = 1, unroll_forward: bool = False) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -183,6 +187,11 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
 
   ``loss_chunk``: the LM head and loss over this many tokens at a time (0:
   whole); the float32 logits and their gradient never exist whole.
+
+  ``unroll_forward``: the forward pass as a Python loop over static slices of
+  the layer stack, so that XLA:GPU reads each layer's weights in place instead
+  of copying them (with ``remat='full'``; :mod:`grass_jax.models.slot_scan`).
+  More compile time; the end-to-end speed-up is not measured yet.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -231,7 +240,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
           treedef.unflatten(full), frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads,
           attention=attention, act_sharding=act_sharding, measure=measure if measuring else "none",
           sketch_size=sketch_size, sink=sk, measurement=measurement, may_probe=probe_steps > 0,
-          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every)
+          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every, unroll_forward=unroll_forward)
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]

@@ -202,6 +202,40 @@ def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeyp
     assert np.all(np.asarray(sink_cut)[[2, 4]] > 0)  # trained layers: measured exactly at every step
 
 
+@pytest.mark.parametrize("measure,input_grad", [("none", True), ("sketch", False)])
+def test_unrolled_forward_equals_the_scan(monkeypatch, measure, input_grad):
+  # unroll_forward changes how the forward pass reads the weights (static slices, not a scan), nothing
+  # else: the same loss, slot gradients and importance, every block run once forward either way.
+  from grass_jax.models.slot_scan import Measurement
+  params = models.init_params(CFG, jax.random.PRNGKey(0))
+  mb = jax.tree.map(lambda x: x[0], _batch())
+  active = jnp.array([3, 1], jnp.int32)
+  slots = {k: jnp.zeros_like(v[active]) for k, v in params["layers"].items()}
+  sink = jnp.zeros((CFG.num_layers,), jnp.float32)
+  measurement = Measurement(jnp.asarray(False), jax.random.PRNGKey(3))
+  runs = _count_block_runs(monkeypatch)
+  out = {}
+  for unroll in (False, True):
+    f = lambda sl, sk, unroll=unroll: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
+                                                dtype=jnp.float32, remat="full", measure=measure, sink=sk,
+                                                measurement=measurement, input_grad=input_grad, may_probe=False,
+                                                unroll_forward=unroll)[0]
+    runs.clear()
+    # the scan over the layers is gone from the forward pass; the backward pass keeps its loops
+    assert str(jax.make_jaxpr(jax.grad(f))(slots, sink)).count(" scan[") == (0 if unroll else 1)
+    out[unroll] = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(slots, sink)
+    jax.effects_barrier()
+    out[unroll] += (sorted(runs),)
+  (loss_s, (g_s, sink_s), runs_s), (loss_u, (g_u, sink_u), runs_u) = out[False], out[True]
+  np.testing.assert_allclose(loss_u, loss_s, rtol=1e-6)
+  for k in g_s:  # XLA fuses the two forward passes differently: float32 rounding, 1e-5 of the largest entry
+    scale = np.abs(np.asarray(g_s[k])).max()
+    assert scale > 0
+    np.testing.assert_allclose(g_u[k], g_s[k], rtol=1e-4, atol=1e-5 * scale)
+  np.testing.assert_allclose(sink_u, sink_s, rtol=1e-4)
+  assert runs_u == runs_s and runs_s.count(0) == (2 if measure == "sketch" or input_grad else 1)
+
+
 def test_train_step_with_frozen_embeddings_matches_full_gradients():
   # always_on=False: only the layers are differentiated; the update equals the one computed from
   # every leaf's gradient, and the non-layer leaves do not move.

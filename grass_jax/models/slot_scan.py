@@ -48,6 +48,13 @@ layer: the frozen layers below it are neither recomputed nor differentiated
 (except where they are measured: while probing, or by the sketch), and the
 returned input gradient is zeros. PyTorch's autograd does the same by itself.
 
+**Unrolling the forward pass** (``unroll_forward``). In a scan, each layer's weights are a dynamic
+slice of the ``[L, ...]`` stack, and XLA:GPU copies every weight matrix out of the stack before the
+matmuls that read it. A Python loop over static slices lets XLA read the weights in place: on
+Llama-2-7B (b2 x 512, H200) the 32-layer forward took 25.0 ms against 29.7 ms scanned
+(``benchmarks/probes/weight_copies.py``). It costs compile time (the HLO holds every block), and it
+applies with ``remat='full'`` (other policies keep the scan). The backward pass keeps its loops.
+
 Squared norms of micro-batches add up (the sink's gradient is a sum), so with
 gradient accumulation a layer's measurement is the sum over micro-batches of
 its squared micro-batch gradient norms (exact with one micro-batch).
@@ -88,6 +95,8 @@ class ScanSettings(NamedTuple):
     input_grad: whether the caller uses the gradient with respect to the
       stack's input; without it the backward pass stops at the lowest trained
       layer (module docstring).
+    unroll_forward: the forward pass as a Python loop over static slices of the
+      stack instead of a scan (module docstring); with ``remat='full'`` only.
   """
   impl: str
   act_sharding: Any
@@ -97,6 +106,7 @@ class ScanSettings(NamedTuple):
   may_probe: bool = True
   input_grad: bool = True
   sketch_every: int = 1
+  unroll_forward: bool = False
 
 
 class Measurement(NamedTuple):
@@ -117,7 +127,8 @@ class Measurement(NamedTuple):
 def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, attention: str,
                act_sharding: Any = None, remat: str = "full", measure: str = "none", sketch_size: int = 4,
                sink: jax.Array | None = None, measurement: Measurement | None = None,
-               may_probe: bool = True, input_grad: bool = True, sketch_every: int = 1) -> LayerStack:
+               may_probe: bool = True, input_grad: bool = True, sketch_every: int = 1,
+               unroll_forward: bool = False) -> LayerStack:
   """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers.
 
   Args:
@@ -138,6 +149,8 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
     input_grad: False when the gradient with respect to the stack's input is
       not used (embeddings frozen): the backward pass then stops at the lowest
       trained layer and that gradient is returned as zeros.
+    unroll_forward: run the forward pass over static slices of the stack, so
+      that XLA does not copy each layer's weights (``remat='full'`` only; module docstring).
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -148,8 +161,9 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
   if sketch_every < 1:
     raise ValueError(f"sketch_every must be >= 1; got {sketch_every}")
   chex.assert_shape(slot_of, (config.num_layers,))
-  settings = ScanSettings(attention, act_sharding, "full" if measure == "sketch" else remat, measure, sketch_size,
-                          may_probe, input_grad, sketch_every)
+  remat = "full" if measure == "sketch" else remat
+  settings = ScanSettings(attention, act_sharding, remat, measure, sketch_size, may_probe, input_grad, sketch_every,
+                          unroll_forward and remat == "full")
   if measure == "none":
     sink = measurement = None
 
@@ -194,7 +208,22 @@ def _residual_sources(pullback, lp, h, idx) -> tuple[Any, list[tuple], list[jax.
   return treedef, sources, [leaf for leaf, src in zip(leaves, sources) if src == ("stored",)]
 
 
+def _forward_unrolled(config, settings, frozen, h, inputs) -> tuple[jax.Array, jax.Array]:
+  """``(output, block inputs [L, ...])`` of the stack, one block per static slice (ScanSettings.unroll_forward)."""
+  hs = jnp.zeros((config.num_layers,) + h.shape, h.dtype)
+  for layer in range(config.num_layers):
+    hs = hs.at[layer].set(h)  # in place, like the scan's stacked outputs: no second copy of the block inputs
+    h = _run_block(config, settings, {k: w[layer] for k, w in frozen.items()}, h, jnp.int32(layer), inputs)
+  return h, hs
+
+
 def _slot_scan_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, measurement):
+  # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
+  marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
+  if settings.unroll_forward:
+    out, hs = _forward_unrolled(config, settings, frozen, h, inputs)
+    return out, (marks, frozen, slot_of, hs, [], inputs, measurement)
+
   def body(h, xs):
     lp, idx = xs
     if settings.remat == "full":  # keep only the block input; the backward pass recomputes the block
@@ -203,8 +232,6 @@ def _slot_scan_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, me
     return out, (h, _residual_sources(pullback, lp, h, idx)[2])
 
   out, (hs, stored) = jax.lax.scan(body, h, (frozen, jnp.arange(slot_of.shape[0])))
-  # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
-  marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
   return out, (marks, frozen, slot_of, hs, stored, inputs, measurement)
 
 
