@@ -37,8 +37,10 @@ def main() -> None:
   result = {}
   for offload in (False, True):
     ref = run(cfg(out / f"single-{offload}", {"data": 1, "fsdp": 1}, offload), progress=False, return_state=True)
-    runs = [("data4", {"data": 4}, ()), ("data2_fsdp2", {"data": 2, "fsdp": 2}, ())]
+    # Offload is checked on the data x fsdp mesh only: it covers the data axis too (CI time).
+    runs = [("data2_fsdp2", {"data": 2, "fsdp": 2}, ())]
     if not offload:
+      runs.insert(0, ("data4", {"data": 4}, ()))
       # A fused attention kernel (dot_product_attention) under FSDP: q, k, v get the activation sharding.
       runs.append(("data2_fsdp2_xla", {"data": 2, "fsdp": 2}, ("model.attention=xla",)))
     for name, mesh, extra in runs:

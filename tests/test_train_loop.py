@@ -235,17 +235,23 @@ def test_fixed_strategy_trains_only_its_layers_through_the_trainer(tmp_path, off
   assert all(l["active_layers"] == [1, 3] for l in lines if "active_layers" in l)
 
 
-def test_unroll_forward_reaches_the_slot_scan(tmp_path, monkeypatch):
-  # model.unroll_forward is passed down to the slot scan (its math: test_train_step's unrolled-forward test).
-  from grass_jax.models import slot_scan
-  from grass_jax import train_step
-  seen = []
-  inner = slot_scan.slot_stack
-  monkeypatch.setattr(train_step, "slot_stack", lambda *a, **kw: seen.append(kw["unroll_forward"]) or inner(*a, **kw))
-  cfg = _cfg(tmp_path, "model.unroll_forward=true", "train.max_steps=1", "train.checkpoint_every=0",
-             "train.export=false")
-  run(cfg, progress=False)
-  assert seen and all(seen)
+def test_unroll_forward_reaches_the_train_step(tmp_path, monkeypatch):
+  # model.unroll_forward is passed to make_train_step (its math: test_train_step's unrolled-forward test);
+  # the run stops there, before compiling anything.
+  import grass_jax.train as train_lib
+  seen = {}
+
+  class Stop(Exception):
+    pass
+
+  def spy(*args, **kwargs):
+    seen.update(kwargs)
+    raise Stop
+
+  monkeypatch.setattr(train_lib, "make_train_step", spy)
+  with pytest.raises(Stop):
+    run(_cfg(tmp_path, "model.unroll_forward=true", "train.max_steps=1"), progress=False)
+  assert seen["unroll_forward"] is True
   with pytest.raises(config_lib.ConfigError, match="model.unroll_forward must be bool"):
     config_lib.load(DEMO, ["model.unroll_forward=3"])
 
