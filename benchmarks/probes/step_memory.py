@@ -10,7 +10,8 @@ the temporaries the step needs on top (``temp``). A variant changes one thing:
 
 * ``whole`` / ``chunkN``: the loss over all tokens at once, or N tokens at a time;
 * ``-frozen-head``: embeddings and head frozen (no always-on optimizer step, no head gradient);
-* ``-sgd``: plain SGD instead of AdamW (no moments, no Adam temporaries).
+* ``-sgd``: plain SGD instead of AdamW (no moments, no Adam temporaries);
+* ``-unrolled``: the forward pass over static slices of the stack (``make_train_step(unroll_forward=True)``).
 
 The differences in ``temp`` say what the loss, the always-on group and the optimizer cost. On a CPU
 the attention is einsum (its scores add to ``temp``); run it on the GPU for cuDNN's numbers.
@@ -52,7 +53,7 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
   state = jax.eval_shape(tx.init, params)
   attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
   step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat="full", attention=attention, always_on=always_on,
-                         loss_chunk=chunk)
+                         loss_chunk=chunk, unroll_forward="-unrolled" in variant)
   tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
   compiled = step.lower(params, state, {"tokens": tok, "attention_mask": tok, "loss_mask": tok}).compile()
   mem = compiled.memory_analysis()
