@@ -22,7 +22,10 @@ of the real shapes (only the shapes matter). Methods:
 * ``lora``: ``peft`` LoRA r=16 (alpha 32) on every linear map of the layers.
 
 Each eager and with ``torch.compile`` (the whole model; the backward through AOTAutograd). The
-JAX rows are ``benchmarks/common.run_config`` with the same shapes, cuDNN attention and full remat.
+JAX rows are ``benchmarks/common.run_config`` with the same shapes, cuDNN attention and full remat,
+under XLA's default flags unless a row sets ``xla_flags``: the ``-nomerge`` rows have what
+``scripts/train.py`` sets (``grass_jax.xla_flags``). ``...-same-draws`` PyTorch rows train the
+layers a JAX row of the same run drew, in its order (run that row first).
 Rows are appended to ``peers.jsonl`` as they land, so a run cut short keeps what it measured.
 """
 
