@@ -34,6 +34,15 @@ def _flag_name(token: str) -> str:
   return token.lstrip("-").split("=", 1)[0]
 
 
+def _backend_started() -> bool:
+  """Whether JAX has started a backend (then XLA_FLAGS is no longer read); False where JAX cannot say."""
+  try:
+    from jax._src import xla_bridge  # private; present from jax 0.4 to 0.10 at least
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):
+    return False
+
+
 def with_recommended_flags(xla_flags: str, recommended: dict[str, str] | None = None) -> str:
   """``xla_flags`` followed by every recommended flag it does not already set (yours win).
 
@@ -55,14 +64,12 @@ def use_recommended_flags(environ: MutableMapping[str, str] | None = None) -> li
   and this changes nothing (with a warning when that backend is a GPU, where the flags matter).
   ``environ`` defaults to ``os.environ``.
   """
-  from jax._src import xla_bridge  # backends_are_initialized: public in spirit, stable since jax 0.4
-
   env = os.environ if environ is None else environ
   before = env.get("XLA_FLAGS", "")
   after = with_recommended_flags(before)
   if after == before.strip():
     return []
-  if environ is None and xla_bridge.backends_are_initialized():
+  if environ is None and _backend_started():
     import jax
     if jax.default_backend() != "gpu":
       return []

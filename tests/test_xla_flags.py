@@ -32,3 +32,13 @@ def test_this_jaxlib_knows_every_recommended_flag():
   bogus = dict(env, XLA_FLAGS="--xla_gpu_no_such_flag_grass=1")
   assert subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(1)"], capture_output=True,
                         env=bogus, timeout=120).returncode != 0  # the check above can fail
+
+
+def test_after_jax_started_nothing_changes(monkeypatch):
+  # XLA reads XLA_FLAGS once, at start: a late call leaves the environment alone (on a CPU silently;
+  # on a GPU it warns, since the flags would have mattered there).
+  import jax
+  jax.devices()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")
+  assert use_recommended_flags() == []
+  assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=2"
