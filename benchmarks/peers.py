@@ -65,6 +65,13 @@ FLAG_VARIANTS = {
 }
 
 
+# Rows whose draws a same-draws PyTorch row replays (the first of them measured in the run; they all draw alike).
+GRASS_DRAWS_TINY = ["tiny-jax-grass-offload-late-chunk2048", "tiny-jax-grass-offload-late-chunk2048-nomerge",
+                    "tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled"]
+GRASS_DRAWS_7B = ["7b-jax-grass-offload-late-g2", "7b-jax-grass-offload-late-g2-nomerge",
+                  "7b-jax-grass-offload-late-g2-nomerge-unrolled"]
+
+
 def _torch(method: str, compile_: bool, **kw) -> dict[str, Any]:
   return dict(framework="torch", method=method, compile=compile_, **kw)
 
@@ -99,7 +106,7 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                    loss_chunk=1024)),
     ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
     ("tiny-torch-lisa-compile-same-draws", _torch("lisa", True, **TINY, num_active=2,
-                                                  replay_from="tiny-jax-grass-offload-late-chunk2048")),
+                                                  replay_from=GRASS_DRAWS_TINY)),
     ("tiny-torch-full-compile", _torch("full", True, **TINY, num_active=None)),
     ("tiny-jax-full-chunk2048", _jax("full", **TINY, num_active=None, loss_chunk=2048)),
     ("tiny-torch-lisa-eager", _torch("lisa", False, **TINY, num_active=2)),
@@ -129,7 +136,7 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                     lowest_stop=False)),
     # The same layers as the GRASS row, in the same order: both engines doing the same work.
     ("7b-torch-lisa-compile-g2-same-draws", _torch("lisa", True, **SEVEN_B, num_active=2,
-                                                   replay_from="7b-jax-grass-offload-late-g2")),
+                                                   replay_from=GRASS_DRAWS_7B)),
     ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
     ("7b-jax-grass-stream-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, stream=True)),
     *[(f"7b-jax-grass-offload-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True)) for g in (1, 4)],
@@ -440,13 +447,14 @@ def main() -> None:
       continue
     spec = dict(spec, run_steps=args.steps, period=args.period, **({"profile_steps": args.profile}
                                                                      if args.profile else {}))
-    if spec.get("replay_from"):  # that row's draws, from this run's rows
-      source = latest_rows(out / "peers.jsonl", measured_only=True).get(spec["replay_from"]) \
-          if (out / "peers.jsonl").exists() else None
-      if source is None or not source.get("draws"):
-        print(f"{name:<40} skipped: run {spec['replay_from']} first (its draws are replayed)", flush=True)
+    if spec.get("replay_from"):  # the draws of the first of these rows this run has measured
+      done = latest_rows(out / "peers.jsonl", measured_only=True) if (out / "peers.jsonl").exists() else {}
+      source = next((done[n] for n in spec["replay_from"] if done.get(n, {}).get("draws")), None)
+      if source is None:
+        print(f"{name:<40} skipped: run one of {', '.join(spec['replay_from'])} first (its draws are replayed)",
+              flush=True)
         continue
-      spec["replay"] = source["draws"]
+      spec["replay"], spec["replayed"] = source["draws"], source["name"]
     row = finish_row(name, run_one(spec, args.timeout_s, args.dump_hlo / name if args.dump_hlo else None))
     with (out / "peers.jsonl").open("a") as f:
       f.write(json.dumps(row) + "\n")

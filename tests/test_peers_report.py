@@ -49,3 +49,33 @@ def test_lisa_switcher_replays_another_rows_draws():
     seen.append((switcher.active, trained, frozen_rest))
   assert seen == [([0, 2], [0, 2], True), ([1, 3], [1, 3], True), ([0, 2], [0, 2], True)]
   assert made == [2 * 9] * 3  # a fresh optimizer over the two layers' 9 tensors each time
+
+
+def test_same_draws_rows_take_the_draws_of_a_grass_row_of_the_same_run(tmp_path, monkeypatch):
+  # peers.py main: the PyTorch same-draws row replays what the GRASS row measured just before it
+  # drew, whichever of its flag variants ran; without one it is skipped, not run on its own draws.
+  import json
+  import sys
+  from benchmarks import peers
+  draws = [[9, 11], [0, 17]]
+  specs = {}
+
+  def fake_run_one(spec, timeout, hlo_dir=None):
+    specs[spec["framework"]] = spec
+    return {**spec, "step_s": 0.1, "mean_step_s": 0.1, "whole_run_s": 1.0, "first_step_s": 0.5, "slow_steps": 0,
+            "peak_bytes": 2**30, **({"draws": draws} if spec["framework"] == "jax" else {})}
+
+  monkeypatch.setattr(peers, "run_one", fake_run_one)
+  argv = ["peers.py", "--out-dir", str(tmp_path / "a"), "--steps", "10", "--only",
+          "tiny-jax-grass-offload-late-chunk2048-nomerge", "tiny-torch-lisa-compile-same-draws"]
+  monkeypatch.setattr(sys, "argv", argv)
+  peers.main()
+  assert specs["torch"]["replay"] == draws and specs["torch"]["replayed"].endswith("-nomerge")
+  specs.clear()
+  monkeypatch.setattr(sys, "argv", ["peers.py", "--out-dir", str(tmp_path / "b"), "--only",
+                                    "tiny-torch-lisa-compile-same-draws"])
+  peers.main()
+  assert specs == {}  # skipped
+  rows = [json.loads(l) for l in (tmp_path / "a" / "peers.jsonl").read_text().splitlines()]
+  assert [r["name"] for r in rows] == ["tiny-jax-grass-offload-late-chunk2048-nomerge",
+                                       "tiny-torch-lisa-compile-same-draws"]
