@@ -8,7 +8,10 @@ and input gradient (the backward of a frozen block, recomputed), four ways, on t
 * ``unrolled-slices``: a Python loop over static slices ``w[l]`` of the stack;
 * ``unrolled-buffers``: a Python loop over per-layer arrays (PyTorch's layout);
 * ``fori-buffers-switch``: a dynamic-bound ``fori_loop`` that picks layer ``l``'s own buffers with
-  ``lax.switch`` (what a per-layer layout needs for the backward's frozen runs).
+  ``lax.switch`` (what a per-layer layout needs for the backward's frozen runs);
+* ``unrolled-slices-cond``: the forward over static slices, and a backward that visits every layer
+  in a Python loop, each behind a ``lax.cond`` on a traced lowest layer (here 0): the slot scan's
+  dynamic-bound frozen runs without dynamic slices, and without a change of layout.
 
   python benchmarks/probes/weight_copies.py [--size llama2-7b] [--batch 2] [--seq 512] [--out FILE]
 
@@ -74,8 +77,35 @@ def main() -> None:
     out = jax.lax.fori_loop(0, cfg.num_layers, lambda i, x: jax.lax.switch(i, branches, x), h)
     return jnp.sum(out.astype(jnp.float32))
 
+  def frozen_stack(stack, lo):
+    """The stack on h; its input gradient from the layers >= lo only (static slices, a cond per layer)."""
+    @jax.custom_vjp
+    def f(h):
+      return fwd(h)[0]
+
+    def fwd(h):
+      hs = []
+      for l in range(cfg.num_layers):
+        hs.append(h)
+        h = block({k: w[l] for k, w in stack.items()}, h, l)
+      return h, hs
+
+    def bwd(hs, dh):
+      for l in reversed(range(cfg.num_layers)):
+        step = lambda d, l=l: jax.vjp(lambda x: block({k: w[l] for k, w in stack.items()}, x, l), hs[l])[1](d)[0]
+        dh = jax.lax.cond(l >= lo, step, lambda d: d, dh)
+      return (dh,)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+  def loss_cond(h, stack, lo=jnp.int32(0)):
+    return jnp.sum(frozen_stack(stack, lo)(h).astype(jnp.float32))
+
   variants = {"scan": (loss_scan, stack), "unrolled-slices": (loss_slices, stack),
+              "unrolled-slices-cond": (loss_cond, stack),
               "unrolled-buffers": (loss_buffers, buffers), "fori-buffers-switch": (loss_switch, buffers)}
+  reference: dict = {}
   result = {"size": args.size, "batch": b, "seq": t, "device": jax.devices()[0].device_kind, "ms": {}}
   for name, (fn, weights) in variants.items():
     for what, f in (("forward", jax.jit(fn)), ("forward+input-grad", jax.jit(jax.grad(fn)))):
@@ -89,8 +119,13 @@ def main() -> None:
           jax.block_until_ready(f(h0, weights))
           times.append(time.perf_counter() - t0)
         ms = 1e3 * sorted(times)[len(times) // 2]
-        result["ms"][f"{name} {what}"] = {"ms": ms, "compile_s": compile_s}
-        print(f"{name:<22} {what:<20} {ms:8.2f} ms   (compile {compile_s:.1f} s)", flush=True)
+        value = f(h0, weights)
+        reference.setdefault(what, value)  # the scan's, the first variant: every other must agree
+        ref = reference[what].astype(jnp.float32)  # bf16 blocks: expect differences of bf16 rounding (~1e-2)
+        diff = float(jnp.max(jnp.abs(value.astype(jnp.float32) - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
+        result["ms"][f"{name} {what}"] = {"ms": ms, "compile_s": compile_s, "max_rel_diff_vs_scan": diff}
+        print(f"{name:<22} {what:<20} {ms:8.2f} ms   (compile {compile_s:.1f} s; off the scan by {diff:.1e} "
+              "of its largest entry)", flush=True)
       except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
         result["ms"][f"{name} {what}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(f"{name:<22} {what:<20} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
