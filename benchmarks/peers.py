@@ -55,13 +55,13 @@ CMDBUF = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUD
 # layer pass), and its dot merger concatenates k_proj and v_proj (same input) into one matrix per pass.
 NO_DOT_MERGER = "--xla_gpu_dot_merger_threshold_mb=0"
 DSFUSION = "--xla_gpu_enable_dynamic_slice_fusion=true"  # matmuls read a slice in place (legacy cuBLAS calls only)
+LEGACY_DSFUSION = f"{DSFUSION} --xla_gpu_enable_cublaslt=false {NO_DOT_MERGER}"
 FLAG_VARIANTS = {
     "dsfusion": DSFUSION,
     "triton": "--xla_gpu_cublas_fallback=false",  # every matmul a Triton gemm
     "nomerge": NO_DOT_MERGER,
-    "legacy-dsfusion": f"{DSFUSION} --xla_gpu_enable_cublaslt=false {NO_DOT_MERGER}",
-    "unroll-dsfusion": f"{DSFUSION} --xla_gpu_enable_cublaslt=false {NO_DOT_MERGER} "
-                       "--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL",
+    "legacy-dsfusion": LEGACY_DSFUSION,
+    "unroll-dsfusion": f"{LEGACY_DSFUSION} --xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL",
 }
 
 
