@@ -362,6 +362,7 @@ def report(path: Path) -> str:
       every = r.get("sketch_every", 1)
       variant += " + live importance" + (f" (every {every}th step)" if every > 1 else "")
     variant += " + XLA flags" if r.get("xla_flags") else ""
+    variant += " + unrolled forward" if r.get("unroll_forward") else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.
     draws = r.get("draws") or []

@@ -359,6 +359,9 @@ def validate(cfg: Config) -> Config:
   if cfg.model.loss_chunk_tokens < 0:
     raise ConfigError(f"model.loss_chunk_tokens must be >= 0 (0: the whole loss at once); "
                       f"got {cfg.model.loss_chunk_tokens}")
+  if m.unroll_forward and m.remat != "full":
+    raise ConfigError(f"model.unroll_forward needs model.remat: full (other policies keep the layer scan); "
+                      f"got model.remat: {m.remat}. Set model.remat: full or model.unroll_forward: false")
   if o.strategy == "fixed":
     layers = o.fixed_layers or []
     if (len(layers) != o.num_active or len(set(layers)) != len(layers)

@@ -82,11 +82,18 @@ def host_slot_states(opt_state: Any, shardings: Any, host_memory_kind: str = "pi
   For streaming: pass the results to the train step (its in/out shardings) and to
   ``Offloader(..., stream=True)``.
   """
-  s, sh = find_state(opt_state), find_state(shardings)
+  host = host_slot_shardings(shardings, host_memory_kind)
+  s = find_state(opt_state)
+  moved = jax.device_put(s.slot_states, find_state(host).slot_states)
+  return replace_state(opt_state, s._replace(slot_states=moved)), host
+
+
+def host_slot_shardings(shardings: Any, host_memory_kind: str = "pinned_host") -> Any:
+  """The optimizer state's shardings with the active layers' states (``slot_states``) in host memory:
+  :func:`host_slot_states` without moving anything (to compile the streaming step ahead of time)."""
+  sh = find_state(shardings)
   host_sh = jax.tree.map(lambda x: x.with_memory_kind(host_memory_kind), sh.slot_states)
-  moved = jax.device_put(s.slot_states, host_sh)
-  return (replace_state(opt_state, s._replace(slot_states=moved)),
-          replace_state(shardings, sh._replace(slot_states=host_sh)))
+  return replace_state(shardings, sh._replace(slot_states=host_sh))
 
 
 def state_stream(host_shardings: Any, device_memory_kind: str = "device") -> StateStream:

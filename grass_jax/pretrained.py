@@ -210,6 +210,13 @@ def _flat_paths(shapes: dict) -> dict[str, tuple]:
   return {"/".join(str(k.key) for k in p): s for p, s in flat}
 
 
+def read_model_config(path_or_hub_id: str | os.PathLike) -> DecoderConfig:
+  """The model config of what :func:`load_pretrained` would load, without reading any weights."""
+  if gguf_checkpoint.is_gguf(path_or_hub_id):
+    return gguf_checkpoint.read_config(gguf_checkpoint.open_reader(gguf_checkpoint.resolve(path_or_hub_id)))
+  return read_config(resolve(path_or_hub_id))
+
+
 def load_pretrained(path_or_hub_id: str | os.PathLike, dtype: Any = jnp.float32) -> tuple[Params, DecoderConfig]:
   """Loads ``(params, config)`` from a HF checkpoint directory or hub id, or a GGUF file.
 

@@ -33,6 +33,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from grass_jax import data as data_lib
+from grass_jax.ahead_of_time import CompiledStep
 from grass_jax import sharding as sharding_lib
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.config import Config, ConfigError, ModelConfig, OptimConfig, to_dict
@@ -40,8 +41,8 @@ from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, config_from_hf, init_params
 from grass_jax.models.decoder import DecoderConfig, Params
-from grass_jax.offload import Offloader, host_slot_states
-from grass_jax.pretrained import load_pretrained, save_pretrained
+from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
+from grass_jax.pretrained import load_pretrained, read_model_config, save_pretrained
 from grass_jax.train_step import cross_entropy, make_train_step, slot_loss
 from grass_jax.transform import diagnostics, strategy
 
@@ -82,6 +83,13 @@ def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
 
 def _dtype(name: str) -> Any:
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def model_config(m: ModelConfig) -> DecoderConfig:
+  """The config of the model ``load_model`` loads, without loading it."""
+  if m.random_init is not None:
+    return config_from_hf(dict(m.random_init))
+  return read_model_config(m.path)
 
 
 def load_model(m: ModelConfig, seed: int) -> tuple[Params, DecoderConfig]:
@@ -158,7 +166,7 @@ class Trainer:
     self.progress = progress
     self.out = Path(cfg.train.output_dir)
     self.mesh = self._prepare_run(resume)
-    self.params, self.mcfg = load_model(cfg.model, cfg.train.seed)
+    self.mcfg = model_config(cfg.model)
     if cfg.optim.strategy == "fixed" and max(cfg.optim.fixed_layers) >= self.mcfg.num_layers:
       raise ConfigError(f"optim.fixed_layers={cfg.optim.fixed_layers} names a layer beyond the model's "
                         f"{self.mcfg.num_layers} (0 to {self.mcfg.num_layers - 1})")
@@ -171,15 +179,8 @@ class Trainer:
     if cfg.train.max_steps is not None:
       self.total = min(self.total, cfg.train.max_steps)
     self.tx, self.schedule = build_optimizer(cfg.optim, self.mcfg.num_layers, self.total, cfg.train.seed)
+    self.train_step_fn = self._compile_step()  # before the weights are on the device
     self.state = self._place_and_restore(resume)
-    o = cfg.optim
-    self.train_step_fn = make_train_step(
-        self.mcfg, self.tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-        frozen_grads=o.frozen_grads, attention=cfg.model.attention, shardings=self.shardings,
-        stream_states=o.stream_active_states, measure=measure_mode(o), sketch_size=o.sketch_size,
-        probe_steps=o.probing_steps(), always_on=o.always_on,
-        loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every,
-        unroll_forward=cfg.model.unroll_forward)
     # With several hosts, process 0 writes the files; every process takes part in checkpoints.
     self.main_process = jax.process_index() == 0
     self.writer = MetricsWriter(self.out, resume_step=self.state.step if resume else None) \
@@ -214,17 +215,51 @@ class Trainer:
                                   batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                                   buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed)
 
+  def _compile_step(self) -> CompiledStep:
+    """The train step, compiled for every batch length of the run from abstract shapes.
+
+    Compiling before the weights are placed keeps XLA's autotuning buffers off the run's peak
+    (:mod:`grass_jax.ahead_of_time`). The shardings fixed here are the ones the state is placed with.
+    """
+    cfg, o, mesh = self.cfg, self.cfg.optim, self.mesh
+    param_shapes = jax.eval_shape(lambda: init_params(self.mcfg, jax.random.PRNGKey(0), _dtype(cfg.model.dtype)))
+    state_shapes = jax.eval_shape(self.tx.init, param_shapes)
+    self.state_device_shardings = sharding_lib.tree_shardings(state_shapes, mesh)
+    s_sh = host_slot_shardings(self.state_device_shardings) if o.stream_active_states else self.state_device_shardings
+    self.shardings = (sharding_lib.tree_shardings(param_shapes, mesh), s_sh, sharding_lib.batch_sharding(mesh))
+    step = CompiledStep(make_train_step(
+        self.mcfg, self.tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
+        frozen_grads=o.frozen_grads, attention=cfg.model.attention, shardings=self.shardings,
+        stream_states=o.stream_active_states, measure=measure_mode(o), sketch_size=o.sketch_size,
+        probe_steps=o.probing_steps(), always_on=o.always_on,
+        loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every,
+        unroll_forward=cfg.model.unroll_forward))
+    lengths = self._batch_lengths()
+    for length in tqdm(lengths, desc="compiling the train step", unit="length", disable=not self.progress,
+                       dynamic_ncols=True):
+      step.compile(param_shapes, state_shapes, self.dataset.make_batch(length, []))
+    return step
+
+  def _batch_lengths(self) -> list[int]:
+    """The bucket lengths of the run's first ``total`` batches (on resume, a superset of those left)."""
+    lengths: set[int] = set()
+    seen = 0
+    for epoch in range(self.cfg.train.epochs):
+      for length, _ in self.dataset.epoch_plan(epoch):
+        if seen == self.total or len(lengths) == len(self.dataset.buckets):
+          return sorted(lengths)
+        lengths.add(length)
+        seen += 1
+    return sorted(lengths)
+
   def _place_and_restore(self, resume: bool) -> RunState:
-    """Places params and state on the mesh once (the step keeps these shardings, so it compiles once)."""
-    o, mesh = self.cfg.optim, self.mesh
-    params, opt_state = self.params, self.tx.init(self.params)
-    del self.params
-    p_sh, s_sh, b_sh = (sharding_lib.tree_shardings(params, mesh), sharding_lib.tree_shardings(opt_state, mesh),
-                        sharding_lib.batch_sharding(mesh))
-    params, opt_state = jax.device_put((params, opt_state), (p_sh, s_sh))
+    """Loads the model and places params and state on the mesh with the step's shardings (so it compiles once)."""
+    o = self.cfg.optim
+    params, _ = load_model(self.cfg.model, self.cfg.train.seed)
+    opt_state = self.tx.init(params)
+    params, opt_state = jax.device_put((params, opt_state), (self.shardings[0], self.state_device_shardings))
     if o.stream_active_states:
-      opt_state, s_sh = host_slot_states(opt_state, s_sh)
-    self.shardings = (p_sh, s_sh, b_sh)
+      opt_state, _ = host_slot_states(opt_state, self.state_device_shardings)
     target = Offloader.checkpoint_target(opt_state) if (resume and o.offload_optimizer_state) else None
     restored = self.ckpt.restore_newest_readable(
         params=params, opt_state=opt_state, layer_states=target,

@@ -254,6 +254,8 @@ def test_unroll_forward_reaches_the_train_step(tmp_path, monkeypatch):
   assert seen["unroll_forward"] is True
   with pytest.raises(config_lib.ConfigError, match="model.unroll_forward must be bool"):
     config_lib.load(DEMO, ["model.unroll_forward=3"])
+  with pytest.raises(config_lib.ConfigError, match="model.unroll_forward needs model.remat: full"):
+    config_lib.load(DEMO, ["model.unroll_forward=true", "model.remat=dots"])
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -234,6 +234,9 @@ def test_unrolled_forward_equals_the_scan(monkeypatch):
     np.testing.assert_allclose(g_u[k], g_s[k], rtol=1e-4, atol=1e-5 * scale)
   np.testing.assert_allclose(sink_u, sink_s, rtol=1e-4)
   assert runs_u == runs_s and runs_s.count(0) == 2  # layer 0: forward, and the sketch recomputes it
+  tx = grass_jax.transform(optax.sgd(1e-2), layers=LAYERS, num_active=2, period=1)
+  with pytest.raises(ValueError, match="unroll_forward needs remat='full'"):
+    make_train_step(CFG, tx, remat="dots", unroll_forward=True)
 
 
 def test_train_step_with_frozen_embeddings_matches_full_gradients():

@@ -57,9 +57,13 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
   tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
   compiled = step.lower(params, state, {"tokens": tok, "attention_mask": tok, "loss_mask": tok}).compile()
   mem = compiled.memory_analysis()
+  # Nothing is on the device here, so the peak so far is what compiling itself allocated (autotuning
+  # runs candidate kernels on buffers the size of their operands). None on a CPU.
+  stats = jax.devices()[0].memory_stats() or {}
   return {"variant": variant, "backend": jax.default_backend(), "attention": attention,
           "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
-          "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes}
+          "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+          "compile_peak_bytes": stats.get("peak_bytes_in_use")}
 
 
 def main() -> None:
@@ -78,7 +82,8 @@ def main() -> None:
     rows.append(r)
     gib = {k: r[k] / 2**30 for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")}
     print(f"{variant:26s} arguments {gib['argument_bytes']:6.2f} GiB  outputs {gib['output_bytes']:6.2f}  "
-          f"aliased {gib['alias_bytes']:6.2f}  temp {gib['temp_bytes']:6.2f}  ({r['backend']}, {r['attention']})",
+          f"aliased {gib['alias_bytes']:6.2f}  temp {gib['temp_bytes']:6.2f}  ({r['backend']}, {r['attention']})"
+          + (f"  compiling peaked at {r['compile_peak_bytes'] / 2**30:.2f} GiB" if r["compile_peak_bytes"] else ""),
           flush=True)
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
