@@ -49,12 +49,25 @@ def test_resume_equals_straight_run(tmp_path, offload, stream, sketch_every):
     assert {x.sharding.memory_kind for x in jax.tree.leaves(s.slot_states)} == {"pinned_host"}
 
 
-def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path):
-  extra = ["train.max_steps=4", "optim.period=2", "optim.offload_optimizer_state=true", "optim.offload_prefetch=false"]
+def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypatch):
+  # Also: the Trainer compiles the step for every batch length of the run before it loads the model
+  # (grass_jax.ahead_of_time), and no step compiles later. The buckets split this data in two.
+  import grass_jax.train as train_lib
+  from grass_jax.ahead_of_time import CompiledStep
+  events = []
+  compile_, load = CompiledStep.compile, train_lib.load_model
+  monkeypatch.setattr(CompiledStep, "compile", lambda self, *a: (events.append("compile"), compile_(self, *a))[1])
+  monkeypatch.setattr(train_lib, "load_model", lambda *a: (events.append("load"), load(*a))[1])
+  extra = ["train.max_steps=4", "optim.period=2", "optim.offload_optimizer_state=true", "optim.offload_prefetch=false",
+           "data.max_length=192", "data.buckets=[188, 192]"]
   trainer = Trainer(_cfg(tmp_path, *extra), progress=False)
+  lengths = [b["tokens"].shape[-1] for _, _, b in trainer.dataset.iterate()][:4]
+  assert set(lengths) == {188, 192}, "the run no longer fills both buckets: the test would not test two shapes"
+  assert events == ["compile", "compile", "load"]
   assert trainer.state.offloader.prefetch is False
   trainer.train()
   trainer.finish()
+  assert trainer.train_step_fn.step._cache_size() == 0  # no step compiled with the weights on the device
   assert Trainer(_cfg(tmp_path, *extra), resume=True, progress=False).state.offloader.prefetch is False
 
 

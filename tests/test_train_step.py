@@ -8,6 +8,7 @@ import pytest
 
 import grass_jax
 from grass_jax import models
+from grass_jax.ahead_of_time import CompiledStep, abstract
 from grass_jax.models import llama
 from grass_jax.train_step import LAYERS, cross_entropy, make_train_step, slot_loss
 
@@ -82,8 +83,10 @@ def test_train_step_matches_full_form_and_never_recompiles():
   # No clipping here: in slot form clipping sees only the trained layers, by design.
   tx = optax.chain(optax.scale(1.0),
                    grass_jax.transform(optax.adamw(1e-2), layers=LAYERS, num_active=2, period=1, seed=0))
-  step = make_train_step(CFG, tx, dtype=jnp.float32, donate=False)
+  # Compiled ahead from shapes (grass_jax.ahead_of_time), as the Trainer does: the same numbers as the reference.
+  step = CompiledStep(make_train_step(CFG, tx, dtype=jnp.float32, donate=False))
   opt_state = tx.init(params)
+  step.compile(abstract(params), abstract(opt_state), abstract(_batch()))
   ref_params, ref_state = params, opt_state
 
   def ref_loss(p, batch):
@@ -94,20 +97,24 @@ def test_train_step_matches_full_form_and_never_recompiles():
       tot, n = tot + s, n + c
     return tot / n
 
+  @jax.jit
+  def ref_step(p, state, batch):  # the full form: every layer differentiated, the transform masks
+    loss, g = jax.value_and_grad(ref_loss)(p, batch)
+    u, state = tx.update(g, state, p)
+    return optax.apply_updates(p, u), state, loss
+
   sets = set()
   for i in range(5):
     batch = _batch(seed=i)
     params, opt_state, metrics = step(params, opt_state, batch)
-    loss, g = jax.value_and_grad(ref_loss)(ref_params, batch)
-    u, ref_state = tx.update(g, ref_state, ref_params)
-    ref_params = optax.apply_updates(ref_params, u)
+    ref_params, ref_state, loss = ref_step(ref_params, ref_state, batch)
     np.testing.assert_allclose(metrics["loss"], loss, rtol=1e-5)
     sets.add(tuple(np.asarray(grass_jax.find_state(opt_state).active)))
   # Adam divides by sqrt(v): where a gradient is ~0, float noise moves a weight by ~1e-5 (2.7e-5 seen on an
   # AMD EPYC); a wrong update moves it by ~lr = 1e-2.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=5e-5), params, ref_params)
   assert len(sets) > 1
-  assert step._cache_size() == 1
+  assert step.num_compiled() == 1 and step.step._cache_size() == 0  # every call ran the one executable
 
 
 def test_nonfinite_gradient_skips_step_but_not_schedule():
