@@ -200,6 +200,9 @@ class TrainConfig:
   keep_checkpoints: how many checkpoints to keep.
   output_dir: where metrics, checkpoints, plots and the exported model go.
   export: write the final model as a HF checkpoint (output_dir/hf_model).
+  compilation_cache: keep compiled programs in output_dir/compilation_cache, so a
+    resumed run reads its train step back instead of compiling it again
+    (``grass_jax.compile_cache``; JAX_COMPILATION_CACHE_DIR, if set, wins).
   """
 
   epochs: int = 1
@@ -212,6 +215,7 @@ class TrainConfig:
   keep_checkpoints: int = 2
   output_dir: str = "runs/default"
   export: bool = True
+  compilation_cache: bool = True
 
 
 @dataclasses.dataclass

@@ -36,6 +36,7 @@ from grass_jax import data as data_lib
 from grass_jax.ahead_of_time import CompiledStep
 from grass_jax import sharding as sharding_lib
 from grass_jax.checkpoints import Checkpointer
+from grass_jax.compile_cache import use_compilation_cache
 from grass_jax.config import Config, ConfigError, ModelConfig, OptimConfig, to_dict
 from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
@@ -166,6 +167,8 @@ class Trainer:
     self.progress = progress
     self.out = Path(cfg.train.output_dir)
     self.mesh = self._prepare_run(resume)
+    if cfg.train.compilation_cache:
+      use_compilation_cache(self.out / "compilation_cache")
     self.mcfg = model_config(cfg.model)
     if cfg.optim.strategy == "fixed" and max(cfg.optim.fixed_layers) >= self.mcfg.num_layers:
       raise ConfigError(f"optim.fixed_layers={cfg.optim.fixed_layers} names a layer beyond the model's "
