@@ -25,7 +25,9 @@ Each eager and with ``torch.compile`` (the whole model; the backward through AOT
 JAX rows are ``benchmarks/common.run_config`` with the same shapes, cuDNN attention and full remat,
 under XLA's default flags unless a row sets ``xla_flags``: the ``-nomerge`` rows have what
 ``scripts/train.py`` sets (``grass_jax.xla_flags``). ``...-same-draws`` PyTorch rows train the
-layers a JAX row of the same run drew, in its order (run that row first).
+layers a JAX row of the same run drew, in its order (run that row first). Since 2026-12-02 (third
+session) a JAX row compiles its step before the weights are on the device (``compile_ahead_s``,
+counted in the whole run; ``grass_jax.ahead_of_time``); earlier rows compiled at the first step.
 Rows are appended to ``peers.jsonl`` as they land, so a run cut short keeps what it measured.
 """
 
