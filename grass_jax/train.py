@@ -33,8 +33,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from grass_jax import data as data_lib
-from grass_jax.ahead_of_time import CompiledStep
 from grass_jax import sharding as sharding_lib
+from grass_jax.ahead_of_time import CompiledStep
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.compile_cache import use_compilation_cache
 from grass_jax.config import Config, ConfigError, ModelConfig, OptimConfig, to_dict
