@@ -11,6 +11,9 @@ from gguf import GGMLQuantizationType as Q
 import grass_jax
 from grass_jax import gguf_checkpoint, models
 
+# Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
+pytestmark = pytest.mark.xdist_group("gguf")
+
 TINY = dict(model_type="llama", vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
             tie_word_embeddings=False)

@@ -12,6 +12,9 @@ from grass_jax.models.slot_scan import Measurement
 from grass_jax.train_step import LAYERS, cross_entropy, make_train_step, slot_loss
 from tests.test_train_step import CFG, _batch
 
+# Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
+pytestmark = pytest.mark.xdist_group("importance_measurement")
+
 
 def _exact_layer_sq_norms(params, mb):
   """Squared norm of each layer's weight gradient of the summed loss, from the plain model."""

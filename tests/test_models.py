@@ -15,6 +15,9 @@ from grass_jax.generate import greedy_generate
 from grass_jax.pretrained import CheckpointError, load_pretrained, save_pretrained
 from tests.hf_fixtures import FAMILY_CONFIGS, hf_logits, padded_batch, tiny_hf_model
 
+# Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
+pytestmark = pytest.mark.xdist_group("models")
+
 FAMILIES = sorted(FAMILY_CONFIGS)
 
 

@@ -10,6 +10,9 @@ from grass_jax.config import ConfigError
 from grass_jax.train import run
 from tests.test_train_loop import _cfg
 
+# Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
+pytestmark = pytest.mark.xdist_group("resume")
+
 
 def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path):
   run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), progress=False, stop_at=2)

@@ -12,6 +12,9 @@ import pytest
 
 from grass_jax import sharding
 
+# Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
+pytestmark = pytest.mark.xdist_group("sharding")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

