@@ -93,11 +93,12 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
       loss_chunk=spec.get("loss_chunk", 0)))
   b, t = spec["batch"], spec["seq"]
-  tokens_shape = jax.ShapeDtypeStruct((1, b, t), jnp.int32)
+  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)
+  host_batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
   compile_ahead_s = 0.0
   if spec.get("compile_ahead", True):  # before the weights are on the device (grass_jax.ahead_of_time)
     tc = time.perf_counter()
-    step.compile(param_shapes, state_shapes, {k: tokens_shape for k in ("tokens", "attention_mask", "loss_mask")})
+    step.compile(param_shapes, state_shapes, host_batch)
     compile_ahead_s = time.perf_counter() - tc
   params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
   opt_state = jax.jit(tx.init, out_shardings=s_sh_device)(params)
@@ -105,10 +106,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     opt_state, _ = host_slot_states(opt_state, s_sh_device)
   off = Offloader(opt_state, period=spec["period"], stream=stream, prefetch=spec.get("prefetch", True)) \
       if spec.get("offload") else None
-  rng = np.random.default_rng(0)
-  tokens = rng.integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)
-  batch = sharding.shard_batch({"tokens": tokens, "attention_mask": np.ones_like(tokens),
-                                "loss_mask": np.ones_like(tokens)}, b_sh)
+  batch = sharding.shard_batch(host_batch, b_sh)
 
   draws = []  # the trained layers of each period (host-side: the offloader's slots), for the peers rows
 

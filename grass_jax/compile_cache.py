@@ -23,11 +23,10 @@ import jax
 from jax.experimental.compilation_cache import compilation_cache
 
 
-def use_compilation_cache(directory: Path, environ: dict[str, str] | None = None) -> Path | None:
+def use_compilation_cache(directory: Path, environ: dict[str, str] | None = None) -> Path:
   """Makes ``directory`` JAX's persistent compilation cache, unless one is configured already.
 
-  Returns the cache directory in use (``directory``, or the one configured before), or None if the
-  cache is off.
+  Returns the cache directory in use: ``directory``, or the one configured before.
   """
   env = os.environ if environ is None else environ
   if env.get("JAX_COMPILATION_CACHE_DIR"):

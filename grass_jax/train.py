@@ -95,7 +95,7 @@ def model_config(m: ModelConfig) -> DecoderConfig:
 
 def load_model(m: ModelConfig, seed: int) -> tuple[Params, DecoderConfig]:
   if m.random_init is not None:
-    cfg = config_from_hf(dict(m.random_init))
+    cfg = model_config(m)
     return init_params(cfg, jax.random.PRNGKey(seed), _dtype(m.dtype)), cfg
   return load_pretrained(m.path, dtype=_dtype(m.dtype))
 
