@@ -13,7 +13,28 @@ and input gradient (the backward of a frozen block, recomputed), four ways, on t
   in a Python loop, each behind a ``lax.cond`` on a traced lowest layer (here 0): the slot scan's
   dynamic-bound frozen runs without dynamic slices, and without a change of layout.
 
-  python benchmarks/probes/weight_copies.py [--size llama2-7b] [--batch 2] [--seq 512] [--out FILE]
+Then a *whole* slot-scan backward, trained layers included (``--trained``, default layers 6 and 13, the
+profiled 7B draw; embeddings frozen, so the backward stops at the lowest trained layer), timed as the
+gradient with respect to the slots:
+
+* ``slot-scan``: the library's slot scan (:func:`grass_jax.models.slot_scan.slot_stack`), scanned;
+* ``slot-scan-unroll-forward``: the same with ``unroll_forward`` (the 7B setting today);
+* ``switch-slices`` / ``switch-buffers``: the forward unrolled, and a backward that visits every layer
+  once, in a Python loop, behind a ``lax.switch`` on the layer's kind (below the lowest trained
+  layer: skipped; frozen: input gradient; trained: weight and input gradient, written into its slot of
+  the ``[gamma, ...]`` gradients the switch carries), reading static slices of the stack or
+  per-layer arrays.
+
+Each row also records the compiled program's temporaries (``memory_analysis``) and counts its
+``conditional`` and ``copy`` instructions (optimised HLO). The draw and the cond's lowest layer are
+arguments of the compiled function. Before 2026-12-02 (fourth session) they were closed over: XLA then
+folded the conditionals away, and the ``unrolled-slices-cond`` and switch rows timed programs
+specialised to one draw (``weight_copies_7b_h200_cond.json``, ``weight_copies_7b_h200_switch.json``).
+A whole 7B step with the switch backward, its draw an argument, was slower than the scan
+(docs/performance.md): XLA copies the carried gradients in the branches that pass them through.
+
+  python benchmarks/probes/weight_copies.py [--size llama2-7b] [--batch 2] [--seq 512] [--trained 6 13] \
+      [--only VARIANT ...] [--out FILE]
 
 Prints ms per pass and writes one JSON object (``--out``).
 """
@@ -22,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,12 +58,15 @@ def main() -> None:
   from benchmarks.common import SIZES
   from grass_jax.models import config_from_hf, init_params
   from grass_jax.models.decoder import LayerInputs, resolve_attention, rope_inv_freq, run_block
+  from grass_jax.models.slot_scan import slot_stack
 
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--size", default="llama2-7b")
   ap.add_argument("--batch", type=int, default=2)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--trained", type=int, nargs="+", default=[6, 13], help="the trained layers (the slots)")
+  ap.add_argument("--only", nargs="+", help="run these variants only")
   ap.add_argument("--out", type=Path)
   args = ap.parse_args()
 
@@ -99,36 +124,105 @@ def main() -> None:
     f.defvjp(fwd, bwd)
     return f
 
-  def loss_cond(h, stack, lo=jnp.int32(0)):
+  def loss_cond(h, stack, lo):
     return jnp.sum(frozen_stack(stack, lo)(h).astype(jnp.float32))
 
-  variants = {"scan": (loss_scan, stack), "unrolled-slices": (loss_slices, stack),
-              "unrolled-slices-cond": (loss_cond, stack),
-              "unrolled-buffers": (loss_buffers, buffers), "fori-buffers-switch": (loss_switch, buffers)}
+  def switch_stack(weights, slot_of, gamma):
+    """The stack on h, differentiable in [gamma, ...] slots: one backward pass with a switch per layer."""
+    layer = (lambda l: {k: w[l] for k, w in weights.items()}) if isinstance(weights, dict) else weights.__getitem__
+    lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
+
+    @jax.custom_vjp
+    def f(slots, h):
+      return fwd(slots, h)[0]
+
+    def fwd(slots, h):
+      hs = []
+      for l in range(cfg.num_layers):
+        hs.append(h)
+        h = block(layer(l), h, l)
+      return h, (jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots), hs)
+
+    def bwd(res, dh):
+      marks, hs = res
+      grads = {k: jnp.zeros((gamma,) + v.shape, marks[k].dtype) for k, v in layer(0).items()}
+      for l in reversed(range(cfg.num_layers)):
+        def frozen(dh, grads, l=l):
+          return jax.vjp(lambda x: block(layer(l), x, l), hs[l])[1](dh)[0], grads
+
+        def trained(dh, grads, l=l):
+          dp, dx = jax.vjp(lambda p, x: block(p, x, l), layer(l), hs[l])[1](dh)
+          return dx, {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot_of[l], 0)
+                      for k, g in grads.items()}
+
+        kind = jnp.where(slot_of[l] >= 0, 2, jnp.where(l > lowest, 1, 0))
+        dh, grads = jax.lax.switch(kind, [lambda d, g: (d, g), frozen, trained], dh, grads)
+      return grads, jnp.zeros_like(dh)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+  slot_of = jnp.full((cfg.num_layers,), -1, jnp.int32).at[jnp.asarray(args.trained)].set(
+      jnp.arange(len(args.trained), dtype=jnp.int32))
+  slots = jax.tree.map(lambda w: jnp.zeros((len(args.trained),) + w.shape[1:], w.dtype), stack)
+
+  def slot_loss_library(unroll):
+    def loss(slots, h, stack, slot_of):
+      run = slot_stack(cfg, slots, slot_of, attention=attention, input_grad=False, unroll_forward=unroll)
+      return jnp.sum(run(stack, h, inputs).astype(jnp.float32))
+    return loss
+
+  def slot_loss_switch(slots, h, weights, slot_of):
+    return jnp.sum(switch_stack(weights, slot_of, len(args.trained))(slots, h).astype(jnp.float32))
+
+  ignore_lo = lambda fn: lambda h, weights, lo: fn(h, weights)  # noqa: E731
+  frozen_only = {"scan": (ignore_lo(loss_scan), stack), "unrolled-slices": (ignore_lo(loss_slices), stack),
+                 "unrolled-slices-cond": (loss_cond, stack),
+                 "unrolled-buffers": (ignore_lo(loss_buffers), buffers),
+                 "fori-buffers-switch": (ignore_lo(loss_switch), buffers)}
+  with_slots = {"slot-scan": (slot_loss_library(False), stack),
+                "slot-scan-unroll-forward": (slot_loss_library(True), stack),
+                "switch-buffers": (slot_loss_switch, buffers), "switch-slices": (slot_loss_switch, stack)}
   reference: dict = {}
-  result = {"size": args.size, "batch": b, "seq": t, "device": jax.devices()[0].device_kind, "ms": {}}
-  for name, (fn, weights) in variants.items():
-    for what, f in (("forward", jax.jit(fn)), ("forward+input-grad", jax.jit(jax.grad(fn)))):
-      try:
+  result = {"size": args.size, "batch": b, "seq": t, "trained": args.trained,
+            "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms": {}}
+  # The draw (slot_of) and the cond's lowest layer are arguments: closed over, they would be constants
+  # and XLA would fold the branches away, timing a program specialised to one draw.
+  lo = jnp.int32(0)
+  runs = [(name, what, jax.jit(f), (h0, weights, lo)) for name, (fn, weights) in frozen_only.items()
+          for what, f in (("forward", fn), ("forward+input-grad", jax.grad(fn)))]
+  runs += [(name, "slot-grad", jax.jit(jax.grad(fn)), (slots, h0, weights, slot_of)) for name, (fn, weights) in with_slots.items()]
+  for name, what, f, call_args in runs:
+    if args.only and name not in args.only:
+      continue
+    try:
+      t0 = time.perf_counter()
+      compiled = f.lower(*call_args).compile()
+      compile_s = time.perf_counter() - t0
+      temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
+      hlo = compiled.as_text()
+      counts = {"conditionals": hlo.count(" conditional("), "copies": hlo.count(" copy(") + hlo.count(" copy-start(")}
+      jax.block_until_ready(compiled(*call_args))
+      times = []
+      for _ in range(args.reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(f(h0, weights))
-        compile_s = time.perf_counter() - t0
-        times = []
-        for _ in range(args.reps):
-          t0 = time.perf_counter()
-          jax.block_until_ready(f(h0, weights))
-          times.append(time.perf_counter() - t0)
-        ms = 1e3 * sorted(times)[len(times) // 2]
-        value = f(h0, weights)
-        reference.setdefault(what, value)  # the scan's, the first variant: every other must agree
-        ref = reference[what].astype(jnp.float32)  # bf16 blocks: expect differences of bf16 rounding (~1e-2)
-        diff = float(jnp.max(jnp.abs(value.astype(jnp.float32) - ref)) / jnp.maximum(jnp.max(jnp.abs(ref)), 1e-30))
-        result["ms"][f"{name} {what}"] = {"ms": ms, "compile_s": compile_s, "max_rel_diff_vs_scan": diff}
-        print(f"{name:<22} {what:<20} {ms:8.2f} ms   (compile {compile_s:.1f} s; off the scan by {diff:.1e} "
-              "of its largest entry)", flush=True)
-      except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
-        result["ms"][f"{name} {what}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        print(f"{name:<22} {what:<20} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        jax.block_until_ready(compiled(*call_args))
+        times.append(time.perf_counter() - t0)
+      ms = 1e3 * sorted(times)[len(times) // 2]
+      value = jax.tree.leaves(compiled(*call_args))
+      reference.setdefault(what, value)  # the first variant run of each kind: every other must agree
+      # bf16 blocks: expect differences of bf16 rounding (~1e-2)
+      diff = max(float(jnp.max(jnp.abs(v.astype(jnp.float32) - r.astype(jnp.float32)))
+                       / jnp.maximum(jnp.max(jnp.abs(r.astype(jnp.float32))), 1e-30))
+                 for v, r in zip(value, reference[what]))
+      result["ms"][f"{name} {what}"] = {"ms": ms, "compile_s": compile_s, "temp_gib": temp_gib,
+                                        "max_rel_diff_vs_first": diff, "hlo": counts}
+      print(f"{name:<26} {what:<20} {ms:8.2f} ms   (compile {compile_s:.1f} s, temporaries {temp_gib:.2f} GiB; "
+            f"off the first by {diff:.1e} of its largest entry; {counts['conditionals']} conditionals, "
+            f"{counts['copies']} copies)", flush=True)
+    except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
+      result["ms"][f"{name} {what}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+      print(f"{name:<26} {what:<20} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
   if args.out:
     args.out.write_text(json.dumps(result, indent=1))
 
