@@ -23,7 +23,10 @@ gradient with respect to the slots:
   once, in a Python loop, behind a ``lax.switch`` on the layer's kind (below the lowest trained
   layer: skipped; frozen: input gradient; trained: weight and input gradient, written into its slot of
   the ``[gamma, ...]`` gradients the switch carries), reading static slices of the stack or
-  per-layer arrays.
+  per-layer arrays;
+* ``small-carry-buffers`` / ``small-carry-slices``: the same, but the switches carry only
+  hidden-state-sized arrays (a trained layer's branch keeps its block input and output gradient), and
+  the trained layers' weight gradients are computed after the pass, each from one more recomputation.
 
 Each row also records the compiled program's temporaries (``memory_analysis``) and counts its
 ``conditional`` and ``copy`` instructions (optimised HLO). The draw and the cond's lowest layer are
@@ -162,6 +165,54 @@ def main() -> None:
     f.defvjp(fwd, bwd)
     return f
 
+  def small_carry_stack(weights, slot_of, gamma):
+    """As switch_stack, but the switches carry only hidden-state-sized arrays: a trained layer's branch
+    keeps its block input and output gradient, and its weight gradient is computed after the pass (one
+    more recomputation of the layer)."""
+    per_layer = not isinstance(weights, dict)
+    layer = weights.__getitem__ if per_layer else (lambda l: {k: w[l] for k, w in weights.items()})
+    lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
+    layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
+
+    def pick(l):  # one layer's weights, l traced: a switch over the arrays, or a dynamic slice of the stack
+      if per_layer:
+        return jax.lax.switch(l, [lambda i=i: weights[i] for i in range(cfg.num_layers)])
+      return {k: jax.lax.dynamic_index_in_dim(w, l, keepdims=False) for k, w in weights.items()}
+
+    @jax.custom_vjp
+    def f(slots, h):
+      return fwd(slots, h)[0]
+
+    def fwd(slots, h):
+      hs = []
+      for l in range(cfg.num_layers):
+        hs.append(h)
+        h = block(layer(l), h, l)
+      return h, (jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots), hs)
+
+    def bwd(res, dh):
+      marks, hs = res
+      saved = (jnp.zeros((gamma,) + dh.shape, dh.dtype), jnp.zeros((gamma,) + dh.shape, dh.dtype))
+      for l in reversed(range(cfg.num_layers)):
+        def input_grad(dh, l=l):
+          return jax.vjp(lambda x: block(layer(l), x, l), hs[l])[1](dh)[0]
+
+        def trained(dh, saved, l=l):
+          s = slot_of[l]
+          return input_grad(dh), (saved[0].at[s].set(hs[l]), saved[1].at[s].set(dh))
+
+        kind = jnp.where(slot_of[l] >= 0, 2, jnp.where(l > lowest, 1, 0))
+        dh, saved = jax.lax.switch(kind, [lambda d, sv: (d, sv), lambda d, sv: (input_grad(d), sv), trained],
+                                   dh, saved)
+      grads = []
+      for j in range(gamma):  # the trained layers' weight gradients, after the pass
+        lj = layer_of[j]
+        grads.append(jax.vjp(lambda p: block(p, saved[0][j], lj), pick(lj))[1](saved[1][j])[0])
+      return ({k: jnp.stack([g[k] for g in grads]).astype(marks[k].dtype) for k in marks}, jnp.zeros_like(dh))
+
+    f.defvjp(fwd, bwd)
+    return f
+
   slot_of = jnp.full((cfg.num_layers,), -1, jnp.int32).at[jnp.asarray(args.trained)].set(
       jnp.arange(len(args.trained), dtype=jnp.int32))
   slots = jax.tree.map(lambda w: jnp.zeros((len(args.trained),) + w.shape[1:], w.dtype), stack)
@@ -175,6 +226,9 @@ def main() -> None:
   def slot_loss_switch(slots, h, weights, slot_of):
     return jnp.sum(switch_stack(weights, slot_of, len(args.trained))(slots, h).astype(jnp.float32))
 
+  def slot_loss_small_carry(slots, h, weights, slot_of):
+    return jnp.sum(small_carry_stack(weights, slot_of, len(args.trained))(slots, h).astype(jnp.float32))
+
   ignore_lo = lambda fn: lambda h, weights, lo: fn(h, weights)  # noqa: E731
   frozen_only = {"scan": (ignore_lo(loss_scan), stack), "unrolled-slices": (ignore_lo(loss_slices), stack),
                  "unrolled-slices-cond": (loss_cond, stack),
@@ -182,7 +236,9 @@ def main() -> None:
                  "fori-buffers-switch": (ignore_lo(loss_switch), buffers)}
   with_slots = {"slot-scan": (slot_loss_library(False), stack),
                 "slot-scan-unroll-forward": (slot_loss_library(True), stack),
-                "switch-buffers": (slot_loss_switch, buffers), "switch-slices": (slot_loss_switch, stack)}
+                "switch-buffers": (slot_loss_switch, buffers), "switch-slices": (slot_loss_switch, stack),
+                "small-carry-buffers": (slot_loss_small_carry, buffers),
+                "small-carry-slices": (slot_loss_small_carry, stack)}
   reference: dict = {}
   result = {"size": args.size, "batch": b, "seq": t, "trained": args.trained,
             "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms": {}}
