@@ -130,21 +130,24 @@ def main() -> None:
   def loss_cond(h, stack, lo):
     return jnp.sum(frozen_stack(stack, lo)(h).astype(jnp.float32))
 
-  def switch_stack(weights, slot_of, gamma):
-    """The stack on h, differentiable in [gamma, ...] slots: one backward pass with a switch per layer."""
-    layer = (lambda l: {k: w[l] for k, w in weights.items()}) if isinstance(weights, dict) else weights.__getitem__
-    lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
-
-    @jax.custom_vjp
-    def f(slots, h):
-      return fwd(slots, h)[0]
-
+  def slot_function(layer, bwd):
+    """``f(slots, h)``: the stack on ``h`` over ``layer(l)``, unrolled, with the backward pass ``bwd``; its
+    residuals are empty ``[gamma, 0]`` marks of the slots and the L block inputs."""
     def fwd(slots, h):
       hs = []
       for l in range(cfg.num_layers):
         hs.append(h)
         h = block(layer(l), h, l)
       return h, (jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots), hs)
+
+    f = jax.custom_vjp(lambda slots, h: fwd(slots, h)[0])
+    f.defvjp(fwd, bwd)
+    return f
+
+  def switch_stack(weights, slot_of, gamma):
+    """The stack on h, differentiable in [gamma, ...] slots: one backward pass with a switch per layer."""
+    layer = (lambda l: {k: w[l] for k, w in weights.items()}) if isinstance(weights, dict) else weights.__getitem__
+    lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
 
     def bwd(res, dh):
       marks, hs = res
@@ -162,8 +165,7 @@ def main() -> None:
         dh, grads = jax.lax.switch(kind, [lambda d, g: (d, g), frozen, trained], dh, grads)
       return grads, jnp.zeros_like(dh)
 
-    f.defvjp(fwd, bwd)
-    return f
+    return slot_function(layer, bwd)
 
   def small_carry_stack(weights, slot_of, gamma):
     """As switch_stack, but the switches carry only hidden-state-sized arrays: a trained layer's branch
@@ -178,17 +180,6 @@ def main() -> None:
       if per_layer:
         return jax.lax.switch(l, [lambda i=i: weights[i] for i in range(cfg.num_layers)])
       return {k: jax.lax.dynamic_index_in_dim(w, l, keepdims=False) for k, w in weights.items()}
-
-    @jax.custom_vjp
-    def f(slots, h):
-      return fwd(slots, h)[0]
-
-    def fwd(slots, h):
-      hs = []
-      for l in range(cfg.num_layers):
-        hs.append(h)
-        h = block(layer(l), h, l)
-      return h, (jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots), hs)
 
     def bwd(res, dh):
       marks, hs = res
@@ -210,8 +201,7 @@ def main() -> None:
         grads.append(jax.vjp(lambda p: block(p, saved[0][j], lj), pick(lj))[1](saved[1][j])[0])
       return ({k: jnp.stack([g[k] for g in grads]).astype(marks[k].dtype) for k in marks}, jnp.zeros_like(dh))
 
-    f.defvjp(fwd, bwd)
-    return f
+    return slot_function(layer, bwd)
 
   slot_of = jnp.full((cfg.num_layers,), -1, jnp.int32).at[jnp.asarray(args.trained)].set(
       jnp.arange(len(args.trained), dtype=jnp.int32))
