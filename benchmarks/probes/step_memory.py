@@ -1,7 +1,7 @@
 """Compiled memory of the GRASS train step, variant by variant, without running it.
 
   python benchmarks/probes/step_memory.py --size tinyllama-1.1b --batch 16 --seq 512 \\
-      --variants whole chunk2048 chunk2048-frozen-head chunk2048-sgd [--json OUT]
+      --variants whole chunk2048 chunk2048-frozen-head chunk2048-sgd [--json OUT] [--buffers DIR]
 
 Lowers and compiles the step of the peers benchmark's GRASS + offload row (gamma 2, bf16 weights
 and moments, full remat) with abstract inputs on the default backend, and prints XLA's
@@ -15,14 +15,21 @@ the temporaries the step needs on top (``temp``). A variant changes one thing:
 
 The differences in ``temp`` say what the loss, the always-on group and the optimizer cost. On a CPU
 the attention is einsum (its scores add to ``temp``); run it on the GPU for cuDNN's numbers.
+
+``--buffers DIR`` also writes, per variant, XLA's buffer assignment of the compiled step and its
+memory-usage report (which values share which allocation), gzipped, as
+``DIR/<size>_<variant>_{buffer-assignment,memory-usage-report}.txt.gz``: what the temporaries hold.
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 # Compile-only: without this a probe beside a running study takes 75% of the GPU (2026-12-01: it did, and a study
@@ -66,6 +73,17 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
           "compile_peak_bytes": stats.get("peak_bytes_in_use")}
 
 
+def _keep_buffer_reports(new_files: list[Path], out: Path, name: str) -> None:
+  """Gzips the compiled step's buffer assignment and memory-usage report from an XLA dump into ``out``."""
+  out.mkdir(parents=True, exist_ok=True)
+  for kind in ("buffer-assignment", "memory-usage-report"):
+    found = [f for f in new_files if f.name.endswith(f"after_optimizations-{kind}.txt")]
+    if not found:
+      raise RuntimeError(f"XLA wrote no {kind} for {name}: was JAX started before --buffers set XLA_FLAGS?")
+    with found[-1].open("rb") as src, gzip.open(out / f"{name}_{kind}.txt.gz", "wb") as dst:
+      shutil.copyfileobj(src, dst)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--size", default="tinyllama-1.1b", help="a model of benchmarks/common.py SIZES")
@@ -74,12 +92,21 @@ def main() -> None:
   ap.add_argument("--gamma", type=int, default=2)
   ap.add_argument("--variants", nargs="+", default=["whole", "chunk2048", "chunk2048-frozen-head", "chunk2048-sgd"])
   ap.add_argument("--json", default=None, help="also write the rows here")
+  ap.add_argument("--buffers", type=Path, metavar="DIR", help="also write each variant's buffer assignment here")
   args = ap.parse_args()
+  dump = None
+  if args.buffers:  # XLA reads its flags once, when JAX starts: before benchmarks.common imports it
+    dump = Path(tempfile.mkdtemp(prefix="step_memory_dump_"))
+    os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} "
+                               "--xla_dump_hlo_module_re=jit_step").strip()
   from benchmarks.common import SIZES
   rows = []
   for variant in args.variants:
+    before = set(dump.iterdir()) if dump else set()
     r = measure(SIZES[args.size], args.batch, args.seq, args.gamma, variant)
     rows.append(r)
+    if dump:
+      _keep_buffer_reports(sorted(set(dump.iterdir()) - before), args.buffers, f"{args.size}_{variant}")
     gib = {k: r[k] / 2**30 for k in ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes")}
     print(f"{variant:26s} arguments {gib['argument_bytes']:6.2f} GiB  outputs {gib['output_bytes']:6.2f}  "
           f"aliased {gib['alias_bytes']:6.2f}  temp {gib['temp_bytes']:6.2f}  ({r['backend']}, {r['attention']})"
@@ -88,6 +115,8 @@ def main() -> None:
   if args.json:
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=2))
+  if dump:
+    shutil.rmtree(dump, ignore_errors=True)
 
 
 if __name__ == "__main__":
