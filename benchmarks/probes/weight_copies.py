@@ -24,6 +24,10 @@ gradient with respect to the slots:
   layer: skipped; frozen: input gradient; trained: weight and input gradient, written into its slot of
   the ``[gamma, ...]`` gradients the switch carries), reading static slices of the stack or
   per-layer arrays;
+* ``while-buffers`` / ``while-slices``: the same backward, but each layer's two cases are ``fori_loop``
+  while loops of 0 or 1 trips instead of switch branches. A loop updates its state in place; a
+  conditional copies what a branch passes through unchanged (on the CPU, the switch program copies
+  the carried gradients 42 times in an 8-layer toy, the loops none);
 * ``small-carry-buffers`` / ``small-carry-slices``: the same, but the switches carry only
   hidden-state-sized arrays (a trained layer's branch keeps its block input and output gradient), and
   the trained layers' weight gradients are computed after the pass, each from one more recomputation.
@@ -47,6 +51,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -144,8 +149,10 @@ def main() -> None:
     f.defvjp(fwd, bwd)
     return f
 
-  def switch_stack(weights, slot_of, gamma):
-    """The stack on h, differentiable in [gamma, ...] slots: one backward pass with a switch per layer."""
+  def branch_stack(weights, slot_of, gamma, how):
+    """The stack on h, differentiable in [gamma, ...] slots: one backward pass that visits every layer,
+    behind a lax.switch ('switch') or inside two while loops of 0 or 1 trips ('while': a loop's state
+    is updated in place, where a conditional copies what a branch passes through)."""
     layer = (lambda l: {k: w[l] for k, w in weights.items()}) if isinstance(weights, dict) else weights.__getitem__
     lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
 
@@ -161,14 +168,20 @@ def main() -> None:
           return dx, {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot_of[l], 0)
                       for k, g in grads.items()}
 
-        kind = jnp.where(slot_of[l] >= 0, 2, jnp.where(l > lowest, 1, 0))
-        dh, grads = jax.lax.switch(kind, [lambda d, g: (d, g), frozen, trained], dh, grads)
+        if how == "switch":
+          kind = jnp.where(slot_of[l] >= 0, 2, jnp.where(l > lowest, 1, 0))
+          dh, grads = jax.lax.switch(kind, [lambda d, g: (d, g), frozen, trained], dh, grads)
+        else:
+          is_frozen = ((slot_of[l] < 0) & (l > lowest)).astype(jnp.int32)
+          dh = jax.lax.fori_loop(0, is_frozen, lambda _, d, f=frozen: f(d, None)[0], dh)
+          dh, grads = jax.lax.fori_loop(0, (slot_of[l] >= 0).astype(jnp.int32),
+                                        lambda _, c, t=trained: t(*c), (dh, grads))
       return grads, jnp.zeros_like(dh)
 
     return slot_function(layer, bwd)
 
   def small_carry_stack(weights, slot_of, gamma):
-    """As switch_stack, but the switches carry only hidden-state-sized arrays: a trained layer's branch
+    """As branch_stack's switch, but the switches carry only hidden-state-sized arrays: a trained layer's branch
     keeps its block input and output gradient, and its weight gradient is computed after the pass (one
     more recomputation of the layer)."""
     per_layer = not isinstance(weights, dict)
@@ -213,8 +226,10 @@ def main() -> None:
       return jnp.sum(run(stack, h, inputs).astype(jnp.float32))
     return loss
 
-  def slot_loss_switch(slots, h, weights, slot_of):
-    return jnp.sum(switch_stack(weights, slot_of, len(args.trained))(slots, h).astype(jnp.float32))
+  def slot_loss_branches(how):
+    def loss(slots, h, weights, slot_of):
+      return jnp.sum(branch_stack(weights, slot_of, len(args.trained), how)(slots, h).astype(jnp.float32))
+    return loss
 
   def slot_loss_small_carry(slots, h, weights, slot_of):
     return jnp.sum(small_carry_stack(weights, slot_of, len(args.trained))(slots, h).astype(jnp.float32))
@@ -226,7 +241,10 @@ def main() -> None:
                  "fori-buffers-switch": (ignore_lo(loss_switch), buffers)}
   with_slots = {"slot-scan": (slot_loss_library(False), stack),
                 "slot-scan-unroll-forward": (slot_loss_library(True), stack),
-                "switch-buffers": (slot_loss_switch, buffers), "switch-slices": (slot_loss_switch, stack),
+                "switch-buffers": (slot_loss_branches("switch"), buffers),
+                "switch-slices": (slot_loss_branches("switch"), stack),
+                "while-buffers": (slot_loss_branches("while"), buffers),
+                "while-slices": (slot_loss_branches("while"), stack),
                 "small-carry-buffers": (slot_loss_small_carry, buffers),
                 "small-carry-slices": (slot_loss_small_carry, stack)}
   reference: dict = {}
@@ -235,6 +253,8 @@ def main() -> None:
   # The draw (slot_of) and the cond's lowest layer are arguments: closed over, they would be constants
   # and XLA would fold the branches away, timing a program specialised to one draw.
   lo = jnp.int32(0)
+  # Copies of the [gamma, ...] slot gradients (what a conditional's pass-through branch copies).
+  slot_shapes = {f"bf16[{len(args.trained)},{','.join(map(str, w.shape[1:]))}]" for w in stack.values()}
   runs = [(name, what, jax.jit(f), (h0, weights, lo)) for name, (fn, weights) in frozen_only.items()
           for what, f in (("forward", fn), ("forward+input-grad", jax.grad(fn)))]
   runs += [(name, "slot-grad", jax.jit(jax.grad(fn)), (slots, h0, weights, slot_of)) for name, (fn, weights) in with_slots.items()]
@@ -247,7 +267,9 @@ def main() -> None:
       compile_s = time.perf_counter() - t0
       temp_gib = compiled.memory_analysis().temp_size_in_bytes / 2**30
       hlo = compiled.as_text()
-      counts = {"conditionals": hlo.count(" conditional("), "copies": hlo.count(" copy(") + hlo.count(" copy-start(")}
+      counts = {"conditionals": hlo.count(" conditional("), "copies": hlo.count(" copy(") + hlo.count(" copy-start("),
+                "slot_copies": sum(len(re.findall(rf"= {re.escape(s)}\{{[0-9,]*\}} copy(-start)?\(", hlo))
+                                   for s in slot_shapes)}
       jax.block_until_ready(compiled(*call_args))
       times = []
       for _ in range(args.reps):
@@ -265,7 +287,7 @@ def main() -> None:
                                         "max_rel_diff_vs_first": diff, "hlo": counts}
       print(f"{name:<26} {what:<20} {ms:8.2f} ms   (compile {compile_s:.1f} s, temporaries {temp_gib:.2f} GiB; "
             f"off the first by {diff:.1e} of its largest entry; {counts['conditionals']} conditionals, "
-            f"{counts['copies']} copies)", flush=True)
+            f"{counts['copies']} copies, {counts['slot_copies']} of slot gradients)", flush=True)
     except Exception as e:  # noqa: BLE001 - a probe reports what failed and goes on
       result["ms"][f"{name} {what}"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
       print(f"{name:<26} {what:<20} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
