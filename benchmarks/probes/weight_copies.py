@@ -135,6 +135,13 @@ def main() -> None:
   def loss_cond(h, stack, lo):
     return jnp.sum(frozen_stack(stack, lo)(h).astype(jnp.float32))
 
+  def layer_reader(weights):
+    """``l -> layer l's weights``: a static slice of the stack, or the l-th per-layer dict."""
+    return weights.__getitem__ if not isinstance(weights, dict) else (lambda l: {k: w[l] for k, w in weights.items()})
+
+  def lowest_trained(slot_of):
+    return jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
+
   def slot_function(layer, bwd):
     """``f(slots, h)``: the stack on ``h`` over ``layer(l)``, unrolled, with the backward pass ``bwd``; its
     residuals are empty ``[gamma, 0]`` marks of the slots and the L block inputs."""
@@ -153,8 +160,7 @@ def main() -> None:
     """The stack on h, differentiable in [gamma, ...] slots: one backward pass that visits every layer,
     behind a lax.switch ('switch') or inside two while loops of 0 or 1 trips ('while': a loop's state
     is updated in place, where a conditional copies what a branch passes through)."""
-    layer = (lambda l: {k: w[l] for k, w in weights.items()}) if isinstance(weights, dict) else weights.__getitem__
-    lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
+    layer, lowest = layer_reader(weights), lowest_trained(slot_of)
 
     def bwd(res, dh):
       marks, hs = res
@@ -185,8 +191,7 @@ def main() -> None:
     keeps its block input and output gradient, and its weight gradient is computed after the pass (one
     more recomputation of the layer)."""
     per_layer = not isinstance(weights, dict)
-    layer = weights.__getitem__ if per_layer else (lambda l: {k: w[l] for k, w in weights.items()})
-    lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
+    layer, lowest = layer_reader(weights), lowest_trained(slot_of)
     layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
 
     def pick(l):  # one layer's weights, l traced: a switch over the arrays, or a dynamic slice of the stack
