@@ -148,13 +148,14 @@ def test_whole_loss_backward_multiplies_in_bf16(config):
   def whole(p, h):
     return cross_entropy(models.decoder.logits_from_hidden(p, config, h), tokens, loss_mask)[0]
 
-  jaxpr = jax.make_jaxpr(jax.grad(whole, argnums=(0, 1)))(params, h)
+  grad = jax.grad(whole, argnums=(0, 1))
+  jaxpr = jax.make_jaxpr(grad)(params, h)
   dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
   dots += [e for eq in jaxpr.jaxpr.eqns for sub in jax.extend.core.jaxprs_in_params(eq.params)
            for e in sub.eqns if e.primitive.name == "dot_general"]
   assert len(dots) == 3 and all(v.aval.dtype == jnp.bfloat16 for e in dots for v in e.invars)
   f32 = jax.tree.map(lambda x: x.astype(jnp.float32), (params, h))
-  g_bf16, g_f32 = jax.grad(whole, argnums=(0, 1))(params, h), jax.grad(whole, argnums=(0, 1))(*f32)
+  g_bf16, g_f32 = grad(params, h), grad(*f32)
   head = "embed" if config.tie_word_embeddings else "lm_head"
   for got, want in ((g_bf16[0][head], g_f32[0][head]), (g_bf16[1], g_f32[1])):
     scale = float(jnp.max(jnp.abs(want)))
