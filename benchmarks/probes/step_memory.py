@@ -95,7 +95,7 @@ def main() -> None:
   ap.add_argument("--buffers", type=Path, metavar="DIR", help="also write each variant's buffer assignment here")
   args = ap.parse_args()
   dump = None
-  if args.buffers:  # XLA reads its flags once, when JAX starts: before benchmarks.common imports it
+  if args.buffers:  # XLA reads its flags once, when JAX starts its backend: set them before anything runs
     dump = Path(tempfile.mkdtemp(prefix="step_memory_dump_"))
     os.environ["XLA_FLAGS"] = (f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump} "
                                "--xla_dump_hlo_module_re=jit_step").strip()
