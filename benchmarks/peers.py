@@ -69,9 +69,11 @@ FLAG_VARIANTS = {
 
 # Rows whose draws a same-draws PyTorch row replays (the first of them measured in the run; they all draw alike).
 GRASS_DRAWS_TINY = ["tiny-jax-grass-offload-late-chunk2048", "tiny-jax-grass-offload-late-chunk2048-nomerge",
-                    "tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled"]
+                    "tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled",
+                    "tiny-jax-grass-offload-late-chunk2048-nomerge-per-layer"]
 GRASS_DRAWS_7B = ["7b-jax-grass-offload-late-g2", "7b-jax-grass-offload-late-g2-nomerge",
-                  "7b-jax-grass-offload-late-g2-nomerge-unrolled"]
+                  "7b-jax-grass-offload-late-g2-nomerge-unrolled", "7b-jax-grass-offload-late-g2-nomerge-unrolled-both",
+                  "7b-jax-grass-offload-late-g2-nomerge-per-layer"]
 
 
 def _torch(method: str, compile_: bool, **kw) -> dict[str, Any]:
@@ -101,6 +103,9 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled", _jax("grass", **TINY, num_active=2, offload=True,
                                                                     prefetch=False, loss_chunk=2048,
                                                                     xla_flags=NO_DOT_MERGER, unroll_forward=True)),
+    ("tiny-jax-grass-offload-late-chunk2048-nomerge-per-layer", _jax("grass", **TINY, num_active=2, offload=True,
+                                                                     prefetch=False, loss_chunk=2048,
+                                                                     xla_flags=NO_DOT_MERGER, per_layer=True)),
     *[(f"tiny-jax-grass-offload-late-chunk2048-{v}", _jax("grass", **TINY, num_active=2, offload=True,
                                                           prefetch=False, loss_chunk=2048, xla_flags=flags))
       for v, flags in FLAG_VARIANTS.items()],
@@ -132,6 +137,14 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("7b-jax-grass-offload-late-g2-nomerge-unrolled", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                            prefetch=False, xla_flags=NO_DOT_MERGER,
                                                            unroll_forward=True)),
+    # The backward pass over static slices too, each layer's cases behind run_if (grass_jax.models.slot_scan).
+    ("7b-jax-grass-offload-late-g2-nomerge-unrolled-both", _jax("grass", **SEVEN_B, num_active=2, offload=True,
+                                                                prefetch=False, xla_flags=NO_DOT_MERGER,
+                                                                unroll_forward=True, unroll_backward=True)),
+    # One buffer per layer and weight, PyTorch's layout (grass_jax.models.layer_buffers): no weight copies.
+    ("7b-jax-grass-offload-late-g2-nomerge-per-layer", _jax("grass", **SEVEN_B, num_active=2, offload=True,
+                                                            prefetch=False, xla_flags=NO_DOT_MERGER,
+                                                            per_layer=True)),
     *[(f"7b-jax-grass-offload-late-g2-{v}", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  xla_flags=flags)) for v, flags in FLAG_VARIANTS.items()],
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
@@ -365,6 +378,8 @@ def report(path: Path) -> str:
       variant += " + live importance" + (f" (every {every}th step)" if every > 1 else "")
     variant += " + XLA flags" if r.get("xla_flags") else ""
     variant += " + unrolled forward" if r.get("unroll_forward") else ""
+    variant += " + unrolled backward" if r.get("unroll_backward") else ""
+    variant += " + per-layer weights" if r.get("per_layer") else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.
     draws = r.get("draws") or []
