@@ -73,7 +73,9 @@ GRASS_DRAWS_TINY = ["tiny-jax-grass-offload-late-chunk2048", "tiny-jax-grass-off
                     "tiny-jax-grass-offload-late-chunk2048-nomerge-per-layer"]
 GRASS_DRAWS_7B = ["7b-jax-grass-offload-late-g2", "7b-jax-grass-offload-late-g2-nomerge",
                   "7b-jax-grass-offload-late-g2-nomerge-unrolled", "7b-jax-grass-offload-late-g2-nomerge-unrolled-both",
-                  "7b-jax-grass-offload-late-g2-nomerge-per-layer"]
+                  "7b-jax-grass-offload-late-g2-nomerge-per-layer",
+                  "7b-jax-grass-offload-late-g2-nomerge-unrolled-both-cmdbuf",
+                  "7b-jax-grass-offload-late-g2-nomerge-per-layer-cmdbuf"]
 
 
 def _torch(method: str, compile_: bool, **kw) -> dict[str, Any]:
@@ -145,6 +147,14 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("7b-jax-grass-offload-late-g2-nomerge-per-layer", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                             prefetch=False, xla_flags=NO_DOT_MERGER,
                                                             per_layer=True)),
+    # The same two with the layers' while loops (run_if: 64 to 128 a step) as CUDA graph conditional nodes:
+    # XLA otherwise drives each from the host, one sync per loop.
+    ("7b-jax-grass-offload-late-g2-nomerge-unrolled-both-cmdbuf",
+     _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False, xla_flags=f"{NO_DOT_MERGER} {CMDBUF}",
+          unroll_forward=True, unroll_backward=True)),
+    ("7b-jax-grass-offload-late-g2-nomerge-per-layer-cmdbuf",
+     _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False, xla_flags=f"{NO_DOT_MERGER} {CMDBUF}",
+          per_layer=True)),
     *[(f"7b-jax-grass-offload-late-g2-{v}", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  xla_flags=flags)) for v, flags in FLAG_VARIANTS.items()],
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
