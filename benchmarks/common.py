@@ -57,7 +57,6 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
   import grass_jax
   from grass_jax.models import config_from_hf, init_params
-  from grass_jax.models.layer_buffers import stack_layers
   from grass_jax.ahead_of_time import CompiledStep
   from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
   from grass_jax.train import LAYERS, make_train_step
@@ -69,9 +68,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   # spec["devices"]: data-parallel over that many devices (default 1: the single-device runs).
   mesh = sharding.make_mesh(data=spec.get("devices", 1), fsdp=spec.get("fsdp", 1))
   t0 = time.perf_counter()
-  # spec["per_layer"]: one buffer per layer and weight (grass_jax.models.layer_buffers); the transform's
-  # state is built for the stacked layout either way.
-  init = lambda k: init_params(cfg, k, jnp.bfloat16, per_layer=spec.get("per_layer", False))  # noqa: E731
+  init = lambda k: init_params(cfg, k, jnp.bfloat16)  # noqa: E731
   param_shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
   p_sh = sharding.tree_shardings(param_shapes, mesh)
   strategy = spec["strategy"]
@@ -82,8 +79,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                                       always_on=spec.get("always_on", True),
                                       **({"probe_steps": spec["probe_steps"]} if spec.get("probe_steps") else {})))
   measure = spec.get("measure", "none")  # 'sketch': every layer's importance in the backward pass (issue 15)
-  init_state = lambda p: tx.init(stack_layers(p))  # noqa: E731 (only shapes are read: no stack is built)
-  state_shapes = jax.eval_shape(init_state, param_shapes)
+  state_shapes = jax.eval_shape(tx.init, param_shapes)
   s_sh_device = sharding.tree_shardings(state_shapes, mesh)
   stream = bool(spec.get("stream"))
   s_sh = host_slot_shardings(s_sh_device) if stream else s_sh_device
@@ -94,7 +90,6 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       shardings=(p_sh, s_sh, b_sh), stream_states=stream, measure=measure,
       sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
       sketch_every=spec.get("sketch_every", 1), unroll_forward=spec.get("unroll_forward", False),
-      unroll_backward=spec.get("unroll_backward", False),
       always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
       loss_chunk=spec.get("loss_chunk", 0)))
   b, t = spec["batch"], spec["seq"]
@@ -106,7 +101,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     step.compile(param_shapes, state_shapes, host_batch)
     compile_ahead_s = time.perf_counter() - tc
   params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
-  opt_state = jax.jit(init_state, out_shardings=s_sh_device)(params)
+  opt_state = jax.jit(tx.init, out_shardings=s_sh_device)(params)
   if stream:
     opt_state, _ = host_slot_states(opt_state, s_sh_device)
   off = Offloader(opt_state, period=spec["period"], stream=stream, prefetch=spec.get("prefetch", True)) \

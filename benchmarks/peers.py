@@ -69,13 +69,10 @@ FLAG_VARIANTS = {
 
 # Rows whose draws a same-draws PyTorch row replays (the first of them measured in the run; they all draw alike).
 GRASS_DRAWS_TINY = ["tiny-jax-grass-offload-late-chunk2048", "tiny-jax-grass-offload-late-chunk2048-nomerge",
-                    "tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled",
-                    "tiny-jax-grass-offload-late-chunk2048-nomerge-per-layer"]
+                    "tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled"]
 GRASS_DRAWS_7B = ["7b-jax-grass-offload-late-g2", "7b-jax-grass-offload-late-g2-nomerge",
-                  "7b-jax-grass-offload-late-g2-nomerge-unrolled", "7b-jax-grass-offload-late-g2-nomerge-unrolled-both",
-                  "7b-jax-grass-offload-late-g2-nomerge-per-layer",
-                  "7b-jax-grass-offload-late-g2-nomerge-unrolled-both-cmdbuf",
-                  "7b-jax-grass-offload-late-g2-nomerge-per-layer-cmdbuf"]
+                  "7b-jax-grass-offload-late-g2-nomerge-unrolled", "7b-jax-grass-offload-late-g2-nomerge-remat-dots",
+                  "7b-jax-grass-offload-late-g2-nomerge-remat-none"]
 
 
 def _torch(method: str, compile_: bool, **kw) -> dict[str, Any]:
@@ -105,9 +102,6 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled", _jax("grass", **TINY, num_active=2, offload=True,
                                                                     prefetch=False, loss_chunk=2048,
                                                                     xla_flags=NO_DOT_MERGER, unroll_forward=True)),
-    ("tiny-jax-grass-offload-late-chunk2048-nomerge-per-layer", _jax("grass", **TINY, num_active=2, offload=True,
-                                                                     prefetch=False, loss_chunk=2048,
-                                                                     xla_flags=NO_DOT_MERGER, per_layer=True)),
     *[(f"tiny-jax-grass-offload-late-chunk2048-{v}", _jax("grass", **TINY, num_active=2, offload=True,
                                                           prefetch=False, loss_chunk=2048, xla_flags=flags))
       for v, flags in FLAG_VARIANTS.items()],
@@ -139,22 +133,11 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("7b-jax-grass-offload-late-g2-nomerge-unrolled", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                            prefetch=False, xla_flags=NO_DOT_MERGER,
                                                            unroll_forward=True)),
-    # The backward pass over static slices too, each layer's cases behind run_if (grass_jax.models.slot_scan).
-    ("7b-jax-grass-offload-late-g2-nomerge-unrolled-both", _jax("grass", **SEVEN_B, num_active=2, offload=True,
-                                                                prefetch=False, xla_flags=NO_DOT_MERGER,
-                                                                unroll_forward=True, unroll_backward=True)),
-    # One buffer per layer and weight, PyTorch's layout (grass_jax.models.layer_buffers): no weight copies.
-    ("7b-jax-grass-offload-late-g2-nomerge-per-layer", _jax("grass", **SEVEN_B, num_active=2, offload=True,
-                                                            prefetch=False, xla_flags=NO_DOT_MERGER,
-                                                            per_layer=True)),
-    # The same two with the layers' while loops (run_if: 64 to 128 a step) as CUDA graph conditional nodes:
-    # XLA otherwise drives each from the host, one sync per loop.
-    ("7b-jax-grass-offload-late-g2-nomerge-unrolled-both-cmdbuf",
-     _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False, xla_flags=f"{NO_DOT_MERGER} {CMDBUF}",
-          unroll_forward=True, unroll_backward=True)),
-    ("7b-jax-grass-offload-late-g2-nomerge-per-layer-cmdbuf",
-     _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False, xla_flags=f"{NO_DOT_MERGER} {CMDBUF}",
-          per_layer=True)),
+    # Frozen layers keep their matmul outputs (dots) or everything (none) instead of being recomputed in the
+    # backward pass: faster, not leaner. Compared with PyTorch without gradient checkpointing (below).
+    *[(f"7b-jax-grass-offload-late-g2-nomerge-remat-{r}", _jax("grass", **SEVEN_B, num_active=2, offload=True,
+                                                               prefetch=False, xla_flags=NO_DOT_MERGER, remat=r))
+      for r in ("dots", "none")],
     *[(f"7b-jax-grass-offload-late-g2-{v}", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  xla_flags=flags)) for v, flags in FLAG_VARIANTS.items()],
     ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
@@ -162,6 +145,9 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     # The same layers as the GRASS row, in the same order: both engines doing the same work.
     ("7b-torch-lisa-compile-g2-same-draws", _torch("lisa", True, **SEVEN_B, num_active=2,
                                                    replay_from=GRASS_DRAWS_7B)),
+    # PyTorch's fastest setup when memory allows: nothing recomputed (the match of remat dots/none above).
+    ("7b-torch-lisa-compile-g2-same-draws-no-ckpt", _torch("lisa", True, **SEVEN_B, num_active=2,
+                                                           replay_from=GRASS_DRAWS_7B, checkpointing=False)),
     ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
     ("7b-jax-grass-stream-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, stream=True)),
     *[(f"7b-jax-grass-offload-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True)) for g in (1, 4)],
@@ -190,7 +176,8 @@ def _torch_model(spec: dict[str, Any], device: str):
       model = LlamaForCausalLM(cfg)
   finally:
     torch.set_default_dtype(default)
-  model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+  if spec.get("checkpointing", True):
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
   model.train()
   return model
 
@@ -388,8 +375,8 @@ def report(path: Path) -> str:
       variant += " + live importance" + (f" (every {every}th step)" if every > 1 else "")
     variant += " + XLA flags" if r.get("xla_flags") else ""
     variant += " + unrolled forward" if r.get("unroll_forward") else ""
-    variant += " + unrolled backward" if r.get("unroll_backward") else ""
-    variant += " + per-layer weights" if r.get("per_layer") else ""
+    variant += f" + remat {r['remat']}" if r.get("remat", "full") != "full" else ""
+    variant += " (no gradient checkpointing)" if r.get("checkpointing") is False else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.
     draws = r.get("draws") or []

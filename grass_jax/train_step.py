@@ -34,7 +34,6 @@ from grass_jax.layers import AlwaysOn, build_layout
 from grass_jax.loss import chunked_cross_entropy, cross_entropy
 from grass_jax.models import LAYERS
 from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
-from grass_jax.models.layer_buffers import add_slot_updates, gather_slots, is_per_layer
 from grass_jax.models.slot_scan import MEASURES, Measurement, slot_stack
 from grass_jax.offload import state_stream
 from grass_jax.transform import GrassState, apply_slot_updates, find_state
@@ -51,14 +50,13 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
               attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
               sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True,
               input_grad: bool = True, loss_chunk: int = 0, sketch_every: int = 1,
-              unroll_forward: bool = False, unroll_backward: bool = False) -> tuple[jax.Array, jax.Array]:
+              unroll_forward: bool = False) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
     trainable: params whose ``layers`` leaves are ``[gamma, ...]`` (the active
       layers, in the order of ``active``); other leaves are the always-on group.
-    frozen_layers: the full ``[L, ...]`` layer stack, or its per-layer tuple
-      (:mod:`grass_jax.models.layer_buffers`; no gradient flows to it).
+    frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
     frozen_grads: how frozen layers avoid weight gradients. 'cond': the slot
       scan (:mod:`grass_jax.models.slot_scan`): frozen layers compute input
@@ -77,7 +75,6 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       (:func:`grass_jax.loss.chunked_cross_entropy`); 0: whole.
     unroll_forward: the slot scan's forward pass over static slices of the
       stack ('cond', ``remat='full'``; :mod:`grass_jax.models.slot_scan`).
-    unroll_backward: its backward pass too (with ``unroll_forward``).
 
   Returns:
     ``(summed loss, number of loss tokens)``.
@@ -97,12 +94,10 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
                        measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement,
                        may_probe=may_probe, input_grad=input_grad, sketch_every=sketch_every,
-                       unroll_forward=unroll_forward, unroll_backward=unroll_backward)
+                       unroll_forward=unroll_forward)
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
-    if is_per_layer(frozen_layers):
-      raise ValueError("layers in the per-layer layout need frozen_grads='cond'")
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
 
     def pick_slot(lp: Params, idx: jax.Array) -> Params:
@@ -156,7 +151,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
                     donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
                     stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
                     probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0,
-                    sketch_every: int = 1, unroll_forward: bool = False, unroll_backward: bool = False) -> Callable:
+                    sketch_every: int = 1, unroll_forward: bool = False) -> Callable:
   """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -200,17 +195,6 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   gain and 0.47 GiB more temporaries (docs/performance.md). More compile time:
   compile it ahead (:class:`grass_jax.ahead_of_time.CompiledStep`), or the
   autotuner's buffers add to the peak.
-
-  ``unroll_backward``: the backward pass over the layers one by one too (with
-  ``unroll_forward``; :mod:`grass_jax.models.slot_scan`).
-
-  ``params['layers']`` may be in the per-layer layout (a tuple of per-layer
-  dicts, :mod:`grass_jax.models.layer_buffers`): every weight its own buffer,
-  as in PyTorch, so XLA copies no weight before a matmul; both passes are then
-  unrolled. The transform's state is built for the stacked layout
-  (``tx.init(stack_layers(params))``, or its shapes), the step gathers the
-  active layers into slot form for it and adds the updates back in place.
-  Needs ``remat='full'`` and fewer active layers than layers.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -218,8 +202,6 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     raise ValueError(f"sketch_every must be an int >= 1; got {sketch_every!r}")
   if unroll_forward and remat != "full":
     raise ValueError(f"unroll_forward needs remat='full' (other policies keep the layer scan); got remat={remat!r}")
-  if unroll_backward and not unroll_forward:
-    raise ValueError("unroll_backward needs unroll_forward=True")
   stream_sh = None
   if stream_states:
     if shardings is None:
@@ -235,19 +217,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     active = state.active
     probing = state.count < probe_steps
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
-    per_layer = is_per_layer(params["layers"])
-    if per_layer and (all_layers or remat != "full"):
-      raise ValueError("layers in the per-layer layout (grass_jax.models.layer_buffers) train with fewer active "
-                       f"layers than layers and remat='full'; got {active.shape[0]} of {config.num_layers} active "
-                       f"and remat={remat!r}. Stack them (stack_layers) for these settings")
-    slot_of = jnp.full((config.num_layers,), -1, jnp.int32).at[active].set(jnp.arange(active.shape[0], dtype=jnp.int32))
     measuring = measure != "none" and not all_layers
-    if all_layers:
-      trainable = params
-    elif per_layer:
-      trainable = {**params, "layers": gather_slots(params["layers"], slot_of, active.shape[0])}
-    else:
-      trainable = {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
+    trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
     # 'cond' reads the active layers from the frozen stack and never the slot values, so the gradient
     # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
     slot_handles = not all_layers and frozen_grads == "cond"
@@ -274,8 +245,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
           treedef.unflatten(full), frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads,
           attention=attention, act_sharding=act_sharding, measure=measure if measuring else "none",
           sketch_size=sketch_size, sink=sk, measurement=measurement, may_probe=probe_steps > 0,
-          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every, unroll_forward=unroll_forward,
-          unroll_backward=unroll_backward)
+          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every, unroll_forward=unroll_forward)
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]
@@ -308,9 +278,6 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra)
     if all_layers:
       new_params = optax.apply_updates(params, updates)
-    elif per_layer:
-      new_params = {k: (add_slot_updates(v, updates[k], slot_of) if k == "layers" else
-                        jax.tree.map(lambda p, u: (p + u).astype(p.dtype), v, updates[k])) for k, v in params.items()}
     else:
       new_params = apply_slot_updates(params, updates, active, LAYERS)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": (~ok).astype(jnp.int32),

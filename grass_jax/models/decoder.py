@@ -34,8 +34,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from grass_jax.models.layer_buffers import is_per_layer
-
 Params = dict[str, Any]
 LayerOverride = Callable[[Params, jax.Array], Params]
 # Per linear map name, ``(A [d_in, k], Z [d_out, k])``: the block adds ``(x A) Z^T`` to ``x W``, so that the
@@ -139,35 +137,22 @@ class DecoderConfig:
     return sum(math.prod(s) for s in jax.tree.leaves(self.param_shapes(), is_leaf=lambda x: isinstance(x, tuple)))
 
 
-def init_params(config: DecoderConfig, key: jax.Array, dtype: Any = jnp.float32, *,
-                per_layer: bool = False) -> Params:
-  """Random parameters (normal(0, 0.02) kernels; norms at identity).
-
-  ``per_layer``: ``layers`` in the per-layer layout (:mod:`grass_jax.models.layer_buffers`), each layer
-  drawn on its own (other values than the stacked draw), so the stack never exists.
-  """
+def init_params(config: DecoderConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+  """Random parameters (normal(0, 0.02) kernels; norms at identity)."""
   shapes = config.param_shapes()
   flat, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
   paths = [p for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
   keys = jax.random.split(key, len(flat))
-
-  def draw(name: str, shape: tuple[int, ...], k: jax.Array) -> jax.Array:
-    if name.endswith("norm"):
-      return jnp.full(shape, 0.0 if config.norm_offset else 1.0, dtype)
-    if name.endswith("bias"):
-      return jnp.zeros(shape, dtype)
-    return (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype)
-
-  def leaf(path: tuple[Any, ...], shape: tuple[int, ...], k: jax.Array) -> Any:
+  out = []
+  for path, shape, k in zip(paths, flat, keys):
     name = str(path[-1].key)
-    if per_layer and str(path[0].key) == "layers":
-      return tuple(draw(name, shape[1:], jax.random.fold_in(k, l)) for l in range(config.num_layers))
-    return draw(name, shape, k)
-
-  params = treedef.unflatten([leaf(path, shape, k) for path, shape, k in zip(paths, flat, keys)])
-  if per_layer:  # {name: (L arrays)} -> (L dicts)
-    params["layers"] = tuple({name: ws[l] for name, ws in params["layers"].items()} for l in range(config.num_layers))
-  return params
+    if name.endswith("norm"):
+      out.append(jnp.full(shape, 0.0 if config.norm_offset else 1.0, dtype))
+    elif name.endswith("bias"):
+      out.append(jnp.zeros(shape, dtype))
+    else:
+      out.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+  return treedef.unflatten(out)
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -431,17 +416,9 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
                         act_sharding)
       return h, (new_kv if cache is not None else None)
 
-    kvs = None if cache is None else (cache.k, cache.v)
-    if is_per_layer(params["layers"]):  # one buffer per layer (grass_jax.models.layer_buffers): a Python loop
-      outs = []
-      for l, lp in enumerate(params["layers"]):
-        h, out = with_remat(body, remat)(h, (lp, jnp.int32(l), sliding[l],
-                                             None if kvs is None else jax.tree.map(lambda c, l=l: c[l], kvs)))
-        outs.append(out)
-      new_kv = None if cache is None else jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
-    else:
-      h, new_kv = jax.lax.scan(with_remat(body, remat), h, (params["layers"], jnp.arange(config.num_layers),
-                                                            sliding, kvs))
+    xs = (params["layers"], jnp.arange(config.num_layers), sliding,
+          None if cache is None else (cache.k, cache.v))
+    h, new_kv = jax.lax.scan(with_remat(body, remat), h, xs)
   h = rms_norm(h, params["final_norm"], config.rms_norm_eps, config.norm_offset)
   new_cache = None if cache is None else KVCache(new_kv[0].astype(cache.k.dtype), new_kv[1].astype(cache.v.dtype),
                                                  cache.mask)

@@ -56,14 +56,6 @@ Llama-2-7B (b2 x 512, H200) the 32-layer forward took 25.0 ms against 29.7 ms sc
 weight read) nothing. It costs compile time (the HLO holds every block), and it applies with
 ``remat='full'`` only. The backward pass keeps its loops.
 
-**Unrolling the backward pass too** (``unroll_backward``; always for layers in the per-layer layout of
-:mod:`grass_jax.models.layer_buffers`). The backward pass visits every layer from the top, reading its
-weights statically; which layers train is traced, so each layer's frozen and trained cases run behind
-:func:`~grass_jax.models.layer_buffers.run_if` (a loop of 0 or 1 trips, which updates the carried slot
-gradients in place; a ``lax.cond`` or ``lax.switch`` copies them: that design was 7% slower on 7B and
-was reverted). Over static slices of the stack XLA still copies the weights inside each case; over
-per-layer buffers it copies none (docs/performance.md).
-
 Squared norms of micro-batches add up (the sink's gradient is a sum), so with
 gradient accumulation a layer's measurement is the sum over micro-batches of
 its squared micro-batch gradient norms (exact with one micro-batch).
@@ -84,7 +76,6 @@ import jax
 import jax.numpy as jnp
 
 from grass_jax.models.decoder import LINEAR_MAPS, DecoderConfig, LayerInputs, LayerStack, Params, run_block, with_remat
-from grass_jax.models.layer_buffers import is_per_layer, layer_weights, run_if
 
 MEASURES = ("none", "exact", "sketch")
 
@@ -107,9 +98,6 @@ class ScanSettings(NamedTuple):
       layer (module docstring).
     unroll_forward: the forward pass as a Python loop over static slices of the
       stack instead of a scan (module docstring); with ``remat='full'`` only.
-    unroll_backward: the backward pass as a Python loop over the layers too, each
-      layer's frozen and trained cases behind :func:`run_if` (module docstring);
-      with ``unroll_forward`` only.
   """
   impl: str
   act_sharding: Any
@@ -120,7 +108,6 @@ class ScanSettings(NamedTuple):
   input_grad: bool = True
   sketch_every: int = 1
   unroll_forward: bool = False
-  unroll_backward: bool = False
 
 
 class Measurement(NamedTuple):
@@ -142,7 +129,7 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
                act_sharding: Any = None, remat: str = "full", measure: str = "none", sketch_size: int = 4,
                sink: jax.Array | None = None, measurement: Measurement | None = None,
                may_probe: bool = True, input_grad: bool = True, sketch_every: int = 1,
-               unroll_forward: bool = False, unroll_backward: bool = False) -> LayerStack:
+               unroll_forward: bool = False) -> LayerStack:
   """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers.
 
   Args:
@@ -165,9 +152,6 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
       trained layer and that gradient is returned as zeros.
     unroll_forward: run the forward pass over static slices of the stack, so
       that XLA does not copy each layer's weights (``remat='full'`` only; module docstring).
-    unroll_backward: the backward pass over the layers one by one too (with
-      ``unroll_forward``; module docstring). Layers in the per-layer layout
-      (:mod:`grass_jax.models.layer_buffers`) always run both passes unrolled.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -178,23 +162,14 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
   if sketch_every < 1:
     raise ValueError(f"sketch_every must be >= 1; got {sketch_every}")
   chex.assert_shape(slot_of, (config.num_layers,))
-  if unroll_backward and not unroll_forward:
-    raise ValueError("unroll_backward needs unroll_forward")
   remat = "full" if measure == "sketch" else remat
-  unroll_forward = unroll_forward and remat == "full"
   settings = ScanSettings(attention, act_sharding, remat, measure, sketch_size, may_probe, input_grad, sketch_every,
-                          unroll_forward, unroll_forward and unroll_backward)
+                          unroll_forward and remat == "full")
   if measure == "none":
     sink = measurement = None
 
   def run(layers: Params, h: jax.Array, inputs: LayerInputs) -> jax.Array:
-    run_settings = settings
-    if is_per_layer(layers):  # no stack to scan over: both passes visit the layers one by one
-      if remat != "full":
-        raise ValueError(f"layers in the per-layer layout need remat='full'; got remat={remat!r}")
-      run_settings = settings._replace(unroll_forward=True, unroll_backward=True)
-    return _slot_scan(config, run_settings, slots, jax.lax.stop_gradient(layers), slot_of, h, inputs, sink,
-                      measurement)
+    return _slot_scan(config, settings, slots, jax.lax.stop_gradient(layers), slot_of, h, inputs, sink, measurement)
 
   return run
 
@@ -235,12 +210,11 @@ def _residual_sources(pullback, lp, h, idx) -> tuple[Any, list[tuple], list[jax.
 
 
 def _forward_unrolled(config, settings, frozen, h, inputs) -> tuple[jax.Array, jax.Array]:
-  """``(output, block inputs [L, ...])`` of the stack, one block per static slice or per-layer buffer
-  (ScanSettings.unroll_forward)."""
+  """``(output, block inputs [L, ...])`` of the stack, one block per static slice (ScanSettings.unroll_forward)."""
   hs = jnp.zeros((config.num_layers,) + h.shape, h.dtype)
   for layer in range(config.num_layers):
     hs = hs.at[layer].set(h)  # in place, like the scan's stacked outputs: no second copy of the block inputs
-    h = _run_block(config, settings, layer_weights(frozen, layer), h, jnp.int32(layer), inputs)
+    h = _run_block(config, settings, {k: w[layer] for k, w in frozen.items()}, h, jnp.int32(layer), inputs)
   return h, hs
 
 
@@ -274,14 +248,9 @@ class _Backward(NamedTuple):
   layout: dict
 
   def layer_params(self, layer):
-    """Layer ``layer``'s weights: a static read for a Python int (unrolled), else a dynamic slice."""
-    if isinstance(layer, int):
-      return layer_weights(self.frozen, layer)
     return {k: jax.lax.dynamic_index_in_dim(w, layer, keepdims=False) for k, w in self.frozen.items()}
 
   def block_input(self, layer):
-    if isinstance(layer, int):
-      return self.hs[layer]
     return jax.lax.dynamic_index_in_dim(self.hs, layer, keepdims=False)
 
   def input_grad(self, layer, dh):
@@ -332,9 +301,8 @@ class _Backward(NamedTuple):
     index = jnp.int32(len(cases) - 1)
     for i in reversed(range(len(cases) - 1)):  # the first case whose condition holds runs
       index = jnp.where(cases[i][0], i, index)
-    # The layer is bound, not an operand: in an unrolled pass it stays a Python int (a static read).
-    branches = [functools.partial(branch, layer) for _, branch in cases]
-    dx, sq = branches[0](dh) if len(branches) == 1 else jax.lax.switch(index, branches, dh)
+    branches = [branch for _, branch in cases]
+    dx, sq = branches[0](layer, dh) if len(branches) == 1 else jax.lax.switch(index, branches, layer, dh)
     return dx, sink.at[layer].set(sq)
 
   def measurement_cases(self) -> list[tuple[Any, Any]]:
@@ -385,54 +353,23 @@ def _slot_scan_bwd(config, settings, res, d_out):
   # Each run is a loop with dynamic bounds (one compilation whatever the draw); each trained layer
   # is unrolled and computes its input and weight gradients from one recomputation, writing the
   # latter into its slot in place. Nothing weight-sized is carried through a loop or a branch.
-  first = layer_weights(frozen, 0)
-  grads = {k: jnp.zeros((gamma,) + first[k].shape, m.dtype) for k, m in marks.items()}
-  if settings.unroll_backward:
-    dh, grads, sink = _backward_unrolled(bw, slot_of, d_out, grads, sink)
-  else:
-    layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
-    order = jnp.argsort(-layer_of)  # slots, deepest layer first
-    dh, hi = d_out, jnp.asarray(num_layers, layer_of.dtype)
-    for j in range(gamma):
-      slot = order[j]
-      layer = layer_of[slot]
-      dh, sink = bw.frozen_run(dh, sink, layer + 1, hi)
-      dh, grads, sink = _trained_step(bw, layer, slot, (dh, grads, sink))
-      hi = layer
-    dh, sink = bw.frozen_run(dh, sink, _lowest_needed(settings, measurement, hi), hi)
+  layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
+  order = jnp.argsort(-layer_of)  # slots, deepest layer first
+  grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
+  dh, hi = d_out, jnp.asarray(num_layers, layer_of.dtype)
+  for j in range(gamma):
+    slot = order[j]
+    layer = layer_of[slot]
+    dh, sink = bw.frozen_run(dh, sink, layer + 1, hi)
+    dp, dh = bw.weight_and_input_grad(layer, dh)
+    grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
+    if measuring:
+      sink = sink.at[layer].set(_squared_norm(dp))
+    hi = layer
+  dh, sink = bw.frozen_run(dh, sink, _lowest_needed(settings, measurement, hi), hi)
   if not settings.input_grad:
     dh = jnp.zeros_like(dh)  # the caller does not use it (ScanSettings.input_grad)
   return grads, None, None, dh, None, sink, None
-
-
-def _trained_step(bw: _Backward, layer, slot, carry):
-  """A trained layer of the backward pass: input and weight gradient from one recomputation, the latter
-  written into its slot in place (and its squared norm into the sink when measuring)."""
-  dh, grads, sink = carry
-  dp, dh = bw.weight_and_input_grad(layer, dh)
-  grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
-  if sink is not None:
-    sink = sink.at[layer].set(_squared_norm(dp))
-  return dh, grads, sink
-
-
-def _backward_unrolled(bw: _Backward, slot_of, dh, grads, sink):
-  """The backward pass as a Python loop over the layers, from the top (ScanSettings.unroll_backward).
-
-  Every layer reads its weights statically (a per-layer buffer, or a static slice of the stack), so XLA
-  copies none of them. Which layers train is traced: each layer's two cases, frozen (input gradient, and
-  a measurement where one is due) and trained, run behind :func:`run_if`, which updates the carried slot
-  gradients in place where a conditional would copy them. Frozen layers below the lowest trained one
-  run only when their input gradient or their measurement is needed (:func:`_lowest_needed`).
-  """
-  num_layers = slot_of.shape[0]
-  lowest = jnp.min(jnp.where(slot_of >= 0, jnp.arange(num_layers), num_layers))
-  stop = _lowest_needed(bw.settings, bw.measurement, lowest)
-  for layer in reversed(range(num_layers)):
-    slot = slot_of[layer]
-    dh, sink = run_if((slot < 0) & (layer >= stop), lambda c, l=layer: bw.frozen_step(l, *c), (dh, sink))
-    dh, grads, sink = run_if(slot >= 0, functools.partial(_trained_step, bw, layer, slot), (dh, grads, sink))
-  return dh, grads, sink
 
 
 def _frozen_measured(settings: ScanSettings, measurement: Measurement | None) -> bool | jax.Array:
