@@ -110,6 +110,8 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("tiny-jax-grass-offload", _jax("grass", **TINY, num_active=2, offload=True)),
     ("tiny-torch-lisa-compile-same-draws", _torch("lisa", True, **TINY, num_active=2,
                                                   replay_from=GRASS_DRAWS_TINY)),
+    ("tiny-torch-lisa-compile-same-draws-no-ckpt", _torch("lisa", True, **TINY, num_active=2,
+                                                          replay_from=GRASS_DRAWS_TINY, checkpointing=False)),
     ("tiny-torch-full-compile", _torch("full", True, **TINY, num_active=None)),
     ("tiny-jax-full-chunk2048", _jax("full", **TINY, num_active=None, loss_chunk=2048)),
     ("tiny-torch-lisa-eager", _torch("lisa", False, **TINY, num_active=2)),
