@@ -381,7 +381,8 @@ def report(path: Path) -> str:
     variant += " (no gradient checkpointing)" if r.get("checkpointing") is False else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.
-    draws = r.get("draws") or []
+    # A JAX row also records the draw made after its last step, which nothing trained on.
+    draws = (r.get("draws") or [])[:-(-r["run_steps"] // r["period"])] if r.get("period") else r.get("draws") or []
     lowest = f"{sum(min(d) for d in draws) / len(draws):.1f}" if draws else ""
     out.append(f"| {name} | {r['framework']} | {r['method']}{variant} | "
                f"{'yes' if r['compile'] else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "

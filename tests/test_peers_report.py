@@ -7,15 +7,20 @@ def test_peers_report_and_figure_from_rows(tmp_path):
   # benchmarks/peers.py --report/--figure: the table has every row (errors too), the figure is drawn.
   from benchmarks.common import summarize_kernels
   from benchmarks.peers import figure, finish_row, report
-  base = dict(size="tinyllama-1.1b", batch=16, seq=512, run_steps=200, num_active=2, compile=True,
+  base = dict(size="tinyllama-1.1b", batch=16, seq=512, run_steps=200, period=100, num_active=2, compile=True,
               device="NVIDIA H200", peak_bytes=5 * 2**30)
   profile = summarize_kernels([{"name": "sm90_xmma_gemm_bf16", "ts": 0.0, "dur": 600.0},
                                {"name": "loop_add_fusion", "ts": 500.0, "dur": 300.0},
                                {"name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "ts": 1000.0,
                                 "dur": 100.0}], steps=1)
   rows = [finish_row("tiny-jax-grass", dict(base, framework="jax", method="grass", step_s=0.1, whole_run_s=25.0,
-                                            mean_step_s=0.125, profile=profile, draws=[[0, 5], [3, 9]])),
+                                            mean_step_s=0.125, profile=profile,
+                                            draws=[[0, 5], [3, 9], [20, 30]])),  # the last: drawn after step 200
           finish_row("tiny-torch-lisa", dict(base, framework="torch", method="lisa", step_s=0.125, whole_run_s=50.0)),
+          finish_row("tiny-torch-lisa-no-ckpt", dict(base, framework="torch", method="lisa", step_s=0.1,
+                                                     whole_run_s=40.0, checkpointing=False)),
+          finish_row("tiny-jax-grass-dots", dict(base, framework="jax", method="grass", step_s=0.1, whole_run_s=25.0,
+                                                 remat="dots")),
           finish_row("tiny-torch-lora", dict(base, framework="torch", method="lora", error="out of memory"))]
   path = tmp_path / "peers.jsonl"
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -24,6 +29,8 @@ def test_peers_report_and_figure_from_rows(tmp_path):
   assert "| tiny-torch-lisa | torch | lisa | yes | 2 | 65,536 |  | 32,768 | 5.00 |  |" in table
   # span 0..1.1 ms; busy: [0, 0.8] and [1.0, 1.1] (the overlap counted once); cuDNN's sm90 kernel is attention
   assert "| tiny-jax-grass | 1.1 | 0.9 | 0.6 | 0.1 | 0.3 | 0.0 | 0.0 | 0.0 | 3 |" in table
+  assert "| tiny-torch-lisa-no-ckpt | torch | lisa (no gradient checkpointing) | yes |" in table
+  assert "| tiny-jax-grass-dots | jax | grass + remat dots | yes |" in table
   assert "error: out of memory" in table
   from benchmarks.common import _kernel_class
   assert _kernel_class("triton_poi_fused__to_copy_add_bmm_cat_clone_cos_mul") == "fusion (elementwise/reduce)"
