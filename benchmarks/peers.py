@@ -151,6 +151,7 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("7b-torch-lisa-compile-g2-same-draws-no-ckpt", _torch("lisa", True, **SEVEN_B, num_active=2,
                                                            replay_from=GRASS_DRAWS_7B, checkpointing=False)),
     ("7b-torch-lisa-eager-g2", _torch("lisa", False, **SEVEN_B, num_active=2)),
+    ("7b-torch-lisa-eager-g2-no-ckpt", _torch("lisa", False, **SEVEN_B, num_active=2, checkpointing=False)),
     ("7b-jax-grass-stream-g2", _jax("grass", **SEVEN_B, num_active=2, offload=True, stream=True)),
     *[(f"7b-jax-grass-offload-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True)) for g in (1, 4)],
     *[(f"7b-torch-lisa-compile-g{g}", _torch("lisa", True, **SEVEN_B, num_active=g)) for g in (1, 4)],
