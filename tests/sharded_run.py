@@ -41,8 +41,6 @@ def main() -> None:
     runs = [("data2_fsdp2", {"data": 2, "fsdp": 2}, ())]
     if not offload:
       runs.insert(0, ("data4", {"data": 4}, ()))
-      # A fused attention kernel (dot_product_attention) under FSDP: q, k, v get the activation sharding.
-      runs.append(("data2_fsdp2_xla", {"data": 2, "fsdp": 2}, ("model.attention=xla",)))
     for name, mesh, extra in runs:
       r = run(cfg(out / f"{name}-{offload}", mesh, offload, extra), progress=False, return_state=True)
       diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))

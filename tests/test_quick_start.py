@@ -15,11 +15,11 @@ def test_quick_start_demo_learns_held_out_numbers(tmp_path, monkeypatch, capsys)
   out = capsys.readouterr().out
   summary = json.loads((tmp_path / "summary.json").read_text())
   # 100% here; another CPU's float rounding may flip an answer or two.
-  assert summary["steps"] == 252 and summary["eval/boolq_accuracy"] >= 0.95
+  assert summary["steps"] == 189 and summary["eval/boolq_accuracy"] >= 0.95
   assert f"accuracy on data/tiny_parity_test.jsonl (boolq scoring): {summary['eval/boolq_accuracy']:.1%}" in out
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   train_lines = [l for l in lines if "mean_loss" in l]
-  assert train_lines[-1]["step"] == 252 and train_lines[-1]["mean_loss"] < 0.05 * train_lines[0]["mean_loss"]
+  assert train_lines[-1]["step"] == 189 and train_lines[-1]["mean_loss"] < 0.05 * train_lines[0]["mean_loss"]
   assert {"loss", "lr", "grad_norm", "tokens_per_s", "active_layers", "importance", "probabilities"} <= set(lines[0])
   assert (tmp_path / "layer_probabilities.png").stat().st_size > 1000
   assert list((tmp_path / "tensorboard").iterdir())

@@ -29,8 +29,8 @@ def sharded(tmp_path_factory):
   return json.loads(lines[0][len("RESULT"):])
 
 
-@pytest.mark.parametrize("name", ["data4-offloadFalse", "data2_fsdp2-offloadFalse", "data2_fsdp2-offloadTrue",
-                                  "data2_fsdp2_xla-offloadFalse"])
+# A fused attention kernel under FSDP (q, k, v sharded alike) is checked in the lowered step below, not by a run.
+@pytest.mark.parametrize("name", ["data4-offloadFalse", "data2_fsdp2-offloadFalse", "data2_fsdp2-offloadTrue"])
 def test_sharded_run_equals_single_device_run(sharded, name):
   r = sharded[name]
   assert r["devices_used"] == 4
