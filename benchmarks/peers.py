@@ -7,12 +7,15 @@
 Every configuration runs in a fresh process (a clean peak-memory counter) for ``--steps`` steps
 (default 200) with a layer switch every ``--period`` (20), each step timed on its own:
 
-* steady state: tokens/s of the median step (``tokens_per_s``);
+* steady state: tokens/s of the median step (``tokens_per_s``) and of the mean step after compilation
+  (``mean_tokens_per_s``). With frozen embeddings a GRASS step's cost depends on its draw (the depth of
+  the lowest trained layer), so compare same-draws rows by the mean, over 200 steps (10 draws): the
+  median of a few draws picks one draw's cost (7B: 1.06x by median over 5 draws, 1.00x by mean over 10);
 * whole run: tokens/s over all steps, compilation and recompilations included (``run_tokens_per_s``);
 * peak device memory: ``torch.cuda.max_memory_allocated`` / JAX ``peak_bytes_in_use`` (allocator peaks).
 
 The PyTorch peers: a ``transformers`` Llama with SDPA attention, gradient checkpointing
-(non-reentrant) and fused AdamW, everything in bf16 (weights, gradients, moments), random weights
+(non-reentrant; ``...-no-ckpt`` rows without it) and fused AdamW, everything in bf16 (weights, gradients, moments), random weights
 of the real shapes (only the shapes matter). Methods:
 
 * ``full``: every parameter trains;
@@ -480,7 +483,8 @@ def main() -> None:
     if "error" in row:
       print(f"{name:<40} ERROR {row['error'][-300:]}", flush=True)
     else:
-      print(f"{name:<40} {row['tokens_per_s']:>8,.0f} tok/s steady {row['run_tokens_per_s']:>8,.0f} whole "
+      print(f"{name:<40} {row['tokens_per_s']:>8,.0f} tok/s steady {row['mean_tokens_per_s']:>8,.0f} mean "
+            f"{row['run_tokens_per_s']:>8,.0f} whole "
             f"{row['peak_gib']:>6.2f} GiB first step {row['first_step_s']:.1f}s slow steps {row['slow_steps']}",
             flush=True)
 
