@@ -13,7 +13,7 @@ if not os.environ.get("GRASS_TEST_NO_CACHE") and "JAX_COMPILATION_CACHE_DIR" not
   # Set before jax is imported; xdist workers and subprocesses inherit it, so all share one directory.
   _OWNER = True
   os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="grass_jax_test_xla_cache_")
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 
