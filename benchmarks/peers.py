@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -385,8 +386,9 @@ def report(path: Path) -> str:
     variant += " (no gradient checkpointing)" if r.get("checkpointing") is False else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.
-    # A JAX row also records the draw made after its last step, which nothing trained on.
-    draws = (r.get("draws") or [])[:-(-r["run_steps"] // r["period"])] if r.get("period") else r.get("draws") or []
+    draws = r.get("draws") or []
+    if r.get("period"):  # a JAX row also records the draw made after its last step, which nothing trained on
+      draws = draws[:math.ceil(r["run_steps"] / r["period"])]
     lowest = f"{sum(min(d) for d in draws) / len(draws):.1f}" if draws else ""
     out.append(f"| {name} | {r['framework']} | {r['method']}{variant} | "
                f"{'yes' if r['compile'] else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "

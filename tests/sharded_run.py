@@ -22,13 +22,13 @@ MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_size: 64
          "num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2}")
 
 
-def cfg(out: Path, mesh: dict, offload: bool, extra: tuple[str, ...] = ()):
+def cfg(out: Path, mesh: dict, offload: bool):
   return config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [
       MODEL, f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=8", "train.checkpoint_every=0",
       "train.log_every=2", "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]", "data.max_length=160",
       "data.buckets=[160]", "optim.period=2",
       "model.dtype=float32", "model.compute_dtype=float32", f"optim.offload_optimizer_state={str(offload).lower()}",
-      *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false", *extra])
+      *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false"])
 
 
 def main() -> None:
@@ -38,11 +38,11 @@ def main() -> None:
   for offload in (False, True):
     ref = run(cfg(out / f"single-{offload}", {"data": 1, "fsdp": 1}, offload), progress=False, return_state=True)
     # Offload is checked on the data x fsdp mesh only: it covers the data axis too (CI time).
-    runs = [("data2_fsdp2", {"data": 2, "fsdp": 2}, ())]
+    runs = [("data2_fsdp2", {"data": 2, "fsdp": 2})]
     if not offload:
-      runs.insert(0, ("data4", {"data": 4}, ()))
-    for name, mesh, extra in runs:
-      r = run(cfg(out / f"{name}-{offload}", mesh, offload, extra), progress=False, return_state=True)
+      runs.insert(0, ("data4", {"data": 4}))
+    for name, mesh in runs:
+      r = run(cfg(out / f"{name}-{offload}", mesh, offload), progress=False, return_state=True)
       diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                  for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(r["params"])))
       scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(ref["params"]))
