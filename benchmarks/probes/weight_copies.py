@@ -31,6 +31,11 @@ gradient with respect to the slots:
 * ``small-carry-buffers`` / ``small-carry-slices``: the same, but the switches carry only
   hidden-state-sized arrays (a trained layer's branch keeps its block input and output gradient), and
   the trained layers' weight gradients are computed after the pass, each from one more recomputation.
+* ``static-draw-buffers`` / ``static-draw-slices`` / ``static-draw-remat-buffers``: the bound a design
+  that compiles per draw (or per bucket of draws) could reach: the draw is compiled in, the stack
+  unrolled, and JAX's autodiff prunes the backward below the lowest trained layer by itself; without
+  ``remat`` every residual is kept (PyTorch without gradient checkpointing), with it each block is
+  recomputed (PyTorch with it).
 
 Each row also records the compiled program's temporaries (``memory_analysis``) and counts its
 ``conditional`` and ``copy`` instructions (optimised HLO). The draw and the cond's lowest layer are
@@ -223,7 +228,8 @@ def main() -> None:
 
   slot_of = jnp.full((cfg.num_layers,), -1, jnp.int32).at[jnp.asarray(args.trained)].set(
       jnp.arange(len(args.trained), dtype=jnp.int32))
-  slots = jax.tree.map(lambda w: jnp.zeros((len(args.trained),) + w.shape[1:], w.dtype), stack)
+  # The trained layers' weights: the library's variants read them from the stack, static-draw from here.
+  slots = jax.tree.map(lambda w: w[jnp.asarray(args.trained)], stack)
 
   def slot_loss_library(unroll):
     def loss(slots, h, stack, slot_of):
@@ -234,6 +240,22 @@ def main() -> None:
   def slot_loss_branches(how):
     def loss(slots, h, weights, slot_of):
       return jnp.sum(branch_stack(weights, slot_of, len(args.trained), how)(slots, h).astype(jnp.float32))
+    return loss
+
+  def slot_loss_static_draw(remat):
+    """The ideal a bucketed design could reach: the draw compiled in (as torch.compile recompiles at a
+    switch), the stack unrolled, the trained layers reading their slots, JAX's autodiff left to prune the
+    backward below the lowest trained layer; ``remat``: each block checkpointed (PyTorch's gradient
+    checkpointing), else every residual kept (PyTorch without it)."""
+    slot_at = {l: j for j, l in enumerate(args.trained)}
+    run = block if remat else (lambda lp, h, idx: run_block(cfg, lp, h, idx, inputs, attention=attention))
+
+    def loss(slots, h, weights, slot_of):  # slot_of unused: the draw is static
+      layer = layer_reader(weights)
+      for l in range(cfg.num_layers):
+        lp = {k: w[slot_at[l]] for k, w in slots.items()} if l in slot_at else layer(l)
+        h = run(lp, h, l)
+      return jnp.sum(h.astype(jnp.float32))
     return loss
 
   def slot_loss_small_carry(slots, h, weights, slot_of):
@@ -251,7 +273,10 @@ def main() -> None:
                 "while-buffers": (slot_loss_branches("while"), buffers),
                 "while-slices": (slot_loss_branches("while"), stack),
                 "small-carry-buffers": (slot_loss_small_carry, buffers),
-                "small-carry-slices": (slot_loss_small_carry, stack)}
+                "small-carry-slices": (slot_loss_small_carry, stack),
+                "static-draw-buffers": (slot_loss_static_draw(False), buffers),
+                "static-draw-slices": (slot_loss_static_draw(False), stack),
+                "static-draw-remat-buffers": (slot_loss_static_draw(True), buffers)}
   reference: dict = {}
   result = {"size": args.size, "batch": b, "seq": t, "trained": args.trained,
             "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms": {}}
