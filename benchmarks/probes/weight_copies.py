@@ -36,6 +36,10 @@ gradient with respect to the slots:
   unrolled, and JAX's autodiff prunes the backward below the lowest trained layer by itself; without
   ``remat`` every residual is kept (PyTorch without gradient checkpointing), with it each block is
   recomputed (PyTorch with it).
+* ``bucket-slices`` / ``bucket-buffers``: what one executable per bucket of draws keeps of that bound:
+  the backward starts at the lowest trained layer rounded down to ``--bucket``, unrolled, no
+  recomputation; the draw stays an argument: each layer's output gradient is tapped, and the trained
+  layers' weight gradients are formed after the pass from their block input and output gradient.
 
 Each row also records the compiled program's temporaries (``memory_analysis``) and counts its
 ``conditional`` and ``copy`` instructions (optimised HLO). The draw and the cond's lowest layer are
@@ -79,6 +83,8 @@ def main() -> None:
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--trained", type=int, nargs="+", default=[6, 13], help="the trained layers (the slots)")
+  ap.add_argument("--bucket", type=int, default=8,
+                  help="bucket-*: one executable per this many lowest trained layers (its start rounds down)")
   ap.add_argument("--only", nargs="+", help="run these variants only")
   ap.add_argument("--out", type=Path)
   args = ap.parse_args()
@@ -258,6 +264,59 @@ def main() -> None:
       return jnp.sum(h.astype(jnp.float32))
     return loss
 
+  @jax.custom_vjp
+  def tap(y, sink):  # y; the gradient with respect to sink is y's (a layer's output gradient, kept)
+    return y
+
+  tap.defvjp(lambda y, sink: (y, None), lambda _, dy: (dy, dy))
+
+  def bucket_stack(weights, slot_of, gamma, start):
+    """The stack on h, differentiable in [gamma, ...] slots, for any draw whose lowest trained layer is
+    >= ``start`` (one executable per bucket of draws): layers below ``start`` run without residuals; the
+    rest unrolled over static reads, every residual of their input gradients kept (no recomputation),
+    each output tapped for its gradient; the trained layers' weight gradients after the pass, each from
+    its block input, its output gradient and one recomputation."""
+    layer, n = layer_reader(weights), cfg.num_layers
+    run = lambda lp, h, l: run_block(cfg, lp, h, l, inputs, attention=attention)  # noqa: E731
+    layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
+
+    def pick(l):  # one layer's weights, l traced
+      if not isinstance(weights, dict):
+        return jax.lax.switch(l, [lambda i=i: weights[i] for i in range(n)])
+      return {k: jax.lax.dynamic_index_in_dim(w, l, keepdims=False) for k, w in weights.items()}
+
+    def upper(h, sinks):
+      hs = []
+      for l in range(start, n):
+        hs.append(h)
+        h = tap(run(layer(l), h, l), sinks[l - start])
+      return h, jnp.stack(hs)
+
+    def fwd(slots, h):
+      for l in range(start):
+        h = run(layer(l), h, l)
+      out, grad_of_sinks, hs = jax.vjp(lambda s: upper(h, s), jnp.zeros((n - start,) + h.shape, h.dtype),
+                                       has_aux=True)
+      return out, (jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots), grad_of_sinks, hs)
+
+    def bwd(res, dout):
+      marks, grad_of_sinks, hs = res
+      (douts,) = grad_of_sinks(dout)
+      grads = []
+      for j in range(gamma):
+        i = layer_of[j] - start
+        grads.append(jax.vjp(lambda p: run(p, hs[i], layer_of[j]), pick(layer_of[j]))[1](douts[i])[0])
+      return ({k: jnp.stack([g[k] for g in grads]).astype(marks[k].dtype) for k in marks},
+              jnp.zeros(hs.shape[1:], hs.dtype))
+
+    f = jax.custom_vjp(lambda slots, h: fwd(slots, h)[0])
+    f.defvjp(fwd, bwd)
+    return f
+
+  def slot_loss_bucket(slots, h, weights, slot_of):
+    start = min(args.trained) // args.bucket * args.bucket
+    return jnp.sum(bucket_stack(weights, slot_of, len(args.trained), start)(slots, h).astype(jnp.float32))
+
   def slot_loss_small_carry(slots, h, weights, slot_of):
     return jnp.sum(small_carry_stack(weights, slot_of, len(args.trained))(slots, h).astype(jnp.float32))
 
@@ -276,7 +335,8 @@ def main() -> None:
                 "small-carry-slices": (slot_loss_small_carry, stack),
                 "static-draw-buffers": (slot_loss_static_draw(False), buffers),
                 "static-draw-slices": (slot_loss_static_draw(False), stack),
-                "static-draw-remat-buffers": (slot_loss_static_draw(True), buffers)}
+                "static-draw-remat-buffers": (slot_loss_static_draw(True), buffers),
+                "bucket-slices": (slot_loss_bucket, stack), "bucket-buffers": (slot_loss_bucket, buffers)}
   reference: dict = {}
   result = {"size": args.size, "batch": b, "seq": t, "trained": args.trained,
             "device": jax.devices()[0].device_kind, "xla_flags": os.environ.get("XLA_FLAGS", ""), "ms": {}}
