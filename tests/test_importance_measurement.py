@@ -43,7 +43,7 @@ def test_probing_measures_every_layer_exactly_and_trained_layers_always():
   key = jax.random.PRNGKey(0)
   probed = np.asarray(jax.jit(lambda: _sink_grad(params, mb, active, measure="exact", probing=True, key=key))())
   np.testing.assert_allclose(probed, exact, rtol=1e-5)
-  trained = np.asarray(_sink_grad(params, mb, active, measure="exact", probing=False, key=key))
+  trained = np.asarray(jax.jit(lambda: _sink_grad(params, mb, active, measure="exact", probing=False, key=key))())
   np.testing.assert_allclose(trained[[1, 3]], exact[[1, 3]], rtol=1e-5)
   assert not trained[[0, 2, 4]].any()  # frozen layers are not measured outside probing
 
