@@ -99,8 +99,11 @@ def main() -> None:
   inputs = LayerInputs(positions, jnp.asarray(rope_inv_freq(cfg)), jnp.zeros((cfg.num_layers,), bool),
                        jnp.ones((b, t), bool))
 
-  def block(lp, h, idx):
-    return jax.checkpoint(lambda x: run_block(cfg, lp, x, idx, inputs, attention=attention))(h)
+  def plain_block(lp, h, idx):  # every residual kept
+    return run_block(cfg, lp, h, idx, inputs, attention=attention)
+
+  def block(lp, h, idx):  # recomputed in the backward pass
+    return jax.checkpoint(lambda x: plain_block(lp, x, idx))(h)
 
   def loss_scan(h, stack):
     out, _ = jax.lax.scan(lambda h, xs: (block(xs[0], h, xs[1]), None), h, (stack, jnp.arange(cfg.num_layers)))
@@ -153,6 +156,18 @@ def main() -> None:
   def lowest_trained(slot_of):
     return jnp.min(jnp.where(slot_of >= 0, jnp.arange(cfg.num_layers), cfg.num_layers))
 
+  def layer_of_slots(slot_of, gamma):
+    return jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
+
+  def pick_layer(weights, l):
+    """One layer's weights, ``l`` traced: a switch over per-layer arrays, or a dynamic slice of the stack."""
+    if not isinstance(weights, dict):
+      return jax.lax.switch(l, [lambda i=i: weights[i] for i in range(cfg.num_layers)])
+    return {k: jax.lax.dynamic_index_in_dim(w, l, keepdims=False) for k, w in weights.items()}
+
+  def slot_marks(slots):  # empty [gamma, 0] residuals that carry the slots' dtypes to the backward pass
+    return jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
+
   def slot_function(layer, bwd):
     """``f(slots, h)``: the stack on ``h`` over ``layer(l)``, unrolled, with the backward pass ``bwd``; its
     residuals are empty ``[gamma, 0]`` marks of the slots and the L block inputs."""
@@ -161,7 +176,7 @@ def main() -> None:
       for l in range(cfg.num_layers):
         hs.append(h)
         h = block(layer(l), h, l)
-      return h, (jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots), hs)
+      return h, (slot_marks(slots), hs)
 
     f = jax.custom_vjp(lambda slots, h: fwd(slots, h)[0])
     f.defvjp(fwd, bwd)
@@ -201,14 +216,8 @@ def main() -> None:
     """As branch_stack's switch, but the switches carry only hidden-state-sized arrays: a trained layer's branch
     keeps its block input and output gradient, and its weight gradient is computed after the pass (one
     more recomputation of the layer)."""
-    per_layer = not isinstance(weights, dict)
     layer, lowest = layer_reader(weights), lowest_trained(slot_of)
-    layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
-
-    def pick(l):  # one layer's weights, l traced: a switch over the arrays, or a dynamic slice of the stack
-      if per_layer:
-        return jax.lax.switch(l, [lambda i=i: weights[i] for i in range(cfg.num_layers)])
-      return {k: jax.lax.dynamic_index_in_dim(w, l, keepdims=False) for k, w in weights.items()}
+    layer_of = layer_of_slots(slot_of, gamma)
 
     def bwd(res, dh):
       marks, hs = res
@@ -227,7 +236,7 @@ def main() -> None:
       grads = []
       for j in range(gamma):  # the trained layers' weight gradients, after the pass
         lj = layer_of[j]
-        grads.append(jax.vjp(lambda p: block(p, saved[0][j], lj), pick(lj))[1](saved[1][j])[0])
+        grads.append(jax.vjp(lambda p: block(p, saved[0][j], lj), pick_layer(weights, lj))[1](saved[1][j])[0])
       return ({k: jnp.stack([g[k] for g in grads]).astype(marks[k].dtype) for k in marks}, jnp.zeros_like(dh))
 
     return slot_function(layer, bwd)
@@ -254,7 +263,7 @@ def main() -> None:
     backward below the lowest trained layer; ``remat``: each block checkpointed (PyTorch's gradient
     checkpointing), else every residual kept (PyTorch without it)."""
     slot_at = {l: j for j, l in enumerate(args.trained)}
-    run = block if remat else (lambda lp, h, idx: run_block(cfg, lp, h, idx, inputs, attention=attention))
+    run = block if remat else plain_block
 
     def loss(slots, h, weights, slot_of):  # slot_of unused: the draw is static
       layer = layer_reader(weights)
@@ -276,36 +285,30 @@ def main() -> None:
     rest unrolled over static reads, every residual of their input gradients kept (no recomputation),
     each output tapped for its gradient; the trained layers' weight gradients after the pass, each from
     its block input, its output gradient and one recomputation."""
-    layer, n = layer_reader(weights), cfg.num_layers
-    run = lambda lp, h, l: run_block(cfg, lp, h, l, inputs, attention=attention)  # noqa: E731
-    layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
-
-    def pick(l):  # one layer's weights, l traced
-      if not isinstance(weights, dict):
-        return jax.lax.switch(l, [lambda i=i: weights[i] for i in range(n)])
-      return {k: jax.lax.dynamic_index_in_dim(w, l, keepdims=False) for k, w in weights.items()}
+    layer, n, layer_of = layer_reader(weights), cfg.num_layers, layer_of_slots(slot_of, gamma)
 
     def upper(h, sinks):
       hs = []
       for l in range(start, n):
         hs.append(h)
-        h = tap(run(layer(l), h, l), sinks[l - start])
+        h = tap(plain_block(layer(l), h, l), sinks[l - start])
       return h, jnp.stack(hs)
 
     def fwd(slots, h):
       for l in range(start):
-        h = run(layer(l), h, l)
+        h = plain_block(layer(l), h, l)
       out, grad_of_sinks, hs = jax.vjp(lambda s: upper(h, s), jnp.zeros((n - start,) + h.shape, h.dtype),
                                        has_aux=True)
-      return out, (jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots), grad_of_sinks, hs)
+      return out, (slot_marks(slots), grad_of_sinks, hs)
 
     def bwd(res, dout):
       marks, grad_of_sinks, hs = res
       (douts,) = grad_of_sinks(dout)
       grads = []
       for j in range(gamma):
-        i = layer_of[j] - start
-        grads.append(jax.vjp(lambda p: run(p, hs[i], layer_of[j]), pick(layer_of[j]))[1](douts[i])[0])
+        lj = layer_of[j]
+        block_of = lambda p, lj=lj: plain_block(p, hs[lj - start], lj)  # noqa: E731
+        grads.append(jax.vjp(block_of, pick_layer(weights, lj))[1](douts[lj - start])[0])
       return ({k: jnp.stack([g[k] for g in grads]).astype(marks[k].dtype) for k in marks},
               jnp.zeros(hs.shape[1:], hs.dtype))
 
