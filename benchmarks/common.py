@@ -48,7 +48,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   """Runs one training configuration in-process and returns its measurements.
 
   spec keys: size, strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
-  host too), batch, seq, steps, warmup.
+  host too), batch, seq, steps, warmup; backward_bucket (0: the slot scan), bucket_compile ('background':
+  while the scan trains, or 'ahead': every bucket before the weights are placed), compile_workers.
   """
   import jax
   import jax.numpy as jnp
@@ -58,6 +59,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   import grass_jax
   from grass_jax.models import config_from_hf, init_params
   from grass_jax.ahead_of_time import CompiledStep
+  from grass_jax.backward_buckets import BackwardBuckets
   from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
   from grass_jax.train import LAYERS, make_train_step
 
@@ -84,6 +86,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   stream = bool(spec.get("stream"))
   s_sh = host_slot_shardings(s_sh_device) if stream else s_sh_device
   b_sh = sharding.batch_sharding(mesh)
+  bucket = spec.get("backward_bucket", 0)  # bucketed backward pass (grass_jax.models.bucketed_stack)
+  bucket_compile = spec.get("bucket_compile", "background")  # or 'ahead': every bucket before the weights
   step = CompiledStep(make_train_step(
       cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
       frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
@@ -91,14 +95,21 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
       sketch_every=spec.get("sketch_every", 1), unroll_forward=spec.get("unroll_forward", False),
       always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
-      loss_chunk=spec.get("loss_chunk", 0)))
+      loss_chunk=spec.get("loss_chunk", 0)), workers=spec.get("compile_workers", 1))
+  buckets = BackwardBuckets(bucket, period=spec["period"], measure=measure, probe_steps=spec.get("probe_steps", 0),
+                            sketch_every=spec.get("sketch_every", 1)) if bucket else None
   b, t = spec["batch"], spec["seq"]
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)
   host_batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
   compile_ahead_s = 0.0
   if spec.get("compile_ahead", True):  # before the weights are on the device (grass_jax.ahead_of_time)
     tc = time.perf_counter()
-    step.compile(param_shapes, state_shapes, host_batch)
+    if not (bucket and bucket_compile == "ahead" and measure == "none"):  # else the scan never runs
+      step.compile(param_shapes, state_shapes, host_batch)
+    if bucket and bucket_compile == "ahead":
+      for start in range(0, cfg.num_layers, bucket):
+        step.compile_in_background(param_shapes, state_shapes, host_batch, start)
+      step.wait()
     compile_ahead_s = time.perf_counter() - tc
   params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
   opt_state = jax.jit(tx.init, out_shardings=s_sh_device)(params)
@@ -110,11 +121,15 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
   draws = []  # the trained layers of each period (host-side: the offloader's slots), for the peers rows
 
+  count = 0
+
   def run(n):
-    nonlocal params, opt_state
+    nonlocal params, opt_state, count
     m = None
     for _ in range(n):
-      params, opt_state, m = step(params, opt_state, batch)
+      start = buckets.start(count, opt_state, off) if buckets else None
+      params, opt_state, m = step(params, opt_state, batch, backward_start=start)
+      count += 1
       if off is not None:
         opt_state = off.after_step(opt_state)
         if not draws or draws[-1] != sorted(off.slot_layers):
@@ -126,7 +141,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     timed["whole_run_s"] += compile_ahead_s  # the whole run includes compiling, whenever it happens
     row = {**spec, **timed, "compile_ahead_s": compile_ahead_s, "device": dev.device_kind, "jax": jax.__version__,
            "peak_bytes": (dev.memory_stats() or {}).get("peak_bytes_in_use"),
-           "compiled_executables": step.num_compiled(), "draws": draws}
+           "compiled_executables": step.num_compiled(), "draws": draws,
+           "runs_by_backward_start": {str(k): v for k, v in step.runs.items()}}
     if spec.get("profile_steps"):  # after the peak was read: the profiler's buffers do not count
       log_dir = f"/tmp/jax_profile_{os.getpid()}"
       with jax.profiler.trace(log_dir, create_perfetto_trace=True):

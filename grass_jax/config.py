@@ -51,6 +51,11 @@ class ModelConfig:
     the layer stack instead of a scan, so that XLA:GPU reads each layer's
     weights in place instead of copying them (``remat: full`` only; more
     compile time; ``grass_jax.models.slot_scan``).
+  backward_bucket: 0 (off), or n: with embeddings frozen, the backward pass
+    starts at the lowest trained layer rounded down to a multiple of n,
+    without recomputation (one executable per bucket, compiled in the
+    background while the slot scan trains; ``grass_jax.models.bucketed_stack``).
+    Steps that measure frozen layers (probing, sketch steps) run the slot scan.
   """
 
   path: str | None = None
@@ -62,6 +67,7 @@ class ModelConfig:
   attention: str = "auto"
   loss_chunk_tokens: int = 0
   unroll_forward: bool = False
+  backward_bucket: int = 0
 
 
 @dataclasses.dataclass
@@ -316,6 +322,24 @@ def _section(cls: type, data: dict, prefix: str) -> Any:
   return cls(**kwargs)
 
 
+def _check_backward_bucket(cfg: Config) -> None:
+  m, o = cfg.model, cfg.optim
+  if m.backward_bucket < 0:
+    raise ConfigError(f"model.backward_bucket must be >= 0 (0: off); got {m.backward_bucket}")
+  if not m.backward_bucket:
+    return
+  if o.strategy == "full" or o.always_on:
+    raise ConfigError("model.backward_bucket stops the backward pass at the lowest trained layer, so it needs "
+                      "layer-wise training with the embeddings frozen: set optim.always_on: false "
+                      "(and a strategy other than full), or model.backward_bucket: 0")
+  if o.frozen_grads != "cond":
+    raise ConfigError("model.backward_bucket needs optim.frozen_grads: cond (or model.backward_bucket: 0)")
+  if o.live_importance() and o.sketch_every == 1:
+    raise ConfigError("model.backward_bucket cannot sketch layers below the bucket, and optim.sketch_every: 1 "
+                      "sketches at every step: set optim.sketch_every > 1 (sketch steps run the slot scan, the "
+                      "others the bucket), optim.importance: grad, or model.backward_bucket: 0")
+
+
 def validate(cfg: Config) -> Config:
   """Range and cross-field checks; returns ``cfg``."""
   for key, allowed in CHOICES.items():
@@ -366,6 +390,7 @@ def validate(cfg: Config) -> Config:
   if m.unroll_forward and m.remat != "full":
     raise ConfigError(f"model.unroll_forward needs model.remat: full (other policies keep the layer scan); "
                       f"got model.remat: {m.remat}. Set model.remat: full or model.unroll_forward: false")
+  _check_backward_bucket(cfg)
   if o.strategy == "fixed":
     layers = o.fixed_layers or []
     if (len(layers) != o.num_active or len(set(layers)) != len(layers)

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from grass_jax import data as data_lib
 from grass_jax import sharding as sharding_lib
 from grass_jax.ahead_of_time import CompiledStep
+from grass_jax.backward_buckets import BackwardBuckets
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.compile_cache import use_compilation_cache
 from grass_jax.config import Config, ConfigError, ModelConfig, OptimConfig, to_dict
@@ -237,6 +238,9 @@ class Trainer:
         probe_steps=o.probing_steps(), always_on=o.always_on,
         loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every,
         unroll_forward=cfg.model.unroll_forward))
+    self.backward_buckets = BackwardBuckets(cfg.model.backward_bucket, period=o.period, measure=measure_mode(o),
+                                   probe_steps=o.probing_steps(), sketch_every=o.sketch_every) \
+        if cfg.model.backward_bucket else None
     lengths = self._batch_lengths()
     for length in tqdm(lengths, desc="compiling the train step", unit="length", disable=not self.progress,
                        dynamic_ncols=True):
@@ -303,8 +307,10 @@ class Trainer:
   def train_step(self, batch: dict[str, np.ndarray]) -> None:
     """One optimizer step (or probing step), dispatched asynchronously; the offloader swaps after it."""
     s = self.state
+    start = None if self.backward_buckets is None else self.backward_buckets.start(s.step, s.opt_state, s.offloader)
     s.params, s.opt_state, m = self.train_step_fn(s.params, s.opt_state,
-                                                  sharding_lib.shard_batch(batch, self.shardings[2]))
+                                                  sharding_lib.shard_batch(batch, self.shardings[2]),
+                                                  backward_start=start)
     if s.offloader is not None:
       s.opt_state = s.offloader.after_step(s.opt_state)
     s.step += 1

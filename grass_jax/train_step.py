@@ -33,6 +33,7 @@ from grass_jax import sharding as sharding_lib
 from grass_jax.layers import AlwaysOn, build_layout
 from grass_jax.loss import chunked_cross_entropy, cross_entropy
 from grass_jax.models import LAYERS
+from grass_jax.models.bucketed_stack import bucketed_stack
 from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
 from grass_jax.models.slot_scan import MEASURES, Measurement, slot_stack
 from grass_jax.offload import state_stream
@@ -50,7 +51,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
               attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
               sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True,
               input_grad: bool = True, loss_chunk: int = 0, sketch_every: int = 1,
-              unroll_forward: bool = False) -> tuple[jax.Array, jax.Array]:
+              unroll_forward: bool = False, backward_start: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -75,6 +76,10 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       (:func:`grass_jax.loss.chunked_cross_entropy`); 0: whole.
     unroll_forward: the slot scan's forward pass over static slices of the
       stack ('cond', ``remat='full'``; :mod:`grass_jax.models.slot_scan`).
+    backward_start: an int: the bucketed backward pass from this layer up
+      (:mod:`grass_jax.models.bucketed_stack`; 'cond', ``input_grad=False``,
+      measure 'none' or 'exact', and not on probing steps: their gradients
+      come out NaN); None: the slot scan.
 
   Returns:
     ``(summed loss, number of loss tokens)``.
@@ -88,6 +93,13 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   override = stack = None
   if gamma == num_layers:  # all layers train: the slots are the stack itself (active == arange)
     params = trainable
+  elif frozen_grads == "cond" and backward_start is not None:
+    _check_bucketable(input_grad, measure, sketch_every)
+    slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
+    params = {**trainable, "layers": frozen_layers}
+    stack = bucketed_stack(config, trainable["layers"], slot_of, backward_start, attention=impl,
+                           act_sharding=act_sharding, measure="none" if measure == "none" else "exact", sink=sink,
+                           refuse=_measures_frozen(measure, measurement, may_probe, sketch_every))
   elif frozen_grads == "cond":
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
     params = {**trainable, "layers": frozen_layers}
@@ -98,6 +110,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
+    if backward_start is not None:
+      raise ValueError("a bucketed backward pass (backward_start) needs frozen_grads='cond'")
     slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
 
     def pick_slot(lp: Params, idx: jax.Array) -> Params:
@@ -114,6 +128,25 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   if loss_chunk > 0:
     return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], loss_chunk)
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
+
+
+def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:
+  if input_grad:
+    raise ValueError("a bucketed backward pass (backward_start) stops at the lowest trained layer, so the embeddings "
+                     "must be frozen: pass make_train_step(always_on=...) without 'embed' (optim.always_on)")
+  if measure == "sketch" and sketch_every == 1:
+    raise ValueError("a bucketed backward pass (backward_start) cannot sketch frozen layers below the bucket, and "
+                     "sketch_every=1 sketches at every step: use sketch_every > 1 (the steps between run the "
+                     "bucket), measure 'exact' or 'none', or no backward_start")
+
+
+def _measures_frozen(measure: str, measurement: Measurement | None, may_probe: bool,
+                     sketch_every: int) -> jax.Array | None:
+  """Whether this step measures frozen layers (a probing or a sketch step): the bucket refuses those."""
+  if measure == "none":
+    return None
+  refuse = measurement.probing if may_probe else jnp.asarray(False)
+  return refuse | jnp.asarray(measurement.sketching) if measure == "sketch" else refuse
 
 
 def _layer_size(config: DecoderConfig) -> int:
@@ -152,7 +185,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
                     stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
                     probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0,
                     sketch_every: int = 1, unroll_forward: bool = False) -> Callable:
-  """Builds ``step(params, opt_state, batch) -> (params, opt_state, metrics)``, jitted.
+  """Builds ``step(params, opt_state, batch, backward_start=None) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
   micro-batch gradients are summed in a ``lax.scan`` and divided by the number
@@ -195,6 +228,18 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   gain and 0.47 GiB more temporaries (docs/performance.md). More compile time:
   compile it ahead (:class:`grass_jax.ahead_of_time.CompiledStep`), or the
   autotuner's buffers add to the peak.
+
+  ``backward_start`` (static, per call, the fourth positional argument): None runs the slot scan, compiled
+  once for every draw. An int runs the bucketed backward pass from that layer
+  up (:mod:`grass_jax.models.bucketed_stack`): no recomputation, one
+  executable per value; every active layer must be at or above it (use
+  :func:`~grass_jax.models.bucketed_stack.backward_start`), the embeddings
+  frozen (``always_on`` without them), and the step must not measure frozen
+  layers (probing, or a sketch step of ``sketch_every > 1``). A
+  :class:`grass_jax.backward_buckets.BackwardBuckets` picks the value per step. A step that breaks either rule has NaN
+  gradients and is skipped (``metrics['skipped']``), never trained on a wrong
+  gradient. :class:`grass_jax.ahead_of_time.CompiledStep` compiles the
+  buckets in the background.
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
@@ -212,7 +257,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     act_sharding = sharding_lib.activation_sharding(shardings[2].mesh)
   layer_size = _layer_size(config)
 
-  def step(params: Params, opt_state: Any, batch: Batch) -> tuple[Params, Any, dict[str, jax.Array]]:
+  def step(params: Params, opt_state: Any, batch: Batch,
+           backward_start: int | None = None) -> tuple[Params, Any, dict[str, jax.Array]]:
     state = find_state(opt_state)
     active = state.active
     probing = state.count < probe_steps
@@ -245,7 +291,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
           treedef.unflatten(full), frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads,
           attention=attention, act_sharding=act_sharding, measure=measure if measuring else "none",
           sketch_size=sketch_size, sink=sk, measurement=measurement, may_probe=probe_steps > 0,
-          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every, unroll_forward=unroll_forward)
+          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every, unroll_forward=unroll_forward,
+          backward_start=None if all_layers else backward_start)
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]
@@ -285,9 +332,10 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     return new_params, new_opt_state, metrics
 
   donate_argnums = (0, 1) if donate else ()
+  static = (3,)  # backward_start; passed by position: jit refuses keyword arguments with in_shardings
   if shardings is None:
-    return jax.jit(step, donate_argnums=donate_argnums)
+    return jax.jit(step, donate_argnums=donate_argnums, static_argnums=static)
   p_sh, s_sh, b_sh = shardings
   metrics_sh = jax.sharding.NamedSharding(b_sh.mesh, jax.sharding.PartitionSpec())
   return jax.jit(step, donate_argnums=donate_argnums, in_shardings=(p_sh, s_sh, b_sh),
-                 out_shardings=(p_sh, s_sh, metrics_sh))
+                 out_shardings=(p_sh, s_sh, metrics_sh), static_argnums=static)
