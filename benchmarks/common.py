@@ -106,10 +106,11 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     tc = time.perf_counter()
     if not (bucket and bucket_compile == "ahead" and measure == "none"):  # else the scan never runs
       step.compile(param_shapes, state_shapes, host_batch)
-    if bucket and bucket_compile == "ahead":
-      for start in range(0, cfg.num_layers, bucket):
+    if bucket:  # as the Trainer does: every bucket queued now; 'ahead' waits for them
+      for start in buckets.starts(cfg.num_layers):
         step.compile_in_background(param_shapes, state_shapes, host_batch, start)
-      step.wait()
+      if bucket_compile == "ahead":
+        step.wait()
     compile_ahead_s = time.perf_counter() - tc
   params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
   opt_state = jax.jit(tx.init, out_shardings=s_sh_device)(params)
@@ -272,7 +273,9 @@ def run_isolated(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
   """Runs :func:`run_config` in a fresh Python process (clean peak-memory counter)."""
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
   code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks.common import run_config; "
-          f"print('RESULT' + json.dumps(run_config(json.loads({json.dumps(json.dumps(spec))}))))")
+          f"print('RESULT' + json.dumps(run_config(json.loads({json.dumps(json.dumps(spec))}))), flush=True); "
+          # without waiting for a background compilation still under way (a bucket nobody will use)
+          "import os; os._exit(0)")
   t0 = time.perf_counter()
   try:
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)

@@ -149,7 +149,10 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                           bucket_compile="ahead", compile_workers=8)),
     ("7b-jax-grass-offload-late-g2-nomerge-bucket4-background", _jax(
         "grass", **SEVEN_B, num_active=2, offload=True, prefetch=False, xla_flags=NO_DOT_MERGER, unroll_forward=True,
-        backward_bucket=4, compile_workers=2)),
+        backward_bucket=4, compile_workers=1)),
+    ("7b-jax-grass-offload-late-g2-nomerge-bucket8", _jax("grass", **SEVEN_B, num_active=2, offload=True,
+                                                          prefetch=False, xla_flags=NO_DOT_MERGER, backward_bucket=8,
+                                                          bucket_compile="ahead", compile_workers=8)),
     # Frozen layers keep their matmul outputs (dots) or everything (none) instead of being recomputed in the
     # backward pass: faster, not leaner. Compared with PyTorch without gradient checkpointing (below).
     *[(f"7b-jax-grass-offload-late-g2-nomerge-remat-{r}", _jax("grass", **SEVEN_B, num_active=2, offload=True,
@@ -324,7 +327,8 @@ def run_one(spec: dict[str, Any], timeout: float, hlo_dir: Path | None = None) -
   """
   fn = "torch_run" if spec["framework"] == "torch" else "jax_run"
   code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks import peers; "
-          f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))))")
+          f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))), flush=True); "
+          "import os; os._exit(0)")  # not waiting for a background compilation nobody will use
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false")
   flags = [env.get("XLA_FLAGS", ""), spec.get("xla_flags", "")]
   if hlo_dir and spec["framework"] == "jax":  # the optimised HLO of the training step, to name the profile's kernels

@@ -116,6 +116,13 @@ class CompiledStep:
       return self.step(params, opt_state, batch, *_start_arg(backward_start))
     return compiled(params, opt_state, batch)
 
+  def close(self) -> None:
+    """Drops the background compilations not started yet (the run is over); one under way finishes."""
+    if self._pool is not None:
+      self._pool.shutdown(wait=False, cancel_futures=True)
+      self._pool = None
+    self._pending = {k: f for k, f in self._pending.items() if not f.cancelled()}
+
   def wait(self) -> None:
     """Waits for the background compilations started so far (tests, benchmarks)."""
     for future in list(self._pending.values()):

@@ -61,6 +61,10 @@ class BackwardBuckets:
     self._layers: list[int] | None = None
     self._read_at: int | None = None
 
+  def starts(self, num_layers: int) -> list[int]:
+    """Every bucket of a model of ``num_layers`` layers, deepest backward pass (most gain) first."""
+    return list(range(0, num_layers, self.bucket))
+
   def start(self, count: int, opt_state: Any, offloader: Any = None) -> int | None:
     """``backward_start`` for the step at optimizer count ``count`` (None: the slot scan)."""
     if measures_frozen_layers(count, measure=self.measure, probe_steps=self.probe_steps,

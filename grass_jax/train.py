@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -231,21 +232,35 @@ class Trainer:
     self.state_device_shardings = sharding_lib.tree_shardings(state_shapes, mesh)
     s_sh = host_slot_shardings(self.state_device_shardings) if o.stream_active_states else self.state_device_shardings
     self.shardings = (sharding_lib.tree_shardings(param_shapes, mesh), s_sh, sharding_lib.batch_sharding(mesh))
+    ahead = cfg.model.backward_bucket_compile == "ahead"
     step = CompiledStep(make_train_step(
         self.mcfg, self.tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
         frozen_grads=o.frozen_grads, attention=cfg.model.attention, shardings=self.shardings,
         stream_states=o.stream_active_states, measure=measure_mode(o), sketch_size=o.sketch_size,
         probe_steps=o.probing_steps(), always_on=o.always_on,
         loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every,
-        unroll_forward=cfg.model.unroll_forward))
+        unroll_forward=cfg.model.unroll_forward), workers=min(8, os.cpu_count() or 1) if ahead else 1)
     self.backward_buckets = BackwardBuckets(cfg.model.backward_bucket, period=o.period, measure=measure_mode(o),
-                                   probe_steps=o.probing_steps(), sketch_every=o.sketch_every) \
+                                            probe_steps=o.probing_steps(), sketch_every=o.sketch_every) \
         if cfg.model.backward_bucket else None
-    lengths = self._batch_lengths()
-    for length in tqdm(lengths, desc="compiling the train step", unit="length", disable=not self.progress,
-                       dynamic_ncols=True):
-      step.compile(param_shapes, state_shapes, self.dataset.make_batch(length, []))
+    batches = [self.dataset.make_batch(length, []) for length in self._batch_lengths()]
+    for batch in tqdm(batches, desc="compiling the train step", unit="length", disable=not self.progress,
+                      dynamic_ncols=True):
+      step.compile(param_shapes, state_shapes, batch)
+    if self.backward_buckets is not None:
+      self._compile_buckets(step, param_shapes, state_shapes, batches, ahead)
     return step
+
+  def _compile_buckets(self, step: CompiledStep, param_shapes: Any, state_shapes: Any, batches: list,
+                       ahead: bool) -> None:
+    """Every bucket of the backward pass, for every batch length: now ('ahead') or in the background."""
+    for start in self.backward_buckets.starts(self.mcfg.num_layers):
+      for batch in batches:
+        step.compile_in_background(param_shapes, state_shapes, batch, start)
+    if ahead:
+      with tqdm(total=1, desc="compiling the backward buckets", disable=not self.progress, dynamic_ncols=True) as bar:
+        step.wait()
+        bar.update(1)
 
   def _batch_lengths(self) -> list[int]:
     """The bucket lengths of the run's first ``total`` batches (on resume, a superset of those left)."""
@@ -393,12 +408,15 @@ class Trainer:
   def finish(self, *, return_state: bool = False) -> dict[str, Any]:
     """Closes the checkpointer and writer, exports ``hf_model/`` and writes ``summary.json``."""
     s, out = self.state, self.out
+    self.train_step_fn.close()  # background compilations nobody will use
     self.ckpt.close()
     if self.writer is not None:
       self.writer.close()
     summary = {"steps": s.step, "final_loss": s.last.get("mean_loss"), "skipped_steps": s.skipped,
                "output_dir": str(out), "heatmap": str(out / "layer_probabilities.png"),
                **{k: v for k, v in s.last.items() if k.startswith("eval/")}}
+    if self.backward_buckets is not None:  # how many steps ran which executable (None: the slot scan)
+      summary["steps_by_backward_start"] = {str(k): v for k, v in self.train_step_fn.runs.items()}
     if self.cfg.train.export:
       summary["hf_model"] = str(self.export(out / "hf_model"))
     if self.main_process:

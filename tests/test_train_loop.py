@@ -273,19 +273,21 @@ def test_unroll_forward_reaches_the_train_step(tmp_path, monkeypatch):
 
 def test_backward_buckets_reach_the_train_step(tmp_path, monkeypatch):
   # model.backward_bucket: probing steps run the slot scan (None), the others their draw's bucket (the
-  # math of both: tests/test_bucketed_stack.py); the step's own executable list keeps the scan for a
-  # bucket still compiling, so the run never waits for a compilation.
+  # math of both: tests/test_bucketed_stack.py); compiled ahead (the default), every bucket runs from its first step.
+  # (The background policy, the scan standing in for a bucket still compiling: tests/test_ahead_of_time.py.)
   from grass_jax.ahead_of_time import CompiledStep
   asked = []
   call = CompiledStep.__call__
   monkeypatch.setattr(CompiledStep, "__call__",
                       lambda self, *a, backward_start=None: (asked.append(backward_start),
                                                              call(self, *a, backward_start=backward_start))[1])
-  out = run(_cfg(tmp_path, "model.backward_bucket=2", "optim.always_on=false", "optim.importance=grad",
-                 "optim.period=3", "train.max_steps=6", "train.log_every=1"), progress=False, return_state=True)
+  out = run(_cfg(tmp_path, "model.backward_bucket=2", "optim.always_on=false",
+                 "optim.importance=grad", "optim.period=3", "train.max_steps=6", "train.log_every=1"), progress=False)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   active = next(l["active_layers"] for l in lines if l.get("step") == 4)  # steps 3-5: one period
-  assert asked == [None] * 3 + [min(active) // 2 * 2] * 3
+  start = min(active) // 2 * 2
+  assert asked == [None] * 3 + [start] * 3
+  assert out["steps_by_backward_start"] == {"None": 3, str(start): 3}
   assert lines[-1]["skipped_steps"] == 0 and out["steps"] == 6
   for bad, message in [(["model.backward_bucket=2"], "optim.always_on: false"),
                        (["model.backward_bucket=2", "optim.always_on=false"], "optim.sketch_every > 1"),
