@@ -1,0 +1,59 @@
+"""How long one bucket of the bucketed backward pass takes to compile, alone (no other compilation).
+
+The peers rows compile every bucket in parallel threads (``bucket_compile: ahead``) and took 146 s for
+8 buckets and for 4; this compiles the Llama-2-7B train step (b2 x 512, frozen embeddings, GRASS
+gamma 2, offloaded states) from shapes, one executable at a time: the slot scan (unrolled forward),
+then the buckets named on the command line. Prints one line per executable and writes JSON.
+
+  python benchmarks/probes/bucket_compile_time.py --starts 24 0 --out /tmp/compile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--starts", type=int, nargs="+", default=[24, 0])
+  ap.add_argument("--out", type=Path, required=True)
+  args = ap.parse_args()
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import grass_jax
+  from benchmarks.common import SIZES
+  from grass_jax.models import config_from_hf, init_params
+  from grass_jax.train import LAYERS, make_train_step
+  cfg = config_from_hf(SIZES["llama2-7b"])
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
+  tx = optax.chain(optax.clip_by_global_norm(1.0),
+                   grass_jax.strategy("grass", optax.adamw(1e-5), layers=LAYERS, num_active=2, period=20,
+                                      offload=True, always_on=False))
+  state = jax.eval_shape(tx.init, params)
+  batch = {k: jax.ShapeDtypeStruct((1, 2, 512), jnp.int32) for k in ("tokens", "attention_mask", "loss_mask")}
+  step = make_train_step(cfg, tx, always_on=False, attention="cudnn", unroll_forward=True)
+  rows = []
+  for start in [None, *args.starts]:
+    t0 = time.perf_counter()
+    lowered = step.lower(params, state, batch, *(() if start is None else (start,)))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+    row = {"backward_start": start, "lower_s": t1 - t0, "compile_s": t2 - t1,
+           "temp_gib": getattr(mem, "temp_size_in_bytes", 0) / 2**30, "device": jax.devices()[0].device_kind}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+  main()
