@@ -3,13 +3,20 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
+import grass_jax
 from grass_jax import models
+from grass_jax.ahead_of_time import CompiledStep
+from grass_jax.backward_buckets import BackwardBuckets
 from grass_jax.models import bucketed_stack as bucketed_lib
 from grass_jax.models import llama
 from grass_jax.models.bucketed_stack import backward_start, bucketed_stack
-from grass_jax.models.slot_scan import slot_stack
+from grass_jax.models.slot_scan import Measurement, slot_stack
+from grass_jax.offload import Offloader
+from grass_jax.train_step import LAYERS, make_train_step
+from tests.test_train_step import _batch
 
 CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
                             "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2})
@@ -32,7 +39,6 @@ def _loss(stack_of, active, measure="none"):
 
 
 def _scan(slots, slot_of, sink, measure):
-  from grass_jax.models.slot_scan import Measurement
   measurement = Measurement(jnp.asarray(False), jax.random.PRNGKey(0)) if measure != "none" else None
   return slot_stack(CFG, slots, slot_of, attention="einsum", measure=measure, sink=sink, measurement=measurement,
                     may_probe=False, input_grad=False)
@@ -47,7 +53,7 @@ def _slots(active):
   return {k: jnp.zeros_like(v[jnp.asarray(active)]) for k, v in PARAMS["layers"].items()}
 
 
-@pytest.mark.parametrize("active,bucket", [([4, 2], 2), ([5, 3], 4), ([5, 1, 3], 1)])
+@pytest.mark.parametrize("active,bucket", [([5, 3], 4), ([5, 1, 3], 1)])
 def test_bucketed_gradients_and_norms_equal_the_slot_scan(active, bucket):
   # float32: the same slot gradients (slot i gets layer active[i]'s), the same measured norms.
   start = backward_start(active, bucket)
@@ -112,18 +118,10 @@ def test_bucketed_stack_refuses_bad_settings():
 
 
 def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, steps=8, period=3):
-  """Params after ``steps`` GRASS steps (SGD with momentum; embeddings frozen), with buckets of ``bucket`` layers or the slot
-  scan (0); and the step's runs per backward_start, the skipped steps and the active sets seen."""
-  import optax
-
-  import grass_jax
-  from grass_jax.ahead_of_time import CompiledStep
-  from grass_jax.backward_buckets import BackwardBuckets
-  from grass_jax.offload import Offloader
-  from grass_jax.train_step import LAYERS, make_train_step
-  from tests.test_train_step import _batch
-  tx = grass_jax.transform(optax.sgd(0.5, momentum=0.5), layers=LAYERS, num_active=2, period=period, always_on=False, seed=3,
-                           offload=offload, probe_steps=probe_steps)
+  """Params after ``steps`` GRASS steps (SGD with momentum; embeddings frozen), with buckets of ``bucket``
+  layers or the slot scan (0); and the step's runs per backward_start, the skipped steps and the draws."""
+  tx = grass_jax.transform(optax.sgd(0.5, momentum=0.5), layers=LAYERS, num_active=2, period=period,
+                           always_on=False, seed=3, offload=offload, probe_steps=probe_steps)
   step = CompiledStep(make_train_step(CFG, tx, dtype=jnp.float32, always_on=False, donate=False, measure=measure,
                                       probe_steps=probe_steps, sketch_every=sketch_every), background=False)
   buckets = BackwardBuckets(bucket or 1, period=period, measure=measure, probe_steps=probe_steps,
@@ -144,7 +142,7 @@ def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, ste
 
 
 @pytest.mark.parametrize("measure,probe_steps,sketch_every,offload", [
-    ("exact", 3, 1, False), ("none", 0, 1, True), ("sketch", 0, 2, False)])
+    ("exact", 3, 1, True), ("sketch", 0, 2, False)])
 def test_a_bucketed_run_trains_what_the_slot_scan_trains(measure, probe_steps, sketch_every, offload):
   # The host picks each step's bucket (after every switch; probing and sketch steps run the scan):
   # no step is skipped for a wrong bucket, and the parameters equal the scan's run.

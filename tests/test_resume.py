@@ -14,12 +14,6 @@ from tests.test_train_loop import _cfg
 pytestmark = pytest.mark.xdist_group("resume")
 
 
-def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path):
-  run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), progress=False, stop_at=2)
-  with pytest.raises(ConfigError, match=r"--resume with train.max_steps=8, but the run .* was started with 4"):
-    run(_cfg(tmp_path, "train.max_steps=8", "train.checkpoint_every=2"), resume=True, progress=False)
-
-
 def _largest_file(directory):
   return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
@@ -38,6 +32,14 @@ def stopped_at_four(tmp_path_factory):
   out = tmp_path_factory.mktemp("stopped") / "run"
   run(_cfg(out, *FALLBACK), progress=False, stop_at=4)
   return out
+
+
+def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path, stopped_at_four):
+  # (the stopped run of the fallback tests: started with train.max_steps=4; refused before anything compiles)
+  shutil.copytree(stopped_at_four, tmp_path / "b")
+  with pytest.raises(ConfigError, match=r"--resume with train.max_steps=8, but the run .* was started with 4"):
+    run(_cfg(tmp_path / "b", "train.max_steps=8", "train.checkpoint_every=2", "train.keep_checkpoints=2"),
+        resume=True, progress=False)
 
 
 @pytest.mark.parametrize("damage", ["truncated_array", "missing_metadata", "garbage_bytes"])
@@ -62,13 +64,18 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, damage, c
   jax.tree.map(np.testing.assert_array_equal, straight_four_steps, resumed["params"])
 
 
-def test_resume_of_a_run_started_with_the_papers_importance_is_refused_under_the_new_default(tmp_path):
+def test_resume_of_a_run_started_with_the_papers_importance_is_refused_under_the_new_default(tmp_path,
+                                                                                           stopped_at_four):
   # The default importance changed from grad to sketch; a run started with grad must not continue with
-  # another layer sequence without a word.
-  run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2", "optim.importance=grad"), progress=False,
-      stop_at=2)
+  # another layer sequence without a word. (The stopped run of the fallback tests, its saved config
+  # rewritten as a run started with grad: the check reads only that file.)
+  import yaml
+  shutil.copytree(stopped_at_four, tmp_path / "b")
+  saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
+  saved["optim"]["importance"] = "grad"
+  (tmp_path / "b" / "config.yaml").write_text(yaml.safe_dump(saved))
   with pytest.raises(ConfigError, match=r"--resume with optim.importance='sketch', but the run .* with 'grad'"):
-    run(_cfg(tmp_path, "train.max_steps=4", "train.checkpoint_every=2"), resume=True, progress=False)
+    run(_cfg(tmp_path / "b", *FALLBACK), resume=True, progress=False)
 
 
 def test_resume_with_another_sketch_schedule_is_refused(tmp_path):

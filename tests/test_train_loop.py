@@ -282,7 +282,8 @@ def test_backward_buckets_reach_the_train_step(tmp_path, monkeypatch):
                       lambda self, *a, backward_start=None: (asked.append(backward_start),
                                                              call(self, *a, backward_start=backward_start))[1])
   out = run(_cfg(tmp_path, "model.backward_bucket=2", "optim.always_on=false",
-                 "optim.importance=grad", "optim.period=3", "train.max_steps=6", "train.log_every=1"), progress=False)
+                 "optim.importance=grad", "optim.period=3", "train.max_steps=6", "train.log_every=1",
+                 "train.export=false", "train.checkpoint_every=0"), progress=False)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   active = next(l["active_layers"] for l in lines if l.get("step") == 4)  # steps 3-5: one period
   start = min(active) // 2 * 2

@@ -83,7 +83,7 @@ class BucketSettings(NamedTuple):
 def bucketed_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, start: int, *, attention: str,
                    act_sharding: Any = None, measure: str = "none", sink: jax.Array | None = None,
                    refuse: jax.Array | None = None) -> LayerStack:
-  """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers at or above ``start``.
+  """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` training slotted layers at or above ``start``.
 
   The interface of :func:`~grass_jax.models.slot_scan.slot_stack` with ``input_grad=False`` (the
   gradient with respect to the stack's input is zeros: embeddings frozen).
