@@ -239,7 +239,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   :class:`grass_jax.backward_buckets.BackwardBuckets` picks the value per step. A step that breaks either rule has NaN
   gradients and is skipped (``metrics['skipped']``), never trained on a wrong
   gradient. :class:`grass_jax.ahead_of_time.CompiledStep` compiles the
-  buckets in the background.
+  buckets ahead or in the background. Llama-2-7B b2 x 512 on an H200: 1.27x
+  the slot scan's tokens/s for 1 GiB more peak (docs/performance.md).
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
