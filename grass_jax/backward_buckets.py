@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from grass_jax.models.bucketed_stack import backward_start
+from grass_jax.train_step import sketch_step
 from grass_jax.transform import find_state
 
 
@@ -38,7 +39,7 @@ def measures_frozen_layers(count: int, *, measure: str, probe_steps: int, sketch
     return False
   if count < probe_steps:
     return True
-  return measure == "sketch" and (count + 2 - probe_steps) % sketch_every == 0
+  return measure == "sketch" and bool(sketch_step(count, probe_steps=probe_steps, sketch_every=sketch_every))
 
 
 class BackwardBuckets:

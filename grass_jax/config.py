@@ -53,8 +53,8 @@ class ModelConfig:
     compile time; ``grass_jax.models.slot_scan``).
   backward_bucket: 0 (off), or n: with embeddings frozen, the backward pass
     starts at the lowest trained layer rounded down to a multiple of n,
-    without recomputation (one executable per bucket, compiled in the
-    background while the slot scan trains; ``grass_jax.models.bucketed_stack``).
+    without recomputation (one executable per bucket, compiled as
+    ``backward_bucket_compile`` says; ``grass_jax.models.bucketed_stack``).
     Steps that measure frozen layers (probing, sketch steps) run the slot scan.
   backward_bucket_compile: 'ahead' (all buckets, in parallel, before the
     weights are placed: a wait, the fast step from the first step on; Llama-2-7B

@@ -35,7 +35,7 @@ from grass_jax.loss import chunked_cross_entropy, cross_entropy
 from grass_jax.models import LAYERS
 from grass_jax.models.bucketed_stack import bucketed_stack
 from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
-from grass_jax.models.slot_scan import MEASURES, Measurement, slot_stack
+from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.offload import state_stream
 from grass_jax.transform import GrassState, apply_slot_updates, find_state
 
@@ -95,13 +95,14 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     params = trainable
   elif frozen_grads == "cond" and backward_start is not None:
     _check_bucketable(input_grad, measure, sketch_every)
-    slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
     params = {**trainable, "layers": frozen_layers}
-    stack = bucketed_stack(config, trainable["layers"], slot_of, backward_start, attention=impl,
-                           act_sharding=act_sharding, measure="none" if measure == "none" else "exact", sink=sink,
-                           refuse=_measures_frozen(measure, measurement, may_probe, sketch_every))
+    # Steps that measure frozen layers (probing, a sketch step) are refused: their gradients come out NaN.
+    refuse = frozen_layers_measured(measure, measurement, may_probe=may_probe, sketch_every=sketch_every)
+    stack = bucketed_stack(config, trainable["layers"], _slot_of(active, num_layers), backward_start,
+                           attention=impl, act_sharding=act_sharding,
+                           measure="none" if measure == "none" else "exact", sink=sink, refuse=jnp.asarray(refuse))
   elif frozen_grads == "cond":
-    slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
+    slot_of = _slot_of(active, num_layers)
     params = {**trainable, "layers": frozen_layers}
     stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
                        measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement,
@@ -112,7 +113,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
     if backward_start is not None:
       raise ValueError("a bucketed backward pass (backward_start) needs frozen_grads='cond'")
-    slot_of = jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(gamma, dtype=jnp.int32))
+    slot_of = _slot_of(active, num_layers)
 
     def pick_slot(lp: Params, idx: jax.Array) -> Params:
       slot = slot_of[idx]
@@ -140,13 +141,18 @@ def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None
                      "bucket), measure 'exact' or 'none', or no backward_start")
 
 
-def _measures_frozen(measure: str, measurement: Measurement | None, may_probe: bool,
-                     sketch_every: int) -> jax.Array | None:
-  """Whether this step measures frozen layers (a probing or a sketch step): the bucket refuses those."""
-  if measure == "none":
-    return None
-  refuse = measurement.probing if may_probe else jnp.asarray(False)
-  return refuse | jnp.asarray(measurement.sketching) if measure == "sketch" else refuse
+def _slot_of(active: jax.Array, num_layers: int) -> jax.Array:
+  """int ``[L]``: each layer's slot in ``active``, or -1."""
+  return jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(active.shape[0], dtype=jnp.int32))
+
+
+def sketch_step(count: Any, *, probe_steps: int, sketch_every: int) -> Any:
+  """Whether the step at optimizer count ``count`` (an int, or traced) is a sketch step of ``sketch_every``.
+
+  The transform refreshes importance where ``(count + 2 - probe_steps) % refresh_every == 0``;
+  ``sketch_every`` divides ``refresh_every``, so every refresh step is a sketch step.
+  """
+  return (count + 2 - probe_steps) % sketch_every == 0
 
 
 def _layer_size(config: DecoderConfig) -> int:
@@ -229,16 +235,16 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   compile it ahead (:class:`grass_jax.ahead_of_time.CompiledStep`), or the
   autotuner's buffers add to the peak.
 
-  ``backward_start`` (static, per call, the fourth positional argument): None runs the slot scan, compiled
-  once for every draw. An int runs the bucketed backward pass from that layer
+  ``backward_start`` (static, per call, the fourth positional argument):
+  None runs the slot scan, compiled once for every draw. An int runs the bucketed backward pass from that layer
   up (:mod:`grass_jax.models.bucketed_stack`): no recomputation, one
   executable per value; every active layer must be at or above it (use
   :func:`~grass_jax.models.bucketed_stack.backward_start`), the embeddings
   frozen (``always_on`` without them), and the step must not measure frozen
   layers (probing, or a sketch step of ``sketch_every > 1``). A
-  :class:`grass_jax.backward_buckets.BackwardBuckets` picks the value per step. A step that breaks either rule has NaN
-  gradients and is skipped (``metrics['skipped']``), never trained on a wrong
-  gradient. :class:`grass_jax.ahead_of_time.CompiledStep` compiles the
+  :class:`grass_jax.backward_buckets.BackwardBuckets` picks the value per
+  step. A step that breaks either rule has NaN gradients and is skipped
+  (``metrics['skipped']``), never trained on a wrong gradient. :class:`grass_jax.ahead_of_time.CompiledStep` compiles the
   buckets ahead or in the background. Llama-2-7B b2 x 512 on an H200: 1.27x
   the slot scan's tokens/s for 1 GiB more peak (docs/performance.md).
   """
@@ -273,9 +279,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
            if slot_handles else trainable)
     sink = jnp.zeros((config.num_layers,), jnp.float32) if measuring else None
     # A key of its own for the sketch's projections, derived from the state's (resume stays exact).
-    # The transform refreshes importance where (count + 2 - probe_steps) % refresh_every == 0; sketch_every
-    # divides refresh_every, so every refresh step is a sketch step.
-    sketching = jnp.asarray(measure == "sketch") & ((state.count + 2 - probe_steps) % sketch_every == 0)
+    sketching = jnp.asarray(measure == "sketch") & sketch_step(state.count, probe_steps=probe_steps,
+                                                               sketch_every=sketch_every)
     measurement = Measurement(probing, jax.random.fold_in(state.key, 0x5EC), sketching) if measuring else None
     leaves, treedef = jax.tree.flatten(wrt)
     differentiate = ([True] * len(leaves) if all_layers

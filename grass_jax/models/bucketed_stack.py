@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 
 from grass_jax.models.decoder import DecoderConfig, LayerStack, Params, run_block
+from grass_jax.models.slot_scan import layers_of_slots, squared_norm
 
 BUCKET_MEASURES = ("none", "exact")
 
@@ -166,7 +167,7 @@ def _bucketed_bwd(config, settings, res, d_out):
   start, num_layers = settings.start, config.num_layers
   (output_grads,) = output_grads_of(d_out)  # the input-gradient pass, down to `start`
   gamma = jax.tree.leaves(marks)[0].shape[0]
-  layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1).astype(jnp.int32)
+  layer_of = layers_of_slots(slot_of, gamma).astype(jnp.int32)
   in_bucket = jnp.all(layer_of >= start) & ~refuse
   grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
   norms = jnp.zeros((num_layers,), jnp.float32)
@@ -176,7 +177,7 @@ def _bucketed_bwd(config, settings, res, d_out):
     # A draw below the bucket: NaN, so that the step is skipped rather than trained on a wrong gradient.
     dp = jax.tree.map(lambda g: jnp.where(in_bucket, g, jnp.nan), dp)
     grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
-    norms = norms.at[layer].set(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(dp)))
+    norms = norms.at[layer].set(squared_norm(dp))
   d_sink = jnp.where(in_bucket, norms, jnp.nan) if settings.measure == "exact" else None
   return grads, None, None, jnp.zeros(block_inputs.shape[1:], block_inputs.dtype), None, d_sink, None
 

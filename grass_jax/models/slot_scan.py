@@ -180,7 +180,8 @@ def _run_block(config: DecoderConfig, settings: ScanSettings, lp: Params, h: jax
                    probes=probes)
 
 
-def _squared_norm(tree: Any) -> jax.Array:
+def squared_norm(tree: Any) -> jax.Array:
+  """Sum of the squares of every leaf, in float32 (a layer's measured importance)."""
   return sum((jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree)), jnp.float32(0))
 
 
@@ -275,7 +276,7 @@ class _Backward(NamedTuple):
   def exact_norm(self, layer, dh):
     """``(input gradient, squared weight-gradient norm)``; the gradient itself is dropped."""
     dp, dx = self.weight_and_input_grad(layer, dh)
-    return dx, _squared_norm(dp)
+    return dx, squared_norm(dp)
 
   def sketched_norm(self, layer, dh):
     """``(input gradient, estimated squared weight-gradient norm)`` from rank-k probes (module docstring)."""
@@ -291,7 +292,7 @@ class _Backward(NamedTuple):
 
     _, vjp = jax.vjp(f, small, probes, self.block_input(layer))
     d_small, d_probes, dx = vjp(dh)
-    return dx, _squared_norm(d_small) + _squared_norm(d_probes) / k
+    return dx, squared_norm(d_small) + squared_norm(d_probes) / k
 
   def frozen_step(self, layer, dh, sink):
     """One frozen layer of the backward pass, measuring it as ``settings.measure`` says."""
@@ -353,7 +354,7 @@ def _slot_scan_bwd(config, settings, res, d_out):
   # Each run is a loop with dynamic bounds (one compilation whatever the draw); each trained layer
   # is unrolled and computes its input and weight gradients from one recomputation, writing the
   # latter into its slot in place. Nothing weight-sized is carried through a loop or a branch.
-  layer_of = jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
+  layer_of = layers_of_slots(slot_of, gamma)
   order = jnp.argsort(-layer_of)  # slots, deepest layer first
   grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
   dh, hi = d_out, jnp.asarray(num_layers, layer_of.dtype)
@@ -364,7 +365,7 @@ def _slot_scan_bwd(config, settings, res, d_out):
     dp, dh = bw.weight_and_input_grad(layer, dh)
     grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
     if measuring:
-      sink = sink.at[layer].set(_squared_norm(dp))
+      sink = sink.at[layer].set(squared_norm(dp))
     hi = layer
   dh, sink = bw.frozen_run(dh, sink, _lowest_needed(settings, measurement, hi), hi)
   if not settings.input_grad:
@@ -373,14 +374,25 @@ def _slot_scan_bwd(config, settings, res, d_out):
 
 
 def _frozen_measured(settings: ScanSettings, measurement: Measurement | None) -> bool | jax.Array:
+  return frozen_layers_measured(settings.measure, measurement, may_probe=settings.may_probe,
+                                sketch_every=settings.sketch_every)
+
+
+def frozen_layers_measured(measure: str, measurement: Measurement | None, *, may_probe: bool,
+                           sketch_every: int) -> bool | jax.Array:
   """Whether frozen layers are measured this step: False or True when that is known statically (no
   measurement at all, or a sketch at every step), else a traced bool (a probing or a sketch step)."""
-  if settings.measure == "sketch" and settings.sketch_every == 1:
+  if measure == "sketch" and sketch_every == 1:
     return True
-  measured = measurement.sketching if settings.measure == "sketch" else False
-  if settings.measure != "none" and settings.may_probe:
+  measured = measurement.sketching if measure == "sketch" else False
+  if measure != "none" and may_probe:
     measured = measurement.probing | measured
   return measured
+
+
+def layers_of_slots(slot_of: jax.Array, gamma: int) -> jax.Array:
+  """int ``[gamma]``: the layer in each slot (the inverse of ``slot_of``)."""
+  return jnp.argmax(slot_of[None, :] == jnp.arange(gamma)[:, None], axis=1)
 
 
 def _lowest_needed(settings: ScanSettings, measurement: Measurement | None, hi: jax.Array) -> jax.Array:
