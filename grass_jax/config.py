@@ -56,9 +56,9 @@ class ModelConfig:
     without recomputation (one executable per bucket, compiled as
     ``backward_bucket_compile`` says; ``grass_jax.models.bucketed_stack``).
     Steps that measure frozen layers (probing, sketch steps) run the slot scan.
-  backward_bucket_compile: 'ahead' (all buckets, in parallel, before the
+  backward_bucket_compile: 'ahead' (all buckets, two at a time, before the
     weights are placed: a wait, the fast step from the first step on; Llama-2-7B
-    on an H200: 146 s) or 'background' (one at a time while the slot scan
+    on an H200, buckets of 8: 135 s) or 'background' (one at a time while the slot scan
     trains: no wait, but on that 7B run no bucket was ready within 1,000 steps,
     and the peak was 19.3 GiB against the scan's 16.3).
   """

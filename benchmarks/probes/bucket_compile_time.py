@@ -6,11 +6,17 @@ gamma 2, offloaded states) from shapes, one executable at a time: the slot scan 
 then the buckets named on the command line. Prints one line per executable and writes JSON.
 
   python benchmarks/probes/bucket_compile_time.py --starts 24 0 --out /tmp/compile.json
+  python benchmarks/probes/bucket_compile_time.py --starts 0 8 16 24 --workers 2 --out /tmp/w2.json
+
+``--workers N``: the buckets only, all at once in N threads (as ``CompiledStep`` compiles them ahead),
+one JSON row with the wall time. Run each setting in its own process (JAX caches compilations in
+memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import sys
 import time
@@ -23,6 +29,7 @@ def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--starts", type=int, nargs="+", default=[24, 0])
   ap.add_argument("--out", type=Path, required=True)
+  ap.add_argument("--workers", type=int, default=0, help="compile the buckets in N threads at once (0: one by one)")
   args = ap.parse_args()
   import jax
   import jax.numpy as jnp
@@ -40,6 +47,15 @@ def main() -> None:
   state = jax.eval_shape(tx.init, params)
   batch = {k: jax.ShapeDtypeStruct((1, 2, 512), jnp.int32) for k in ("tokens", "attention_mask", "loss_mask")}
   step = make_train_step(cfg, tx, always_on=False, attention="cudnn", unroll_forward=True)
+  if args.workers:
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
+      list(pool.map(lambda s: step.lower(params, state, batch, s).compile(), args.starts))
+    row = {"backward_starts": args.starts, "workers": args.workers, "wall_s": time.perf_counter() - t0,
+           "device": jax.devices()[0].device_kind}
+    print(json.dumps(row), flush=True)
+    args.out.write_text(json.dumps([row], indent=1))
+    return
   rows = []
   for start in [None, *args.starts]:
     t0 = time.perf_counter()
