@@ -21,6 +21,8 @@ Example::
 
 from __future__ import annotations
 
+import copy
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -96,15 +98,28 @@ def resolve(path: str | os.PathLike) -> Path:
   return p
 
 
+def _file_key(file: Path) -> tuple[str, int, int]:
+  """The file as a cache key: a file rewritten in place (new size or time) is read again."""
+  st = Path(file).stat()
+  return str(Path(file).resolve()), st.st_size, st.st_mtime_ns
+
+
 def open_reader(file: Path) -> Any:
+  """The file's ``gguf.GGUFReader``, parsed once per process (the metadata of a 49k-token vocabulary takes
+  ~4 s to parse, and the config, the tensors and the tokenizer each need it)."""
+  return _open_reader(_file_key(file))
+
+
+@functools.lru_cache(maxsize=2)
+def _open_reader(key: tuple[str, int, int]) -> Any:
   try:
     import gguf
   except ImportError as e:
     raise GGUFError(EXTRA_HINT) from e
   try:
-    return gguf.GGUFReader(str(file))
+    return gguf.GGUFReader(key[0])
   except Exception as e:  # noqa: BLE001 - a damaged file fails in many ways inside gguf
-    raise GGUFError(f"{file} is not a readable GGUF file ({type(e).__name__}: {e})") from e
+    raise GGUFError(f"{key[0]} is not a readable GGUF file ({type(e).__name__}: {e})") from e
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -202,8 +217,15 @@ def iter_tensors(reader: Any, config: DecoderConfig) -> Iterator[tuple[str, np.n
 
 
 def load_tokenizer(file: Path) -> Any:
-  """The file's tokenizer, converted by ``transformers`` (``gguf_file=``)."""
+  """The file's tokenizer, converted by ``transformers`` (``gguf_file=``); a copy of the one converted
+  first in this process (conversion parses the metadata again, ~5 s), so callers may change theirs."""
+  return copy.deepcopy(_load_tokenizer(_file_key(file)))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_tokenizer(key: tuple[str, int, int]) -> Any:
   from transformers import AutoTokenizer
+  file = Path(key[0])
   try:
     return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
   except ImportError as e:

@@ -28,6 +28,11 @@ SMALL = ["model.random_init={model_type: llama, vocab_size: 259, hidden_size: 32
          "optim.offload_optimizer_state=true", "train.log_every=1", "train.export=false"]
 
 
+# Module fixture: the whole file on one xdist worker (--dist loadgroup), the straight run trained once.
+pytestmark = pytest.mark.xdist_group("crash")
+STEPS = 20
+
+
 def _cfg(out, steps, every):
   return config_lib.load(ROOT / "configs" / "tiny-demo.yaml",
                          [*SMALL, f"train.output_dir={out}", f"train.max_steps={steps}", f"train.checkpoint_every={every}"])
@@ -54,9 +59,14 @@ def _resume_and_check(out, straight, steps):
   return latest
 
 
-def test_kill_while_a_checkpoint_is_written(tmp_path):
-  steps, every = 12, 2
-  straight = run(_cfg(tmp_path / "straight", steps, every), progress=False, return_state=True)
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  """The run never interrupted (checkpoints change no number, so it saves none)."""
+  return run(_cfg(tmp_path_factory.mktemp("straight"), STEPS, 0), progress=False, return_state=True)
+
+
+def test_kill_while_a_checkpoint_is_written(tmp_path, straight):
+  steps, every = STEPS, 2
   out = tmp_path / "killed"
   proc = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_run.py"), str(out), "3", *_overrides(steps, every)],
                         capture_output=True, text=True, timeout=600)
@@ -70,9 +80,8 @@ def test_kill_while_a_checkpoint_is_written(tmp_path):
 
 
 @pytest.mark.parametrize("seed", [0])
-def test_kill_at_a_random_moment(tmp_path, seed):
-  steps, every = 20, 1
-  straight = run(_cfg(tmp_path / "straight", steps, every), progress=False, return_state=True)
+def test_kill_at_a_random_moment(tmp_path, seed, straight):
+  steps, every = STEPS, 1
   out = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "crash_run.py"), str(out), "0", *_overrides(steps, every)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

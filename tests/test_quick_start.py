@@ -25,7 +25,8 @@ def test_quick_start_demo_learns_held_out_numbers(tmp_path, monkeypatch, capsys)
   assert list((tmp_path / "tensorboard").iterdir())
   params, mcfg = load_pretrained(tmp_path / "hf_model")
   assert mcfg.num_layers == 6
-  # The README's next command scores the exported model again, without naming a tokenizer.
+  # The README's next command scores the exported model again, without naming a tokenizer (the exported
+  # byte tokenizer is found beside the model).
   from scripts import evaluate as evaluate_script
   monkeypatch.setattr(sys, "argv", ["evaluate.py", "--model", str(tmp_path / "hf_model"), "--task", "boolq",
                                     "--data", "data/tiny_parity_test.jsonl", "--max-new-tokens", "24",

@@ -215,11 +215,6 @@ def test_more_active_layers_than_the_model_has_is_a_config_error(tmp_path):
     run(cfg, progress=False)
 
 
-def test_exported_byte_tokenizer_model_evaluates_without_tokenizer_flag(tmp_path):
-  run(_cfg(tmp_path, "train.max_steps=1"), progress=False)
-  assert isinstance(data_lib.load_tokenizer(None, str(tmp_path / "hf_model")), data_lib.ByteTokenizer)
-
-
 @pytest.mark.parametrize("make, override, message", [
     (lambda d: (d / "afile").write_text("x"), "train.output_dir={d}/afile", "is a file: set train.output_dir"),
     (lambda d: None, "model.tokenizer={d}/no/tokenizer", "no such file or directory; set model.tokenizer"),
