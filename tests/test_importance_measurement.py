@@ -56,7 +56,8 @@ def sketches():
   exact = _exact_layer_sq_norms(params, mb)
   active = jnp.array([2], jnp.int32)
   out = {}
-  for k, n in ((1, 600), (4, 600), (16, 5000)):
+  # k=16, 2000 draws: mean within 0.75% of exact (z <= 1.6) against the tests' 2% and 4 sigma (was 5000: CI time).
+  for k, n in ((1, 600), (4, 600), (16, 2000)):
     est = jax.jit(jax.vmap(lambda key: _sink_grad(params, mb, active, measure="sketch", probing=False, key=key,
                                                   sketch_size=k)))(jax.random.split(jax.random.PRNGKey(k), n))
     est = np.asarray(est, np.float64)
