@@ -276,12 +276,12 @@ def test_backward_buckets_reach_the_train_step(tmp_path, monkeypatch):
   monkeypatch.setattr(CompiledStep, "__call__",
                       lambda self, *a, backward_start=None: (asked.append(backward_start),
                                                              call(self, *a, backward_start=backward_start))[1])
-  out = run(_cfg(tmp_path, "model.backward_bucket=2", "optim.always_on=false",
+  out = run(_cfg(tmp_path, "model.backward_bucket=3", "optim.always_on=false",
                  "optim.importance=grad", "optim.period=3", "train.max_steps=6", "train.log_every=1",
                  "train.export=false", "train.checkpoint_every=0"), progress=False)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   active = next(l["active_layers"] for l in lines if l.get("step") == 4)  # steps 3-5: one period
-  start = min(active) // 2 * 2
+  start = min(active) // 3 * 3  # buckets of 3: two executables (starts 0 and 3) besides the scan
   assert asked == [None] * 3 + [start] * 3
   assert out["steps_by_backward_start"] == {"None": 3, str(start): 3}
   assert lines[-1]["skipped_steps"] == 0 and out["steps"] == 6
