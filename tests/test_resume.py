@@ -22,16 +22,21 @@ FALLBACK = ["train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpo
 
 
 @pytest.fixture(scope="module")
-def straight_four_steps(tmp_path_factory):
-  return run(_cfg(tmp_path_factory.mktemp("straight"), *FALLBACK), progress=False, return_state=True)["params"]
+def _stopped(tmp_path_factory):
+  out = tmp_path_factory.mktemp("stopped") / "run"
+  return out, run(_cfg(out, *FALLBACK), progress=False, stop_at=4, return_state=True)["params"]
 
 
 @pytest.fixture(scope="module")
-def stopped_at_four(tmp_path_factory):
+def straight_four_steps(_stopped):
+  """The parameters after 4 uninterrupted steps (the stopped run below stops at its last step: the same run)."""
+  return _stopped[1]
+
+
+@pytest.fixture(scope="module")
+def stopped_at_four(_stopped):
   """A run stopped after step 4, holding the checkpoints of steps 2 and 4 (each test damages a copy)."""
-  out = tmp_path_factory.mktemp("stopped") / "run"
-  run(_cfg(out, *FALLBACK), progress=False, stop_at=4)
-  return out
+  return _stopped[0]
 
 
 def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path, stopped_at_four):
