@@ -109,15 +109,26 @@ def test_test_sets_need_an_answer_not_an_output(tmp_path):
      "data file 'data/missing.jsonl' does not exist"),
     (["--model", "{model}/config.json", "--task", "gsm8k"], "is a file; pass the checkpoint directory"),
 ])
-def test_evaluate_script_errors_are_one_line(tmp_path, args, message):
+def test_evaluate_script_errors_are_one_line(tmp_path, args, message, monkeypatch, capsys):
   # Errors a user can cause: one line naming the problem, exit code 2, no traceback, no hub retries.
+  # (The script's main() in this process: a fresh interpreter per case cost CI ~2 s each; the real command
+  # line runs in test_evaluate_script_writes_predictions_and_summary.)
   _tiny_model(tmp_path)
   args = [a.replace("{model}", str(tmp_path / "model")) for a in args]
-  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), *args, "--tokenizer", "bytes"],
-                        capture_output=True, text=True, cwd=ROOT, timeout=120)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
+  code, err = _evaluate_main([*args, "--tokenizer", "bytes"], monkeypatch, capsys)
+  assert code == 2, err[-2000:]
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err[-2000:]
+
+
+def _evaluate_main(args, monkeypatch, capsys):
+  """``scripts/evaluate.py ARGS`` run from the repository root in this process: (exit code, stderr)."""
+  from scripts import evaluate as evaluate_script
+  monkeypatch.chdir(ROOT)
+  monkeypatch.setattr(sys, "argv", ["evaluate.py", *args])
+  capsys.readouterr()
+  code = evaluate_script.main()
+  return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -126,12 +137,11 @@ def test_evaluate_script_errors_are_one_line(tmp_path, args, message):
      "model.safetensors cannot be read"),
     (lambda m: (m / "model.safetensors").write_bytes(b"\x00" * 64), "model.safetensors cannot be read"),
 ])
-def test_a_damaged_model_is_one_line_naming_the_file(tmp_path, damage, message):
+def test_a_damaged_model_is_one_line_naming_the_file(tmp_path, damage, message, monkeypatch, capsys):
   _tiny_model(tmp_path)
   damage(tmp_path / "model")
-  proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "model"),
-                         "--task", "gsm8k", "--tokenizer", "bytes"], capture_output=True, text=True, cwd=ROOT,
-                        timeout=120)
-  lines = proc.stderr.strip().splitlines()
-  assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+  code, err = _evaluate_main(["--model", str(tmp_path / "model"), "--task", "gsm8k", "--tokenizer", "bytes"],
+                             monkeypatch, capsys)
+  lines = err.strip().splitlines()
+  assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
   assert "export or download it again" in lines[0]
