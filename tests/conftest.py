@@ -20,3 +20,14 @@ if not os.environ.get("GRASS_TEST_NO_CACHE") and "JAX_COMPILATION_CACHE_DIR" not
 def pytest_unconfigure(config):
   if _OWNER:  # the process that made the directory (the xdist controller) removes it last
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# The longest files first (measured 2026-12-03, seconds on 2 cores): xdist hands out work in collection
+# order, and a long file collected last leaves one worker running alone at the end.
+_LONGEST_FIRST = ["test_quick_start.py", "test_smollm2.py", "test_importance_measurement.py", "test_sharding.py",
+                  "test_accuracy_study.py", "test_crash.py", "test_bucketed_stack.py", "test_resume.py"]
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
