@@ -3,6 +3,7 @@
 import json
 import sys
 
+from grass_jax.data import ByteTokenizer, load_tokenizer
 from grass_jax.pretrained import load_pretrained
 
 
@@ -25,6 +26,7 @@ def test_quick_start_demo_learns_held_out_numbers(tmp_path, monkeypatch, capsys)
   assert list((tmp_path / "tensorboard").iterdir())
   params, mcfg = load_pretrained(tmp_path / "hf_model")
   assert mcfg.num_layers == 6
+  assert isinstance(load_tokenizer(None, str(tmp_path / "hf_model")), ByteTokenizer)  # marked beside the model
   # The README's next command scores the exported model again, without naming a tokenizer (the exported
   # byte tokenizer is found beside the model).
   from scripts import evaluate as evaluate_script
