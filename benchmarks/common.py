@@ -95,12 +95,18 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
       sketch_every=spec.get("sketch_every", 1), unroll_forward=spec.get("unroll_forward", False),
       always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
-      loss_chunk=spec.get("loss_chunk", 0)), workers=spec.get("compile_workers", 1))
+      loss_chunk=spec.get("loss_chunk", 0), stream_by_leaf=spec.get("stream_by_leaf", True)), workers=spec.get("compile_workers", 1))
   buckets = BackwardBuckets(bucket, period=spec["period"], measure=measure, probe_steps=spec.get("probe_steps", 0),
                             sketch_every=spec.get("sketch_every", 1)) if bucket else None
   b, t = spec["batch"], spec["seq"]
   tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)
   host_batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
+  phases = {}  # device memory after each phase of the run: when the peak happened (allocator statistics)
+
+  def phase(name: str) -> None:
+    st = dev.memory_stats() or {}
+    phases[name] = {k: st.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "largest_alloc_size")}
+
   compile_ahead_s = 0.0
   if spec.get("compile_ahead", True):  # before the weights are on the device (grass_jax.ahead_of_time)
     tc = time.perf_counter()
@@ -112,13 +118,17 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       if bucket_compile == "ahead":
         step.wait()
     compile_ahead_s = time.perf_counter() - tc
-  params = jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0))
-  opt_state = jax.jit(tx.init, out_shardings=s_sh_device)(params)
+  phase("compiled")
+  params = jax.block_until_ready(jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0)))
+  phase("params")
+  opt_state = jax.block_until_ready(jax.jit(tx.init, out_shardings=s_sh_device)(params))
   if stream:
     opt_state, _ = host_slot_states(opt_state, s_sh_device)
+  phase("optimizer_state")
   off = Offloader(opt_state, period=spec["period"], stream=stream, prefetch=spec.get("prefetch", True)) \
       if spec.get("offload") else None
   batch = sharding.shard_batch(host_batch, b_sh)
+  phase("offloader")
 
   draws = []  # the trained layers of each period (host-side: the offloader's slots), for the peers rows
 
@@ -128,6 +138,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     nonlocal params, opt_state, count
     m = None
     for _ in range(n):
+      if count in (1, spec["period"] + 1):  # the previous step has finished (the timed runs block on each)
+        phase("first_step" if count == 1 else "first_switch")
       start = buckets.start(count, opt_state, off) if buckets else None
       params, opt_state, m = step(params, opt_state, batch, backward_start=start)
       count += 1
@@ -140,8 +152,9 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   if spec.get("run_steps"):  # the peers benchmark: every step timed, compilation included (whole_run_s)
     timed = _timed_run(run, spec["run_steps"])
     timed["whole_run_s"] += compile_ahead_s  # the whole run includes compiling, whenever it happens
+    phase("run")
     row = {**spec, **timed, "compile_ahead_s": compile_ahead_s, "device": dev.device_kind, "jax": jax.__version__,
-           "peak_bytes": (dev.memory_stats() or {}).get("peak_bytes_in_use"),
+           "peak_bytes": (dev.memory_stats() or {}).get("peak_bytes_in_use"), "memory_phases": phases,
            "compiled_executables": step.num_compiled(), "draws": draws,
            "runs_by_backward_start": {str(k): v for k, v in step.runs.items()}}
     if spec.get("profile_steps"):  # after the peak was read: the profiler's buffers do not count

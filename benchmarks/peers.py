@@ -105,6 +105,11 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                            sketch_every=4)),
     ("tiny-jax-grass-offload-late-chunk2048-cmdbuf", _jax("grass", **TINY, num_active=2, offload=True,
                                                           prefetch=False, loss_chunk=2048, xla_flags=CMDBUF)),
+    # The same with cudaMallocAsync: its statistics count the bytes asked for, as PyTorch's do, where the BFC
+    # allocator's count whole chunks (it may hand out a free chunk up to 128 MiB larger than asked, unsplit).
+    ("tiny-jax-grass-offload-late-chunk2048-nomerge-async", _jax("grass", **TINY, num_active=2, offload=True,
+                                                                 prefetch=False, loss_chunk=2048,
+                                                                 xla_flags=NO_DOT_MERGER, allocator="cuda_async")),
     ("tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled", _jax("grass", **TINY, num_active=2, offload=True,
                                                                     prefetch=False, loss_chunk=2048,
                                                                     xla_flags=NO_DOT_MERGER, unroll_forward=True)),
@@ -175,6 +180,10 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     *[(f"7b-torch-lisa-compile-g{g}", _torch("lisa", True, **SEVEN_B, num_active=g)) for g in (1, 4)],
     *[(f"7b-jax-grass-stream-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True, stream=True))
       for g in (1, 4)],
+    # The active layers' states streamed one layer at a time (before 2026-12-03: the streamed rows above move one
+    # weight matrix's state at a time).
+    *[(f"7b-jax-grass-stream-g{g}-by-layer", _jax("grass", **SEVEN_B, num_active=g, offload=True, stream=True,
+                                                  stream_by_leaf=False)) for g in (1, 2, 4)],
     ("7b-torch-lora-eager", _torch("lora", False, **SEVEN_B, num_active=None)),
     ("7b-torch-lora-compile", _torch("lora", True, **SEVEN_B, num_active=None)),
     ("7b-torch-full-eager", _torch("full", False, **SEVEN_B, num_active=None)),
@@ -330,6 +339,8 @@ def run_one(spec: dict[str, Any], timeout: float, hlo_dir: Path | None = None) -
           f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))), flush=True); "
           "import os; os._exit(0)")  # not waiting for a background compilation nobody will use
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false")
+  if spec.get("allocator"):  # JAX's device allocator: 'bfc' (default) or 'cuda_async' (cudaMallocAsync)
+    env["XLA_PYTHON_CLIENT_ALLOCATOR"] = spec["allocator"]
   flags = [env.get("XLA_FLAGS", ""), spec.get("xla_flags", "")]
   if hlo_dir and spec["framework"] == "jax":  # the optimised HLO of the training step, to name the profile's kernels
     flags.append(f"--xla_dump_to={hlo_dir} --xla_dump_hlo_module_re=jit_step")

@@ -96,19 +96,22 @@ def host_slot_shardings(shardings: Any, host_memory_kind: str = "pinned_host") -
   return replace_state(shardings, sh._replace(slot_states=host_sh))
 
 
-def state_stream(host_shardings: Any, device_memory_kind: str = "device") -> StateStream:
+def state_stream(host_shardings: Any, device_memory_kind: str = "device", by_leaf: bool = True) -> StateStream:
   """The :class:`~grass_jax.transform.StateStream` for one slot's host shardings (use inside jit).
 
-  The barrier ties each fetch to the previous layer's update (or the gradients), so a layer's
-  state comes to the device only when it is needed, one layer at a time.
+  The barrier ties each fetch to an earlier update (or the gradients), so a state comes to the device
+  only when it is needed. ``by_leaf``: one weight matrix's state at a time (the default), else one
+  layer's (see :class:`~grass_jax.transform.StateStream`).
   """
-  on_device = jax.tree.map(lambda x: x.with_memory_kind(device_memory_kind), host_shardings)
+  def shardings(part: Any) -> Any:
+    return host_shardings if part is None else part(host_shardings)
 
-  def fetch(state: Any, after: Any) -> Any:
+  def fetch(state: Any, after: Any, part: Any = None) -> Any:
     state, _ = jax.lax.optimization_barrier((state, after))
-    return jax.device_put(state, on_device)
+    return jax.device_put(state, jax.tree.map(lambda x: x.with_memory_kind(device_memory_kind), shardings(part)))
 
-  return StateStream(fetch=fetch, store=lambda state: jax.device_put(state, host_shardings))
+  return StateStream(fetch=fetch, store=lambda state, part=None: jax.device_put(state, shardings(part)),
+                     by_leaf=by_leaf)
 
 
 class Offloader:

@@ -190,7 +190,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
                     donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
                     stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
                     probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0,
-                    sketch_every: int = 1, unroll_forward: bool = False) -> Callable:
+                    sketch_every: int = 1, unroll_forward: bool = False, stream_by_leaf: bool = True) -> Callable:
   """Builds ``step(params, opt_state, batch, backward_start=None) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -206,7 +206,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
 
   ``stream_states``: the active layers' optimizer states are in host memory
   (``shardings`` from :func:`grass_jax.offload.host_slot_states`); each is
-  copied to the device for its update, one layer at a time, and back.
+  copied to the device for its update and back, one weight matrix at a time
+  (``stream_by_leaf``; the inner optimizer must act leaf by leaf, as adamw
+  does), or one layer at a time (``stream_by_leaf=False``).
 
   ``measure``: 'none' (the transform measures the active layers from their
   gradients), 'exact' (the backward pass measures the trained layers, and every
@@ -325,7 +327,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # The GRASS transform itself skips non-finite steps (zero updates, moments kept).
-    extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh)}
+    extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh, by_leaf=stream_by_leaf)}
     if measuring:
       extra["layer_norms"] = _layer_rms(sink_grad, state, denom, measurement=measurement, layer_size=layer_size)
     updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra)

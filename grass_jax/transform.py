@@ -54,6 +54,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -160,12 +161,55 @@ class StateStream(NamedTuple):
   the device holds one layer's state at a time.
 
   Attributes:
-    fetch: ``(host_state, after) -> device_state``; the copy must not start
-      before ``after`` (a pytree) is computed, which orders the layers.
-    store: ``device_state -> host_state``.
+    fetch: ``(host_state, after, part=None) -> device_state``; the copy must
+      not start before ``after`` (a pytree) is computed, which orders the
+      copies. ``part``: None (a layer's state), or a function that cuts a
+      tree shaped like a layer's state (the state's shardings, say) to the
+      piece ``host_state`` is (one leaf's, with ``by_leaf``).
+    store: ``(device_state, part=None) -> host_state``.
+    by_leaf: move and update one weight matrix's state at a time instead of
+      one layer's (:func:`_per_leaf_streamed_update`): the device holds about
+      two matrices' moments, not a layer's, and the next matrix's copy to the
+      device overlaps this one's update and copy back. Needs an inner
+      optimizer that updates each leaf on its own (adam, adamw, sgd, lion,
+      adafactor, ...: not one that reduces across a layer's leaves, such as
+      ``clip_by_global_norm`` inside ``inner``). A state that does not split
+      by leaf (a non-scalar leaf outside the parameter-shaped subtrees)
+      streams by layer.
   """
   fetch: Callable[[Any, Any], Any]
   store: Callable[[Any], Any]
+  by_leaf: bool = False
+
+
+def _is_group(x: Any, keys: set[str]) -> bool:
+  """Whether ``x`` is a parameter-shaped subtree of a layer's inner state (a dict over the layer's leaves)."""
+  return isinstance(x, dict) and set(x) == keys
+
+
+def _splits_by_leaf(state: Any, keys: set[str]) -> bool:
+  """Whether a layer's inner state is parameter-shaped subtrees (moments) and scalars (step counts) only."""
+  flat = jax.tree.leaves(state, is_leaf=lambda x: _is_group(x, keys))
+  return (any(_is_group(x, keys) for x in flat)
+          and all(_is_group(x, keys) or np.ndim(x) == 0 for x in flat))
+
+
+def _leaf_state(state: Any, keys: set[str], key: str) -> Any:
+  """The part of a layer's inner state for one leaf: each parameter-shaped subtree cut to ``{key: ...}``."""
+  return jax.tree.map(lambda x: {key: x[key]} if _is_group(x, keys) else x, state,
+                      is_leaf=lambda x: _is_group(x, keys))
+
+
+def _merge_leaf_states(parts: dict[str, Any]) -> Any:
+  """Inverse of :func:`_leaf_state`: one layer's state from its leaves' parts (scalars from the first part).
+
+  The scalars (step counts) are equal in every part: each leaf's update advanced its own copy once.
+  """
+  first = next(iter(parts))
+  flat = {k: jax.tree.flatten(p, is_leaf=lambda x, k=k: _is_group(x, {k})) for k, p in parts.items()}
+  leaves, treedef = flat[first]
+  merged = [{k: flat[k][0][n][k] for k in parts} if _is_group(x, {first}) else x for n, x in enumerate(leaves)]
+  return treedef.unflatten(merged)
 
 
 def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: tuple, params: Any,
@@ -179,6 +223,8 @@ def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: t
   inner optimizer's in the last bit. ``ok``: see :func:`_guard`. ``stream``: states live in host memory; each
   is fetched after the previous layer's update and stored back.
   """
+  if stream is not None and stream.by_leaf and _splits_by_leaf(states[0], set(grads)):
+    return _per_leaf_streamed_update(inner, grads, states, params, num, ok, stream)
   outs, new_states = [], []
   after = grads
   for i in range(num):
@@ -189,6 +235,32 @@ def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: t
     outs.append(u)
     new_states.append(s if stream is None else stream.store(s))
   return jax.tree.map(lambda *xs: jnp.stack(xs), *outs), tuple(new_states)
+
+
+def _per_leaf_streamed_update(inner: optax.GradientTransformation, grads: dict, states: tuple, params: Any,
+                              num: int, ok: jax.Array | None, stream: StateStream) -> tuple[Any, tuple]:
+  """:func:`_per_layer_update` with host-resident states moved one leaf (weight matrix) at a time.
+
+  A double buffer: leaf ``n``'s state is fetched once leaf ``n - 2``'s update is computed, so the copy
+  to the device runs beside leaf ``n - 1``'s update and copy back, and at most a few matrices' moments
+  are on the device at once. Each leaf is updated by ``inner`` on its own; the results equal the
+  per-layer update's for an inner optimizer that acts leaf by leaf (:class:`StateStream`).
+  """
+  keys = sorted(grads)
+  outs = [dict() for _ in range(num)]
+  parts = [dict() for _ in range(num)]
+  done = []  # each leaf's update, in order: what the fetch two leaves later waits for
+  for i in range(num):
+    for key in keys:
+      part = functools.partial(_leaf_state, keys=set(keys), key=key)
+      old = stream.fetch(part(states[i]), grads if len(done) < 2 else done[-2], part)
+      p = None if params is None else {key: params[key][i]}
+      u, new = _guard(ok, *inner.update({key: grads[key][i]}, old, p), old)
+      done.append(u)
+      outs[i][key] = u[key]
+      parts[i][key] = stream.store(new, part)
+  stacked = {key: jnp.stack([outs[i][key] for i in range(num)]) for key in keys}
+  return stacked, tuple(_merge_leaf_states(parts[i]) for i in range(num))
 
 
 def _check_args(s: Settings) -> None:
