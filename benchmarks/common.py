@@ -105,7 +105,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
   def phase(name: str) -> None:
     st = dev.memory_stats() or {}
-    phases[name] = {k: st.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "largest_alloc_size")}
+    phases[name] = {k: st.get(k) for k in ("bytes_in_use", "peak_bytes_in_use", "largest_alloc_size",
+                                           "peak_bytes_reserved", "peak_pool_bytes")}
 
   compile_ahead_s = 0.0
   if spec.get("compile_ahead", True):  # before the weights are on the device (grass_jax.ahead_of_time)

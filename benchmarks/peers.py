@@ -110,6 +110,11 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("tiny-jax-grass-offload-late-chunk2048-nomerge-async", _jax("grass", **TINY, num_active=2, offload=True,
                                                                  prefetch=False, loss_chunk=2048,
                                                                  xla_flags=NO_DOT_MERGER, allocator="cuda_async")),
+    # The BFC allocator carving every buffer from one preallocated region (75% of the device): a chunk is then
+    # split to the size asked for, so its statistics count what the buffers take.
+    ("tiny-jax-grass-offload-late-chunk2048-nomerge-prealloc", _jax("grass", **TINY, num_active=2, offload=True,
+                                                                    prefetch=False, loss_chunk=2048,
+                                                                    xla_flags=NO_DOT_MERGER, preallocate=True)),
     ("tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled", _jax("grass", **TINY, num_active=2, offload=True,
                                                                     prefetch=False, loss_chunk=2048,
                                                                     xla_flags=NO_DOT_MERGER, unroll_forward=True)),
@@ -301,6 +306,8 @@ def torch_run(spec: dict[str, Any]) -> dict[str, Any]:
   row = {**spec, **step_times_summary(times), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
          "torch": torch.__version__, "final_loss": float(losses[-1]),
          "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else None,
+         # What the caching allocator took from the device at most (its free blocks included).
+         "peak_reserved_bytes": torch.cuda.max_memory_reserved() if device == "cuda" else None,
          "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad), "draws": draws}
   if spec.get("profile_steps") and device == "cuda":  # after the peak was read; steps with no switch
     row["profile"] = torch_profile(lambda: one_step(1), spec["profile_steps"])
@@ -338,7 +345,8 @@ def run_one(spec: dict[str, Any], timeout: float, hlo_dir: Path | None = None) -
   code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks import peers; "
           f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))), flush=True); "
           "import os; os._exit(0)")  # not waiting for a background compilation nobody will use
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", TOKENIZERS_PARALLELISM="false")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="true" if spec.get("preallocate") else "false",
+             TOKENIZERS_PARALLELISM="false")
   if spec.get("allocator"):  # JAX's device allocator: 'bfc' (default) or 'cuda_async' (cudaMallocAsync)
     env["XLA_PYTHON_CLIENT_ALLOCATOR"] = spec["allocator"]
   flags = [env.get("XLA_FLAGS", ""), spec.get("xla_flags", "")]
