@@ -247,7 +247,9 @@ def _per_leaf_streamed_update(inner: optax.GradientTransformation, grads: dict, 
   per-layer update's for an inner optimizer that acts leaf by leaf (:class:`StateStream`).
   """
   keys = sorted(grads)
-  outs = [dict() for _ in range(num)]
+  # Each update is written over its gradient (same dtype): the stacked gradients become the stacked updates,
+  # so the updates take no buffers of their own.
+  work, separate = dict(grads), {}
   parts = [dict() for _ in range(num)]
   done = []  # each leaf's update, in order: what the fetch two leaves later waits for
   for i in range(num):
@@ -255,12 +257,15 @@ def _per_leaf_streamed_update(inner: optax.GradientTransformation, grads: dict, 
       part = functools.partial(_leaf_state, keys=set(keys), key=key)
       old = stream.fetch(part(states[i]), grads if len(done) < 2 else done[-2], part)
       p = None if params is None else {key: params[key][i]}
-      u, new = _guard(ok, *inner.update({key: grads[key][i]}, old, p), old)
+      u, new = _guard(ok, *inner.update({key: work[key][i]}, old, p), old)
       done.append(u)
-      outs[i][key] = u[key]
+      if u[key].dtype == grads[key].dtype:
+        work[key] = work[key].at[i].set(u[key])
+      else:  # an update of another dtype than its gradient: stacked on its own
+        separate.setdefault(key, []).append(u[key])
       parts[i][key] = stream.store(new, part)
-  stacked = {key: jnp.stack([outs[i][key] for i in range(num)]) for key in keys}
-  return stacked, tuple(_merge_leaf_states(parts[i]) for i in range(num))
+  work.update({key: jnp.stack(us) for key, us in separate.items()})
+  return work, tuple(_merge_leaf_states(parts[i]) for i in range(num))
 
 
 def _check_args(s: Settings) -> None:
