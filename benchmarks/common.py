@@ -277,10 +277,47 @@ def summarize_kernels(kernels: list[dict], steps: int, top: int = 40) -> dict[st
       end = b
   per_step = lambda us: us / steps / 1e3
   return {"span_ms": per_step(intervals[-1][1] - intervals[0][0]), "busy_ms": per_step(busy),
-          "kernels_per_step": len(kernels) / steps,
+          "kernels_per_step": len(kernels) / steps, "host_copies": host_copy_overlap(kernels, steps),
           "class_ms": {k: per_step(v) for k, v in sorted(by_class.items(), key=lambda kv: -kv[1])},
           "top": [{"name": n[:120], "ms": per_step(v[0]), "calls_per_step": v[1] / steps}
                   for n, v in sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]]}
+
+
+def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  merged: list[list[float]] = []
+  for a, b in sorted(intervals):
+    if merged and a <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], b)
+    else:
+      merged.append([a, b])
+  return [(a, b) for a, b in merged]
+
+
+def _overlap(x: list[tuple[float, float]], y: list[tuple[float, float]]) -> float:
+  """Total time two unions of intervals share."""
+  total, i, j = 0.0, 0, 0
+  while i < len(x) and j < len(y):
+    total += max(0.0, min(x[i][1], y[j][1]) - max(x[i][0], y[j][0]))
+    if x[i][1] < y[j][1]:
+      i += 1
+    else:
+      j += 1
+  return total
+
+
+def host_copy_overlap(kernels: list[dict], steps: int) -> dict[str, float]:
+  """Per step, ms: host->device and device->host copies, and how much of them ran beside each other or compute."""
+  def is_dir(e, *keys):
+    n = e["name"].lower().replace(" ", "")
+    return "memcpy" in n and any(k in n for k in keys)
+  h2d = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if is_dir(e, "htod", "h2d")])
+  d2h = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if is_dir(e, "dtoh", "d2h")])
+  compute = _union([(e["ts"], e["ts"] + e["dur"]) for e in kernels if "memcpy" not in e["name"].lower()])
+  per_step = lambda us: us / steps / 1e3
+  both = _union(h2d + d2h)
+  return {"h2d_ms": per_step(sum(b - a for a, b in h2d)), "d2h_ms": per_step(sum(b - a for a, b in d2h)),
+          "h2d_beside_d2h_ms": per_step(_overlap(h2d, d2h)),
+          "copies_beside_compute_ms": per_step(_overlap(both, compute))}
 
 
 def run_isolated(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:

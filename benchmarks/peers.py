@@ -12,7 +12,13 @@ Every configuration runs in a fresh process (a clean peak-memory counter) for ``
   the lowest trained layer), so compare same-draws rows by the mean, over 200 steps (10 draws): the
   median of a few draws picks one draw's cost (7B: 1.06x by median over 5 draws, 1.00x by mean over 10);
 * whole run: tokens/s over all steps, compilation and recompilations included (``run_tokens_per_s``);
-* peak device memory: ``torch.cuda.max_memory_allocated`` / JAX ``peak_bytes_in_use`` (allocator peaks).
+* peak device memory: ``torch.cuda.max_memory_allocated`` / JAX ``peak_bytes_in_use`` (allocator peaks:
+  the bytes live buffers take). Since 2026-12-03 JAX rows run with JAX's default preallocation (one
+  region the BFC allocator splits to the size asked for). Earlier rows ran with preallocation off: the
+  allocator then grows region by region and hands out free chunks up to 128 MiB larger than asked,
+  unsplit, and its peak counts them (TinyLlama: 5.28 against 5.09 GiB for the same program;
+  ``peers_h200_allocator_prealloc.jsonl``). ``preallocate: False`` runs a row that way. PyTorch rows
+  also record ``peak_reserved_bytes`` (what its caching allocator took from the device).
 
 The PyTorch peers: a ``transformers`` Llama with SDPA attention, gradient checkpointing
 (non-reentrant; ``...-no-ckpt`` rows without it) and fused AdamW, everything in bf16 (weights, gradients, moments), random weights
@@ -110,11 +116,11 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("tiny-jax-grass-offload-late-chunk2048-nomerge-async", _jax("grass", **TINY, num_active=2, offload=True,
                                                                  prefetch=False, loss_chunk=2048,
                                                                  xla_flags=NO_DOT_MERGER, allocator="cuda_async")),
-    # The BFC allocator carving every buffer from one preallocated region (75% of the device): a chunk is then
-    # split to the size asked for, so its statistics count what the buffers take.
-    ("tiny-jax-grass-offload-late-chunk2048-nomerge-prealloc", _jax("grass", **TINY, num_active=2, offload=True,
-                                                                    prefetch=False, loss_chunk=2048,
-                                                                    xla_flags=NO_DOT_MERGER, preallocate=True)),
+    # Preallocation off (every row before 2026-12-03): the BFC allocator grows region by region, and its peak
+    # counts free chunks handed out unsplit, up to 128 MiB larger than asked for.
+    ("tiny-jax-grass-offload-late-chunk2048-nomerge-growth", _jax("grass", **TINY, num_active=2, offload=True,
+                                                                  prefetch=False, loss_chunk=2048,
+                                                                  xla_flags=NO_DOT_MERGER, preallocate=False)),
     ("tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled", _jax("grass", **TINY, num_active=2, offload=True,
                                                                     prefetch=False, loss_chunk=2048,
                                                                     xla_flags=NO_DOT_MERGER, unroll_forward=True)),
@@ -345,7 +351,7 @@ def run_one(spec: dict[str, Any], timeout: float, hlo_dir: Path | None = None) -
   code = ("import json, sys; sys.path.insert(0, '.'); from benchmarks import peers; "
           f"print('RESULT' + json.dumps(peers.{fn}(json.loads({json.dumps(json.dumps(spec))}))), flush=True); "
           "import os; os._exit(0)")  # not waiting for a background compilation nobody will use
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="true" if spec.get("preallocate") else "false",
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="true" if spec.get("preallocate", True) else "false",
              TOKENIZERS_PARALLELISM="false")
   if spec.get("allocator"):  # JAX's device allocator: 'bfc' (default) or 'cuda_async' (cudaMallocAsync)
     env["XLA_PYTHON_CLIENT_ALLOCATOR"] = spec["allocator"]
