@@ -35,11 +35,11 @@ def main() -> None:
   out = Path(sys.argv[1])
   assert len(jax.devices()) == 4, jax.devices()
   result = {}
-  # One single-device reference, without offloading: offloading changes no number (tests/test_offload.py),
-  # and each mesh runs once (CI time: 3 runs, not 5).
+  # One single-device reference, without offloading: offloading changes no number (tests/test_offload.py).
+  # One mesh with both axes (CI time: 2 runs; a data-only mesh of 4 ran here until 2026-12-03): the batch split
+  # over the data axis, the weights and their host states over fsdp.
   ref = run(cfg(out / "single", {"data": 1, "fsdp": 1}, False), progress=False, return_state=True)
-  # data 4 without offloading; data 2 x fsdp 2 with it (FSDP-sharded host states).
-  for name, mesh, offload in [("data4", {"data": 4}, False), ("data2_fsdp2", {"data": 2, "fsdp": 2}, True)]:
+  for name, mesh, offload in [("data2_fsdp2", {"data": 2, "fsdp": 2}, True)]:
     r = run(cfg(out / f"{name}-{offload}", mesh, offload), progress=False, return_state=True)
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(r["params"])))
