@@ -166,3 +166,20 @@ def test_streaming_by_leaf_fetches_one_matrix_state_at_a_time(inner, by_leaf, wa
   # the same updates and states as without a stream (on the device: no copies, bitwise up to fusion)
   u_ref, ref = tx.update(random_grads(params, 0), state, params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), (u, new), (u_ref, ref))
+
+
+def test_streaming_by_leaf_keeps_updates_of_another_dtype_than_their_gradients():
+  # adam with float32 first moments returns float32 updates for bf16 gradients: they cannot be written over
+  # the gradients, so they are stacked on their own, unrounded.
+  params = jax.tree.map(lambda x: x.astype(jnp.bfloat16), stacked_params())
+  tx = grass_jax.transform(optax.adam(1e-2, mu_dtype=jnp.float32), layers=grass_jax.stacked_layers(), num_active=2,
+                           period=3, offload=True, always_on=False)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda x: x.astype(jnp.bfloat16), random_grads(params, 0))
+  fetched = []
+  u, new = tx.update(grads, state, params, state_stream=_recording_stream(True, fetched))
+  assert fetched == [["layers/b"], ["layers/w"]] * 2
+  u_ref, ref = tx.update(grads, state, params)
+  assert u["layers"]["w"].dtype == u_ref["layers"]["w"].dtype == jnp.float32
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                                       rtol=1e-6, atol=1e-7), (u, new), (u_ref, ref))
