@@ -157,8 +157,8 @@ class StateStream(NamedTuple):
 
   Passed to the GRASS update as ``tx.update(..., state_stream=...)`` (see
   :func:`grass_jax.offload.state_stream`) when the active layers' states live in
-  host memory: each layer's state is fetched, updated and stored in turn, so
-  the device holds one layer's state at a time.
+  host memory: each layer's state (or each weight matrix's, ``by_leaf``) is
+  fetched, updated and stored in turn, so the device holds one piece at a time.
 
   Attributes:
     fetch: ``(host_state, after, part=None) -> device_state``; the copy must
@@ -169,16 +169,17 @@ class StateStream(NamedTuple):
     store: ``(device_state, part=None) -> host_state``.
     by_leaf: move and update one weight matrix's state at a time instead of
       one layer's (:func:`_per_leaf_streamed_update`): the device holds about
-      two matrices' moments, not a layer's, and the next matrix's copy to the
-      device overlaps this one's update and copy back. Needs an inner
+      two matrices' moments, not a layer's, and each update is written over
+      its gradient. (The next matrix's copy to the device may run beside this
+      one's copy back; on an H200 XLA ran them one after the other.) Needs an inner
       optimizer that updates each leaf on its own (adam, adamw, sgd, lion,
       adafactor, ...: not one that reduces across a layer's leaves, such as
       ``clip_by_global_norm`` inside ``inner``). A state that does not split
       by leaf (a non-scalar leaf outside the parameter-shaped subtrees)
       streams by layer.
   """
-  fetch: Callable[[Any, Any], Any]
-  store: Callable[[Any], Any]
+  fetch: Callable[..., Any]
+  store: Callable[..., Any]
   by_leaf: bool = False
 
 
@@ -242,7 +243,7 @@ def _per_leaf_streamed_update(inner: optax.GradientTransformation, grads: dict, 
   """:func:`_per_layer_update` with host-resident states moved one leaf (weight matrix) at a time.
 
   A double buffer: leaf ``n``'s state is fetched once leaf ``n - 2``'s update is computed, so the copy
-  to the device runs beside leaf ``n - 1``'s update and copy back, and at most a few matrices' moments
+  to the device may run beside leaf ``n - 1``'s update and copy back, and at most a few matrices' moments
   are on the device at once. Each leaf is updated by ``inner`` on its own; the results equal the
   per-layer update's for an inner optimizer that acts leaf by leaf (:class:`StateStream`).
   """
