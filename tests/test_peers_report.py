@@ -86,3 +86,13 @@ def test_same_draws_rows_take_the_draws_of_a_grass_row_of_the_same_run(tmp_path,
   rows = [json.loads(l) for l in (tmp_path / "a" / "peers.jsonl").read_text().splitlines()]
   assert [r["name"] for r in rows] == ["tiny-jax-grass-offload-late-chunk2048-nomerge",
                                        "tiny-torch-lisa-compile-same-draws"]
+
+
+def test_profile_summary_reports_host_copies_and_their_overlap():
+  from benchmarks.common import summarize_kernels
+  # 2 steps: H2D 0-10 us and D2H 5-15 us overlap 5 us; compute 12-22 us overlaps the copies 3 us.
+  kernels = [dict(name="MemcpyH2D", ts=0, dur=10), dict(name="Memcpy DtoH (Device -> Pinned)", ts=5, dur=10),
+             dict(name="loop_fusion", ts=12, dur=10)]
+  copies = summarize_kernels(kernels, steps=2)["host_copies"]
+  assert copies == {"h2d_ms": 0.005, "d2h_ms": 0.005, "h2d_beside_d2h_ms": 0.0025,
+                    "copies_beside_compute_ms": 0.0015}
