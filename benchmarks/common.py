@@ -95,7 +95,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
       sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
       sketch_every=spec.get("sketch_every", 1), unroll_forward=spec.get("unroll_forward", False),
       always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
-      loss_chunk=spec.get("loss_chunk", 0), stream_by_leaf=spec.get("stream_by_leaf", True)), workers=spec.get("compile_workers", 1))
+      loss_chunk=spec.get("loss_chunk", 0), stream_by_leaf=spec.get("stream_by_leaf", True)),
+      workers=spec.get("compile_workers", 1))
   buckets = BackwardBuckets(bucket, period=spec["period"], measure=measure, probe_steps=spec.get("probe_steps", 0),
                             sketch_every=spec.get("sketch_every", 1)) if bucket else None
   b, t = spec["batch"], spec["seq"]
