@@ -71,12 +71,6 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
   assert Trainer(_cfg(tmp_path, *extra), resume=True, progress=False).state.offloader.prefetch is False
 
 
-def test_refuses_to_overwrite_a_run_without_resume(tmp_path):
-  run(_cfg(tmp_path, "train.max_steps=2"), progress=False)
-  with pytest.raises(FileExistsError, match="--resume"):
-    run(_cfg(tmp_path, "train.max_steps=2"), progress=False)
-
-
 @pytest.mark.parametrize("override, message", [
     ("optim.num_activ=2", "unknown key optim.num_activ; valid keys in optim:"),
     ("optim.num_active=two", "optim.num_active must be int; got 'two'"),
@@ -183,7 +177,7 @@ def test_cli_reports_config_errors(tmp_path):
   assert "config error: unknown key optim.num_activ" in proc.stderr
 
 
-def test_evaluation_inside_training_at_checkpoints(tmp_path):
+def test_evaluation_inside_training_at_checkpoints_and_no_overwrite_without_resume(tmp_path):
   cfg = _cfg(tmp_path, "train.max_steps=6", "train.checkpoint_every=3", "eval.tasks=[gsm8k]",
              "eval.data=data/tiny_arithmetic.jsonl", "eval.limit=4", "eval.max_new_tokens=8", "eval.batch_size=4")
   summary = run(cfg, progress=False)
@@ -192,6 +186,9 @@ def test_evaluation_inside_training_at_checkpoints(tmp_path):
   assert (tmp_path / "eval" / "step_6" / "gsm8k_summary.json").exists()
   logged = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert sum("eval/gsm8k_accuracy" in l for l in logged) == 2
+  # The same run again, without --resume, is refused: its checkpoints would be overwritten.
+  with pytest.raises(FileExistsError, match="--resume"):
+    run(cfg, progress=False)
 
 
 def test_eval_config_errors():
