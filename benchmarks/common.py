@@ -271,11 +271,7 @@ def summarize_kernels(kernels: list[dict], steps: int, top: int = 40) -> dict[st
     by_name[e["name"]][1] += 1
     by_class[_kernel_class(e["name"])] += e["dur"]
   intervals = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
-  busy, end = 0.0, -1e30
-  for a, b in intervals:
-    if b > end:
-      busy += b - max(a, end)
-      end = b
+  busy = sum(b - a for a, b in _union(intervals))
   per_step = lambda us: us / steps / 1e3
   return {"span_ms": per_step(intervals[-1][1] - intervals[0][0]), "busy_ms": per_step(busy),
           "kernels_per_step": len(kernels) / steps, "host_copies": host_copy_overlap(kernels, steps),
@@ -285,6 +281,7 @@ def summarize_kernels(kernels: list[dict], steps: int, top: int = 40) -> dict[st
 
 
 def _union(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+  """Overlapping intervals merged, in order."""
   merged: list[list[float]] = []
   for a, b in sorted(intervals):
     if merged and a <= merged[-1][1]:
