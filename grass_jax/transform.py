@@ -252,19 +252,21 @@ def _per_leaf_streamed_update(inner: optax.GradientTransformation, grads: dict, 
   # so the updates take no buffers of their own.
   work, separate = dict(grads), {}
   parts = [dict() for _ in range(num)]
-  done = []  # each leaf's update, in order: what the fetch two leaves later waits for
+  done = []  # each leaf's update and its state back on the host, in order: what the fetch two leaves later waits for
   for i in range(num):
     for key in keys:
       part = functools.partial(_leaf_state, keys=set(keys), key=key)
       old = stream.fetch(part(states[i]), grads if len(done) < 2 else done[-2], part)
       p = None if params is None else {key: params[key][i]}
       u, new = _guard(ok, *inner.update({key: work[key][i]}, old, p), old)
-      done.append(u)
       if u[key].dtype == grads[key].dtype:
         work[key] = work[key].at[i].set(u[key])
       else:  # an update of another dtype than its gradient: stacked on its own
         separate.setdefault(key, []).append(u[key])
       parts[i][key] = stream.store(new, part)
+      # Waiting for the state back on the host too bounds the device copies of new states held for their
+      # copy back: XLA would otherwise finish every copy back at the end of the step.
+      done.append((u, parts[i][key]))
   work.update({key: jnp.stack(us) for key, us in separate.items()})
   return work, tuple(_merge_leaf_states(parts[i]) for i in range(num))
 

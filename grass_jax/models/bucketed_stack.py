@@ -172,7 +172,8 @@ def _bucketed_bwd(config, settings, res, d_out):
   grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
   norms = jnp.zeros((num_layers,), jnp.float32)
   for slot in range(gamma):
-    layer = layer_of[slot]
+    # One trained layer's weights copied out of the stack at a time (see the slot scan's backward pass).
+    layer, grads = jax.lax.optimization_barrier((layer_of[slot], grads))
     dp = _weight_grad(config, settings, frozen, layer, block_inputs, output_grads, inputs)
     # A draw below the bucket: NaN, so that the step is skipped rather than trained on a wrong gradient.
     dp = jax.tree.map(lambda g: jnp.where(in_bucket, g, jnp.nan), dp)

@@ -362,6 +362,10 @@ def _slot_scan_bwd(config, settings, res, d_out):
     slot = order[j]
     layer = layer_of[slot]
     dh, sink = bw.frozen_run(dh, sink, layer + 1, hi)
+    # The layer's weights are sliced out of the stack (a copy per matrix, for cuBLAS) only once its turn
+    # comes: the draw is known from the start, and XLA would otherwise copy every trained layer's weights
+    # early and hold them all through the backward pass.
+    layer, dh = jax.lax.optimization_barrier((layer, dh))
     dp, dh = bw.weight_and_input_grad(layer, dh)
     grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
     if measuring:
