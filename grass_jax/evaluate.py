@@ -104,6 +104,8 @@ def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, 
   eos = tokenizer.eos_token_id
   out: list[str] = [""] * len(prompts)
   bar = tqdm(total=len(prompts), disable=not progress, unit="ex", dynamic_ncols=True)
+  # Fewer prompts than a batch: a smaller batch (a power of two, so that few shapes compile), not filler rows.
+  batch_size = min(batch_size, 1 << max(len(prompts) - 1, 0).bit_length())
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
     length = _bucket(max(len(encoded[i]) for i in idx), buckets)

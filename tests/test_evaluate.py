@@ -57,11 +57,16 @@ def _tiny_model(tmp_path):
   return params, cfg
 
 
-def test_batched_generation_equals_one_by_one(tmp_path):
+def test_batched_generation_equals_one_by_one(tmp_path, monkeypatch):
+  # Three prompts and a batch of 64: one batch of 4 rows (the next power of two), not 61 filler rows.
   params, cfg = _tiny_model(tmp_path)
   tok = ByteTokenizer()
   prompts = ["What is 1 + 1?", "A much longer question about apples and pears?", "Hi"]
-  batched = ev.generate_texts(params, cfg, tok, prompts, batch_size=4, max_new_tokens=6, buckets=[64])
+  rows, generate = [], ev.greedy_generate
+  monkeypatch.setattr(ev, "greedy_generate", lambda p, c, tokens, *a, **k: (rows.append(tokens.shape[0]),
+                                                                            generate(p, c, tokens, *a, **k))[1])
+  batched = ev.generate_texts(params, cfg, tok, prompts, batch_size=64, max_new_tokens=6, buckets=[64])
+  assert rows == [4]
   single = [ev.generate_texts(params, cfg, tok, [p], batch_size=1, max_new_tokens=6, buckets=[64])[0]
             for p in prompts]
   assert batched == single

@@ -122,7 +122,8 @@ def test_sketch_every_n_steps_measures_frozen_layers_on_those_steps_only():
     runs[every] = (p, s, flags, windows)
     assert step._cache_size() == 1
   assert runs[1][2] == [1, 1, 1] and runs[2][2] == [1, 0, 1]
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), runs[2][0], runs[1][0])
+  # (atol: near-zero weights differ by 1e-9 where XLA sums in another order; a different path moves them ~1e-2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8), runs[2][0], runs[1][0])
   active = np.asarray(runs[2][1].active)
   frozen = np.setdiff1d(np.arange(CFG.num_layers), active)
   np.testing.assert_array_equal(runs[1][3][1], 2)  # after two steps, before the refresh

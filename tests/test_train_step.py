@@ -44,7 +44,8 @@ def test_slot_gradients_equal_slices_of_full_gradient(frozen_grads, order, remat
                                          remat=remat, frozen_grads=frozen_grads)[0])(trainable)
   for k in params["layers"]:
     np.testing.assert_allclose(g_slot["layers"][k], g_full["layers"][k][active], rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(g_slot["embed"], g_full["embed"], rtol=1e-5, atol=1e-7)
+  # (atol: the embedding gradient's float32 sums, in another order, differ by up to 2e-7 on entries of 3e-3)
+  np.testing.assert_allclose(g_slot["embed"], g_full["embed"], rtol=1e-5, atol=1e-6)
   if frozen_grads == "cond":  # the slot values are handles, never read: zeros give the same gradient
     zeros = {**params, "layers": jax.tree.map(jnp.zeros_like, trainable["layers"])}
     g_zero = jax.grad(lambda tr: slot_loss(tr, params["layers"], active, CFG, mb, dtype=jnp.float32,
