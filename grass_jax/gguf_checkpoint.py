@@ -21,6 +21,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import importlib.util
@@ -227,6 +228,26 @@ def _load_tokenizer(key: tuple[str, int, int]) -> Any:
   from transformers import AutoTokenizer
   file = Path(key[0])
   try:
-    return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+    with _transformers_reads_our_reader(file):
+      return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
   except ImportError as e:
     raise GGUFError(EXTRA_HINT) from e
+
+
+@contextlib.contextmanager
+def _transformers_reads_our_reader(file: Path) -> Iterator[None]:
+  """Hands ``transformers`` this process's parsed reader of ``file``: it parses the metadata again at each
+  of its loads (the config's and the tokenizer's: ~4 s each for SmolLM2's 49k-token vocabulary). Other
+  files, and readers opened for writing, go to ``gguf.GGUFReader`` as before."""
+  import gguf
+  ours, real = open_reader(file), gguf.GGUFReader  # parsed (and cached) before the swap
+  target = str(file.resolve())
+
+  def reader(path: Any, mode: str = "r") -> Any:
+    return ours if mode == "r" and str(Path(path).resolve()) == target else real(path, mode)
+
+  gguf.GGUFReader = reader
+  try:
+    yield
+  finally:
+    gguf.GGUFReader = real

