@@ -196,8 +196,8 @@ def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeyp
   for sketching in sketchings:
     (g_all, sink_all), runs_all = grads(True, sketching)
     (g_cut, sink_cut), runs_cut = grads(False, sketching)
-    for k in g_all:  # the trained layers' gradients do not change
-      np.testing.assert_allclose(g_cut[k], g_all[k], rtol=1e-6, atol=1e-8)
+    for k in g_all:  # the trained layers' gradients do not change (to float32 sums in another order)
+      np.testing.assert_allclose(g_cut[k], g_all[k], rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(sink_cut, sink_all, rtol=1e-6)
     # forward: every layer once; backward: layers 0-1 are recomputed only when measured
     sketched = measure == "sketch" and sketching and not probing

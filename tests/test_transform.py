@@ -65,7 +65,7 @@ def test_masking_and_moments_survive_pauses(period):
       else:
         assert not np.any(np.asarray(got["w"])) and not np.any(np.asarray(got["b"]))
     want_e, ref_embed = ref_update({"embed": grads["embed"]}, ref_embed, {"embed": params["embed"]})
-    np.testing.assert_array_equal(updates["embed"], want_e["embed"])
+    np.testing.assert_allclose(updates["embed"], want_e["embed"], **ULPS)
     params = optax.apply_updates(params, updates)
   assert paused_and_resumed > 0, "the test never exercised a layer resumed after a pause"
 
@@ -170,7 +170,7 @@ def test_dict_of_layers_tree_in_chain_with_clipping_and_schedule():
   assert grass_jax.diagnostics(state)["num_measurements"].sum() == 12
 
 
-def test_full_strategy_equals_plain_adamw_exactly():
+def test_full_strategy_equals_plain_adamw():
   schedule = optax.linear_schedule(1e-2, 1e-3, 10)
   plain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
   ours = optax.chain(optax.clip_by_global_norm(1.0),
@@ -183,7 +183,9 @@ def test_full_strategy_equals_plain_adamw_exactly():
     u1, s1 = jax.jit(plain.update)(g, s1, p1)
     u2, s2 = jax.jit(ours.update)(g, s2, p2)
     p1, p2 = optax.apply_updates(p1, u1), optax.apply_updates(p2, u2)
-  jax.tree.map(np.testing.assert_array_equal, p1, p2)
+  # Equal to the last bits: two programs of the same arithmetic may round differently (XLA:CPU's loop
+  # emitters, which the test session compiles with, differ by 2 ulp here); any other formula differs by far more.
+  jax.tree.map(lambda a, b: np.testing.assert_array_max_ulp(a, b, maxulp=4), p1, p2)
 
 
 def test_lisa_resets_moments_on_switch():
