@@ -37,27 +37,27 @@ ASKED = []  # the readers the fixture's loads asked gguf for, in order, with mar
 
 @pytest.fixture(scope="module")
 def smol():
-  # transformers parses the file's metadata (~4 s: a 49k-token vocabulary) at each load, of the config, the model
-  # and the tokenizer; here the file is parsed once for the whole module, ours and theirs alike.
   import gguf
-  real, readers = gguf.GGUFReader, {}
+  real = gguf.GGUFReader
 
-  def shared_reader(path, mode="r"):
-    key = (str(Path(path).resolve()), mode)
-    ASKED.append(key)
-    return readers[key] if key in readers else readers.setdefault(key, real(path, mode))
+  def counted_reader(path, mode="r"):
+    ASKED.append((str(Path(path).resolve()), mode))
+    return real(path, mode)
 
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(gguf, "GGUFReader", shared_reader)
+    mp.setattr(gguf, "GGUFReader", counted_reader)
     params, config = grass_jax.load_pretrained(SPEC)
     ASKED.append("tokenizer")
     tokenizer = load_tokenizer(None, SPEC)
     ASKED.append("reference")
     tokenizer.padding_side = "left"
-    ref = transformers.AutoModelForCausalLM.from_pretrained(str(FILE.parent), gguf_file=FILE.name,
-                                                            dtype=torch.float32)
-    ref.eval()
-    yield params, config, tokenizer, ref
+    # transformers would parse the file's metadata (~4 s: a 49k-token vocabulary) again for the config and
+    # the model: it gets the reader ours parsed, as our tokenizer loading does.
+    with gguf_checkpoint._transformers_reads_our_reader(FILE):
+      ref = transformers.AutoModelForCausalLM.from_pretrained(str(FILE.parent), gguf_file=FILE.name,
+                                                              dtype=torch.float32)
+  ref.eval()
+  return params, config, tokenizer, ref
 
 
 def _hf_logits(model, enc):
@@ -73,7 +73,8 @@ def test_config_and_tokenization_match_transformers(smol):
   assert (config.num_layers, config.hidden_size, config.num_heads, config.num_kv_heads, config.vocab_size) == (
       30, 576, 9, 3, 49152)
   assert config.tie_word_embeddings and ref.config.tie_word_embeddings
-  hf_tok = transformers.AutoTokenizer.from_pretrained(str(FILE.parent), gguf_file=FILE.name)
+  with gguf_checkpoint._transformers_reads_our_reader(FILE):  # (parsed once, as in the fixture)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(FILE.parent), gguf_file=FILE.name)
   for text in PROMPTS + ["Ünïcode and  spaces\ttabs 1234567"]:
     assert tokenizer.encode(text) == hf_tok.encode(text)
   assert tokenizer.decode(tokenizer.encode(PROMPTS[2]), skip_special_tokens=True) == PROMPTS[2]
