@@ -15,7 +15,7 @@ from grass_jax.pretrained import load_pretrained, save_pretrained
 from grass_jax.sampling import draw, probabilities
 from grass_jax.transform import (STRATEGIES, GrassState, apply_slot_updates, diagnostics, find_state,
                                  fixed, full, gather_active, lisa, replace_state, strategy, transform)
-from grass_jax.xla_flags import use_recommended_flags
+from grass_jax.xla_flags import use_deterministic_flags, use_recommended_flags
 
 __version__ = "0.1.0"
 
@@ -23,5 +23,5 @@ __all__ = [
     "NOT_A_LAYER", "STACKED", "STRATEGIES", "GrassState", "LayerLayout", "apply_slot_updates",
     "build_layout", "diagnostics", "draw", "find_state", "fixed", "full", "gather_active", "indexed_layers",
     "layer_grad_norms", "lisa", "load_pretrained", "probabilities", "save_pretrained", "replace_state", "stacked_layers", "strategy",
-    "transform", "update_importance", "use_recommended_flags",
+    "transform", "update_importance", "use_deterministic_flags", "use_recommended_flags",
 ]

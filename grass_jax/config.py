@@ -134,6 +134,9 @@ class OptimConfig:
     measurements for speed (4: 0.98x instead of 0.93x the tokens/s of grad on
     TinyLlama, docs/performance.md) and are not accuracy-tested.
   always_on: also train embeddings, final norm and LM head every step.
+  reset_on_switch: strategy grass: a layer drawn again starts with fresh Adam
+    moments, as LISA's layers do, instead of the moments it had when it was
+    last trained (kept moments are stale: computed at other weights).
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy it to the device only for its update,
@@ -172,6 +175,7 @@ class OptimConfig:
   sketch_size: int = 4
   sketch_every: int = 1
   always_on: bool = True
+  reset_on_switch: bool = False
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
   offload_prefetch: bool = True
@@ -216,6 +220,11 @@ class TrainConfig:
   compilation_cache: keep compiled programs in output_dir/compilation_cache, so a
     resumed run reads its train step back instead of compiling it again
     (``grass_jax.compile_cache``; JAX_COMPILATION_CACHE_DIR, if set, wins).
+  deterministic: the same config and seed give bitwise the same run on a GPU:
+    XLA's deterministic GPU kernels (``--xla_gpu_deterministic_ops``, set by
+    ``scripts/train.py`` before JAX starts) and XLA's attention instead of
+    cuDNN's fused one, which has no deterministic backward pass there
+    (``grass_jax.xla_flags``). Slower; CPU runs are deterministic anyway.
   """
 
   epochs: int = 1
@@ -229,6 +238,7 @@ class TrainConfig:
   output_dir: str = "runs/default"
   export: bool = True
   compilation_cache: bool = True
+  deterministic: bool = False
 
 
 @dataclasses.dataclass
@@ -412,6 +422,9 @@ def validate(cfg: Config) -> Config:
   if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.live_importance()):
     raise ConfigError("probing and importance: sketch measure frozen layers in the slot scan: "
                       "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0")
+  if o.reset_on_switch and o.offload_optimizer_state:
+    raise ConfigError("optim.reset_on_switch keeps no moments of inactive layers, so there is nothing to offload: "
+                      "set optim.offload_optimizer_state: false")
   if o.offload_optimizer_state and not (o.strategy.startswith("grass") or o.strategy == "fixed"):
     raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
                       "fine-tuning has no inactive layers)")

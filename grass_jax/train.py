@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from grass_jax import data as data_lib
 from grass_jax import sharding as sharding_lib
+from grass_jax import xla_flags
 from grass_jax.ahead_of_time import CompiledStep
 from grass_jax.backward_buckets import BackwardBuckets
 from grass_jax.checkpoints import Checkpointer
@@ -43,7 +44,7 @@ from grass_jax.config import Config, ConfigError, ModelConfig, OptimConfig, to_d
 from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, config_from_hf, init_params
-from grass_jax.models.decoder import DecoderConfig, Params
+from grass_jax.models.decoder import DecoderConfig, Params, resolve_attention
 from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
 from grass_jax.pretrained import load_pretrained, read_model_config, save_pretrained
 from grass_jax.train_step import cross_entropy, make_train_step, slot_loss
@@ -75,7 +76,8 @@ def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
     schedule = optax.join_schedules([optax.constant_schedule(0.0), schedule], [probe])
   inner = optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
   importance_args = dict(probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
-                         probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema)
+                         probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
+                         reset_on_switch=o.reset_on_switch)
   grass = strategy(o.strategy, inner, layers=LAYERS,
                    num_active=None if o.strategy == "full" else min(o.num_active, num_layers), period=o.period,
                    seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, fixed_layers=o.fixed_layers,
@@ -220,6 +222,21 @@ class Trainer:
                                   batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                                   buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed)
 
+  def _attention(self) -> str:
+    """model.attention, with cuDNN's fused attention replaced by XLA's in a deterministic GPU run."""
+    cfg = self.cfg
+    if not cfg.train.deterministic or jax.default_backend() != "gpu":
+      return cfg.model.attention
+    missing = xla_flags.missing_deterministic_flags()
+    if missing:
+      raise ConfigError(f"train.deterministic needs XLA_FLAGS={' '.join(missing)} before JAX starts: run "
+                        "scripts/train.py, or call grass_jax.use_deterministic_flags() first thing")
+    if cfg.model.attention == "cudnn":
+      raise ConfigError("model.attention: cudnn has no deterministic backward pass on the GPU: with "
+                        "train.deterministic use model.attention: auto, xla or einsum")
+    impl = resolve_attention(self.mcfg, cfg.model.attention, _dtype(cfg.model.compute_dtype))
+    return "xla" if impl == "cudnn" else impl
+
   def _compile_step(self) -> CompiledStep:
     """The train step, compiled for every batch length of the run from abstract shapes.
 
@@ -235,7 +252,7 @@ class Trainer:
     ahead = cfg.model.backward_bucket_compile == "ahead"
     step = CompiledStep(make_train_step(
         self.mcfg, self.tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-        frozen_grads=o.frozen_grads, attention=cfg.model.attention, shardings=self.shardings,
+        frozen_grads=o.frozen_grads, attention=self._attention(), shardings=self.shardings,
         stream_states=o.stream_active_states, measure=measure_mode(o), sketch_size=o.sketch_size,
         probe_steps=o.probing_steps(), always_on=o.always_on,
         loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every,

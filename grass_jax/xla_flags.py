@@ -16,6 +16,9 @@ thing; a program of your own calls :func:`use_recommended_flags` before it touch
   grass_jax.use_recommended_flags()   # before the first jax computation
   ...
 
+A deterministic run (``train.deterministic``) also needs :data:`DETERMINISTIC`, XLA's deterministic GPU
+kernels (no atomics in reductions and scatters); :func:`use_deterministic_flags` sets it the same way.
+
 A flag already in ``XLA_FLAGS`` is left as you set it, so ``XLA_FLAGS=--xla_gpu_dot_merger_threshold_mb=32``
 turns the dot merger back on. The flags only affect GPU compilation; on CPU they are parsed and unused.
 """
@@ -28,6 +31,9 @@ from collections.abc import MutableMapping
 
 # flag name (without the leading dashes) -> value
 RECOMMENDED: dict[str, str] = {"xla_gpu_dot_merger_threshold_mb": "0"}
+# What a bitwise-reproducible GPU run needs (cuDNN's fused attention is not covered: it crashed in its
+# first execution with this flag, so deterministic runs use XLA's attention; grass_jax.train).
+DETERMINISTIC: dict[str, str] = {"xla_gpu_deterministic_ops": "true"}
 
 
 def _flag_name(token: str) -> str:
@@ -57,16 +63,29 @@ def with_recommended_flags(xla_flags: str, recommended: dict[str, str] | None = 
   return " ".join([xla_flags.strip(), *added]).strip()
 
 
-def use_recommended_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
+def missing_deterministic_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
+  """The flags of :data:`DETERMINISTIC` that ``XLA_FLAGS`` does not set to their value (``--name=value``)."""
+  env = os.environ if environ is None else environ
+  present = dict(t.lstrip("-").partition("=")[::2] for t in env.get("XLA_FLAGS", "").split())
+  return [f"--{k}={v}" for k, v in DETERMINISTIC.items() if present.get(k, "").lower() not in (v, "1")]
+
+
+def use_deterministic_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
+  """:func:`use_recommended_flags` for :data:`DETERMINISTIC`: call it before JAX's first computation."""
+  return use_recommended_flags(environ, DETERMINISTIC)
+
+
+def use_recommended_flags(environ: MutableMapping[str, str] | None = None,
+                          flags: dict[str, str] | None = None) -> list[str]:
   """Adds the recommended flags to ``XLA_FLAGS`` (those not set already); returns the flags added.
 
   Call it before JAX's first computation: once the backend runs, XLA no longer reads ``XLA_FLAGS``,
   and this changes nothing (with a warning when that backend is a GPU, where the flags matter).
-  ``environ`` defaults to ``os.environ``.
+  ``environ`` defaults to ``os.environ``; ``flags`` to :data:`RECOMMENDED`.
   """
   env = os.environ if environ is None else environ
   before = env.get("XLA_FLAGS", "")
-  after = with_recommended_flags(before)
+  after = with_recommended_flags(before, flags)
   if after == before.strip():
     return []
   if environ is None and _backend_started():

@@ -15,7 +15,7 @@ from grass_jax.data import DataError
 from grass_jax.gguf_checkpoint import GGUFError
 from grass_jax.pretrained import CheckpointError
 from grass_jax.train import run
-from grass_jax.xla_flags import use_recommended_flags
+from grass_jax.xla_flags import use_deterministic_flags, use_recommended_flags
 
 
 def main() -> int:
@@ -26,12 +26,14 @@ def main() -> int:
   ap.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
   ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. optim.num_active=4")
-  args = ap.parse_args()
+  args = ap.parse_intermixed_args()  # flags may follow the overrides
   try:
     cfg = config_lib.load(args.config, args.overrides)
   except config_lib.ConfigError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  if cfg.train.deterministic:
+    use_deterministic_flags()  # still before JAX starts: loading the config runs no computation
   try:
     summary = run(cfg, resume=args.resume, progress=not args.no_progress)
   except (config_lib.ConfigError, DataError, CheckpointError, GGUFError, FileExistsError, FileNotFoundError) as e:

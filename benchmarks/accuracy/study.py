@@ -65,6 +65,13 @@ METHODS = {
                     "epsilon": 0.5, "probe_steps": None, "mgn_ema": 0.5},
 }
 
+# The 2x2 of what separates GRASS from LISA: draws (uniform / importance) x moments (reset / kept). Both
+# uniform rows draw the same layers for a seed (the same Gumbel noise on equal probabilities).
+METHODS |= {
+    "uniform_kept": {"strategy": "grass", "importance": "grad", "epsilon": 1.0, "probe_steps": 0},
+    "grass_sketch_reset": {**GRASS_SKETCH, "reset_on_switch": True},
+}
+
 # The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
 # pairs help most says whether the layers a method favours are the ones worth training here.
 ORACLE = {f"fixed_{i}_{i + 1}": {"strategy": "fixed", "fixed_layers": [i, i + 1]} for i in range(0, 30, 2)}
@@ -92,6 +99,11 @@ SCALES = {
     "smollm2_oracle": dict(model=SMOLLM2, steps=750, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
                            n_test=500, tasks=["arith"], methods=list(ORACLE), seeds=[0], max_new_tokens=96,
                            lrs={m: [3e-4] for m in ORACLE}),
+    # Paired and deterministic (train.deterministic on the GPU): the same seeds, data order and layer noise for
+    # every method, one learning rate (each method's best on the held-out word problems, issue 40).
+    "paired": dict(model=SMOLLM2, steps=376, batch=16, period=20, max_length=256, n_train=4000, n_val=200,
+                   n_test=500, tasks=["arith"], methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset"],
+                   seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}),
     # The first study (2026-11-25): 500 steps, one learning rate per method; its rows stay in the file.
     "smollm2_500": dict(model=SMOLLM2, steps=500, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
                         n_test=500, tasks=["arith", "weekday"], methods=list(METHODS), seeds=[0, 1, 2],
@@ -110,7 +122,8 @@ def run_config(scale: dict, model: str, data: dict, method: str, seed: int, lr: 
       "optim": {"num_active": 2, "period": scale["period"], "learning_rate": lr, "warmup_ratio": 0.03,
                 "max_grad_norm": 1.0, **ALL_METHODS[method]},
       "train": {"epochs": 100, "max_steps": scale["steps"], "batch_size": scale["batch"], "seed": seed,
-                "log_every": scale["period"], "checkpoint_every": 0, "output_dir": str(out), "export": False},
+                "log_every": scale.get("log_every", scale["period"]), "checkpoint_every": 0, "output_dir": str(out),
+                "export": False, "deterministic": gpu},
   }
 
 
@@ -148,6 +161,9 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
     row["accuracy" if split == "test" else "val_accuracy"] = result["accuracy"]
     row[f"{split}_eval_seconds"] = time.perf_counter() - t1
   lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+  # The training loss over the last quarter of the run: the optimisation gap beside the accuracy gap.
+  tail = [l["loss"] for l in lines if "loss" in l and l.get("step", 0) > 0.75 * summary["steps"]]
+  row["tail_loss"] = sum(tail) / len(tail) if tail else None
   # The run's final checkpoint (1.6 GB for SmolLM2 with its optimizer state) is not needed once it is scored:
   # kept, 40 of them filled the GPU machine's 64 GB disk and the next runs failed writing theirs.
   shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -215,6 +231,8 @@ def jobs(scale: dict, rows: list[dict]) -> list[dict]:
 
 def chosen_lr(rows: list[dict], task: str, method: str, scale: dict) -> float | None:
   """The grid's best validation accuracy (ties: the smaller lr); None until the grid is complete."""
+  if len(scale["lrs"][method]) == 1:  # nothing to choose: every seed can start at once
+    return scale["lrs"][method][0]
   rows = of_this_scale(rows, scale)
   grid = [r for r in rows if r["task"] == task and r["method"] == method and r["seed"] == 0 and "val_accuracy" in r]
   if len(grid) < len(scale["lrs"][method]):
@@ -266,7 +284,10 @@ def job_command(args, work: Path, job: dict) -> list[str]:
 def run_pool(args, scale: dict, work: Path) -> None:
   rows_file = work / "rows.jsonl"
   t_start = time.perf_counter()
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+  from grass_jax.xla_flags import DETERMINISTIC, RECOMMENDED, with_recommended_flags
+  # Every run deterministic (train.deterministic): XLA reads its flags when the process starts.
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+             XLA_FLAGS=with_recommended_flags(os.environ.get("XLA_FLAGS", ""), {**RECOMMENDED, **DETERMINISTIC}))
   running: list[tuple[subprocess.Popen, dict, Path]] = []
   failed: set[str] = set()  # not retried in this invocation (a re-run tries again)
   logs = work / "logs"
