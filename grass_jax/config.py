@@ -137,6 +137,9 @@ class OptimConfig:
   reset_on_switch: strategy grass: a layer drawn again starts with fresh Adam
     moments, as LISA's layers do, instead of the moments it had when it was
     last trained (kept moments are stale: computed at other weights).
+  coverage: strategies grass and lisa: draw layers in cycles, so that no layer
+    trains a second time before every layer has trained once (the
+    probabilities then only order the layers within a cycle).
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy it to the device only for its update,
@@ -176,6 +179,7 @@ class OptimConfig:
   sketch_every: int = 1
   always_on: bool = True
   reset_on_switch: bool = False
+  coverage: bool = False
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
   offload_prefetch: bool = True

@@ -87,12 +87,33 @@ def uniform(num_layers: int) -> jax.Array:
   return jnp.full((num_layers,), 1.0 / num_layers, jnp.float32)
 
 
-def draw(key: chex.PRNGKey, probs: jax.Array, num: int) -> jax.Array:
-  """Draws ``num`` distinct layer indices (sorted, int32) without replacement."""
+def draw(key: chex.PRNGKey, probs: jax.Array, num: int, first: jax.Array | None = None) -> jax.Array:
+  """Draws ``num`` distinct layer indices (sorted, int32) without replacement.
+
+  ``first``: bool ``[L]``; layers where it is True are drawn before any other (by ``probs`` among
+  themselves), the others only to fill up when fewer than ``num`` are True. The same key gives the
+  same Gumbel noise with or without it.
+  """
   chex.assert_rank(probs, 1)
   if num > probs.shape[0]:
     raise ValueError(f"cannot draw {num} distinct layers out of {probs.shape[0]}")
   gumbel = jax.random.gumbel(key, probs.shape, jnp.float32)
   scores = jnp.log(probs) + gumbel
+  if first is not None:
+    chex.assert_equal_shape([probs, first])
+    # log p >= log(tiny) = -87 and Gumbel noise is far below 1e4: a True layer outranks every False one.
+    scores = jnp.where(first, jnp.maximum(scores, -1e3) + 1e4, scores)
   _, idx = jax.lax.top_k(scores, num)
   return jnp.sort(idx).astype(jnp.int32)
+
+
+def next_cycle(undrawn: jax.Array, drawn: jax.Array) -> jax.Array:
+  """Coverage: the layers still owed a turn in the cycle after ``drawn`` (int ``[gamma]``) were drawn.
+
+  A cycle ends once every layer has had a turn; layers drawn beyond the end to fill the last draw count
+  for the next one. ``undrawn`` (bool ``[L]``) is the mask before the draw, as :func:`draw` took it.
+  """
+  chosen = jnp.zeros_like(undrawn).at[drawn].set(True)
+  left = undrawn & ~chosen
+  fillers = chosen & ~undrawn
+  return jnp.where(jnp.any(left), left, ~fillers)

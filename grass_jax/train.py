@@ -77,7 +77,7 @@ def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
   inner = optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
   importance_args = dict(probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
                          probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
-                         reset_on_switch=o.reset_on_switch)
+                         reset_on_switch=o.reset_on_switch, coverage=o.coverage)
   grass = strategy(o.strategy, inner, layers=LAYERS,
                    num_active=None if o.strategy == "full" else min(o.num_active, num_layers), period=o.period,
                    seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, fixed_layers=o.fixed_layers,

@@ -102,6 +102,9 @@ class GrassState(NamedTuple):
       host memory (``offload=True``).
     always_on_state: inner state of the always-on group (embeddings, final
       norm, LM head), updated every step.
+    undrawn: bool ``[L]``, with ``coverage``: the layers not drawn yet in the
+      current cycle (each layer gets a turn before any gets a second);
+      all True without it.
   """
 
   count: jax.Array
@@ -117,6 +120,7 @@ class GrassState(NamedTuple):
   slot_states: Any
   bank: Any
   always_on_state: Any
+  undrawn: jax.Array
 
 
 class Settings(NamedTuple):
@@ -138,6 +142,7 @@ class Settings(NamedTuple):
   offload: bool
   skip_nonfinite: bool
   fixed_layers: tuple[int, ...] | None = None
+  coverage: bool = False
 
 
 def _take(tree: Any, idx: jax.Array) -> Any:
@@ -311,6 +316,7 @@ def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> Grass
   stack, always = layout.split(params)
   key, k0, k1 = jax.random.split(jax.random.PRNGKey(s.seed), 3)
   probs = sampling.uniform(num_layers)
+  undrawn = jnp.ones((num_layers,), bool)
   if gamma == num_layers:
     active = next_active = jnp.arange(num_layers, dtype=jnp.int32)
     slot_states = inner.init(stack)
@@ -321,8 +327,12 @@ def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> Grass
     probs = jnp.zeros((num_layers,), jnp.float32).at[active].set(1.0 / gamma)
     slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
   else:
-    active = sampling.draw(k0, probs, gamma)
-    next_active = sampling.draw(k1, probs, gamma) if s.period == 1 else active
+    active = sampling.draw(k0, probs, gamma, undrawn if s.coverage else None)
+    undrawn = sampling.next_cycle(undrawn, active) if s.coverage else undrawn
+    next_active = active
+    if s.period == 1:
+      next_active = sampling.draw(k1, probs, gamma, undrawn if s.coverage else None)
+      undrawn = sampling.next_cycle(undrawn, next_active) if s.coverage else undrawn
     slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
   # Fixed layers never switch: no other layer's state is ever needed.
   keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload and s.sampling_kind != "fixed"
@@ -341,6 +351,7 @@ def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> Grass
       slot_states=slot_states,
       bank=jax.vmap(inner.init)(stack) if keeps_bank else None,
       always_on_state=inner.init(always) if always else optax.EmptyState(),
+      undrawn=undrawn,
   )
 
 
@@ -455,20 +466,27 @@ def switch_layers(inner: optax.GradientTransformation, s: Settings, state: Grass
 
 
 def draw_next_layers(s: Settings, state: GrassState, count: jax.Array, importance: jax.Array,
-                     num_measurements: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Step 6: one step before a switch, draw the next period's layers. Returns ``(next_active, probabilities, key)``."""
+                     num_measurements: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Step 6: one step before a switch, draw the next period's layers.
+
+  With ``coverage`` the layers not drawn yet in the cycle come first (:func:`grass_jax.sampling.draw`).
+  Returns ``(next_active, probabilities, key, undrawn)``.
+  """
   num_layers, gamma = importance.shape[0], state.active.shape[0]
   key, sub = jax.random.split(state.key)
   draw_due = (count + 1) % s.period == 0
   if s.sampling_kind == "fixed":
-    return state.next_active, state.probabilities, key
+    return state.next_active, state.probabilities, key, state.undrawn
   if s.sampling_kind == "uniform":
     new_probs = sampling.uniform(num_layers)
   else:
     new_probs = sampling.layer_probabilities(s.probability, importance, num_measurements,
                                              temperature=s.temperature, epsilon=s.epsilon)
-  drawn = sampling.draw(sub, new_probs, gamma)
-  return (jnp.where(draw_due, drawn, state.next_active), jnp.where(draw_due, new_probs, state.probabilities), key)
+  drawn = sampling.draw(sub, new_probs, gamma, state.undrawn if s.coverage else None)
+  undrawn = jnp.where(draw_due, sampling.next_cycle(state.undrawn, drawn), state.undrawn) if s.coverage \
+      else state.undrawn
+  return (jnp.where(draw_due, drawn, state.next_active), jnp.where(draw_due, new_probs, state.probabilities), key,
+          undrawn)
 
 
 def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state: GrassState, params: Any = None,
@@ -501,12 +519,12 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
   count = state.count + 1
   imp, counts, bank, slot_layers, active = (
       state.importance, state.num_measurements, state.bank, state.slot_layers, state.active)
-  next_active, probs, key = state.next_active, state.probabilities, state.key
+  next_active, probs, key, undrawn = state.next_active, state.probabilities, state.key, state.undrawn
   if measuring:
     imp, counts, window_sum, window_count = refresh_importance(s, state, count, window_sum, window_count)
   if gamma < num_layers:
     active, slot_layers, slot_states, bank = switch_layers(inner, s, state, count, slot_g, slot_states, bank)
-    next_active, probs, key = draw_next_layers(s, state, count, imp, counts)
+    next_active, probs, key, undrawn = draw_next_layers(s, state, count, imp, counts)
   else:
     key, _ = jax.random.split(state.key)
 
@@ -517,7 +535,7 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
     stack_u = slot_u
   new_updates = layout.merge(stack_u, always_u, updates)
   return new_updates, GrassState(count, key, imp, counts, window_sum, window_count, probs, active, next_active,
-                                 slot_layers, slot_states, bank, always_state)
+                                 slot_layers, slot_states, bank, always_state, undrawn)
 
 
 def transform(
@@ -540,6 +558,7 @@ def transform(
     offload: bool = False,
     skip_nonfinite: bool = True,
     fixed_layers: Sequence[int] | None = None,
+    coverage: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """GRASS: gradient-based adaptive layer-wise importance sampling.
 
@@ -579,6 +598,9 @@ def transform(
       the inner states (the step still counts for the layer schedule). A
       non-finite layer norm never enters the importance statistics.
     fixed_layers: with ``sampling_kind='fixed'``, the ``num_active`` layers that train.
+    coverage: draw in cycles: no layer is drawn a second time before every
+      layer has had a turn (``ceil(L / num_active)`` periods); the
+      probabilities order the layers within a cycle.
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.
@@ -588,7 +610,7 @@ def transform(
   s = Settings(layers, num_active, period, probability, temperature, epsilon, probe_steps,
                period if refresh_every is None else refresh_every, mgn_ema, static, seed, always_on,
                sampling_kind, reset_on_switch, offload, skip_nonfinite,
-               None if fixed_layers is None else tuple(int(i) for i in fixed_layers))
+               None if fixed_layers is None else tuple(int(i) for i in fixed_layers), coverage)
   _check_args(s)
   return optax.GradientTransformationExtraArgs(
       lambda params: init(inner, s, params),
@@ -596,13 +618,14 @@ def transform(
 
 
 def lisa(inner: optax.GradientTransformation, *, layers: LabelsFn, num_active: int, period: int = 20,
-         seed: int = 0, always_on: AlwaysOn = True) -> optax.GradientTransformationExtraArgs:
+         seed: int = 0, always_on: AlwaysOn = True, coverage: bool = False) -> optax.GradientTransformationExtraArgs:
   """LISA baseline: uniform layer sampling, moments reset at every switch.
 
-  Same API and state as :func:`transform`, for side-by-side comparisons.
+  Same API and state as :func:`transform`, for side-by-side comparisons. ``coverage``: uniform draws in
+  cycles (a random order of the layers, ``num_active`` at a time: every layer trains once per cycle).
   """
   return transform(inner, layers=layers, num_active=num_active, period=period, seed=seed,
-                   always_on=always_on, sampling_kind="uniform", reset_on_switch=True)
+                   always_on=always_on, sampling_kind="uniform", reset_on_switch=True, coverage=coverage)
 
 
 def fixed(inner: optax.GradientTransformation, *, layers: LabelsFn, fixed_layers: Sequence[int],
@@ -635,7 +658,8 @@ def strategy(name: str, inner: optax.GradientTransformation, *, layers: LabelsFn
   ``grass`` (:func:`transform`), ``grass_static`` (GRASS*: ``static=True``,
   needs ``probe_steps``), ``lisa``, ``full`` or ``fixed`` (needs ``fixed_layers``). ``importance_args`` are
   :func:`transform`'s ``probability``, ``temperature``, ``epsilon``,
-  ``probe_steps``, ``refresh_every`` and ``mgn_ema`` (ignored by lisa and full).
+  ``probe_steps``, ``refresh_every``, ``mgn_ema``, ``reset_on_switch`` and ``coverage``
+  (lisa takes ``coverage`` alone; full none).
   """
   if name in ("grass", "grass_static"):
     return transform(inner, layers=layers, num_active=num_active, period=period, seed=seed, always_on=always_on,
@@ -643,7 +667,8 @@ def strategy(name: str, inner: optax.GradientTransformation, *, layers: LabelsFn
   if name == "lisa":
     if num_active is None:
       raise ValueError("strategy 'lisa' needs num_active")
-    return lisa(inner, layers=layers, num_active=num_active, period=period, seed=seed, always_on=always_on)
+    return lisa(inner, layers=layers, num_active=num_active, period=period, seed=seed, always_on=always_on,
+                coverage=importance_args.get("coverage", False))
   if name == "full":
     return full(inner, layers=layers, always_on=always_on)
   if name == "fixed":

@@ -5,6 +5,7 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import optax
 
 import grass_jax
@@ -117,3 +118,50 @@ def test_importance_in_transform_matches_hand_computed_norms():
         assert state.importance[l] == before[l]
   np.testing.assert_allclose(state.importance, np.where(counts > 0, sums / np.maximum(counts, 1), 0), rtol=1e-6)
   np.testing.assert_array_equal(state.num_measurements, counts)
+
+
+def test_draw_first_mask_all_true_is_the_plain_draw_and_false_layers_only_fill_up():
+  probs = jnp.asarray([0.05, 0.6, 0.05, 0.2, 0.1], jnp.float32)
+  for i in range(20):
+    key = jax.random.PRNGKey(i)
+    assert sampling.draw(key, probs, 2, jnp.ones(5, bool)).tolist() == sampling.draw(key, probs, 2).tolist()
+    first = jnp.asarray([True, False, True, False, False])
+    assert sampling.draw(key, probs, 2, first).tolist() == [0, 2]  # both first layers, whatever the noise
+    one = jnp.asarray([False, False, False, False, True])
+    got = sampling.draw(key, probs, 2, one).tolist()
+    assert 4 in got and len(set(got)) == 2
+
+
+def test_next_cycle_counts_fillers_for_the_next_cycle():
+  undrawn = jnp.asarray([True, False, False, False, False])
+  # layer 0 was owed a turn; layer 3 filled the draw: the next cycle owes every layer but 3.
+  assert sampling.next_cycle(undrawn, jnp.asarray([0, 3])).tolist() == [True, True, True, False, True]
+  # the cycle ends exactly: every layer is owed a turn again.
+  assert sampling.next_cycle(jnp.asarray([True, True, False]), jnp.asarray([0, 1])).tolist() == [True] * 3
+
+
+@pytest.mark.parametrize("num_layers,gamma", [(6, 2), (7, 2), (5, 3)])
+def test_coverage_trains_every_layer_once_per_cycle(num_layers, gamma):
+  """With coverage, after c whole cycles (c * L / gamma draws, rounded up) every layer had c or c+1 turns,
+  and within each cycle of ceil(L / gamma) draws no layer comes twice before all came once."""
+  params = {"layers": {"w": jnp.ones((num_layers, 2))}}
+  for strategy, args in [("lisa", {}), ("grass", {"temperature": 0.2})]:
+    tx = grass_jax.strategy(strategy, optax.sgd(0.1), layers=grass_jax.stacked_layers("layers"),
+                            num_active=gamma, period=1, seed=3, coverage=True, **args)
+    state = tx.init(params)
+    step = jax.jit(tx.update)
+    grads = {"layers": {"w": jnp.arange(num_layers * 2, dtype=jnp.float32).reshape(num_layers, 2) + 1}}
+    turns = np.zeros(num_layers, int)
+    draws = []
+    for _ in range(4 * num_layers):
+      draws.append(np.asarray(grass_jax.find_state(state).active))
+      _, state = step(grads, state, params)
+    for cycle in range(3):
+      before = turns.copy()
+      owed = set(range(num_layers))
+      while owed:
+        d = draws.pop(0)
+        np.add.at(turns, d, 1)
+        owed -= set(d.tolist())
+      assert (turns - before).min() >= 1 and (turns - before).max() <= 2, (strategy, turns - before)
+      assert turns.max() - turns.min() <= 1 + (num_layers % gamma != 0), (strategy, turns)

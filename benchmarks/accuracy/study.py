@@ -70,6 +70,9 @@ METHODS = {
 METHODS |= {
     "uniform_kept": {"strategy": "grass", "importance": "grad", "epsilon": 1.0, "probe_steps": 0},
     "grass_sketch_reset": {**GRASS_SKETCH, "reset_on_switch": True},
+    # Coverage (draws in cycles: every layer once before any twice), uniform and in importance order.
+    "lisa_coverage": {"strategy": "lisa", "coverage": True},
+    "grass_sketch_coverage": {**GRASS_SKETCH, "coverage": True},
 }
 
 # The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
@@ -151,7 +154,7 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
   seconds = time.perf_counter() - t0
   peak = (jax.local_devices()[0].memory_stats() or {}).get("peak_bytes_in_use")  # training only: read before eval
   row = {"task": task, "method": method, "seed": seed, "lr": lr, "final_loss": summary["final_loss"],
-         "peak_bytes": peak, "seconds": seconds, "steps": summary["steps"]}
+         "peak_bytes": peak, "seconds": seconds, "steps": summary["steps"], **provenance()}
   scorer = TASKS[task][1]
   for split in splits:
     t1 = time.perf_counter()
@@ -171,6 +174,27 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
   trace["log"] = [{k: l[k] for k in ("step", "importance", "probabilities", "active_layers", "probing")
                    if k in l} for l in lines if "importance" in l]
   return row, trace
+
+
+def provenance() -> dict:
+  """Where and when a row was measured: the device, the code's commit (``+dirty`` with uncommitted changes),
+  the study invocation that ran it (``run_pool`` sets it for its runs) and the time."""
+  import datetime
+
+  import jax
+  root = Path(__file__).resolve().parents[2]
+
+  def git(*args):
+    try:
+      return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  commit = git("rev-parse", "HEAD") or None
+  if commit and git("status", "--porcelain", "--untracked-files=no"):
+    commit += "+dirty"
+  return {"device": jax.devices()[0].device_kind, "commit": commit,
+          "invocation": os.environ.get("GRASS_STUDY_INVOCATION"),
+          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def baseline(scale: dict, model: str, task: str, work: Path) -> dict:
@@ -286,7 +310,7 @@ def run_pool(args, scale: dict, work: Path) -> None:
   t_start = time.perf_counter()
   from grass_jax.xla_flags import DETERMINISTIC, RECOMMENDED, with_recommended_flags
   # Every run deterministic (train.deterministic): XLA reads its flags when the process starts.
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", GRASS_STUDY_INVOCATION=f"{time.time():.0f}-{os.getpid()}",
              XLA_FLAGS=with_recommended_flags(os.environ.get("XLA_FLAGS", ""), {**RECOMMENDED, **DETERMINISTIC}))
   running: list[tuple[subprocess.Popen, dict, Path]] = []
   failed: set[str] = set()  # not retried in this invocation (a re-run tries again)
@@ -346,6 +370,51 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
   return table
 
 
+def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[dict]:
+  """Each method against ``reference`` on the seeds both ran (same seed: same data order and layer noise).
+
+  Per task and over the tasks (each seed's differences averaged over the tasks it has): the mean accuracy
+  difference with a 95% t interval over seeds, and the difference of the training loss over the run's last
+  quarter (``tail_loss``; positive: the method lowered the training loss less).
+  """
+  import numpy as np
+  from scipy import stats
+  rows = of_this_scale(rows, scale)
+  out = []
+
+  def summary(task, method, diffs, loss_diffs):
+    d = np.asarray(diffs, float)
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    return {"task": task, "method": method, "reference": reference, "seeds": len(d),
+            "mean_difference": float(d.mean()), "ci95": [float(d.mean()) - half, float(d.mean()) + half],
+            "per_seed": [float(x) for x in d],
+            "tail_loss_difference": float(np.mean(loss_diffs)) if loss_diffs else None}
+
+  for method in scale["methods"]:
+    if method == reference:
+      continue
+    by_seed: dict[int, list[float]] = {}
+    for task in scale["tasks"]:
+      lr_m, lr_r = chosen_lr(rows, task, method, scale), chosen_lr(rows, task, reference, scale)
+      ref = {r["seed"]: r for r in rows if r["task"] == task and r["method"] == reference and r["lr"] == lr_r
+             and "accuracy" in r}
+      pairs = [(r, ref[r["seed"]]) for r in rows if r["task"] == task and r["method"] == method
+               and r["lr"] == lr_m and "accuracy" in r and r["seed"] in ref]
+      if not pairs:
+        continue
+      pairs.sort(key=lambda p: p[0]["seed"])
+      diffs = [a["accuracy"] - b["accuracy"] for a, b in pairs]
+      loss = [a["tail_loss"] - b["tail_loss"] for a, b in pairs if a.get("tail_loss") is not None
+              and b.get("tail_loss") is not None]
+      out.append(summary(task, method, diffs, loss))
+      for (a, _), x in zip(pairs, diffs):
+        by_seed.setdefault(a["seed"], []).append(x)
+    complete = [np.mean(v) for v in by_seed.values() if len(v) == len(scale["tasks"])]
+    if len(scale["tasks"]) > 1 and complete:
+      out.append(summary("mean", method, complete, []))
+  return out
+
+
 def spearman(a: list[float], b: list[float]) -> float:
   """Rank correlation (ties take their mean rank)."""
   import numpy as np
@@ -393,6 +462,14 @@ def report(args, scale: dict, work: Path) -> None:
     peak = "" if t["peak_gib"] is None else f"{t['peak_gib']:.2f}"
     print(f"{t['task']:<13}{t['method']:<14}{t['lr'] or 0:>8g}{t['accuracy_mean']:>10.3f} ± {t['accuracy_std']:.3f}"
           f"{t['seeds']:>6}{t['seconds_mean']:>9.1f}{peak:>9}")
+  paired = paired_vs(rows, scale) if "lisa" in scale["methods"] else []
+  if paired:
+    print(f"\n{'task':<13}{'method against lisa':<22}{'seeds':>6}{'difference (points)':>22}{'95% interval':>18}"
+          f"{'tail-loss gap':>15}")
+  for p in paired:
+    gap = "" if p["tail_loss_difference"] is None else f"{p['tail_loss_difference']:+.5f}"
+    print(f"{p['task']:<13}{p['method']:<22}{p['seeds']:>6}{100 * p['mean_difference']:>+22.2f}"
+          f"{100 * p['ci95'][0]:>+9.2f} {100 * p['ci95'][1]:>+7.2f}{gap:>15}")
   traces_file = work / "traces.jsonl"
   traces = [json.loads(l) for l in traces_file.read_text().splitlines()] if traces_file.exists() else []
   oracle = [o for o in (oracle_analysis(rows, traces, t, scale) for t in scale["tasks"]) if o is not None]
@@ -403,7 +480,8 @@ def report(args, scale: dict, work: Path) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   out.write_text(json.dumps({"scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
                              "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]},
-                             "rows": rows, "table": table, **({"oracle": oracle} if oracle else {})}, indent=2))
+                             "rows": rows, "table": table, **({"paired": paired} if paired else {}),
+                             **({"oracle": oracle} if oracle else {})}, indent=2))
   if traces:
     from benchmarks.accuracy.figures import plot_all
     plot_all(traces, rows, scale, out.with_suffix(""), oracle)
