@@ -35,19 +35,25 @@ class MetricsWriter:
   """
 
   def __init__(self, directory: str | Path, *, resume_step: int | None = None):
-    """``resume_step``: drop lines after this step (a crashed run logged past its last checkpoint)."""
+    """``resume_step``: lines after this step (a crashed run logged past its last checkpoint, which the resumed
+    run logs again) move to ``metrics_superseded.jsonl``, so ``metrics.jsonl`` stays one line per step and
+    nothing written is lost."""
     self.directory = Path(directory)
     self.directory.mkdir(parents=True, exist_ok=True)
     self.path = self.directory / "metrics.jsonl"
     if resume_step is not None and self.path.exists():
-      kept = []
+      kept, superseded = [], []
       for line in self.path.read_text().splitlines():
         try:
-          if json.loads(line)["step"] <= resume_step:
-            kept.append(line)
+          (kept if json.loads(line)["step"] <= resume_step else superseded).append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
-          continue  # a line cut short by the crash
-      self.path.write_text("".join(l + "\n" for l in kept))
+          superseded.append(line)  # a line cut short by the crash
+      if superseded:
+        with (self.directory / "metrics_superseded.jsonl").open("a") as f:
+          f.write("".join(l + "\n" for l in superseded))
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        tmp.replace(self.path)  # atomic: a second crash leaves the old file or the new one, never half of it
     self._file = self.path.open("a")
     try:
       from tensorboardX import SummaryWriter

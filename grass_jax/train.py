@@ -46,7 +46,7 @@ from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, config_from_hf, init_params
 from grass_jax.models.decoder import DecoderConfig, Params, resolve_attention
 from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
-from grass_jax.pretrained import load_pretrained, read_model_config, save_pretrained
+from grass_jax.pretrained import CheckpointError, load_pretrained, read_model_config, save_pretrained
 from grass_jax.train_step import cross_entropy, make_train_step, slot_loss
 from grass_jax.transform import diagnostics, strategy
 
@@ -205,10 +205,13 @@ class Trainer:
     ckpt_dir = self.out / "checkpoints"
     if self.out.exists() and not self.out.is_dir():
       raise FileExistsError(f"train.output_dir {self.out} is a file: set train.output_dir to a directory")
-    if not resume and ckpt_dir.exists() and any(ckpt_dir.iterdir()):
-      raise FileExistsError(f"{ckpt_dir} already holds checkpoints: pass --resume to continue that run, or set "
+    held = [p.name for p in (ckpt_dir, self.out / "metrics.jsonl") if p.exists() and (p.is_file() or any(p.iterdir()))]
+    if not resume and held:
+      raise FileExistsError(f"{self.out} holds a run ({', '.join(held)}): pass --resume to continue it, or set "
                             "train.output_dir to a new directory")
     if resume:
+      if not held or "checkpoints" not in held:
+        raise CheckpointError(f"--resume: {ckpt_dir} holds no checkpoint (nothing to resume); run without --resume")
       check_same_schedule(cfg, self.out / "config.yaml")
     self.out.mkdir(parents=True, exist_ok=True)
     (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -86,9 +86,10 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
     ("nonsense.key=1", "unknown section"),
     ("optim.num_active", "must look like section.key=value"),
     ("optim.frozen_grads=select", "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0"),
+    ("optim.reset_on_switch=true", "nothing to offload: set optim.offload_optimizer_state: false"),
 ])
 def test_config_errors_name_the_key(override, message):
-  extra = ["optim.offload_optimizer_state=true"] if "lisa" in override else []
+  extra = ["optim.offload_optimizer_state=true"] if ("lisa" in override or "reset_on" in override) else []
   with pytest.raises(config_lib.ConfigError, match=message):
     config_lib.load(DEMO, [*extra, override])
 
@@ -322,3 +323,27 @@ def test_importance_defaults_resolve_to_what_the_train_step_measures(overrides, 
   from grass_jax.train import measure_mode
   o = config_lib.load(DEMO, ["optim.period=5", *overrides]).optim
   assert (o.probing_steps(), measure_mode(o)) == (probing, measure)
+
+
+def test_resume_with_nothing_to_resume_and_a_fresh_start_over_a_run_are_refused(tmp_path):
+  from grass_jax.pretrained import CheckpointError
+  with pytest.raises(CheckpointError, match=r"--resume: .*checkpoints holds no checkpoint .*run without --resume"):
+    Trainer(_cfg(tmp_path), resume=True, progress=False)
+  assert not (tmp_path / "metrics.jsonl").exists()
+  (tmp_path / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')  # a run without checkpoints
+  with pytest.raises(FileExistsError, match=r"holds a run \(metrics.jsonl\): pass --resume .* or set train.output_dir"):
+    Trainer(_cfg(tmp_path), progress=False)
+  with pytest.raises(CheckpointError, match="holds no checkpoint"):
+    Trainer(_cfg(tmp_path), resume=True, progress=False)
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 10, "loss": 1.0}\n'
+
+
+def test_metrics_after_the_resumed_step_move_aside_and_are_not_lost(tmp_path):
+  from grass_jax.metrics import MetricsWriter
+  lines = ['{"step": 5, "loss": 3.0}', '{"step": 10, "loss": 2.0}', '{"step": 15, "loss": 1.5}', '{"step": 2']
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  w = MetricsWriter(tmp_path, resume_step=10)
+  w.write(15, {"loss": 1.4})
+  w.close()
+  assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [*lines[:2], '{"step": 15, "loss": 1.4}']
+  assert (tmp_path / "metrics_superseded.jsonl").read_text().splitlines() == lines[2:]

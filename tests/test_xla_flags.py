@@ -4,7 +4,8 @@ import os
 import subprocess
 import sys
 
-from grass_jax.xla_flags import RECOMMENDED, use_recommended_flags, with_recommended_flags
+from grass_jax.xla_flags import (DETERMINISTIC, RECOMMENDED, missing_deterministic_flags, use_deterministic_flags,
+                                  use_recommended_flags, with_recommended_flags)
 
 
 def test_recommended_flags_are_added_once_and_a_users_setting_wins():
@@ -24,7 +25,7 @@ def test_recommended_flags_are_added_once_and_a_users_setting_wins():
 def test_this_jaxlib_knows_every_recommended_flag():
   # XLA aborts on a flag it does not know ("Unknown flag in XLA_FLAGS"): a jax upgrade that renames one
   # shows here, not as a crash of every training run.
-  env = dict(os.environ, XLA_FLAGS=with_recommended_flags(""), JAX_PLATFORMS="cpu")
+  env = dict(os.environ, XLA_FLAGS=with_recommended_flags("", {**RECOMMENDED, **DETERMINISTIC}), JAX_PLATFORMS="cpu")
   proc = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; print(float(jnp.ones(3).sum()))"],
                         capture_output=True, text=True, env=env, timeout=120)
   assert proc.returncode == 0 and proc.stdout.strip() == "3.0", proc.stderr[-2000:]
@@ -42,3 +43,13 @@ def test_after_jax_started_nothing_changes(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=2")
   assert use_recommended_flags() == []
   assert os.environ["XLA_FLAGS"] == "--xla_gpu_autotune_level=2"
+
+
+def test_deterministic_flags_are_set_once_and_reported_missing_until_then():
+  env = {"XLA_FLAGS": "--xla_gpu_autotune_level=2"}
+  assert missing_deterministic_flags(env) == ["--xla_gpu_deterministic_ops=true"]
+  assert use_deterministic_flags(env) == ["--xla_gpu_deterministic_ops=true"]
+  assert missing_deterministic_flags(env) == [] and use_deterministic_flags(env) == []
+  # a user's explicit false is kept (theirs win) and still reported, so a deterministic run refuses to start
+  off = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
+  assert use_deterministic_flags(off) == [] and missing_deterministic_flags(off) == ["--xla_gpu_deterministic_ops=true"]
