@@ -80,7 +80,7 @@ class Checkpointer:
     """Restores the newest checkpoint that reads back whole; returns ``(step, params, opt_state, layer_states, meta)``.
 
     A checkpoint that fails to read (a truncated or garbage array file, a missing metadata file) is
-    moved aside to ``<directory>_unreadable/<step>`` (kept, never deleted) with one line through
+    moved aside to ``<directory>_unreadable/<step>`` (``<step>.1``, ... when that exists; kept, never deleted) with one line through
     ``warn`` naming it and the error, and the next older one is tried. None when no checkpoint exists.
     Raises :class:`CheckpointError` when checkpoints exist but none reads back.
     """
@@ -90,9 +90,15 @@ class Checkpointer:
         with _quiet_orbax():
           restored = self.restore(step, params=params, opt_state=opt_state, layer_states=layer_states)
       except Exception as e:  # noqa: BLE001 - orbax and tensorstore fail in many ways on a damaged file
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        if len(first) > 160:  # cut at a word, and say so
+          first = first[:160].rsplit(" ", 1)[0] + " ..."
+        reason = f"{type(e).__name__}: {first}"
         skipped.append(step)
         aside = self.directory.parent / f"{self.directory.name}_unreadable" / str(step)
+        n = 1
+        while aside.exists():  # an earlier unreadable checkpoint of the same step: never moved inside it
+          aside, n = aside.with_name(f"{step}.{n}"), n + 1
         aside.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(self.directory / str(step)), str(aside))
         warn(f"skipped checkpoint {step} (unreadable: {reason}); moved it to {aside}")

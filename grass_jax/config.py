@@ -391,6 +391,8 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"optim.temperature must be > 0; got {o.temperature}")
   if not 0 <= o.warmup_ratio < 1:
     raise ConfigError(f"optim.warmup_ratio must be in [0, 1); got {o.warmup_ratio}")
+  if o.weight_decay < 0:
+    raise ConfigError(f"optim.weight_decay must be >= 0; got {o.weight_decay}")
   if o.learning_rate <= 0:
     raise ConfigError(f"optim.learning_rate must be > 0; got {o.learning_rate}")
   if o.mgn_ema is not None and not 0 <= o.mgn_ema < 1:

@@ -21,7 +21,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -221,6 +223,11 @@ class Trainer:
   def _load_data(self) -> data_lib.Dataset:
     cfg = self.cfg
     records = data_lib.load_records(cfg.data.train, cfg.data.split)
+    per_step = cfg.train.batch_size * cfg.train.grad_accum
+    if per_step > len(records):
+      print(f"warning: a step takes train.batch_size x train.grad_accum = {per_step} sequences, more than the "
+            f"{len(records)} training examples: the rest of each batch is padding; lower train.batch_size",
+            file=sys.stderr)
     return data_lib.build_dataset(records, self.tokenizer, max_length=cfg.data.max_length,
                                   batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
                                   buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed)
@@ -322,22 +329,35 @@ class Trainer:
   # -- the step loop -----------------------------------------------------------------------------
 
   def train(self, *, stop_at: int | None = None) -> None:
-    """Runs steps until the end of the schedule (or ``stop_at``, as if interrupted), checkpointing and logging."""
+    """Runs steps until the end of the schedule (or ``stop_at``, as if interrupted), checkpointing and logging.
+
+    SIGINT (Ctrl-C) and SIGTERM (a preempted job) end the run after the step in flight: its metrics are
+    logged, a checkpoint of that step is saved (no evaluation), and :class:`Interrupted` says what to run
+    to continue. A second Ctrl-C stops at once, saving nothing.
+    """
     s, t = self.state, self.cfg.train
     bar = tqdm(total=self.total, initial=s.step, disable=not self.progress, unit="step", dynamic_ncols=True)
     s.window_start = time.perf_counter()
-    for epoch, batch_idx, batch in self.dataset.iterate(s.epoch, s.next_batch, t.epochs):
-      if s.step >= self.total or (stop_at is not None and s.step >= stop_at):
-        s.next_batch = batch_idx  # fetched, not consumed: resume starts with it
-        break
-      s.epoch, s.next_batch = epoch, batch_idx + 1
-      self.train_step(batch)
-      bar.update(1)
-      if s.step % t.log_every == 0 or s.step == self.total:
-        self.log(bar)
-      if t.checkpoint_every and s.step % t.checkpoint_every == 0 and s.step < self.total:
-        self.checkpoint()
-    bar.close()
+    with StopSignals() as signals:
+      for epoch, batch_idx, batch in self.dataset.iterate(s.epoch, s.next_batch, t.epochs):
+        if s.step >= self.total or (stop_at is not None and s.step >= stop_at) or signals.received:
+          s.next_batch = batch_idx  # fetched, not consumed: resume starts with it
+          break
+        s.epoch, s.next_batch = epoch, batch_idx + 1
+        self.train_step(batch)
+        bar.update(1)
+        if s.step % t.log_every == 0 or s.step == self.total:
+          self.log(bar)
+        if t.checkpoint_every and s.step % t.checkpoint_every == 0 and s.step < self.total:
+          self.checkpoint()
+      bar.close()
+      if signals.received:
+        if s.pending:
+          self.log()
+        if self.ckpt.latest_step() != s.step:
+          self.checkpoint(evaluate=False)
+        self.ckpt.wait()
+        raise Interrupted(signals.received, s.step, self.ckpt.directory)
     if self.ckpt.latest_step() != s.step:
       self.checkpoint()
 
@@ -389,8 +409,8 @@ class Trainer:
                       active="probing" if probing else ",".join(map(str, d["active"])))
     s.window_tokens, s.window_start = 0.0, time.perf_counter()
 
-  def checkpoint(self) -> None:
-    """Saves a checkpoint, redraws the heatmap and evaluates the configured tasks."""
+  def checkpoint(self, *, evaluate: bool = True) -> None:
+    """Saves a checkpoint, redraws the heatmap and evaluates the configured tasks (unless ``evaluate`` is False)."""
     s = self.state
     layer_states = None if s.offloader is None else s.offloader.checkpoint_tree(s.opt_state)
     self.ckpt.save(s.step, params=s.params, opt_state=s.opt_state, layer_states=layer_states,
@@ -398,7 +418,8 @@ class Trainer:
                          "probability_history": [(i, p.tolist()) for i, p in s.history]})
     if self.main_process:
       plot_probability_heatmap(s.history, self.out / "layer_probabilities.png", title=self._heatmap_title())
-    self.evaluate()
+    if evaluate:
+      self.evaluate()
 
   def _heatmap_title(self) -> str:
     o = self.cfg.optim
@@ -463,6 +484,42 @@ class Trainer:
     return directory
 
 
+class Interrupted(Exception):
+  """Training stopped on a signal after saving a checkpoint; ``str()`` says where and how to continue."""
+
+  def __init__(self, signum: int, step: int, checkpoints: Path):
+    self.signum, self.step = signum, step
+    super().__init__(f"interrupted ({signal.Signals(signum).name}) at step {step}; saved a checkpoint of it in "
+                     f"{checkpoints}: run the same command with --resume to continue")
+
+
+class StopSignals:
+  """While active, SIGINT and SIGTERM set ``received`` (the signal's number) instead of raising at once.
+
+  A second SIGINT raises KeyboardInterrupt, so a user can still stop a hung save. Outside the main
+  thread (where Python cannot install handlers) it does nothing.
+  """
+
+  def __init__(self):
+    self.received: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def _handle(self, signum, frame):
+    if self.received == signal.SIGINT and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signum
+
+  def __enter__(self) -> "StopSignals":
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
 def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: int | None = None,
         return_state: bool = False) -> dict[str, Any]:
   """Fine-tunes as ``cfg`` says; returns a summary. See README 'Training' for the outputs.
@@ -473,7 +530,17 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
     stop_at: stop (with a checkpoint) after this step, as if interrupted; the
       schedule still spans the whole run, so ``resume`` continues it exactly.
     return_state: add the final ``params`` and ``opt_state`` to the summary.
+
+  Raises:
+    Interrupted: on SIGINT or SIGTERM, once the step in flight is checkpointed.
   """
   trainer = Trainer(cfg, resume=resume, progress=progress)
-  trainer.train(stop_at=stop_at)
+  try:
+    trainer.train(stop_at=stop_at)
+  except Interrupted:
+    trainer.train_step_fn.close()
+    trainer.ckpt.close()
+    if trainer.writer is not None:
+      trainer.writer.close()
+    raise
   return trainer.finish(return_state=return_state)

@@ -14,8 +14,19 @@ from grass_jax import config as config_lib
 from grass_jax.data import DataError
 from grass_jax.gguf_checkpoint import GGUFError
 from grass_jax.pretrained import CheckpointError
-from grass_jax.train import run
+from grass_jax.sharding import MeshError
+from grass_jax.train import Interrupted, run
 from grass_jax.xla_flags import use_deterministic_flags, use_recommended_flags
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+  """Whether XLA ran out of device memory (its RESOURCE_EXHAUSTED error; the type differs between jax versions)."""
+  return "RESOURCE_EXHAUSTED" in str(e) and "memory" in str(e).lower()
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+  return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
 
 
 def main() -> int:
@@ -30,17 +41,29 @@ def main() -> int:
   try:
     cfg = config_lib.load(args.config, args.overrides)
   except config_lib.ConfigError as e:
+    if args.debug:
+      raise
     print(f"config error: {e}", file=sys.stderr)
     return 2
   if cfg.train.deterministic:
     use_deterministic_flags()  # still before JAX starts: loading the config runs no computation
   try:
     summary = run(cfg, resume=args.resume, progress=not args.no_progress)
-  except (config_lib.ConfigError, DataError, CheckpointError, GGUFError, FileExistsError, FileNotFoundError) as e:
+  except (config_lib.ConfigError, DataError, CheckpointError, GGUFError, MeshError, FileExistsError,
+          FileNotFoundError) as e:
     if args.debug:
       raise
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:  # noqa: BLE001 -- only an out-of-memory error is turned into one line
+    if args.debug or not is_out_of_memory(e):
+      raise
+    print(f"error: out of device memory ({first_line(e)}). Lower train.batch_size or data.max_length, set "
+          "model.remat: full or optim.offload_optimizer_state: true; --debug shows the traceback", file=sys.stderr)
+    return 2
+  except Interrupted as e:
+    print(e, file=sys.stderr)
+    return 128 + e.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
   print(json.dumps(summary, indent=2))
   for task in cfg.eval.tasks:  # the summary holds eval/<task>_accuracy for each evaluated task
     if f"eval/{task}_accuracy" in summary:

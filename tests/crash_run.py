@@ -2,7 +2,9 @@
 
   python tests/crash_run.py OUT_DIR KILL_AT_SAVE [override ...]
 KILL_AT_SAVE = n > 0: the n-th checkpoint save starts (orbax writes in the background), then the
-process kills itself with SIGKILL before the write is finalised. 0: never.
+process kills itself with SIGKILL before the write is finalised. 0: never. With SIGNAL_AT_STEP=n:NAME in
+the environment (e.g. 7:SIGINT) the process sends itself that signal once step n is dispatched, and runs
+as scripts/train.py does (its exit code and message).
 """
 
 import os
@@ -13,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from grass_jax import checkpoints, config as config_lib  # noqa: E402
+from grass_jax import checkpoints, config as config_lib, train  # noqa: E402
 from grass_jax.train import run  # noqa: E402
 
 
@@ -31,7 +33,21 @@ def main() -> None:
       os.kill(os.getpid(), signal.SIGKILL)
 
   checkpoints.Checkpointer.save = save
-  run(config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [f"train.output_dir={out}", *overrides]), progress=False)
+  if os.environ.get("SIGNAL_AT_STEP"):
+    at, name = os.environ["SIGNAL_AT_STEP"].split(":")
+    step_once = train.Trainer.train_step
+
+    def train_step(self, batch):
+      step_once(self, batch)
+      if self.state.step == int(at):
+        print(f"SIGNALLING step={at}", flush=True)
+        os.kill(os.getpid(), getattr(signal, name))
+    train.Trainer.train_step = train_step
+  try:
+    run(config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [f"train.output_dir={out}", *overrides]), progress=False)
+  except train.Interrupted as e:
+    print(e, file=sys.stderr)
+    sys.exit(128 + e.signum)
 
 
 if __name__ == "__main__":

@@ -94,3 +94,36 @@ def test_kill_at_a_random_moment(tmp_path, seed, straight):
   assert proc.wait() == -9, "the run finished before the kill: nothing was tested"
   # The kill may even land in the first checkpoint's write: then the resume starts from step 0.
   _resume_and_check(out, straight, steps)
+
+
+def test_ctrl_c_saves_the_step_says_how_to_continue_and_resumes_bitwise(tmp_path, straight):
+  import os
+  out = tmp_path / "interrupted"
+  # checkpoint_every 0: no checkpoint before the end, so the one resumed from is the interruption's.
+  proc = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_run.py"), str(out), "0", *_overrides(STEPS, 0)],
+                        capture_output=True, text=True, timeout=600, env=dict(os.environ, SIGNAL_AT_STEP="7:SIGINT"))
+  assert proc.returncode == 130, proc.stderr[-3000:]
+  assert "SIGNALLING step=7" in proc.stdout
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith("interrupted (SIGINT) at step 7; saved a checkpoint") and "with --resume" in last, last
+  assert Checkpointer(out / "checkpoints").latest_step() == 7
+  logged = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+  assert logged == list(range(1, 8))  # the interrupted step's metrics are written too
+  assert _resume_and_check(out, straight, STEPS) == 7
+
+
+def test_stop_signals_defer_the_first_signal_and_restore_handlers():
+  import os
+  import signal
+
+  from grass_jax.train import StopSignals
+  before = signal.getsignal(signal.SIGTERM)
+  with StopSignals() as signals:
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert signals.received == signal.SIGTERM  # Python runs handlers between bytecodes: delivered by now
+    os.kill(os.getpid(), signal.SIGINT)  # a SIGINT after a SIGTERM is deferred too
+    assert signals.received == signal.SIGINT
+    with pytest.raises(KeyboardInterrupt):
+      os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C stops at once
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGTERM) is before

@@ -87,6 +87,7 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
     ("optim.num_active", "must look like section.key=value"),
     ("optim.frozen_grads=select", "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0"),
     ("optim.reset_on_switch=true", "nothing to offload: set optim.offload_optimizer_state: false"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0; got -0.1"),
 ])
 def test_config_errors_name_the_key(override, message):
   extra = ["optim.offload_optimizer_state=true"] if ("lisa" in override or "reset_on" in override) else []
@@ -216,6 +217,7 @@ def test_more_active_layers_than_the_model_has_is_a_config_error(tmp_path):
 @pytest.mark.parametrize("make, override, message", [
     (lambda d: (d / "afile").write_text("x"), "train.output_dir={d}/afile", "is a file: set train.output_dir"),
     (lambda d: None, "model.tokenizer={d}/no/tokenizer", "no such file or directory; set model.tokenizer"),
+    (lambda d: None, "mesh.data=64", "needs 64 devices"),
 ])
 def test_cli_errors_outside_the_config_are_one_line(tmp_path, make, override, message, monkeypatch, capsys):
   # The script's main() in this process (a fresh interpreter costs CI seconds; test_cli_reports_config_errors
@@ -347,3 +349,40 @@ def test_metrics_after_the_resumed_step_move_aside_and_are_not_lost(tmp_path):
   w.close()
   assert (tmp_path / "metrics.jsonl").read_text().splitlines() == [*lines[:2], '{"step": 15, "loss": 1.4}']
   assert (tmp_path / "metrics_superseded.jsonl").read_text().splitlines() == lines[2:]
+
+
+def test_cli_out_of_memory_is_one_line_naming_the_fixes_and_debug_shows_tracebacks(tmp_path, monkeypatch, capsys):
+  from scripts import train as train_script
+
+  def oom(*args, **kwargs):
+    raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 3.72GiB with allocator GPU_0_bfc."
+                       "\nmore lines of XLA's report")
+  monkeypatch.setattr(train_script, "run", oom)
+  monkeypatch.chdir(ROOT)
+  argv = ["train.py", "--config", str(DEMO), f"train.output_dir={tmp_path}/run"]
+  monkeypatch.setattr(sys, "argv", argv)
+  capsys.readouterr()
+  assert train_script.main() == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: out of device memory (RESOURCE_EXHAUSTED: Out of memory")
+  assert all(fix in lines[0] for fix in ("train.batch_size", "data.max_length", "model.remat", "offload", "--debug"))
+  monkeypatch.setattr(sys, "argv", [*argv, "--debug"])
+  with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+    train_script.main()
+  monkeypatch.setattr(sys, "argv", [*argv, "optim.num_activ=3", "--debug"])
+  with pytest.raises(config_lib.ConfigError, match="unknown key optim.num_activ"):
+    train_script.main()
+  monkeypatch.setattr(train_script, "run", lambda *a, **k: 1 / 0)  # not a user's error: the traceback stays
+  monkeypatch.setattr(sys, "argv", argv)
+  with pytest.raises(ZeroDivisionError):
+    train_script.main()
+
+
+def test_a_batch_larger_than_the_dataset_is_named(tmp_path, capsys):
+  data = tmp_path / "three.jsonl"
+  data.write_text("".join(json.dumps({"instruction": f"What is {i} + 1?", "input": "", "output": str(i + 1)}) + "\n"
+                          for i in range(3)))
+  Trainer(_cfg(tmp_path / "run", f"data.train={data}", "train.batch_size=4", "train.max_steps=1"), progress=False)
+  err = capsys.readouterr().err
+  assert "warning: a step takes train.batch_size x train.grad_accum = 4 sequences, more than the 3 training " \
+         "examples" in err, err
