@@ -59,12 +59,15 @@ def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, damage, c
   elif damage == "missing_metadata":
     for manifest in (newest / "params").rglob("manifest.ocdbt"):  # the index of the array files
       manifest.unlink()
+    (tmp_path / "b" / "checkpoints_unreadable" / "4").mkdir(parents=True)  # step 4 was set aside once before
   else:
     f = _largest_file(newest / "opt_state")
     f.write_bytes(np.random.default_rng(0).integers(0, 256, f.stat().st_size, dtype=np.uint8).tobytes())
   resumed = run(_cfg(tmp_path / "b", *extra), resume=True, progress=False, return_state=True)
-  assert "skipped checkpoint 4 (unreadable:" in capsys.readouterr().err
-  assert (tmp_path / "b" / "checkpoints_unreadable" / "4").is_dir()  # kept, not deleted
+  err = capsys.readouterr().err
+  assert "skipped checkpoint 4 (unreadable:" in err
+  aside = tmp_path / "b" / "checkpoints_unreadable" / ("4.1" if damage == "missing_metadata" else "4")
+  assert f"moved it to {aside}" in err and (aside / "params").is_dir()  # kept, not deleted, not inside another
   assert resumed["steps"] == 4
   jax.tree.map(np.testing.assert_array_equal, straight_four_steps, resumed["params"])
 
