@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.accuracy.tasks import DAYS, arith, pattern, weekday
+from benchmarks.accuracy.tasks import DAYS, arith, extract, pattern, weekday
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,6 +18,13 @@ def test_tasks_are_deterministic_and_well_formed():
     seq = [int(x) for x in r["instruction"].split(": ")[1].split(", ?")[0].split(", ")]
     assert int(shown) == seq[-1] + (seq[1] - seq[0])
   for r in arith(50, 3):
+    assert r["output"].endswith(f"The answer is {r['answer']}.")
+  assert extract(5, 1) == extract(5, 1)
+  for r in extract(50, 3):  # the asked cities' boxes, read back from the log itself
+    log, question = r["instruction"].split(" How many boxes were sent to ")
+    asked = question.removesuffix(" together?").split(" and ")
+    sent = [line.split(" sent ")[1].split(" boxes to ") for line in log.removeprefix("Shipping log: ").split(". ")]
+    assert int(r["answer"]) == sum(int(k) for k, city in sent if city.rstrip(".") in asked)
     assert r["output"].endswith(f"The answer is {r['answer']}.")
   for r in weekday(50, 3):
     today = DAYS.index(r["instruction"].split("Today is ")[1].split(".")[0])
@@ -37,7 +44,8 @@ def test_tiny_study_runs_end_to_end(tmp_path):
   assert [t["method"] for t in table] == ["pretrained", "grass_sketch"]
   assert all(0.0 <= t["accuracy_mean"] <= 1.0 for t in table)
   assert all(t["seeds"] == 1 for t in table[1:])
-  assert {"task", "method", "seed", "lr", "accuracy", "peak_bytes", "seconds"} <= set(result["rows"][1])
+  assert {"task", "method", "seed", "lr", "accuracy", "peak_bytes", "seconds", "tail_loss", "device", "commit",
+          "time"} <= set(result["rows"][1])
   assert (out.parent / "acc_heatmap_weekday.png").exists() and (out.parent / "acc_mgn.png").exists()
   # each run's checkpoints go once it is scored (40 runs of SmolLM2 filled a 64 GB disk)
   assert not list((tmp_path / "work" / "runs").glob("*/checkpoints"))
@@ -142,3 +150,23 @@ def test_oracle_sets_each_pairs_accuracy_against_its_probing_mgn(tmp_path):
   assert o["spearman"] == expected and o["spearman"] < 0
   assert oracle_analysis(rows, traces[:1], "arith", scale) is None  # no probing run: nothing to set against
   assert plot_oracle(o, tmp_path / "o.png").stat().st_size > 1000
+
+
+def test_paired_differences_against_lisa_by_seed_with_a_t_interval():
+  from benchmarks.accuracy.study import paired_vs
+  scale = {"tasks": ["a", "b"], "methods": ["lisa", "x"], "lrs": {"lisa": [1e-3], "x": [1e-3]}}
+  rows = []
+  for task, shift in (("a", 0.02), ("b", -0.01)):
+    for seed, acc in enumerate([0.80, 0.70, 0.75]):
+      rows.append({"task": task, "method": "lisa", "seed": seed, "lr": 1e-3, "accuracy": acc, "tail_loss": 1.0})
+      rows.append({"task": task, "method": "x", "seed": seed, "lr": 1e-3, "accuracy": acc + shift + 0.01 * seed,
+                   "tail_loss": 1.5})
+  rows.append({"task": "a", "method": "x", "seed": 9, "lr": 1e-3, "accuracy": 0.0, "tail_loss": 9.0})  # unpaired
+  out = {p["task"]: p for p in paired_vs(rows, scale)}
+  # task a: differences 0.02, 0.03, 0.04 -> mean 0.03, sample std 0.01, t(0.975, 2) = 4.303
+  assert out["a"]["seeds"] == 3 and abs(out["a"]["mean_difference"] - 0.03) < 1e-12
+  half = 4.302652729911275 * 0.01 / 3 ** 0.5
+  assert all(abs(x - y) < 1e-9 for x, y in zip(out["a"]["ci95"], [0.03 - half, 0.03 + half]))
+  assert abs(out["a"]["tail_loss_difference"] - 0.5) < 1e-12
+  # over the tasks: each seed's mean difference (0.005, 0.015, 0.025)
+  assert abs(out["mean"]["mean_difference"] - 0.015) < 1e-12 and out["mean"]["seeds"] == 3

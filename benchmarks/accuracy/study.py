@@ -103,9 +103,12 @@ SCALES = {
                            n_test=500, tasks=["arith"], methods=list(ORACLE), seeds=[0], max_new_tokens=96,
                            lrs={m: [3e-4] for m in ORACLE}),
     # Paired and deterministic (train.deterministic on the GPU): the same seeds, data order and layer noise for
-    # every method, one learning rate (each method's best on the held-out word problems, issue 40).
+    # every method, one learning rate (each method's best on the held-out word problems, issue 40). Samplers are
+    # chosen on arith and dates_direct; extract and pattern are kept for confirming the choice.
     "paired": dict(model=SMOLLM2, steps=376, batch=16, period=20, max_length=256, n_train=4000, n_val=200,
-                   n_test=500, tasks=["arith"], methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset"],
+                   n_test=500, tasks=["arith", "dates_direct", "extract", "pattern"],
+                   methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset", "lisa_coverage",
+                            "grass_sketch_coverage", "grass", "grass_static"],
                    seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}),
     # The first study (2026-11-25): 500 steps, one learning rate per method; its rows stay in the file.
     "smollm2_500": dict(model=SMOLLM2, steps=500, batch=16, period=10, max_length=256, n_train=4000, n_val=200,

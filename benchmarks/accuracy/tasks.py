@@ -102,6 +102,35 @@ def weekday(n: int, seed: int) -> list[dict]:
   return out
 
 
+CITIES = ["Lyon", "Oslo", "Rome", "Porto", "Quito", "Dakar", "Hanoi", "Perth", "Turin", "Cork"]
+
+
+def extract(n: int, seed: int) -> list[dict]:
+  """Extraction and a sum: a shipping log of 4-6 lines, then "How many boxes went to Oslo and Rome together?"
+
+  The model must find the two cities' lines among distractors (a city may appear twice; then both of its
+  lines count) and add. The answer is a number, scored like GSM8K (the last number counts), so a run
+  cannot collapse onto one option as multiple choice can.
+  """
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    cities = rng.sample(CITIES, rng.randint(3, 5))
+    lines = [(rng.choice(NAMES), c, rng.randint(2, 60)) for c in cities]
+    lines.append((rng.choice(NAMES), rng.choice(cities), rng.randint(2, 60)))  # one city twice
+    rng.shuffle(lines)
+    asked = rng.sample(cities, 2)
+    log = " ".join(f"{who} sent {k} boxes to {c}." for who, c, k in lines)
+    parts = [k for _, c, k in lines if c in asked]
+    found = " ".join(f"{c}: {k}." for _, c, k in lines if c in asked)
+    out.append({"instruction": f"Shipping log: {log} How many boxes were sent to {asked[0]} and {asked[1]} "
+                               "together?",
+                "input": "", "output": f"{found} {' + '.join(map(str, parts))} = {sum(parts)}. "
+                                       f"The answer is {sum(parts)}.",
+                "answer": str(sum(parts))})
+  return out
+
+
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]  # 2023, not a leap year
@@ -180,7 +209,7 @@ def parity_demo(directory, *, n_train: int = 1000, n_test: int = 200, seed: int 
 
 
 TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa"), "weekday": (weekday, "openbookqa"),
-         "dates": (dates, "openbookqa"), "dates_direct": (dates_direct, "openbookqa")}
+         "dates": (dates, "openbookqa"), "dates_direct": (dates_direct, "openbookqa"), "extract": (extract, "gsm8k")}
 
 
 def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int) -> dict[str, str]:
