@@ -58,7 +58,8 @@ GGUF_NAMES: dict[str, str] = {
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
-# Tensors llama.cpp stores for its own use (precomputed RoPE factors).
+# Tensors llama.cpp stores for its own use: Llama 3.1's RoPE factors, read into the config instead
+# (rope_scaling, by :func:`rope_scaling`).
 IGNORED = ("rope_freqs.weight",)
 
 
@@ -157,12 +158,53 @@ def hf_config(reader: Any) -> dict[str, Any]:
       "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
       "tie_word_embeddings": "output.weight" not in names,
   }
+  scaling = rope_scaling(reader, a, d["rope_theta"], d["head_dim"])
+  if scaling:
+    d["rope_scaling"] = scaling
   for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("padding_token_id", "pad_token_id")):
     field = reader.fields.get(f"tokenizer.ggml.{key}")
     if field is not None:
       d[hf_key] = int(field.contents())
   return d
+
+
+def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float,
+                        original: int) -> np.ndarray:
+  """llama.cpp's ``rope_freqs`` for HF's llama3 RoPE scaling: each frequency is divided by its factor."""
+  inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+  wavelen = 2 * np.pi / inv
+  smooth = (original / wavelen - low) / (high - low)
+  return np.where(wavelen < original / high, 1.0,
+                  np.where(wavelen > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+
+
+def rope_scaling(reader: Any, a: str, theta: float, head_dim: int) -> dict[str, Any] | None:
+  """HF's ``rope_scaling`` from a GGUF: ``rope.scaling.type`` metadata, or Llama 3.1's ``rope_freqs`` tensor.
+
+  llama.cpp stores Llama 3's scaling only as per-frequency factors; the llama3 parameters that give
+  exactly those factors are found among the values Meta's models use, or the load fails (a model read
+  with unscaled RoPE would be silently wrong).
+  """
+  kind = str(_field(reader, a + "rope.scaling.type", "none"))
+  if kind == "linear":
+    return {"rope_type": "linear", "factor": float(_field(reader, a + "rope.scaling.factor"))}
+  if kind not in ("none", ""):
+    raise GGUFError(f"GGUF RoPE scaling {kind!r} is not supported (supported: linear, and Llama 3's rope_freqs)")
+  tensor = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+  if tensor is None:
+    return None
+  factors = np.asarray(tensor.data, np.float64).reshape(-1)
+  factor = float(factors.max())
+  for original in (2048, 4096, 8192, 16384, 32768, 65536, 131072):
+    for low in (1.0, 2.0, 4.0):
+      for high in (2.0, 4.0, 8.0, 16.0, 32.0):
+        if high > low and factors.shape == (head_dim // 2,) and np.allclose(
+            llama3_rope_factors(theta, head_dim, factor, low, high, original), factors, rtol=1e-5, atol=0):
+          return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low, "high_freq_factor": high,
+                  "original_max_position_embeddings": original}
+  raise GGUFError("GGUF tensor rope_freqs.weight holds RoPE factors that match no llama3 scaling this loader knows; "
+                  "convert the original Hugging Face checkpoint instead")
 
 
 def read_config(reader: Any) -> DecoderConfig:

