@@ -352,7 +352,7 @@ def run_pool(args, scale: dict, work: Path) -> None:
 
 
 def summarize(rows: list[dict], scale: dict) -> list[dict]:
-  """Test accuracy mean and spread, time and peak memory per (task, method) at the chosen lr."""
+  """Test accuracy mean and sample std over seeds, time and peak memory per (task, method) at the chosen lr."""
   rows = of_this_scale(rows, scale)
   table = []
   for task in scale["tasks"]:
@@ -367,7 +367,7 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
         continue
       accs = [r["accuracy"] for r in rs]
       table.append({"task": task, "method": method, "lr": lr, "accuracy_mean": statistics.mean(accs),
-                    "accuracy_std": statistics.pstdev(accs), "seeds": len(accs),
+                    "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                     "seconds_mean": statistics.mean(r["seconds"] for r in rs),
                     "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30})
   return table

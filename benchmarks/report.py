@@ -1,0 +1,132 @@
+"""The measured tables of README.md and docs/, made from the committed result files.
+
+  python benchmarks/report.py           # rewrites every table between its markers
+  python benchmarks/report.py --check   # exit 1, naming the table, where a committed table differs
+
+A table in a page sits between ``<!-- report: NAME -->`` and ``<!-- /report -->``; NAME is a key of
+:data:`TABLES`, whose function makes the table from the result file it names. ``tests/test_report.py``
+runs the check, so a number in a table is always what the committed rows give.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PAIRED = "benchmarks/results/accuracy_paired.json"
+# What each method of the paired study is, in words: (name in the README, draws, moments at a switch).
+PAIRED_METHODS = {
+    "lisa": ("LISA (uniform draws, moments reset)", "uniform", "reset"),
+    "uniform_kept": ("uniform draws, moments kept", "uniform", "kept"),
+    "grass_sketch": ("GRASS, live importance (the default)", "importance (live)", "kept"),
+    "grass_sketch_reset": ("GRASS, live importance, moments reset", "importance (live)", "reset"),
+    "lisa_coverage": ("LISA in cycles (`optim.coverage`)", "uniform, in cycles", "reset"),
+    "grass_sketch_coverage": ("GRASS, live importance, in cycles", "importance (live), in cycles", "kept"),
+    "grass": ("GRASS as the paper specifies it (`importance: grad`)", "importance (paper)", "kept"),
+    "grass_static": ("GRASS\\* (static importance)", "importance (probing only)", "kept"),
+}
+
+
+def _points(x: float) -> str:
+  return f"{100 * x:+.1f}".replace("-", "−")
+
+
+def _paired(result: dict) -> tuple[list[dict], dict, dict]:
+  """(summary table, paired differences by (task, method), scale) recomputed from the file's rows."""
+  from benchmarks.accuracy.study import paired_vs, summarize
+  scale = {**result["config"], "lrs": result["lr_grid"]}
+  table = summarize(result["rows"], scale)
+  paired = {(p["task"], p["method"]): p for p in paired_vs(result["rows"], scale)}
+  return table, paired, scale
+
+
+def paired_accuracy_readme(result: dict) -> str:
+  table, paired, scale = _paired(result)
+  lines = [f"| method | test accuracy (mean of {max(t['seeds'] for t in table)}) | against LISA (points) |",
+           "|---|---|---|"]
+  for t in table:
+    if t["method"] == "pretrained" or t["task"] != scale["tasks"][0]:
+      continue
+    p = paired.get((t["task"], t["method"]))
+    acc = f"{100 * t['accuracy_mean']:.1f}%"
+    diff = "" if p is None else f"{_points(p['mean_difference'])} [{_points(p['ci95'][0])}, {_points(p['ci95'][1])}]"
+    if p is not None and p["ci95"][1] < 0:
+      diff = f"**{diff}**"
+    if t["method"] == "lisa":
+      acc = f"**{acc}**"
+    lines.append(f"| {PAIRED_METHODS[t['method']][0]} | {acc} | {diff} |")
+  return "\n".join(lines)
+
+
+def paired_accuracy_docs(result: dict) -> str:
+  table, paired, _ = _paired(result)
+  lines = ["| task | method | draws | moments at a switch | test accuracy, mean ± sample std | seeds | against LISA, "
+           "paired (points) | 95% interval | training-loss gap |", "|---|---|---|---|---|---|---|---|---|"]
+  for t in table:
+    if t["method"] == "pretrained":
+      continue
+    _, draws, moments = PAIRED_METHODS[t["method"]]
+    p = paired.get((t["task"], t["method"]))
+    cells = ["", "", ""] if p is None else [
+        _points(p["mean_difference"]), f"[{_points(p['ci95'][0])}, {_points(p['ci95'][1])}]",
+        f"{p['tail_loss_difference']:+.5f}"]
+    lines.append(f"| {t['task']} | `{t['method']}` | {draws} | {moments} | {t['accuracy_mean']:.3f} ± "
+                 f"{t['accuracy_std']:.3f} | {t['seeds']} | {' | '.join(cells)} |")
+  return "\n".join(lines)
+
+
+# name -> (result file, function making the markdown table from its JSON)
+TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+    "paired_accuracy_readme": (PAIRED, paired_accuracy_readme),
+    "paired_accuracy_docs": (PAIRED, paired_accuracy_docs),
+}
+PAGES = ["README.md", "docs/accuracy.md"]
+MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)(\n<!-- /report -->)", re.S)
+
+
+def render(page: str) -> str:
+  """The page with every marked table made again from its result file."""
+  def table(m: re.Match) -> str:
+    name = m.group(2)
+    if name not in TABLES:
+      raise KeyError(f"{page}: no table named {name!r} in benchmarks/report.py (known: {', '.join(TABLES)})")
+    path, make = TABLES[name]
+    return m.group(1) + make(json.loads((ROOT / path).read_text())) + m.group(4)
+  return MARKER.sub(table, (ROOT / page).read_text())
+
+
+def differences() -> list[str]:
+  """The pages whose committed tables differ from what the result files give, with the table's name."""
+  out = []
+  for page in PAGES:
+    text = (ROOT / page).read_text()
+    made = render(page)
+    if made != text:
+      names = [m.group(2) for m, n in zip(MARKER.finditer(text), MARKER.finditer(made)) if m.group(0) != n.group(0)]
+      out.append(f"{page}: {', '.join(names) or 'tables'}")
+  return out
+
+
+def main() -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--check", action="store_true", help="change nothing; exit 1 where a table differs")
+  args = ap.parse_args()
+  if args.check:
+    diff = differences()
+    for d in diff:
+      print(f"differs from its result file: {d} (run python benchmarks/report.py)")
+    return 1 if diff else 0
+  for page in PAGES:
+    (ROOT / page).write_text(render(page))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
