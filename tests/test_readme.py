@@ -28,3 +28,11 @@ def test_relative_links_point_at_files(page):
   for target in re.findall(r"\]\(([^)#]+)\)", page.read_text()):
     if "://" not in target:
       assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_readme_is_a_short_front_page_whose_test_command_is_what_ci_runs():
+  text = (ROOT / "README.md").read_text()
+  assert len(text.encode()) <= 8192, f"README.md is {len(text.encode())} bytes; keep it under 8 KB (details go in docs/)"
+  ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+  assert f"```bash\n{ci}\n```" in text, "the README's test command differs from .ci/run's"
+  assert "```bash\npython -m pip install -e . && python scripts/train.py\n```" in text
