@@ -41,7 +41,10 @@ EXTRA_HINT = 'reading GGUF files needs the gguf package: pip install "grass_jax[
 # The quantization types we load and test (any other is refused by name).
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                    "Q6_K")
-ARCHITECTURES = ("llama",)
+# GGUF architecture -> the HF model_type it is read as. llama.cpp permutes q/k rows for llama only (its
+# "normal" RoPE); qwen2/qwen3 use NEOX RoPE, HF's own layout.
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+PERMUTED_QK = ("llama",)
 
 # GGUF tensor name -> Hugging Face name (`{i}`: the layer index).
 GGUF_NAMES: dict[str, str] = {
@@ -57,6 +60,11 @@ GGUF_NAMES: dict[str, str] = {
     "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
     "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
 # Tensors llama.cpp stores for its own use: Llama 3.1's RoPE factors, read into the config instead
 # (rope_scaling, by :func:`rope_scaling`).
@@ -147,12 +155,15 @@ def hf_config(reader: Any) -> dict[str, Any]:
   vocab = int(_field(reader, a + "vocab_size", len(tokens.data) if tokens is not None else 0)) or None
   if vocab is None:
     raise GGUFError("GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
+  model_type = ARCHITECTURES[arch]
+  head_dim = _field(reader, a + "attention.key_length", 0) or _field(reader, a + "rope.dimension_count", hidden // heads)
   d = {
-      "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+      "model_type": model_type, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                                                   "qwen3": "Qwen3ForCausalLM"}[model_type]], "vocab_size": vocab,
       "hidden_size": hidden, "intermediate_size": int(_field(reader, a + "feed_forward_length")),
       "num_hidden_layers": int(_field(reader, a + "block_count")), "num_attention_heads": heads,
       "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),
-      "head_dim": int(_field(reader, a + "rope.dimension_count", hidden // heads)),
+      "head_dim": int(head_dim),
       "rms_norm_eps": float(_field(reader, a + "attention.layer_norm_rms_epsilon")),
       "rope_theta": float(_field(reader, a + "rope.freq_base", 10000.0)),
       "max_position_embeddings": int(_field(reader, a + "context_length", 2048)),
@@ -250,11 +261,11 @@ def iter_tensors(reader: Any, config: DecoderConfig) -> Iterator[tuple[str, np.n
       continue
     name = _hf_name(tensor.name)
     if name is None:
-      raise GGUFError(f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}) is not part of a llama model")
+      raise GGUFError(f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}) is not part of a {config.model_type} model")
     w = dequantize(tensor)
-    if name.endswith("q_proj.weight"):
+    if config.model_type in PERMUTED_QK and name.endswith("q_proj.weight"):
       w = unpermute_rotary(w, config.num_heads)
-    elif name.endswith("k_proj.weight"):
+    elif config.model_type in PERMUTED_QK and name.endswith("k_proj.weight"):
       w = unpermute_rotary(w, config.num_kv_heads)
     yield name, w, False
 

@@ -16,6 +16,12 @@ FAMILY_CONFIGS = {
     "tinyllama": (transformers.LlamaConfig, dict()),
     "mistral": (transformers.MistralConfig, dict(sliding_window=4)),
     "qwen2": (transformers.Qwen2Config, dict()),
+    "qwen3": (transformers.Qwen3Config, dict(head_dim=16)),  # head_dim != hidden / heads, as in Qwen3
+    # Llama 3.2: tied embeddings and llama3 RoPE.
+    "llama3.2": (transformers.LlamaConfig, dict(
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+        rope_theta=500000.0, max_position_embeddings=64, tie_word_embeddings=True)),
     "gemma": (transformers.GemmaConfig, dict(head_dim=8)),
     "gemma2": (transformers.Gemma2Config, dict(head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
                                                attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),

@@ -25,7 +25,11 @@ def permute(w, n_head):
 
 
 def write_tiny_llama(path, params, config, qtype=Q.F32, arch="llama", extra_tensor=None, rope=None):
+  """A GGUF file as llama.cpp's converter writes it (q/k rows permuted for llama only; qwen3's q/k norms)."""
   w = gguf.GGUFWriter(str(path), arch)
+  qk = (lambda x, n: permute(x, n)) if arch == "llama" else (lambda x, n: x)
+  if config.qk_norm:
+    w.add_key_length(config.head_dim)
   if rope is not None:  # ("freqs", factors) as llama.cpp writes Llama 3.1, or ("type", name, factor)
     if rope[0] == "freqs":
       w.add_tensor("rope_freqs.weight", np.asarray(rope[1], np.float32))
@@ -59,8 +63,11 @@ def write_tiny_llama(path, params, config, qtype=Q.F32, arch="llama", extra_tens
   for i in range(config.num_layers):
     add(f"blk.{i}.attn_norm.weight", lp["input_norm"][i])
     add(f"blk.{i}.ffn_norm.weight", lp["pre_mlp_norm"][i])
-    add(f"blk.{i}.attn_q.weight", permute(lp["q_proj"][i].T, config.num_heads))
-    add(f"blk.{i}.attn_k.weight", permute(lp["k_proj"][i].T, config.num_kv_heads))
+    add(f"blk.{i}.attn_q.weight", qk(lp["q_proj"][i].T, config.num_heads))
+    add(f"blk.{i}.attn_k.weight", qk(lp["k_proj"][i].T, config.num_kv_heads))
+    if config.qk_norm:
+      add(f"blk.{i}.attn_q_norm.weight", lp["q_norm"][i])
+      add(f"blk.{i}.attn_k_norm.weight", lp["k_norm"][i])
     add(f"blk.{i}.attn_v.weight", lp["v_proj"][i].T)
     add(f"blk.{i}.attn_output.weight", lp["o_proj"][i].T)
     for name in ("gate", "up", "down"):
@@ -172,3 +179,13 @@ def test_rope_scaling_is_read_not_skipped(tmp_path, tiny):
   with pytest.raises(gguf_checkpoint.GGUFError, match="rope_freqs.weight holds RoPE factors that match no llama3"):
     grass_jax.load_pretrained(write_tiny_llama(tmp_path / "odd.gguf", params, config,
                                                rope=("freqs", np.linspace(1.0, 3.0, 8))))
+
+
+def test_qwen3_file_loads_exactly_without_the_llama_permutation(tmp_path):
+  config = models.config_from_hf({**TINY, "model_type": "qwen3", "head_dim": 8})  # head_dim != hidden / heads
+  params = models.init_params(config, jax.random.PRNGKey(1))
+  params["layers"]["q_norm"] = params["layers"]["q_norm"] + jax.random.normal(jax.random.PRNGKey(2), (2, 8))
+  path = write_tiny_llama(tmp_path / "q3.gguf", params, config, arch="qwen3")
+  loaded, cfg = grass_jax.load_pretrained(path)
+  assert cfg.model_type == "qwen3" and cfg.qk_norm and cfg.head_dim == 8
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)

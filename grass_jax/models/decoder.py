@@ -70,6 +70,7 @@ class DecoderConfig:
     sliding_window: window size for the layers flagged in ``sliding_layers``.
     sliding_layers: per layer, whether it uses the sliding window.
     post_norms: Gemma 2's extra norms after attention and after the MLP.
+    qk_norm: an RMSNorm over each head's query and key before RoPE (Qwen3).
     max_position_embeddings: informational.
     hf_config: the original ``config.json`` dict, written back on export.
   """
@@ -98,6 +99,7 @@ class DecoderConfig:
   sliding_window: int | None = None
   sliding_layers: tuple[bool, ...] = ()
   post_norms: bool = False
+  qk_norm: bool = False
   max_position_embeddings: int = 4096
   hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
@@ -128,6 +130,8 @@ class DecoderConfig:
       layers.update(gate_bias=(n, f), up_bias=(n, f), down_bias=(n, d))
     if self.post_norms:
       layers.update(post_attn_norm=(n, d), post_mlp_norm=(n, d))
+    if self.qk_norm:
+      layers.update(q_norm=(n, hd), k_norm=(n, hd))
     shapes: dict[str, Any] = {"embed": (self.vocab_size, d), "layers": layers, "final_norm": (d,)}
     if not self.tie_word_embeddings:
       shapes["lm_head"] = (d, self.vocab_size)
@@ -290,6 +294,8 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
   q = _linear(x, lp["q_proj"], lp.get("q_bias"), pr.get("q_proj")).reshape(b, t, config.num_heads, config.head_dim)
   k = _linear(x, lp["k_proj"], lp.get("k_bias"), pr.get("k_proj")).reshape(b, t, config.num_kv_heads, config.head_dim)
   v = _linear(x, lp["v_proj"], lp.get("v_bias"), pr.get("v_proj")).reshape(b, t, config.num_kv_heads, config.head_dim)
+  if config.qk_norm:
+    q, k = rms_norm(q, lp["q_norm"], eps, off), rms_norm(k, lp["k_norm"], eps, off)
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
   if kv is None:

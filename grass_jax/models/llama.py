@@ -1,4 +1,4 @@
-"""Llama family: Llama 2/3 (llama3 RoPE scaling), TinyLlama, Mistral, Qwen2/Qwen2.5.
+"""Llama family: Llama 2/3 (llama3 RoPE scaling), TinyLlama, Mistral, Qwen2/Qwen2.5, Qwen3.
 
 All are :class:`~grass_jax.models.decoder.DecoderConfig` decoders; this file
 reads their Hugging Face ``config.json`` and names their checkpoint tensors.
@@ -18,7 +18,7 @@ from typing import Any
 
 from grass_jax.models.decoder import DecoderConfig
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 # HF tensor name -> (our parameter path, transpose [out, in] -> [in, out]).
 # `{i}` is the layer index; the parameter is then the slice [i] of a stacked leaf.
@@ -42,6 +42,11 @@ HF_NAMES: dict[str, tuple[str, bool]] = {
     "model.layers.{i}.mlp.gate_proj.bias": ("layers/gate_bias", False),
     "model.layers.{i}.mlp.up_proj.bias": ("layers/up_bias", False),
     "model.layers.{i}.mlp.down_proj.bias": ("layers/down_bias", False),
+}
+# Qwen3: an RMSNorm over each head's query and key.
+QK_NORM_NAMES: dict[str, tuple[str, bool]] = {
+    "model.layers.{i}.self_attn.q_norm.weight": ("layers/q_norm", False),
+    "model.layers.{i}.self_attn.k_norm.weight": ("layers/k_norm", False),
 }
 
 
@@ -81,7 +86,7 @@ def shared_fields(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
-  """Builds the decoder config from a Llama/Mistral/Qwen2 ``config.json`` dict."""
+  """Builds the decoder config from a Llama/Mistral/Qwen2/Qwen3 ``config.json`` dict."""
   model_type = d["model_type"]
   if model_type not in MODEL_TYPES:
     raise ValueError(f"model_type {model_type!r} is not a Llama-family type {MODEL_TYPES}")
@@ -98,11 +103,11 @@ def config_from_hf(d: dict[str, Any]) -> DecoderConfig:
       tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
       sliding_window=d.get("sliding_window") if any(flags) else None,
       sliding_layers=flags,
+      qk_norm=model_type == "qwen3",
       max_position_embeddings=d.get("max_position_embeddings", 4096),
   )
 
 
 def hf_names(config: DecoderConfig) -> dict[str, tuple[str, bool]]:
-  del config
-  return HF_NAMES
+  return {**HF_NAMES, **QK_NORM_NAMES} if config.qk_norm else HF_NAMES
 
