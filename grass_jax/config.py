@@ -82,7 +82,11 @@ class DataConfig:
 
   train: local JSON/JSONL/parquet file or directory, or a hub dataset id.
   split: dataset split to read.
-  template: prompt template: 'alpaca' (LLM-Adapters' instruction/input/output).
+  template: prompt template of alpaca records: 'alpaca' (LLM-Adapters' instruction/input/output).
+  format: 'alpaca', 'messages' (chat turns, rendered with the tokenizer's chat
+    template, loss on the assistant turns), 'prompt_completion', or 'auto'
+    (from the records' keys). Evaluation asks chat-trained models in the
+    same template (``grass_jax.chat``).
   max_length: longest sequence in tokens; longer examples are truncated.
   buckets: sequence lengths to pad to (few shapes = few compilations);
     default: powers of two up to max_length.
@@ -92,6 +96,7 @@ class DataConfig:
   train: str = ""
   split: str = "train"
   template: str = "alpaca"
+  format: str = "auto"
   max_length: int = 512
   buckets: list | None = None
   shuffle_seed: int = 0
@@ -296,6 +301,7 @@ CHOICES = {
     "model.remat": ("full", "dots", "none"),
     "model.attention": ("auto", "einsum", "xla", "cudnn"),
     "data.template": ("alpaca",),
+    "data.format": ("auto", "alpaca", "messages", "prompt_completion"),
     "optim.strategy": ("grass", "grass_static", "lisa", "full", "fixed"),
     "optim.probability": ("softmax", "power"),
     "optim.importance": ("grad", "sketch"),

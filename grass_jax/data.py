@@ -18,7 +18,7 @@ Example::
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
@@ -167,6 +167,8 @@ def load_records(source: str, split: str = "train", *, test: bool = False) -> li
     raise DataError(f"{source} holds no records")
   target = "'answer' (or 'output')" if test else "'output'"
   for i, r in enumerate(records):
+    if not test and isinstance(r, dict) and ("messages" in r or ("prompt" in r and "completion" in r)):
+      continue  # a chat record: grass_jax.chat checks it
     ok = isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("input") or "", str)
     if ok and test:
       gold = r.get("answer", r.get("output"))
@@ -272,8 +274,11 @@ class Dataset:
 
 
 def build_dataset(records: list[dict[str, Any]], tokenizer: Tokenizer, *, max_length: int, batch_size: int,
-                  grad_accum: int, buckets: list[int] | None, seed: int) -> Dataset:
-  examples = [encode_example(r, tokenizer, max_length) for r in records]
+                  grad_accum: int, buckets: list[int] | None, seed: int,
+                  encode: Callable[[int, dict[str, Any]], Example] | None = None) -> Dataset:
+  """``encode(index, record)``: a record's tokens and loss mask (default: Alpaca's, :func:`encode_example`)."""
+  examples = [encode_example(r, tokenizer, max_length) if encode is None else encode(i, r)
+              for i, r in enumerate(records)]
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   return Dataset(examples, batch_size=batch_size, grad_accum=grad_accum,
                  buckets=buckets or default_buckets(max_length), seed=seed, pad_id=pad)

@@ -93,12 +93,12 @@ def _bucket(n: int, buckets: list[int]) -> int:
   return buckets[-1]
 
 
-def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, prompts: list[str], *,
-                   batch_size: int, max_new_tokens: int, buckets: list[int], dtype: Any = jnp.float32,
+def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, prompts: list[str] | list[list[int]],
+                   *, batch_size: int, max_new_tokens: int, buckets: list[int], dtype: Any = jnp.float32,
                    progress: bool = False) -> list[str]:
-  """Greedy continuations of ``prompts`` (batched, left-padded to bucket lengths)."""
+  """Greedy continuations of ``prompts`` (texts, or token ids as they are; batched, left-padded to buckets)."""
   from tqdm.auto import tqdm
-  encoded = [tokenizer.encode(p) for p in prompts]
+  encoded = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
   order = np.argsort([len(e) for e in encoded], kind="stable")  # similar lengths batch together
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   eos = tokenizer.eos_token_id
@@ -130,14 +130,28 @@ def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, 
 
 def evaluate(params: Params, config: DecoderConfig, tokenizer: Tokenizer, task: str, records: list[dict], *,
              batch_size: int = 16, max_new_tokens: int | None = None, buckets: list[int] | None = None,
-             dtype: Any = jnp.float32, progress: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-  """Returns ``(summary, per-example predictions)`` for one task."""
+             dtype: Any = jnp.float32, progress: bool = False,
+             prompt_format: str = "alpaca") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Returns ``(summary, per-example predictions)`` for one task.
+
+  ``prompt_format``: how a test record is asked: 'alpaca' (the Alpaca prompt), 'chat' (a user turn in the
+  tokenizer's chat template, for a model trained on chat records) or 'plain' (the instruction as it is).
+  """
   task = canonical_task(task)
   if not records:
     raise ValueError(f"no records to evaluate for {task}")
   if max_new_tokens is None:
     max_new_tokens = 32 if task in COMMONSENSE else 256
-  texts = generate_texts(params, config, tokenizer, [prompt_text(r) for r in records], batch_size=batch_size,
+  if prompt_format == "chat":
+    from grass_jax.chat import prompt_ids
+    prompts: list = [prompt_ids(r, tokenizer) for r in records]
+  elif prompt_format == "plain":
+    prompts = [r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "") for r in records]
+  elif prompt_format == "alpaca":
+    prompts = [prompt_text(r) for r in records]
+  else:
+    raise ValueError(f"prompt_format must be 'alpaca', 'chat' or 'plain'; got {prompt_format!r}")
+  texts = generate_texts(params, config, tokenizer, prompts, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, buckets=buckets or [128, 256, 512, 1024], dtype=dtype,
                          progress=progress)
   rows = []

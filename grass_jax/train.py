@@ -35,6 +35,7 @@ import optax
 import yaml
 from tqdm.auto import tqdm
 
+from grass_jax import chat
 from grass_jax import data as data_lib
 from grass_jax import sharding as sharding_lib
 from grass_jax import xla_flags
@@ -228,9 +229,20 @@ class Trainer:
       print(f"warning: a step takes train.batch_size x train.grad_accum = {per_step} sequences, more than the "
             f"{len(records)} training examples: the rest of each batch is padding; lower train.batch_size",
             file=sys.stderr)
-    return data_lib.build_dataset(records, self.tokenizer, max_length=cfg.data.max_length,
-                                  batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-                                  buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed)
+    fmt = chat.detect_format(records, cfg.data.train) if cfg.data.format == "auto" else cfg.data.format
+    if chat.record_format(records[0]) != fmt:
+      raise data_lib.DataError(f"{cfg.data.train}: data.format is {fmt}, but record 0 is "
+                               f"{chat.record_format(records[0])}; set data.format: auto")
+    # evaluation asks in the form the model was trained on
+    self.prompt_format = {"alpaca": "alpaca", "messages": "chat"}.get(
+        fmt, "chat" if isinstance(records[0].get("prompt"), list) else "plain")
+    if self.prompt_format == "chat":
+      chat.require_chat_template(self.tokenizer, cfg.data.train)
+    tok, n = self.tokenizer, cfg.data.max_length
+    return data_lib.build_dataset(
+        records, tok, max_length=n, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+        buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed,
+        encode=lambda i, r: chat.encode_record(r, fmt, tok, n, f"{cfg.data.train}: record {i}"))
 
   def _attention(self) -> str:
     """model.attention, with cuDNN's fused attention replaced by XLA's in a deterministic GPU run."""
@@ -438,6 +450,7 @@ class Trainer:
     accuracies = {}
     for task, records in self.eval_sets.items():
       summary, rows = evaluate(s.params, self.mcfg, self.tokenizer, task, records, batch_size=cfg.eval.batch_size,
+                               prompt_format=self.prompt_format,
                                max_new_tokens=cfg.eval.max_new_tokens, dtype=_dtype(cfg.model.compute_dtype))
       if self.main_process:
         write_results(self.out / "eval" / f"step_{s.step}", summary, rows)

@@ -55,6 +55,9 @@ def main() -> int:
   ap.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 commonsense, 256 math")
   ap.add_argument("--limit", type=int, default=None, help="first N examples only")
   ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+  ap.add_argument("--prompt-format", choices=["alpaca", "chat", "plain"], default="alpaca",
+                  help="how a question is asked: the Alpaca prompt, a user turn in the tokenizer's chat template "
+                       "(for a model trained on chat records), or the instruction as it is")
   ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
   args = ap.parse_args()
   problem = argument_problem(args)
@@ -69,7 +72,8 @@ def main() -> int:
     for task in args.task:
       records = load_task_records(task, args.data, args.limit)
       summary, rows = evaluate(params, config, tokenizer, task, records, batch_size=args.batch_size,
-                               max_new_tokens=args.max_new_tokens, dtype=dtype, progress=True)
+                               max_new_tokens=args.max_new_tokens, dtype=dtype, progress=True,
+                               prompt_format=args.prompt_format)
       write_results(args.out or default_out(args.model), summary, rows)
       results.append(summary)
   except (CheckpointError, DataError, gguf_checkpoint.GGUFError, ValueError, OSError) as e:

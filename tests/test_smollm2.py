@@ -125,3 +125,19 @@ def test_train_script_on_the_real_model_exports_what_transformers_loads(smol, tm
   logits, _ = models.forward(trained, cfg, jnp.asarray(enc["input_ids"]), jnp.asarray(enc["attention_mask"]))
   keep = enc["attention_mask"].astype(bool)
   np.testing.assert_allclose(np.asarray(logits)[keep], _hf_logits(hf, enc)[keep], atol=LOGIT_ATOL, rtol=0)
+
+
+def test_chat_records_in_smollm2s_own_template_learn_the_assistant_turns_only(smol):
+  from grass_jax import chat
+  tokenizer = smol[2]
+  messages = [{"role": "user", "content": "What is 2+3?"}, {"role": "assistant", "content": "5"},
+              {"role": "user", "content": "And 2+4?"}, {"role": "assistant", "content": "6"}]
+  ex = chat.encode_record({"messages": messages}, "messages", tokenizer, 512, "r")
+  ids = tokenizer.convert_tokens_to_ids
+  # ChatML: each assistant turn learns its answer, <|im_end|> and the newline after it ("Ċ", byte-level)
+  learned = [t for t, m in zip(ex.tokens, ex.loss_mask) if m]
+  assert learned == ids(["5", "<|im_end|>", "Ċ", "6", "<|im_end|>", "Ċ"])
+  starts = [i for i, m in enumerate(ex.loss_mask) if m and (i == 0 or not ex.loss_mask[i - 1])]
+  for i in starts:  # what comes before each learned turn is the template's generation prompt
+    assert ex.tokens[i - 4:i] == ids(["<|im_start|>", "ass", "istant", "Ċ"])
+  assert tokenizer.decode(ex.tokens) == tokenizer.apply_chat_template(messages, tokenize=False)
