@@ -23,6 +23,12 @@ FAMILY_CONFIGS = {
                       "original_max_position_embeddings": 16},
         rope_theta=500000.0, max_position_embeddings=64, tie_word_embeddings=True)),
     "gemma": (transformers.GemmaConfig, dict(head_dim=8)),
+    # Gemma 3: a global layer between two sliding ones, each kind with its own RoPE (the global one scaled).
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0}})),
     "gemma2": (transformers.Gemma2Config, dict(head_dim=8, query_pre_attn_scalar=12, sliding_window=4,
                                                attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
 }

@@ -62,7 +62,7 @@ def test_greedy_generation_matches_hf(saved, family):
   np.testing.assert_array_equal(ours, out[:, 6:].numpy())
 
 
-@pytest.mark.parametrize("family", ["tinyllama", "gemma2", "qwen3", "llama3.2"])
+@pytest.mark.parametrize("family", ["tinyllama", "gemma2", "gemma3", "qwen3", "llama3.2"])
 def test_round_trip_save_then_hf_load(saved, family, tmp_path):
   hf, d = saved[family]
   params, config = load_pretrained(d)

@@ -3,7 +3,7 @@
 Example::
 
   >>> sorted(FAMILIES)
-  ['gemma', 'gemma2', 'llama', 'mistral', 'qwen2', 'qwen3']
+  ['gemma', 'gemma2', 'gemma3_text', 'llama', 'mistral', 'qwen2', 'qwen3']
 """
 
 from __future__ import annotations

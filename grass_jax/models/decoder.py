@@ -60,6 +60,8 @@ class DecoderConfig:
     act: 'silu' (SwiGLU), 'gelu_tanh' or 'gelu' (GeGLU).
     rope_theta: RoPE base; ``rope_scaling`` holds HF's rope parameters
       (``rope_type`` 'default', 'linear' or 'llama3').
+    rope_local_theta: the sliding-window layers' own RoPE base, unscaled
+      (Gemma 3); None: every layer uses ``rope_theta`` and ``rope_scaling``.
     attention_bias: q/k/v projections have biases (Qwen2, or Llama's
       ``attention_bias``); ``o_bias``: the output projection has one too.
     mlp_bias: the MLP projections have biases.
@@ -88,6 +90,7 @@ class DecoderConfig:
   act: str = "silu"
   rope_theta: float = 10000.0
   rope_scaling: tuple[tuple[str, Any], ...] = ()
+  rope_local_theta: float | None = None
   attention_bias: bool = False
   o_bias: bool = False
   mlp_bias: bool = False
@@ -169,7 +172,11 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float, offset: float) -> jax.
 
 
 def rope_inv_freq(config: DecoderConfig) -> np.ndarray:
-  """Inverse frequencies ``[head_dim / 2]`` including 'linear' and 'llama3' scaling."""
+  """Inverse frequencies ``[head_dim / 2]`` including 'linear' and 'llama3' scaling; with
+  ``rope_local_theta``, ``[2, head_dim / 2]``: the global layers' row, then the sliding-window layers'."""
+  if config.rope_local_theta is not None:
+    local = dataclasses.replace(config, rope_theta=config.rope_local_theta, rope_scaling=(), rope_local_theta=None)
+    return np.stack([rope_inv_freq(dataclasses.replace(config, rope_local_theta=None)), rope_inv_freq(local)])
   d = config.head_dim
   inv = 1.0 / (config.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
   rope = dict(config.rope_scaling)
@@ -296,6 +303,8 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
   v = _linear(x, lp["v_proj"], lp.get("v_bias"), pr.get("v_proj")).reshape(b, t, config.num_kv_heads, config.head_dim)
   if config.qk_norm:
     q, k = rms_norm(q, lp["q_norm"], eps, off), rms_norm(k, lp["k_norm"], eps, off)
+  if inv_freq.ndim == 2:  # global and sliding-window layers rotate at their own frequencies (Gemma 3)
+    inv_freq = jnp.where(sliding, inv_freq[1], inv_freq[0])
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
   if kv is None:
