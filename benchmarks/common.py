@@ -25,6 +25,28 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def provenance(device: str | None = None) -> dict[str, Any]:
+  """Where and when a result row was measured: the device (when given), the code's commit (``+dirty`` with
+  uncommitted changes to tracked files), the invocation that ran it (``GRASS_BENCH_INVOCATION``, set once
+  per command and inherited by the processes it starts) and the UTC time."""
+  import datetime
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+
+  def git(*args: str) -> str:
+    try:
+      return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+      return ""
+  commit = git("rev-parse", "HEAD") or None
+  if commit and git("status", "--porcelain", "--untracked-files=no"):
+    commit += "+dirty"
+  os.environ.setdefault("GRASS_BENCH_INVOCATION", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+  return {**({"device": device} if device else {}), "commit": commit,
+          "invocation": os.environ["GRASS_BENCH_INVOCATION"],
+          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 PEAK_FLOPS = 798e12  # bf16 matmul rate measured on the lent H100 (8192^3 products)
 
 

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import SIZES, step_times_summary  # noqa: E402
+from benchmarks.common import SIZES, provenance, step_times_summary  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(size="tinyllama-1.1b", batch=16, seq=512, always_on=True)
@@ -522,6 +522,7 @@ def main() -> None:
         continue
       spec["replay"], spec["replayed"] = source["draws"], source["name"]
     row = finish_row(name, run_one(spec, args.timeout_s, args.dump_hlo / name if args.dump_hlo else None))
+    row.update(provenance(row.get("device")))  # one invocation id for every row of this command
     with (out / "peers.jsonl").open("a") as f:
       f.write(json.dumps(row) + "\n")
     if "error" in row:

@@ -180,24 +180,11 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
 
 
 def provenance() -> dict:
-  """Where and when a row was measured: the device, the code's commit (``+dirty`` with uncommitted changes),
-  the study invocation that ran it (``run_pool`` sets it for its runs) and the time."""
-  import datetime
-
+  """The row's device, commit, invocation and time (:func:`benchmarks.common.provenance`)."""
   import jax
-  root = Path(__file__).resolve().parents[2]
 
-  def git(*args):
-    try:
-      return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-      return ""
-  commit = git("rev-parse", "HEAD") or None
-  if commit and git("status", "--porcelain", "--untracked-files=no"):
-    commit += "+dirty"
-  return {"device": jax.devices()[0].device_kind, "commit": commit,
-          "invocation": os.environ.get("GRASS_STUDY_INVOCATION"),
-          "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+  from benchmarks.common import provenance as common_provenance
+  return common_provenance(jax.devices()[0].device_kind)
 
 
 def baseline(scale: dict, model: str, task: str, work: Path) -> dict:
@@ -313,7 +300,8 @@ def run_pool(args, scale: dict, work: Path) -> None:
   t_start = time.perf_counter()
   from grass_jax.xla_flags import DETERMINISTIC, RECOMMENDED, with_recommended_flags
   # Every run deterministic (train.deterministic): XLA reads its flags when the process starts.
-  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false", GRASS_STUDY_INVOCATION=f"{time.time():.0f}-{os.getpid()}",
+  os.environ.setdefault("GRASS_BENCH_INVOCATION", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+  env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
              XLA_FLAGS=with_recommended_flags(os.environ.get("XLA_FLAGS", ""), {**RECOMMENDED, **DETERMINISTIC}))
   running: list[tuple[subprocess.Popen, dict, Path]] = []
   failed: set[str] = set()  # not retried in this invocation (a re-run tries again)
