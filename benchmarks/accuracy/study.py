@@ -110,6 +110,11 @@ SCALES = {
                    methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset", "lisa_coverage",
                             "grass_sketch_coverage", "grass", "grass_static"],
                    seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}),
+    # The same problems as chat turns in SmolLM2's own template (issue 42: does the chat form score at least what
+    # the Alpaca prompt does?), paired with the Alpaca runs of `paired` by seed.
+    "paired_chat": dict(model=SMOLLM2, steps=376, batch=16, period=20, max_length=256, n_train=4000, n_val=200,
+                        n_test=500, tasks=["arith"], methods=["lisa", "grass_sketch"], seeds=list(range(8)),
+                        max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}, format="messages"),
     # The first study (2026-11-25): 500 steps, one learning rate per method; its rows stay in the file.
     "smollm2_500": dict(model=SMOLLM2, steps=500, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
                         n_test=500, tasks=["arith", "weekday"], methods=list(METHODS), seeds=[0, 1, 2],
@@ -147,6 +152,8 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
   from grass_jax.train import Trainer
 
   data = write_splits(task, work / "data", n_train=scale["n_train"], n_val=scale["n_val"], n_test=scale["n_test"])
+  if scale.get("format") == "messages":  # the same problems as chat turns, in the model's own template
+    data = dict(data, train=str(as_messages(Path(data["train"]))))
   out = work / "runs" / f"{task}-{method}-s{seed}-lr{lr:g}"
   shutil.rmtree(out, ignore_errors=True)
   cfg = config_lib.from_dict(run_config(scale, model, data, method, seed, lr, out))
@@ -163,7 +170,8 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
     t1 = time.perf_counter()
     result, _ = evaluate(trainer.state.params, trainer.mcfg, trainer.tokenizer, scorer,
                          load_records(data[split], test=True), batch_size=128,
-                         max_new_tokens=scale["max_new_tokens"], dtype=jax.numpy.bfloat16)
+                         max_new_tokens=scale["max_new_tokens"], dtype=jax.numpy.bfloat16,
+                         prompt_format=trainer.prompt_format)
     row["accuracy" if split == "test" else "val_accuracy"] = result["accuracy"]
     row[f"{split}_eval_seconds"] = time.perf_counter() - t1
   lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
@@ -177,6 +185,20 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
   trace["log"] = [{k: l[k] for k in ("step", "importance", "probabilities", "active_layers", "probing")
                    if k in l} for l in lines if "importance" in l]
   return row, trace
+
+
+def as_messages(path: Path) -> Path:
+  """An Alpaca records file as chat records (user: the instruction and input, assistant: the output), beside it."""
+  out = path.with_name(path.stem + "_messages.jsonl")
+  if not out.exists():
+    lines = []
+    for line in path.read_text().splitlines():
+      r = json.loads(line)
+      user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
+      lines.append(json.dumps({"messages": [{"role": "user", "content": user},
+                                            {"role": "assistant", "content": r["output"]}]}))
+    out.write_text("\n".join(lines) + "\n")
+  return out
 
 
 def provenance() -> dict:
