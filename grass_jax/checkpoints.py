@@ -80,7 +80,8 @@ class Checkpointer:
     """Restores the newest checkpoint that reads back whole; returns ``(step, params, opt_state, layer_states, meta)``.
 
     A checkpoint that fails to read (a truncated or garbage array file, a missing metadata file) is
-    moved aside to ``<directory>_unreadable/<step>`` (``<step>.1``, ... when that exists; kept, never deleted) with one line through
+    moved aside to ``<directory>_unreadable/<step>`` (``<step>.1``, ... when that exists; kept, never deleted)
+    with one line through
     ``warn`` naming it and the error, and the next older one is tried. None when no checkpoint exists.
     Raises :class:`CheckpointError` when checkpoints exist but none reads back.
     """

@@ -156,7 +156,8 @@ def hf_config(reader: Any) -> dict[str, Any]:
   if vocab is None:
     raise GGUFError("GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
   model_type = ARCHITECTURES[arch]
-  head_dim = _field(reader, a + "attention.key_length", 0) or _field(reader, a + "rope.dimension_count", hidden // heads)
+  head_dim = (_field(reader, a + "attention.key_length", 0)
+              or _field(reader, a + "rope.dimension_count", hidden // heads))
   d = {
       "model_type": model_type, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                                    "qwen3": "Qwen3ForCausalLM"}[model_type]], "vocab_size": vocab,
@@ -261,7 +262,8 @@ def iter_tensors(reader: Any, config: DecoderConfig) -> Iterator[tuple[str, np.n
       continue
     name = _hf_name(tensor.name)
     if name is None:
-      raise GGUFError(f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}) is not part of a {config.model_type} model")
+      raise GGUFError(f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}) is not part of a "
+                      f"{config.model_type} model")
     w = dequantize(tensor)
     if config.model_type in PERMUTED_QK and name.endswith("q_proj.weight"):
       w = unpermute_rotary(w, config.num_heads)

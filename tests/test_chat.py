@@ -15,7 +15,8 @@ tokenizers = pytest.importorskip("tokenizers")
 # Llama 3's chat template, as its tokenizer_config.json has it (without the tool and date parts).
 LLAMA3_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim + '<|eot_id|>' }}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}")
 SPECIAL = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 WORDS = ["[UNK]", *SPECIAL, "system", "user", "assistant", "Be", "brief.", "Hi", "Hello!", "How", "are", "you?",

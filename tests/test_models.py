@@ -166,7 +166,8 @@ def test_unknown_model_type(saved, tmp_path):
   cfg = json.loads((d / "config.json").read_text())
   cfg["model_type"] = "gpt_neox"
   (d / "config.json").write_text(json.dumps(cfg))
-  with pytest.raises(ValueError, match="unknown model_type .gpt_neox.; supported: gemma, gemma2, gemma3_text, llama, mistral, qwen2, qwen3"):
+  with pytest.raises(ValueError, match="unknown model_type .gpt_neox.; supported: gemma, gemma2, gemma3_text, "
+                                       "llama, mistral, qwen2, qwen3"):
     load_pretrained(d)
 
 

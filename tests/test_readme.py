@@ -32,7 +32,8 @@ def test_relative_links_point_at_files(page):
 
 def test_readme_is_a_short_front_page_whose_test_command_is_what_ci_runs():
   text = (ROOT / "README.md").read_text()
-  assert len(text.encode()) <= 8192, f"README.md is {len(text.encode())} bytes; keep it under 8 KB (details go in docs/)"
+  size = len(text.encode())
+  assert size <= 8192, f"README.md is {size} bytes; keep it under 8 KB (details go in docs/)"
   ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert f"```bash\n{ci}\n```" in text, "the README's test command differs from .ci/run's"
   assert "```bash\npython -m pip install -e . && python scripts/train.py\n```" in text
