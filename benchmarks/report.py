@@ -29,6 +29,7 @@ PAIRED_METHODS = {
     "grass_sketch_reset": ("GRASS, live importance, moments reset", "importance (live)", "reset"),
     "lisa_coverage": ("LISA in cycles (`optim.coverage`)", "uniform, in cycles", "reset"),
     "grass_sketch_coverage": ("GRASS, live importance, in cycles", "importance (live), in cycles", "kept"),
+    "grass_gain": ("GRASS, importance from the loss decrease (`importance: gain`)", "credited loss decrease", "kept"),
     "grass": ("GRASS as the paper specifies it (`importance: grad`)", "importance (paper)", "kept"),
     "grass_static": ("GRASS\\* (static importance)", "importance (probing only)", "kept"),
 }

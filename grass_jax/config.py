@@ -129,6 +129,9 @@ class OptimConfig:
     the worst against LISA. Sketch costs tokens/s: 0.93x on TinyLlama, 0.80x on
     Llama-2-7B with frozen embeddings, mostly because it draws layer 0 there
     and the backward pass cannot stop early (docs/performance.md).
+    'gain': the loss decrease each period realised, credited to the layers
+    trained in it (a bandit over layers, grass_jax.gain; it costs nothing:
+    the loss is computed anyway). Not yet accuracy-tested.
     grass_static always takes its importance from probing.
   sketch_size: k, random projections per linear map for importance 'sketch'.
   sketch_every: with importance 'sketch', sketch the frozen layers on every
@@ -205,7 +208,10 @@ class OptimConfig:
       return 0
     if self.probe_steps is not None:
       return self.probe_steps
-    return 0 if self.live_importance() else self.period
+    return 0 if self.live_importance() or self.importance_from_gain() else self.period
+
+  def importance_from_gain(self) -> bool:
+    return self.strategy == "grass" and self.importance == "gain"
 
   def live_importance(self) -> bool:
     """Whether the backward pass measures every layer at every step (strategy grass, importance sketch)."""
@@ -304,7 +310,7 @@ CHOICES = {
     "data.format": ("auto", "alpaca", "messages", "prompt_completion"),
     "optim.strategy": ("grass", "grass_static", "lisa", "full", "fixed"),
     "optim.probability": ("softmax", "power"),
-    "optim.importance": ("grad", "sketch"),
+    "optim.importance": ("grad", "sketch", "gain"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.frozen_grads": ("cond", "select"),
     "model.backward_bucket_compile": ("ahead", "background"),
@@ -429,6 +435,9 @@ def validate(cfg: Config) -> Config:
                         f"distinct layer indices >= 0, e.g. optim.fixed_layers=[12,13]; got {o.fixed_layers!r}")
   elif o.fixed_layers is not None:
     raise ConfigError(f"optim.fixed_layers is for optim.strategy fixed (this run: {o.strategy}); remove it")
+  if o.importance_from_gain() and (o.probing_steps() or o.period < 2 or o.refresh_every not in (None, o.period)):
+    raise ConfigError("optim.importance: gain compares each period's two halves: set optim.period >= 2, "
+                      "optim.probe_steps: 0 (or null) and optim.refresh_every: null")
   if o.strategy == "grass_static" and o.probing_steps() == 0:
     raise ConfigError("optim.strategy grass_static takes its importance from probing: set optim.probe_steps > 0")
   if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.live_importance()):

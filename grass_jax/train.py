@@ -80,7 +80,8 @@ def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
   inner = optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
   importance_args = dict(probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
                          probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
-                         reset_on_switch=o.reset_on_switch, coverage=o.coverage)
+                         reset_on_switch=o.reset_on_switch, coverage=o.coverage,
+                         importance_from="gain" if o.importance == "gain" else "grad")
   grass = strategy(o.strategy, inner, layers=LAYERS,
                    num_active=None if o.strategy == "full" else min(o.num_active, num_layers), period=o.period,
                    seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, fixed_layers=o.fixed_layers,
@@ -389,7 +390,8 @@ class Trainer:
 
   def diagnostics(self) -> dict[str, np.ndarray]:
     o = self.cfg.optim
-    return diagnostics(self.state.opt_state, probability=o.probability, temperature=o.temperature,
+    rule = "gain" if o.strategy == "grass" and o.importance == "gain" else o.probability
+    return diagnostics(self.state.opt_state, probability=rule, temperature=o.temperature,
                        epsilon=o.epsilon, uniform=o.strategy == "lisa", fixed=o.strategy == "fixed")
 
   def log(self, bar: Any = None) -> None:

@@ -330,6 +330,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh, by_leaf=stream_by_leaf)}
     if measuring:
       extra["layer_norms"] = _layer_rms(sink_grad, state, denom, measurement=measurement, layer_size=layer_size)
+    if isinstance(tx, optax.GradientTransformationExtraArgs):  # optax's convention: extra args for those that say so
+      extra["loss"] = loss  # GRASS with importance_from='gain' learns from it; others ignore it
     updates, new_opt_state = tx.update(grads, opt_state, trainable, **extra)
     if all_layers:
       new_params = optax.apply_updates(params, updates)

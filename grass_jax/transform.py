@@ -64,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from grass_jax import gain as gain_lib
 from grass_jax import importance as importance_lib
 from grass_jax import sampling
 from grass_jax.layers import AlwaysOn, LabelsFn, LayerLayout, build_layout
@@ -105,6 +106,9 @@ class GrassState(NamedTuple):
     undrawn: bool ``[L]``, with ``coverage``: the layers not drawn yet in the
       current cycle (each layer gets a turn before any gets a second);
       all True without it.
+    loss_trace: float32 ``[6]``, with ``importance_from='gain'``: the training
+      loss of the current period's two halves and the decreases of the past
+      periods (:mod:`grass_jax.gain`); zeros otherwise.
   """
 
   count: jax.Array
@@ -121,6 +125,7 @@ class GrassState(NamedTuple):
   bank: Any
   always_on_state: Any
   undrawn: jax.Array
+  loss_trace: jax.Array
 
 
 class Settings(NamedTuple):
@@ -143,6 +148,7 @@ class Settings(NamedTuple):
   skip_nonfinite: bool
   fixed_layers: tuple[int, ...] | None = None
   coverage: bool = False
+  importance_from: str = "grad"
 
 
 def _take(tree: Any, idx: jax.Array) -> Any:
@@ -304,6 +310,11 @@ def _check_args(s: Settings) -> None:
     raise ValueError(f"refresh_every must be an int >= 1 (or None: every period); got {s.refresh_every!r}")
   if s.static and s.probe_steps == 0:
     raise ValueError("static importance (GRASS*) comes from probing: set probe_steps > 0")
+  if s.importance_from not in ("grad", "gain"):
+    raise ValueError(f"importance_from must be 'grad' or 'gain'; got {s.importance_from!r}")
+  if s.importance_from == "gain" and (s.probe_steps or s.static or s.period < 2 or s.refresh_every != s.period):
+    raise ValueError("importance_from='gain' learns from training itself: no probing (probe_steps=0), not static, "
+                     "a period of 2 steps or more (it compares the period's halves), refresh_every = period")
 
 
 def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> GrassState:
@@ -352,6 +363,7 @@ def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> Grass
       bank=jax.vmap(inner.init)(stack) if keeps_bank else None,
       always_on_state=inner.init(always) if always else optax.EmptyState(),
       undrawn=undrawn,
+      loss_trace=jnp.zeros((gain_lib.TRACE_SIZE,), jnp.float32),
   )
 
 
@@ -419,6 +431,36 @@ def update_active_layers(inner: optax.GradientTransformation, state: GrassState,
   return slot_u, slot_states, always_u, always_state
 
 
+def refresh_due(s: Settings, count: jax.Array) -> jax.Array:
+  """Whether the update that makes the step count ``count`` folds the windows into the MGN (and draws)."""
+  after_probe = count + 1 - s.probe_steps
+  if s.static:
+    return after_probe == 0
+  return (after_probe >= 0) & (after_probe % s.refresh_every == 0)
+
+
+def credit_gain(s: Settings, state: GrassState, count: jax.Array, loss: jax.Array | None
+                ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Steps 1-2 with ``importance_from='gain'``: ``(window_sum, window_count, loss_trace)``.
+
+  The step's loss joins its half of the period; at the period's last step its credit
+  (:func:`grass_jax.gain.period_credit`) enters the windows of the layers trained in it, which the next
+  refresh folds into their importance.
+  """
+  if loss is None:
+    raise ValueError("importance_from='gain' needs each step's training loss: tx.update(..., loss=loss)")
+  second_half = (count % s.period) >= s.period // 2
+  trace = gain_lib.add_loss(state.loss_trace, jnp.asarray(loss, jnp.float32), second_half=second_half)
+  # The period's last step (its layers switch out after it): its credit waits in the windows for the next
+  # refresh, so it steers the draw after next (the next one is drawn a step before this).
+  due = (count + 1) % s.period == 0
+  credit, has, next_trace = gain_lib.period_credit(trace)
+  rms = jnp.full(state.importance.shape, jnp.nan, jnp.float32).at[state.active].set(credit)
+  window_sum, window_count = importance_lib.accumulate(state.window_sum, state.window_count,
+                                                       jnp.where(due & has, rms, jnp.nan))
+  return window_sum, window_count, jnp.where(due, next_trace, trace)
+
+
 def refresh_importance(s: Settings, state: GrassState, count: jax.Array, window_sum: jax.Array,
                        window_count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Step 4: ``(importance, num_measurements, window_sum, window_count)`` after an optional refresh.
@@ -428,11 +470,7 @@ def refresh_importance(s: Settings, state: GrassState, count: jax.Array, window_
   end of probing; GRASS* refreshes only then. It folds each layer's window into
   its MGN (:func:`grass_jax.importance.refresh`) and empties the windows.
   """
-  after_probe = count + 1 - s.probe_steps
-  if s.static:
-    due = after_probe == 0
-  else:
-    due = (after_probe >= 0) & (after_probe % s.refresh_every == 0)
+  due = refresh_due(s, count)
   imp, counts = importance_lib.refresh(state.importance, state.num_measurements, window_sum, window_count,
                                        s.mgn_ema)
   return (jnp.where(due, imp, state.importance), jnp.where(due, counts, state.num_measurements),
@@ -479,6 +517,8 @@ def draw_next_layers(s: Settings, state: GrassState, count: jax.Array, importanc
     return state.next_active, state.probabilities, key, state.undrawn
   if s.sampling_kind == "uniform":
     new_probs = sampling.uniform(num_layers)
+  elif s.importance_from == "gain":
+    new_probs = gain_lib.probabilities(importance, num_measurements, temperature=s.temperature, epsilon=s.epsilon)
   else:
     new_probs = sampling.layer_probabilities(s.probability, importance, num_measurements,
                                              temperature=s.temperature, epsilon=s.epsilon)
@@ -491,7 +531,7 @@ def draw_next_layers(s: Settings, state: GrassState, count: jax.Array, importanc
 
 def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state: GrassState, params: Any = None,
            *, state_stream: StateStream | None = None, layer_norms: jax.Array | None = None,
-           **extra_args) -> tuple[Any, GrassState]:
+           loss: jax.Array | None = None, **extra_args) -> tuple[Any, GrassState]:
   """One GRASS step (the module docstring lists its steps)."""
   del extra_args
   num_layers, gamma = state.importance.shape[0], state.active.shape[0]
@@ -503,7 +543,10 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
   probing = state.count < s.probe_steps
   measuring = gamma < num_layers and s.sampling_kind == "importance"
 
-  if measuring:
+  loss_trace = state.loss_trace
+  if measuring and s.importance_from == "gain":
+    window_sum, window_count, loss_trace = credit_gain(s, state, state.count, loss)
+  elif measuring:
     rms = measure_layers(s, state, layout, updates, slot_g, full_form, probing, layer_norms)
     window_sum, window_count = accumulate_window(s, state, rms, probing)
   else:
@@ -535,7 +578,7 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
     stack_u = slot_u
   new_updates = layout.merge(stack_u, always_u, updates)
   return new_updates, GrassState(count, key, imp, counts, window_sum, window_count, probs, active, next_active,
-                                 slot_layers, slot_states, bank, always_state, undrawn)
+                                 slot_layers, slot_states, bank, always_state, undrawn, loss_trace)
 
 
 def transform(
@@ -559,6 +602,7 @@ def transform(
     skip_nonfinite: bool = True,
     fixed_layers: Sequence[int] | None = None,
     coverage: bool = False,
+    importance_from: str = "grad",
 ) -> optax.GradientTransformationExtraArgs:
   """GRASS: gradient-based adaptive layer-wise importance sampling.
 
@@ -601,16 +645,20 @@ def transform(
     coverage: draw in cycles: no layer is drawn a second time before every
       layer has had a turn (``ceil(L / num_active)`` periods); the
       probabilities order the layers within a cycle.
+    importance_from: 'grad' (the MGN, as above) or 'gain': the loss decrease
+      each period realised, credited to its layers (:mod:`grass_jax.gain`);
+      the update then needs ``loss=`` (the step's training loss).
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.
     Its update accepts ``layer_norms`` (float32 ``[L]`` gradient RMS, NaN where
-    not measured) and ``state_stream`` (:class:`StateStream`) as extra arguments.
+    not measured), ``state_stream`` (:class:`StateStream`) and ``loss`` (the
+    step's training loss, for ``importance_from='gain'``) as extra arguments.
   """
   s = Settings(layers, num_active, period, probability, temperature, epsilon, probe_steps,
                period if refresh_every is None else refresh_every, mgn_ema, static, seed, always_on,
                sampling_kind, reset_on_switch, offload, skip_nonfinite,
-               None if fixed_layers is None else tuple(int(i) for i in fixed_layers), coverage)
+               None if fixed_layers is None else tuple(int(i) for i in fixed_layers), coverage, importance_from)
   _check_args(s)
   return optax.GradientTransformationExtraArgs(
       lambda params: init(inner, s, params),
@@ -708,6 +756,8 @@ def diagnostics(opt_state: Any, *, probability: str = "softmax", temperature: fl
     cur = s.probabilities
   elif uniform:
     cur = sampling.uniform(s.importance.shape[0])
+  elif probability == "gain":
+    cur = gain_lib.probabilities(s.importance, s.num_measurements, temperature=temperature, epsilon=epsilon)
   else:
     cur = sampling.layer_probabilities(probability, s.importance, s.num_measurements, temperature=temperature,
                                        epsilon=epsilon)

@@ -88,11 +88,12 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
     ("optim.frozen_grads=select", "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0"),
     ("optim.reset_on_switch=true", "nothing to offload: set optim.offload_optimizer_state: false"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0; got -0.1"),
+    ("optim.importance=gain optim.period=1", "optim.importance: gain compares each period's two halves"),
 ])
 def test_config_errors_name_the_key(override, message):
   extra = ["optim.offload_optimizer_state=true"] if ("lisa" in override or "reset_on" in override) else []
   with pytest.raises(config_lib.ConfigError, match=message):
-    config_lib.load(DEMO, [*extra, override])
+    config_lib.load(DEMO, [*extra, *override.split(" ")])
 
 
 def test_scientific_notation_without_dot_is_a_float():
@@ -386,3 +387,14 @@ def test_a_batch_larger_than_the_dataset_is_named(tmp_path, capsys):
   err = capsys.readouterr().err
   assert "warning: a step takes train.batch_size x train.grad_accum = 4 sequences, more than the 3 training " \
          "examples" in err, err
+
+
+def test_importance_from_gain_trains_through_the_trainer(tmp_path):
+  cfg = _cfg(tmp_path, "optim.importance=gain", "optim.period=2", "train.max_steps=8", "train.log_every=2",
+             "train.checkpoint_every=0", "train.export=false")
+  summary = run(cfg, progress=False)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert summary["steps"] == 8 and all(np.isfinite(l["loss"]) for l in lines)
+  probs = np.asarray(lines[-1]["probabilities"])
+  assert probs.shape == (4,) and np.isclose(probs.sum(), 1.0, atol=1e-6) and (probs >= 0.1 / 4 - 1e-7).all()
+  assert np.any(np.asarray(lines[-1]["importance"]) != 0)  # periods after the first were credited
