@@ -83,9 +83,12 @@ def test_evaluate_script_writes_predictions_and_summary(tmp_path):
                         capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((tmp_path / "eval" / "gsm8k_summary.json").read_text())
-  assert summary["examples"] == 5 and 0 <= summary["accuracy"] <= 1
   rows = [json.loads(l) for l in (tmp_path / "eval" / "gsm8k_predictions.jsonl").read_text().splitlines()]
   assert len(rows) == 5 and {"generation", "prediction", "answer", "correct"} <= set(rows[0])
+  # the summary is the rows': each row correct exactly when its prediction is its answer (GSM8K: numbers)
+  assert all(r["correct"] == (r["prediction"] != "" and abs(float(r["prediction"]) - float(r["answer"])) < 1e-3)
+             for r in rows)
+  assert summary["examples"] == 5 and summary["accuracy"] == sum(r["correct"] for r in rows) / 5
   bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "nope"),
                         "--task", "gsm8k"], capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1",
                         "PATH": "/usr/bin:/bin"})

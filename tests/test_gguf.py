@@ -189,3 +189,43 @@ def test_qwen3_file_loads_exactly_without_the_llama_permutation(tmp_path):
   loaded, cfg = grass_jax.load_pretrained(path)
   assert cfg.model_type == "qwen3" and cfg.qk_norm and cfg.head_dim == 8
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def _hand_dequantize(raw: np.ndarray, name: str) -> np.ndarray:
+  """ggml's block layouts, written out here (an independent reference, not gguf-py's code)."""
+  rows = []
+  for row in raw:
+    out = []
+    size = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}[name]
+    for b in row.reshape(-1, size):
+      d = b[0:2].view(np.float16).astype(np.float32)[0]
+      if name == "Q8_0":  # d, then 32 int8
+        out.append(d * b[2:].view(np.int8).astype(np.float32))
+        continue
+      m = b[2:4].view(np.float16).astype(np.float32)[0] if name == "Q4_1" else 0.0
+      qs = b[4:] if name == "Q4_1" else b[2:]  # 16 bytes: value j in the low nibble, j + 16 in the high one
+      q = np.concatenate([qs & 0x0F, qs >> 4]).astype(np.float32)
+      out.append(d * q + m if name == "Q4_1" else d * (q - 8))
+    rows.append(np.concatenate(out))
+  return np.stack(rows)
+
+
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q4_1"])
+def test_block_types_equal_a_hand_written_dequantizer(tmp_path, name):
+  qtype = Q[name]
+  block, size = gguf.GGML_QUANT_SIZES[qtype]
+  rng = np.random.default_rng(7)
+  raw = rng.integers(0, 256, size=(2, 64 // block * size), dtype=np.uint8)
+  for r in raw:  # sane float16 scales (random bytes could be inf or NaN)
+    blocks = r.reshape(-1, size)
+    blocks[:, 0:2] = np.float16(rng.uniform(0.001, 0.01, len(blocks)))[:, None].view(np.uint8).reshape(-1, 2)
+    if name == "Q4_1":
+      blocks[:, 2:4] = np.float16(rng.uniform(-0.05, 0.05, len(blocks)))[:, None].view(np.uint8).reshape(-1, 2)
+  w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+  w.add_tensor("t", raw, raw_dtype=qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  tensor = gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0]
+  np.testing.assert_array_equal(gguf_checkpoint.dequantize(tensor), _hand_dequantize(raw, name))
