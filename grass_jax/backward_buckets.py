@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from grass_jax.models.bucketed_stack import backward_start
-from grass_jax.train_step import sketch_step
+from grass_jax.schedule import Schedule
 from grass_jax.transform import find_state
 
 
@@ -37,9 +37,8 @@ def measures_frozen_layers(count: int, *, measure: str, probe_steps: int, sketch
   """
   if measure == "none":
     return False
-  if count < probe_steps:
-    return True
-  return measure == "sketch" and bool(sketch_step(count, probe_steps=probe_steps, sketch_every=sketch_every))
+  schedule = Schedule(period=1, probe_steps=probe_steps, sketch_every=sketch_every)
+  return bool(schedule.probing(count)) or (measure == "sketch" and bool(schedule.sketching(count)))
 
 
 class BackwardBuckets:

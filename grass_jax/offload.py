@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grass_jax.schedule import Schedule
 from grass_jax.transform import StateStream, find_state, replace_state
 
 
@@ -147,6 +148,7 @@ class Offloader:
     if period < 1:
       raise ValueError(f"period must be >= 1; got {period}")
     self.period = period
+    self.schedule = Schedule(period)  # when the incoming layers' states are swapped in (after a period's last step)
     self.prefetch = prefetch
     s = find_state(opt_state)
     if s.bank is not None:
@@ -194,7 +196,7 @@ class Offloader:
     prev_next = self._prev_next
     # A copy: the train step donates the optimizer state, which would delete the original.
     self._prev_next = jnp.copy(s.next_active)
-    if c % self.period != 0:
+    if not self.schedule.switching(c - 1):  # the step just run was not its period's last
       return opt_state
     # The set drawn one step ago is final by now; reading it waits at most for the previous step,
     # while the step just dispatched keeps the device busy.

@@ -36,6 +36,7 @@ from grass_jax.models import LAYERS
 from grass_jax.models.bucketed_stack import bucketed_stack
 from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
+from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
 from grass_jax.transform import GrassState, apply_slot_updates, find_state
 
@@ -146,15 +147,6 @@ def _slot_of(active: jax.Array, num_layers: int) -> jax.Array:
   return jnp.full((num_layers,), -1, jnp.int32).at[active].set(jnp.arange(active.shape[0], dtype=jnp.int32))
 
 
-def sketch_step(count: Any, *, probe_steps: int, sketch_every: int) -> Any:
-  """Whether the step at optimizer count ``count`` (an int, or traced) is a sketch step of ``sketch_every``.
-
-  The transform refreshes importance where ``(count + 2 - probe_steps) % refresh_every == 0``;
-  ``sketch_every`` divides ``refresh_every``, so every refresh step is a sketch step.
-  """
-  return (count + 2 - probe_steps) % sketch_every == 0
-
-
 def _layer_size(config: DecoderConfig) -> int:
   return sum(math.prod(s[1:]) for s in config.param_shapes()["layers"].values())
 
@@ -252,8 +244,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   """
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
-  if not isinstance(sketch_every, int) or sketch_every < 1:
-    raise ValueError(f"sketch_every must be an int >= 1; got {sketch_every!r}")
+  # The step asks only whether it probes and whether it sketches: the period does not matter to it.
+  schedule = Schedule(period=1, probe_steps=probe_steps, sketch_every=sketch_every)
   if unroll_forward and remat != "full":
     raise ValueError(f"unroll_forward needs remat='full' (other policies keep the layer scan); got remat={remat!r}")
   stream_sh = None
@@ -270,7 +262,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
            backward_start: int | None = None) -> tuple[Params, Any, dict[str, jax.Array]]:
     state = find_state(opt_state)
     active = state.active
-    probing = state.count < probe_steps
+    probing = schedule.probing(state.count)
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
     measuring = measure != "none" and not all_layers
     trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
@@ -281,8 +273,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
            if slot_handles else trainable)
     sink = jnp.zeros((config.num_layers,), jnp.float32) if measuring else None
     # A key of its own for the sketch's projections, derived from the state's (resume stays exact).
-    sketching = jnp.asarray(measure == "sketch") & sketch_step(state.count, probe_steps=probe_steps,
-                                                               sketch_every=sketch_every)
+    sketching = jnp.asarray(measure == "sketch") & schedule.sketching(state.count)
     measurement = Measurement(probing, jax.random.fold_in(state.key, 0x5EC), sketching) if measuring else None
     leaves, treedef = jax.tree.flatten(wrt)
     differentiate = ([True] * len(leaves) if all_layers

@@ -68,6 +68,7 @@ from grass_jax import gain as gain_lib
 from grass_jax import importance as importance_lib
 from grass_jax import sampling
 from grass_jax.layers import AlwaysOn, LabelsFn, LayerLayout, build_layout
+from grass_jax.schedule import Schedule
 
 STRATEGIES = ("grass", "grass_static", "lisa", "full", "fixed")
 
@@ -149,6 +150,11 @@ class Settings(NamedTuple):
   fixed_layers: tuple[int, ...] | None = None
   coverage: bool = False
   importance_from: str = "grad"
+
+  @property
+  def schedule(self) -> Schedule:
+    """When this transform probes, refreshes, draws and switches (:mod:`grass_jax.schedule`)."""
+    return Schedule(self.period, self.probe_steps, self.refresh_every, static=self.static)
 
 
 def _take(tree: Any, idx: jax.Array) -> Any:
@@ -285,8 +291,7 @@ def _per_leaf_streamed_update(inner: optax.GradientTransformation, grads: dict, 
 def _check_args(s: Settings) -> None:
   if s.num_active is not None and (not isinstance(s.num_active, (int, np.integer)) or s.num_active < 1):
     raise ValueError(f"num_active must be a positive int (or None for all layers); got {s.num_active!r}")
-  if not isinstance(s.period, (int, np.integer)) or s.period < 1:
-    raise ValueError(f"period must be an int >= 1 (steps between layer switches); got {s.period!r}")
+  s.schedule  # noqa: B018 -- period, probe_steps, refresh_every and static: its own checks
   if not s.temperature > 0:
     raise ValueError(f"temperature must be > 0; got {s.temperature!r}")
   if not 0.0 <= s.epsilon <= 1.0:
@@ -303,13 +308,6 @@ def _check_args(s: Settings) -> None:
                        f"got {s.fixed_layers!r}")
   if s.probability not in sampling.PROBABILITIES:
     raise ValueError(f"probability must be one of {sampling.PROBABILITIES}; got {s.probability!r}")
-  if not isinstance(s.probe_steps, (int, np.integer)) or s.probe_steps < 0 or s.probe_steps % s.period:
-    raise ValueError(f"probe_steps must be a multiple of period={s.period} (layers switch every period steps); "
-                     f"got {s.probe_steps!r}")
-  if not isinstance(s.refresh_every, (int, np.integer)) or s.refresh_every < 1:
-    raise ValueError(f"refresh_every must be an int >= 1 (or None: every period); got {s.refresh_every!r}")
-  if s.static and s.probe_steps == 0:
-    raise ValueError("static importance (GRASS*) comes from probing: set probe_steps > 0")
   if s.importance_from not in ("grad", "gain"):
     raise ValueError(f"importance_from must be 'grad' or 'gain'; got {s.importance_from!r}")
   if s.importance_from == "gain" and (s.probe_steps or s.static or s.period < 2 or s.refresh_every != s.period):
@@ -431,15 +429,7 @@ def update_active_layers(inner: optax.GradientTransformation, state: GrassState,
   return slot_u, slot_states, always_u, always_state
 
 
-def refresh_due(s: Settings, count: jax.Array) -> jax.Array:
-  """Whether the update that makes the step count ``count`` folds the windows into the MGN (and draws)."""
-  after_probe = count + 1 - s.probe_steps
-  if s.static:
-    return after_probe == 0
-  return (after_probe >= 0) & (after_probe % s.refresh_every == 0)
-
-
-def credit_gain(s: Settings, state: GrassState, count: jax.Array, loss: jax.Array | None
+def credit_gain(s: Settings, state: GrassState, loss: jax.Array | None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Steps 1-2 with ``importance_from='gain'``: ``(window_sum, window_count, loss_trace)``.
 
@@ -449,11 +439,11 @@ def credit_gain(s: Settings, state: GrassState, count: jax.Array, loss: jax.Arra
   """
   if loss is None:
     raise ValueError("importance_from='gain' needs each step's training loss: tx.update(..., loss=loss)")
-  second_half = (count % s.period) >= s.period // 2
+  second_half = (state.count % s.period) >= s.period // 2
   trace = gain_lib.add_loss(state.loss_trace, jnp.asarray(loss, jnp.float32), second_half=second_half)
   # The period's last step (its layers switch out after it): its credit waits in the windows for the next
   # refresh, so it steers the draw after next (the next one is drawn a step before this).
-  due = (count + 1) % s.period == 0
+  due = s.schedule.switching(state.count)
   credit, has, next_trace = gain_lib.period_credit(trace)
   rms = jnp.full(state.importance.shape, jnp.nan, jnp.float32).at[state.active].set(credit)
   window_sum, window_count = importance_lib.accumulate(state.window_sum, state.window_count,
@@ -461,7 +451,7 @@ def credit_gain(s: Settings, state: GrassState, count: jax.Array, loss: jax.Arra
   return window_sum, window_count, jnp.where(due, next_trace, trace)
 
 
-def refresh_importance(s: Settings, state: GrassState, count: jax.Array, window_sum: jax.Array,
+def refresh_importance(s: Settings, state: GrassState, window_sum: jax.Array,
                        window_count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Step 4: ``(importance, num_measurements, window_sum, window_count)`` after an optional refresh.
 
@@ -470,15 +460,14 @@ def refresh_importance(s: Settings, state: GrassState, count: jax.Array, window_
   end of probing; GRASS* refreshes only then. It folds each layer's window into
   its MGN (:func:`grass_jax.importance.refresh`) and empties the windows.
   """
-  due = refresh_due(s, count)
+  due = s.schedule.refreshing(state.count)
   imp, counts = importance_lib.refresh(state.importance, state.num_measurements, window_sum, window_count,
                                        s.mgn_ema)
   return (jnp.where(due, imp, state.importance), jnp.where(due, counts, state.num_measurements),
           jnp.where(due, 0.0, window_sum), jnp.where(due, 0, window_count))
 
 
-def switch_layers(inner: optax.GradientTransformation, s: Settings, state: GrassState, count: jax.Array,
-                  slot_g: dict, slot_states: tuple, bank: Any) -> tuple[jax.Array, jax.Array, tuple, Any]:
+def switch_layers(inner: optax.GradientTransformation, s: Settings, state: GrassState, slot_g: dict, slot_states: tuple, bank: Any) -> tuple[jax.Array, jax.Array, tuple, Any]:
   """Step 5: at a switch, ``next_active`` becomes active. Returns ``(active, slot_layers, slot_states, bank)``.
 
   GRASS saves the outgoing layers' inner states in the bank and restores the
@@ -486,7 +475,7 @@ def switch_layers(inner: optax.GradientTransformation, s: Settings, state: Grass
   ``slot_layers`` then lags behind ``active``); LISA starts them afresh.
   """
   gamma = state.active.shape[0]
-  switch = count % s.period == 0
+  switch = s.schedule.switching(state.count)
   active = jnp.where(switch, state.next_active, state.active)
   slot_layers = state.slot_layers
   if s.reset_on_switch:
@@ -503,7 +492,7 @@ def switch_layers(inner: optax.GradientTransformation, s: Settings, state: Grass
   return active, slot_layers, slot_states, bank
 
 
-def draw_next_layers(s: Settings, state: GrassState, count: jax.Array, importance: jax.Array,
+def draw_next_layers(s: Settings, state: GrassState, importance: jax.Array,
                      num_measurements: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Step 6: one step before a switch, draw the next period's layers.
 
@@ -512,7 +501,7 @@ def draw_next_layers(s: Settings, state: GrassState, count: jax.Array, importanc
   """
   num_layers, gamma = importance.shape[0], state.active.shape[0]
   key, sub = jax.random.split(state.key)
-  draw_due = (count + 1) % s.period == 0
+  draw_due = s.schedule.drawing(state.count)
   if s.sampling_kind == "fixed":
     return state.next_active, state.probabilities, key, state.undrawn
   if s.sampling_kind == "uniform":
@@ -545,7 +534,7 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
 
   loss_trace = state.loss_trace
   if measuring and s.importance_from == "gain":
-    window_sum, window_count, loss_trace = credit_gain(s, state, state.count, loss)
+    window_sum, window_count, loss_trace = credit_gain(s, state, loss)
   elif measuring:
     rms = measure_layers(s, state, layout, updates, slot_g, full_form, probing, layer_norms)
     window_sum, window_count = accumulate_window(s, state, rms, probing)
@@ -564,10 +553,10 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
       state.importance, state.num_measurements, state.bank, state.slot_layers, state.active)
   next_active, probs, key, undrawn = state.next_active, state.probabilities, state.key, state.undrawn
   if measuring:
-    imp, counts, window_sum, window_count = refresh_importance(s, state, count, window_sum, window_count)
+    imp, counts, window_sum, window_count = refresh_importance(s, state, window_sum, window_count)
   if gamma < num_layers:
-    active, slot_layers, slot_states, bank = switch_layers(inner, s, state, count, slot_g, slot_states, bank)
-    next_active, probs, key, undrawn = draw_next_layers(s, state, count, imp, counts)
+    active, slot_layers, slot_states, bank = switch_layers(inner, s, state, slot_g, slot_states, bank)
+    next_active, probs, key, undrawn = draw_next_layers(s, state, imp, counts)
   else:
     key, _ = jax.random.split(state.key)
 
