@@ -87,6 +87,8 @@ class DataConfig:
     template, loss on the assistant turns), 'prompt_completion', or 'auto'
     (from the records' keys). Evaluation asks chat-trained models in the
     same template (``grass_jax.chat``).
+  packing: put several short examples in one sequence of the largest bucket
+    (attention and positions stay within each; grass_jax.data.Dataset).
   max_length: longest sequence in tokens; longer examples are truncated.
   buckets: sequence lengths to pad to (few shapes = few compilations);
     default: powers of two up to max_length.
@@ -97,6 +99,7 @@ class DataConfig:
   split: str = "train"
   template: str = "alpaca"
   format: str = "auto"
+  packing: bool = False
   max_length: int = 512
   buckets: list | None = None
   shuffle_seed: int = 0

@@ -218,10 +218,15 @@ class Dataset:
   A batch is a dict of int32 ``[grad_accum, batch_size, bucket]`` arrays:
   ``tokens``, ``attention_mask`` and ``loss_mask``. A last, partial batch of
   a bucket is filled with empty rows (all masks 0), so no example is dropped.
+
+  ``packing``: each row holds as many examples as fit in the largest bucket, one after another (in the
+  epoch's shuffled order, a new row when the next does not fit); ``attention_mask`` numbers them 1, 2,
+  ... so that positions restart and attention stays within each (:func:`grass_jax.models.decoder.forward`),
+  and each example's first token carries no loss (nothing before it in its own sequence predicts it).
   """
 
   def __init__(self, examples: list[Example], *, batch_size: int, grad_accum: int, buckets: list[int],
-               seed: int, pad_id: int):
+               seed: int, pad_id: int, packing: bool = False):
     if not examples:
       raise DataError("the dataset is empty after tokenization")
     usable = [e for e in examples if sum(e.loss_mask) > 0]
@@ -230,17 +235,20 @@ class Dataset:
     self.examples = usable
     self.batch_size, self.grad_accum = batch_size, grad_accum
     self.buckets = sorted(buckets)
-    self.seed, self.pad_id = seed, pad_id
+    self.seed, self.pad_id, self.packing = seed, pad_id, packing
     self.lengths = np.array([len(e.tokens) for e in usable])
     self.bucket_of = np.searchsorted(self.buckets, self.lengths)
 
   def __len__(self) -> int:
     return len(self.epoch_plan(0))
 
-  def epoch_plan(self, epoch: int) -> list[tuple[int, list[int]]]:
-    """``[(bucket_length, example_indices)]`` for one epoch, a function of (seed, epoch) only."""
+  def epoch_plan(self, epoch: int) -> list[tuple[int, list]]:
+    """``[(bucket_length, rows)]`` for one epoch, a function of (seed, epoch) only: a row is an example's
+    index, or with packing the list of the examples it holds."""
     rng = np.random.default_rng([self.seed, epoch])
     per_batch = self.batch_size * self.grad_accum
+    if self.packing:
+      return self._packed_plan(rng.permutation(len(self.examples)), per_batch)
     pending: dict[int, list[int]] = {}
     plan = []
     for i in rng.permutation(len(self.examples)):
@@ -251,16 +259,35 @@ class Dataset:
     plan.extend((self.buckets[b], idx) for b, idx in sorted(pending.items()))
     return plan
 
-  def make_batch(self, length: int, indices: list[int]) -> dict[str, np.ndarray]:
+  def _packed_plan(self, order: np.ndarray, per_batch: int) -> list[tuple[int, list]]:
+    length = self.buckets[-1]
+    rows, row, used = [], [], 0
+    for i in order:
+      n = int(self.lengths[i])
+      if row and used + n > length:
+        rows.append(row)
+        row, used = [], 0
+      row.append(int(i))
+      used += n
+    rows.append(row)
+    return [(length, rows[k:k + per_batch]) for k in range(0, len(rows), per_batch)]
+
+  def make_batch(self, length: int, indices: list) -> dict[str, np.ndarray]:
     n = self.batch_size * self.grad_accum
     tokens = np.full((n, length), self.pad_id, np.int32)
     attn = np.zeros((n, length), np.int32)
     loss = np.zeros((n, length), np.int32)
-    for row, i in enumerate(indices):
-      e = self.examples[i]
-      tokens[row, :len(e.tokens)] = e.tokens
-      attn[row, :len(e.tokens)] = 1
-      loss[row, :len(e.tokens)] = e.loss_mask
+    for row, item in enumerate(indices):
+      at = 0
+      for seg, i in enumerate(item if isinstance(item, list) else [item], 1):
+        e = self.examples[i]
+        end = at + len(e.tokens)
+        tokens[row, at:end] = e.tokens
+        attn[row, at:end] = seg
+        loss[row, at:end] = e.loss_mask
+        if seg > 1:
+          loss[row, at] = 0  # the previous sequence's last token does not predict this one
+        at = end
     shape = (self.grad_accum, self.batch_size, length)
     return {"tokens": tokens.reshape(shape), "attention_mask": attn.reshape(shape), "loss_mask": loss.reshape(shape)}
 
@@ -275,10 +302,10 @@ class Dataset:
 
 def build_dataset(records: list[dict[str, Any]], tokenizer: Tokenizer, *, max_length: int, batch_size: int,
                   grad_accum: int, buckets: list[int] | None, seed: int,
-                  encode: Callable[[int, dict[str, Any]], Example] | None = None) -> Dataset:
+                  encode: Callable[[int, dict[str, Any]], Example] | None = None, packing: bool = False) -> Dataset:
   """``encode(index, record)``: a record's tokens and loss mask (default: Alpaca's, :func:`encode_example`)."""
   examples = [encode_example(r, tokenizer, max_length) if encode is None else encode(i, r)
               for i, r in enumerate(records)]
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   return Dataset(examples, batch_size=batch_size, grad_accum=grad_accum,
-                 buckets=buckets or default_buckets(max_length), seed=seed, pad_id=pad)
+                 buckets=buckets or default_buckets(max_length), seed=seed, pad_id=pad, packing=packing)

@@ -242,7 +242,7 @@ class Trainer:
     tok, n = self.tokenizer, cfg.data.max_length
     return data_lib.build_dataset(
         records, tok, max_length=n, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-        buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed,
+        buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed, packing=cfg.data.packing,
         encode=lambda i, r: chat.encode_record(r, fmt, tok, n, f"{cfg.data.train}: record {i}"))
 
   def _attention(self) -> str:

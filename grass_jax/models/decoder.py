@@ -222,14 +222,26 @@ def init_cache(config: DecoderConfig, batch: int, length: int, dtype: Any = jnp.
 
 
 def _attention_mask(config: DecoderConfig, q_pos: jax.Array, k_pos: jax.Array, k_valid: jax.Array,
-                    sliding: jax.Array) -> jax.Array:
-  """Boolean ``[B, 1, 1, T, S]`` mask: causal, padding and (per layer) sliding window."""
+                    sliding: jax.Array, q_seg: jax.Array | None = None) -> jax.Array:
+  """Boolean ``[B, 1, 1, T, S]`` mask: causal, padding, (per layer) sliding window, and with ``q_seg`` (the
+  queries' segment ids; ``k_valid`` then holds the keys') no attention across packed sequences."""
   causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
-  mask = causal & k_valid[:, None, :]
+  mask = causal & (k_valid[:, None, :] != 0)
+  if q_seg is not None:
+    mask = mask & (q_seg[:, :, None] == k_valid[:, None, :])
   if config.sliding_window is not None:
     in_window = (q_pos[:, :, None] - k_pos[:, None, :]) < config.sliding_window
     mask = mask & (in_window | ~sliding)
   return mask[:, None, None]
+
+
+def segment_positions(segments: jax.Array) -> jax.Array:
+  """Each token's position in its sequence ``[B, T]`` (0 for padding), from a mask of segment ids (0: padding):
+  a run of equal ids is one sequence, so a 0/1 padding mask gives one sequence per row."""
+  t = jnp.arange(segments.shape[1])
+  starts = jnp.concatenate([jnp.ones_like(segments[:, :1], bool), segments[:, 1:] != segments[:, :-1]], axis=1)
+  first = jax.lax.cummax(jnp.where(starts, t, 0), axis=1)
+  return jnp.where(segments != 0, t - first, 0).astype(jnp.int32)
 
 
 def _linear(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
@@ -317,7 +329,7 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
     values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1).astype(h.dtype)
     q_pos = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
     k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-  mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding)
+  mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding, q_seg=k_valid if kv is None else None)
   attn = _attention(config, q, keys, values, mask, attention, act_sharding)
   out = _linear(attn, lp["o_proj"], lp.get("o_bias"), pr.get("o_proj"))
   if config.post_norms:
@@ -353,7 +365,8 @@ class LayerInputs(NamedTuple):
 
   This is the interface between :func:`forward` and a ``layer_stack`` that replaces its layer scan
   (:mod:`grass_jax.models.slot_scan`): positions ``[B, T]``, RoPE ``inv_freq``, ``sliding`` (bool
-  ``[L]``: the layer uses the sliding window) and ``k_valid`` (``[B, T]`` valid keys).
+  ``[L]``: the layer uses the sliding window) and ``k_valid`` (``[B, T]``: each token's segment id, 0 for
+  padding; a batch that packs no sequences has 1 for every real token).
   """
   positions: jax.Array
   inv_freq: jax.Array
@@ -379,7 +392,9 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
   Args:
     params: parameters in the layout of the module docstring.
     tokens: int ``[B, T]``.
-    attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (left or right).
+    attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (left or right); or, for a row packing
+      several sequences, each token's sequence number (1, 2, ...): positions restart at each sequence
+      and no token attends to another sequence.
       Without a cache, positions default to ``cumsum(mask) - 1``.
     positions: int ``[B, T]`` RoPE positions, overriding the default.
     cache: a :class:`KVCache` to read and extend (generation); ``cache.mask``
@@ -409,13 +424,13 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
   if attention_mask is None:
     attention_mask = jnp.ones((b, t), jnp.int32)
   if positions is None:
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+    positions = segment_positions(attention_mask)
   h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
   if config.embed_scale:
     h = h * jnp.asarray(config.hidden_size ** 0.5, dtype)
   inv_freq = jnp.asarray(rope_inv_freq(config))
   sliding = jnp.asarray(config.sliding_layers or (config.sliding_window is not None,) * config.num_layers)
-  k_valid = attention_mask.astype(bool) if cache is None else cache.mask
+  k_valid = attention_mask if cache is None else cache.mask
 
   if layer_stack is not None:
     if cache is not None:
