@@ -108,6 +108,17 @@ def test_quantized_file_loads_its_dequantized_values(tmp_path, tiny, qtype):
   np.testing.assert_allclose(loaded["layers"]["q_proj"], params["layers"]["q_proj"], atol=tol)
 
 
+def _one_tensor_file(path, raw, qtype):
+  """A GGUF file holding one tensor of raw ``qtype`` blocks; returns the tensor as the reader gives it."""
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_tensor("t", raw, raw_dtype=qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return gguf.GGUFReader(str(path)).tensors[0]
+
+
 @pytest.mark.parametrize("name", gguf_checkpoint.SUPPORTED_TYPES)
 def test_each_supported_type_equals_gguf_reference(tmp_path, name):
   qtype = Q[name]
@@ -118,13 +129,7 @@ def test_each_supported_type_equals_gguf_reference(tmp_path, name):
   except NotImplementedError:  # K-quants: gguf-py only dequantizes; random blocks exercise the same path
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     raw = rng.randint(0, 256, size=(3, 256 // block * size)).astype(np.uint8)
-  w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-  w.add_tensor("t", raw, raw_dtype=qtype)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  tensor = gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0]
+  tensor = _one_tensor_file(tmp_path / "t.gguf", raw, qtype)
   got = gguf_checkpoint.dequantize(tensor)
   assert got.shape == (3, 256) and got.dtype == np.float32
   np.testing.assert_array_equal(got, np.asarray(gguf.quants.dequantize(raw, qtype), np.float32))
@@ -221,11 +226,5 @@ def test_block_types_equal_a_hand_written_dequantizer(tmp_path, name):
     blocks[:, 0:2] = np.float16(rng.uniform(0.001, 0.01, len(blocks)))[:, None].view(np.uint8).reshape(-1, 2)
     if name == "Q4_1":
       blocks[:, 2:4] = np.float16(rng.uniform(-0.05, 0.05, len(blocks)))[:, None].view(np.uint8).reshape(-1, 2)
-  w = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
-  w.add_tensor("t", raw, raw_dtype=qtype)
-  w.write_header_to_file()
-  w.write_kv_data_to_file()
-  w.write_tensors_to_file()
-  w.close()
-  tensor = gguf.GGUFReader(str(tmp_path / "t.gguf")).tensors[0]
+  tensor = _one_tensor_file(tmp_path / "t.gguf", raw, qtype)
   np.testing.assert_array_equal(gguf_checkpoint.dequantize(tensor), _hand_dequantize(raw, name))
