@@ -209,12 +209,13 @@ class Trainer:
     ckpt_dir = self.out / "checkpoints"
     if self.out.exists() and not self.out.is_dir():
       raise FileExistsError(f"train.output_dir {self.out} is a file: set train.output_dir to a directory")
-    held = [p.name for p in (ckpt_dir, self.out / "metrics.jsonl") if p.exists() and (p.is_file() or any(p.iterdir()))]
+    held = [p.name for p in (ckpt_dir, self.out / "metrics.jsonl")
+            if p.exists() and (p.is_file() or any(p.iterdir()))]
     if not resume and held:
       raise FileExistsError(f"{self.out} holds a run ({', '.join(held)}): pass --resume to continue it, or set "
                             "train.output_dir to a new directory")
     if resume:
-      if not held or "checkpoints" not in held:
+      if "checkpoints" not in held:
         raise CheckpointError(f"--resume: {ckpt_dir} holds no checkpoint (nothing to resume); run without --resume")
       check_same_schedule(cfg, self.out / "config.yaml")
     self.out.mkdir(parents=True, exist_ok=True)

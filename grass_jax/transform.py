@@ -19,6 +19,10 @@ One update is the paper's algorithm, step by step (each a function below):
 6. :func:`draw_next_layers`: one step before a switch, draw ``num_active``
    layers from the probabilities over the MGN (:mod:`grass_jax.sampling`).
 
+With ``importance_from='gain'`` steps 1-2 are :func:`credit_gain` instead: the
+loss decrease each period realises is credited to its layers (:mod:`grass_jax.gain`).
+When each step is due is :class:`grass_jax.schedule.Schedule`'s answer.
+
 **Probing** (``probe_steps``, the paper's T_p): the first steps measure every
 layer and update nothing. **GRASS\\*** (``static=True``): the MGN of probing is
 never refreshed.
@@ -467,7 +471,8 @@ def refresh_importance(s: Settings, state: GrassState, window_sum: jax.Array,
           jnp.where(due, 0.0, window_sum), jnp.where(due, 0, window_count))
 
 
-def switch_layers(inner: optax.GradientTransformation, s: Settings, state: GrassState, slot_g: dict, slot_states: tuple, bank: Any) -> tuple[jax.Array, jax.Array, tuple, Any]:
+def switch_layers(inner: optax.GradientTransformation, s: Settings, state: GrassState, slot_g: dict,
+                  slot_states: tuple, bank: Any) -> tuple[jax.Array, jax.Array, tuple, Any]:
   """Step 5: at a switch, ``next_active`` becomes active. Returns ``(active, slot_layers, slot_states, bank)``.
 
   GRASS saves the outgoing layers' inner states in the bank and restores the
