@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -83,10 +84,41 @@ def paired_accuracy_docs(result: dict) -> str:
   return "\n".join(lines)
 
 
+# The README's speed table: per model, one peers file (one invocation) and the rows shown from it.
+PEERS_README = [
+    ("benchmarks/results/peers/peers_h200_no_ckpt_tiny_remat_none.jsonl",
+     "TinyLlama-1.1B, b16 x 512, embeddings trained",
+     [("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax, offload, `importance: grad`"),
+      ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")]),
+    ("benchmarks/results/peers/peers_h200_buckets.jsonl", "Llama-2-7B, b2 x 512, embeddings frozen",
+     [("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax, offload, `model.backward_bucket: 4`"),
+      ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")]),
+]
+
+
+def peers_speed_readme(_: Any = None) -> str:
+  """Mean tokens/s after compilation and peak GiB; the better of each model's rows in bold."""
+  lines = ["| model | setup | tokens/s | peak GiB |", "|---|---|---|---|"]
+  for path, model, shown in PEERS_README:
+    rows = {}
+    for line in (ROOT / path).read_text().splitlines():
+      r = json.loads(line)
+      rows[r["name"]] = r  # the file's last row of a name is the current one
+    picked = [(rows[name], label) for name, label in shown]
+    best_tps = max(r["mean_tokens_per_s"] for r, _ in picked)
+    best_peak = min(r["peak_gib"] for r, _ in picked)
+    for k, (r, label) in enumerate(picked):
+      tps, peak = f"{r['mean_tokens_per_s']:,.0f}", f"{r['peak_gib']:.2f}"
+      lines.append(f"| {model if k == 0 else ''} | {label} | {f'**{tps}**' if r['mean_tokens_per_s'] == best_tps else tps}"
+                   f" | {f'**{peak}**' if r['peak_gib'] == best_peak else peak} |")
+  return "\n".join(lines)
+
+
 # name -> (result file, function making the markdown table from its JSON)
-TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
+TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "paired_accuracy_readme": (PAIRED, paired_accuracy_readme),
     "paired_accuracy_docs": (PAIRED, paired_accuracy_docs),
+    "peers_speed_readme": (None, peers_speed_readme),  # reads the peers files of PEERS_README
 }
 PAGES = ["README.md", "docs/accuracy.md"]
 MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)(\n<!-- /report -->)", re.S)
@@ -99,7 +131,7 @@ def render(page: str) -> str:
     if name not in TABLES:
       raise KeyError(f"{page}: no table named {name!r} in benchmarks/report.py (known: {', '.join(TABLES)})")
     path, make = TABLES[name]
-    return m.group(1) + make(json.loads((ROOT / path).read_text())) + m.group(4)
+    return m.group(1) + make(None if path is None else json.loads((ROOT / path).read_text())) + m.group(4)
   return MARKER.sub(table, (ROOT / page).read_text())
 
 

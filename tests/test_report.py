@@ -10,7 +10,7 @@ def test_committed_tables_are_what_the_result_files_give():
 
 
 def test_a_changed_number_is_caught_and_rewritten(tmp_path, monkeypatch):
-  for rel in [*report.PAGES, report.PAIRED]:
+  for rel in [*report.PAGES, report.PAIRED, *(path for path, _, _ in report.PEERS_README)]:
     (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(report.ROOT / rel, tmp_path / rel)
   page = tmp_path / "README.md"
@@ -20,3 +20,8 @@ def test_a_changed_number_is_caught_and_rewritten(tmp_path, monkeypatch):
   monkeypatch.setattr("sys.argv", ["report.py"])
   assert report.main() == 0 and report.differences() == []
   assert "| **87.4%** |" in page.read_text()
+
+
+def test_the_speed_table_is_the_peers_rows_of_one_invocation_each():
+  table = report.peers_speed_readme()
+  assert "| 73,061 | 5.28 |" in table and "| **17,683** | 17.27 |" in table and "| 13,878 | **14.93** |" in table
