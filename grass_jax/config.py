@@ -458,7 +458,7 @@ def validate(cfg: Config) -> Config:
     raise ConfigError("optim.offload_prefetch: false says when offloaded states are copied; it needs "
                       "optim.offload_optimizer_state: true (or drop it)")
   if cfg.eval.tasks:
-    from grass_jax.evaluate import canonical_task
+    from grass_jax.tasks import canonical_task
     try:
       cfg.eval.tasks = [canonical_task(str(t)) for t in cfg.eval.tasks]
     except ValueError as e:

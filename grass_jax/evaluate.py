@@ -36,32 +36,7 @@ import numpy as np
 from grass_jax.data import Tokenizer, load_records, prompt_text
 from grass_jax.generate import greedy_generate
 from grass_jax.models.decoder import DecoderConfig, Params
-
-COMMONSENSE = {
-    "boolq": r"true|false",
-    "piqa": r"solution1|solution2",
-    "social_i_qa": r"answer1|answer2|answer3",
-    "hellaswag": r"ending1|ending2|ending3|ending4",
-    "winogrande": r"option1|option2",
-    "ARC-Easy": r"answer1|answer2|answer3|answer4|answer5",
-    "ARC-Challenge": r"answer1|answer2|answer3|answer4|answer5",
-    "openbookqa": r"answer1|answer2|answer3|answer4|answer5",
-}
-MATH = ("gsm8k", "AQuA", "mawps", "SVAMP", "AddSub", "SingleEq", "MultiArith")
-TASKS = (*COMMONSENSE, *MATH)
-ALIASES = {"siqa": "social_i_qa", "arc-e": "ARC-Easy", "arc-c": "ARC-Challenge", "obqa": "openbookqa",
-           "aqua": "AQuA", "svamp": "SVAMP", "addsub": "AddSub", "singleeq": "SingleEq", "multiarith": "MultiArith"}
-
-
-def canonical_task(name: str) -> str:
-  """Task name as LLM-Adapters spells it (accepts short aliases, case-insensitive)."""
-  for t in TASKS:
-    if name.lower() == t.lower():
-      return t
-  if name.lower() in ALIASES:
-    return ALIASES[name.lower()]
-  raise ValueError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-
+from grass_jax.tasks import COMMONSENSE, MATH, TASKS, canonical_task  # noqa: F401 -- TASKS: the scripts' list
 
 def extract_answer(task: str, text: str) -> str:
   """The answer the model gave, '' when it gave none."""
