@@ -55,15 +55,15 @@ def main() -> int:
       raise
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Interrupted as e:  # before the catch-all below, which would re-raise it
+    print(e, file=sys.stderr)
+    return 128 + e.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
   except Exception as e:  # noqa: BLE001 -- only an out-of-memory error is turned into one line
     if args.debug or not is_out_of_memory(e):
       raise
     print(f"error: out of device memory ({first_line(e)}). Lower train.batch_size or data.max_length, set "
           "model.remat: full or optim.offload_optimizer_state: true; --debug shows the traceback", file=sys.stderr)
     return 2
-  except Interrupted as e:
-    print(e, file=sys.stderr)
-    return 128 + e.signum  # the shell's convention: 130 for Ctrl-C, 143 for SIGTERM
   print(json.dumps(summary, indent=2))
   for task in cfg.eval.tasks:  # the summary holds eval/<task>_accuracy for each evaluated task
     if f"eval/{task}_accuracy" in summary:

@@ -353,7 +353,7 @@ def test_metrics_after_the_resumed_step_move_aside_and_are_not_lost(tmp_path):
   assert (tmp_path / "metrics_superseded.jsonl").read_text().splitlines() == lines[2:]
 
 
-def test_cli_out_of_memory_is_one_line_naming_the_fixes_and_debug_shows_tracebacks(tmp_path, monkeypatch, capsys):
+def test_cli_out_of_memory_and_signals_are_one_line_and_debug_shows_tracebacks(tmp_path, monkeypatch, capsys):
   from scripts import train as train_script
 
   def oom(*args, **kwargs):
@@ -374,6 +374,15 @@ def test_cli_out_of_memory_is_one_line_naming_the_fixes_and_debug_shows_tracebac
   monkeypatch.setattr(sys, "argv", [*argv, "optim.num_activ=3", "--debug"])
   with pytest.raises(config_lib.ConfigError, match="unknown key optim.num_activ"):
     train_script.main()
+  def interrupted(*args, **kwargs):
+    from grass_jax.train import Interrupted
+    raise Interrupted(15, 7, tmp_path / "run" / "checkpoints")
+  monkeypatch.setattr(train_script, "run", interrupted)  # SIGTERM: one line, exit 128 + 15
+  monkeypatch.setattr(sys, "argv", argv)
+  capsys.readouterr()
+  assert train_script.main() == 143
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("interrupted (SIGTERM) at step 7; saved a checkpoint"), lines
   monkeypatch.setattr(train_script, "run", lambda *a, **k: 1 / 0)  # not a user's error: the traceback stays
   monkeypatch.setattr(sys, "argv", argv)
   with pytest.raises(ZeroDivisionError):
