@@ -15,8 +15,8 @@ follows (every common template does); one that does not is named in the error.
 
 Example::
 
-  >>> fmt = record_format({"messages": [{"role": "user", "content": "Hi"}]})
-  >>> fmt
+  >>> from grass_jax.data import record_format
+  >>> record_format({"messages": [{"role": "user", "content": "Hi"}]})
   'messages'
 """
 
@@ -24,19 +24,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from grass_jax.data import DataError, Example, Tokenizer, encode_example
+from grass_jax.data import (DataError, Example, Tokenizer, encode_example, encode_prompt_response, question_text,
+                            record_format)
 
-FORMATS = ("auto", "alpaca", "messages", "prompt_completion")
 ROLES = ("system", "user", "assistant")
-
-
-def record_format(record: Any) -> str:
-  """The format of one record: 'messages', 'prompt_completion' or 'alpaca' (by its keys)."""
-  if isinstance(record, dict) and "messages" in record:
-    return "messages"
-  if isinstance(record, dict) and "prompt" in record and "completion" in record:
-    return "prompt_completion"
-  return "alpaca"
 
 
 def detect_format(records: list[dict[str, Any]], source: str) -> str:
@@ -107,11 +98,7 @@ def encode_record(record: dict[str, Any], fmt: str, tokenizer: Tokenizer, max_le
     return encode_messages(check_messages(record.get("messages"), where), tokenizer, max_length, where)
   prompt, completion = record.get("prompt"), record.get("completion")
   if isinstance(prompt, str) and isinstance(completion, str):
-    p = tokenizer.encode(prompt)
-    c = tokenizer.encode(completion, add_special_tokens=False)
-    if tokenizer.eos_token_id is not None:
-      c = [*c, tokenizer.eos_token_id]
-    return Example((p + c)[:max_length], ([0] * len(p) + [1] * len(c))[:max_length])
+    return encode_prompt_response(prompt, completion, tokenizer, max_length)
   if isinstance(prompt, list) and isinstance(completion, list):
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
       raise DataError(f"{where}: the completion has no assistant turn, so nothing to learn")
@@ -123,6 +110,5 @@ def encode_record(record: dict[str, Any], fmt: str, tokenizer: Tokenizer, max_le
 
 def prompt_ids(record: dict[str, Any], tokenizer: Tokenizer) -> list[int]:
   """An Alpaca-style test record asked as a user turn, with the template's generation prompt (evaluation)."""
-  text = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
-  rendered = _render(tokenizer, [{"role": "user", "content": text}], generation_prompt=True)
+  rendered = _render(tokenizer, [{"role": "user", "content": question_text(record)}], generation_prompt=True)
   return tokenizer.encode(rendered, add_special_tokens=False)

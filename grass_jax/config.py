@@ -23,6 +23,8 @@ from typing import Any
 
 import yaml
 
+from grass_jax.data import FORMATS
+
 
 class ConfigError(ValueError):
   """A bad configuration key or value; the message names the key."""
@@ -310,7 +312,7 @@ CHOICES = {
     "model.remat": ("full", "dots", "none"),
     "model.attention": ("auto", "einsum", "xla", "cudnn"),
     "data.template": ("alpaca",),
-    "data.format": ("auto", "alpaca", "messages", "prompt_completion"),
+    "data.format": FORMATS,
     "optim.strategy": ("grass", "grass_static", "lisa", "full", "fixed"),
     "optim.probability": ("softmax", "power"),
     "optim.importance": ("grad", "sketch", "gain"),

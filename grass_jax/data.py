@@ -167,7 +167,7 @@ def load_records(source: str, split: str = "train", *, test: bool = False) -> li
     raise DataError(f"{source} holds no records")
   target = "'answer' (or 'output')" if test else "'output'"
   for i, r in enumerate(records):
-    if not test and isinstance(r, dict) and ("messages" in r or ("prompt" in r and "completion" in r)):
+    if not test and record_format(r) != "alpaca":
       continue  # a chat record: grass_jax.chat checks it
     ok = isinstance(r, dict) and isinstance(r.get("instruction"), str) and isinstance(r.get("input") or "", str)
     if ok and test:
@@ -179,6 +179,24 @@ def load_records(source: str, split: str = "train", *, test: bool = False) -> li
       raise DataError(f"{source}: record {i} must be an object with a string 'instruction' and {target} "
                       f"(optional string 'input'); got {str(r)[:120]}")
   return records
+
+
+# data.format's choices; 'auto' reads the format off the records (grass_jax.chat.detect_format)
+FORMATS = ("auto", "alpaca", "messages", "prompt_completion")
+
+
+def record_format(record: Any) -> str:
+  """The format of one record: 'messages', 'prompt_completion' or 'alpaca' (by its keys)."""
+  if isinstance(record, dict) and "messages" in record:
+    return "messages"
+  if isinstance(record, dict) and "prompt" in record and "completion" in record:
+    return "prompt_completion"
+  return "alpaca"
+
+
+def question_text(record: dict[str, Any]) -> str:
+  """A record's instruction and input as one question, without a template."""
+  return record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
 
 
 def prompt_text(record: dict[str, Any]) -> str:
@@ -195,13 +213,16 @@ class Example(NamedTuple):
 
 def encode_example(record: dict[str, Any], tokenizer: Tokenizer, max_length: int) -> Example:
   """Prompt + response + eos; the loss mask covers the response and eos only."""
-  prompt = tokenizer.encode(prompt_text(record))
-  response = tokenizer.encode(record["output"], add_special_tokens=False)
+  return encode_prompt_response(prompt_text(record), record["output"], tokenizer, max_length)
+
+
+def encode_prompt_response(prompt: str, response: str, tokenizer: Tokenizer, max_length: int) -> Example:
+  """``prompt`` (with the tokenizer's special tokens), ``response`` and eos; the loss on the response and eos."""
+  p = tokenizer.encode(prompt)
+  r = tokenizer.encode(response, add_special_tokens=False)
   if tokenizer.eos_token_id is not None:
-    response = [*response, tokenizer.eos_token_id]
-  tokens = (prompt + response)[:max_length]
-  mask = ([0] * len(prompt) + [1] * len(response))[:max_length]
-  return Example(tokens, mask)
+    r = [*r, tokenizer.eos_token_id]
+  return Example((p + r)[:max_length], ([0] * len(p) + [1] * len(r))[:max_length])
 
 
 def default_buckets(max_length: int) -> list[int]:

@@ -33,10 +33,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from grass_jax.data import Tokenizer, load_records, prompt_text
+from grass_jax.data import Tokenizer, load_records, prompt_text, question_text
 from grass_jax.generate import greedy_generate
 from grass_jax.models.decoder import DecoderConfig, Params
-from grass_jax.tasks import COMMONSENSE, MATH, TASKS, canonical_task  # noqa: F401 -- TASKS: the scripts' list
+from grass_jax.tasks import COMMONSENSE, MATH, canonical_task
 
 def extract_answer(task: str, text: str) -> str:
   """The answer the model gave, '' when it gave none."""
@@ -121,7 +121,7 @@ def evaluate(params: Params, config: DecoderConfig, tokenizer: Tokenizer, task: 
     from grass_jax.chat import prompt_ids
     prompts: list = [prompt_ids(r, tokenizer) for r in records]
   elif prompt_format == "plain":
-    prompts = [r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "") for r in records]
+    prompts = [question_text(r) for r in records]
   elif prompt_format == "alpaca":
     prompts = [prompt_text(r) for r in records]
   else:

@@ -232,9 +232,9 @@ class Trainer:
             f"{len(records)} training examples: the rest of each batch is padding; lower train.batch_size",
             file=sys.stderr)
     fmt = chat.detect_format(records, cfg.data.train) if cfg.data.format == "auto" else cfg.data.format
-    if chat.record_format(records[0]) != fmt:
+    if data_lib.record_format(records[0]) != fmt:
       raise data_lib.DataError(f"{cfg.data.train}: data.format is {fmt}, but record 0 is "
-                               f"{chat.record_format(records[0])}; set data.format: auto")
+                               f"{data_lib.record_format(records[0])}; set data.format: auto")
     # evaluation asks in the form the model was trained on
     self.prompt_format = {"alpaca": "alpaca", "messages": "chat"}.get(
         fmt, "chat" if isinstance(records[0].get("prompt"), list) else "plain")

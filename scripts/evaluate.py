@@ -14,7 +14,8 @@ import jax.numpy as jnp
 
 from grass_jax import gguf_checkpoint
 from grass_jax.data import DataError, load_tokenizer
-from grass_jax.evaluate import TASKS, canonical_task, evaluate, load_task_records, write_results
+from grass_jax.evaluate import evaluate, load_task_records, write_results
+from grass_jax.tasks import TASKS, canonical_task
 from grass_jax.pretrained import CheckpointError, load_pretrained
 from grass_jax.xla_flags import use_recommended_flags
 

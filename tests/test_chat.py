@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from grass_jax import chat
-from grass_jax.data import ByteTokenizer, DataError
+from grass_jax.data import ByteTokenizer, DataError, record_format
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -84,11 +84,11 @@ def test_evaluation_asks_in_the_template_with_the_generation_prompt():
 ])
 def test_bad_records_are_named(record, message):
   with pytest.raises(DataError, match=message):
-    chat.encode_record(record, chat.record_format(record), llama3_style_tokenizer(), 64, "data.jsonl: record 7")
+    chat.encode_record(record, record_format(record), llama3_style_tokenizer(), 64, "data.jsonl: record 7")
 
 
 def test_formats_are_detected_and_a_mix_or_a_missing_template_is_refused(tmp_path):
-  assert [chat.record_format(r) for r in ({"instruction": "a", "output": "b"}, {"messages": []},
+  assert [record_format(r) for r in ({"instruction": "a", "output": "b"}, {"messages": []},
                                           {"prompt": "a", "completion": "b"})] == \
       ["alpaca", "messages", "prompt_completion"]
   with pytest.raises(DataError, match=r"d.jsonl: record 1 is alpaca but record 0 is messages"):
