@@ -192,13 +192,13 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
 
 def as_messages(path: Path) -> Path:
   """An Alpaca records file as chat records (user: the instruction and input, assistant: the output), beside it."""
+  from grass_jax.data import question_text
   out = path.with_name(path.stem + "_messages.jsonl")
   if not out.exists():
     lines = []
     for line in path.read_text().splitlines():
       r = json.loads(line)
-      user = r["instruction"] + (f"\n\n{r['input']}" if r.get("input") else "")
-      lines.append(json.dumps({"messages": [{"role": "user", "content": user},
+      lines.append(json.dumps({"messages": [{"role": "user", "content": question_text(r)},
                                             {"role": "assistant", "content": r["output"]}]}))
     out.write_text("\n".join(lines) + "\n")
   return out
