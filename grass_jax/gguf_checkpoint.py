@@ -159,8 +159,7 @@ def hf_config(reader: Any) -> dict[str, Any]:
   head_dim = (_field(reader, a + "attention.key_length", 0)
               or _field(reader, a + "rope.dimension_count", hidden // heads))
   d = {
-      "model_type": model_type, "architectures": [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                                                   "qwen3": "Qwen3ForCausalLM"}[model_type]], "vocab_size": vocab,
+      "model_type": model_type, "architectures": [models.HF_ARCHITECTURES[model_type]], "vocab_size": vocab,
       "hidden_size": hidden, "intermediate_size": int(_field(reader, a + "feed_forward_length")),
       "num_hidden_layers": int(_field(reader, a + "block_count")), "num_attention_heads": heads,
       "num_key_value_heads": int(_field(reader, a + "attention.head_count_kv", heads)),

@@ -300,10 +300,7 @@ def save_pretrained(params: Params, config: DecoderConfig, directory: str | os.P
 
 def _minimal_hf_config(config: DecoderConfig) -> dict[str, Any]:
   """A config.json for a model built without one (e.g. random init in tests/benchmarks)."""
-  arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-          "qwen3": "Qwen3ForCausalLM",
-          "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
-          "gemma3_text": "Gemma3ForCausalLM"}[config.model_type]
+  arch = models.HF_ARCHITECTURES[config.model_type]
   return {"model_type": config.model_type, "architectures": [arch], "vocab_size": config.vocab_size,
           "hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
           "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,

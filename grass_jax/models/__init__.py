@@ -20,6 +20,10 @@ from grass_jax.models.decoder import (Decoder, DecoderConfig, KVCache, forward, 
 LAYERS = stacked_layers("layers")
 
 FAMILIES: dict[str, ModuleType] = {t: llama for t in llama.MODEL_TYPES} | {t: gemma for t in gemma.MODEL_TYPES}
+# The transformers class each model_type loads as (config.json's "architectures").
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                    "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def family(model_type: str) -> ModuleType:
@@ -41,5 +45,5 @@ def hf_names(config: DecoderConfig) -> dict[str, tuple[str, bool]]:
   return family(config.model_type).hf_names(config)
 
 
-__all__ = ["FAMILIES", "LAYERS", "Decoder", "DecoderConfig", "KVCache", "config_from_hf", "family", "forward", "hf_names",
-           "init_cache", "init_params", "logits_from_hidden"]
+__all__ = ["FAMILIES", "HF_ARCHITECTURES", "LAYERS", "Decoder", "DecoderConfig", "KVCache", "config_from_hf", "family",
+           "forward", "hf_names", "init_cache", "init_params", "logits_from_hidden"]
