@@ -26,7 +26,7 @@ PAIRED = "benchmarks/results/accuracy_paired.json"
 PAIRED_METHODS = {
     "lisa": ("LISA (uniform draws, moments reset)", "uniform", "reset"),
     "uniform_kept": ("uniform draws, moments kept", "uniform", "kept"),
-    "grass_sketch": ("GRASS, live importance (the default)", "importance (live)", "kept"),
+    "grass_sketch": ("GRASS, live importance", "importance (live)", "kept"),
     "grass_sketch_reset": ("GRASS, live importance, moments reset", "importance (live)", "reset"),
     "lisa_coverage": ("LISA in cycles (`optim.coverage`)", "uniform, in cycles", "reset"),
     "grass_sketch_coverage": ("GRASS, live importance, in cycles", "importance (live), in cycles", "kept"),
@@ -34,6 +34,10 @@ PAIRED_METHODS = {
     "grass": ("GRASS as the paper specifies it (`importance: grad`)", "importance (paper)", "kept"),
     "grass_static": ("GRASS\\* (static importance)", "importance (probing only)", "kept"),
 }
+
+
+# The GRASS method the README sets beside LISA on every task: grass's own default (`importance: sketch`).
+README_METHOD = "grass_sketch"
 
 
 def _points(x: float) -> str:
@@ -49,27 +53,33 @@ def _paired(result: dict) -> tuple[list[dict], dict, dict]:
   return table, paired, scale
 
 
+def _interval(p: dict) -> str:
+  """'−3.4 [−5.5, −1.3]', bold where the whole interval is on one side of zero."""
+  text = f"{_points(p['mean_difference'])} [{_points(p['ci95'][0])}, {_points(p['ci95'][1])}]"
+  return f"**{text}**" if p["ci95"][0] > 0 or p["ci95"][1] < 0 else text
+
+
 def paired_accuracy_readme(result: dict) -> str:
+  """Per task: LISA, the README's GRASS method, the paired difference; then its mean over the tasks."""
   table, paired, scale = _paired(result)
-  lines = [f"| method | test accuracy (mean of {max(t['seeds'] for t in table)}) | against LISA (points) |",
-           "|---|---|---|"]
-  for t in table:
-    if t["method"] == "pretrained" or t["task"] != scale["tasks"][0]:
-      continue
-    p = paired.get((t["task"], t["method"]))
-    acc = f"{100 * t['accuracy_mean']:.1f}%"
-    diff = "" if p is None else f"{_points(p['mean_difference'])} [{_points(p['ci95'][0])}, {_points(p['ci95'][1])}]"
-    if p is not None and p["ci95"][1] < 0:
-      diff = f"**{diff}**"
-    if t["method"] == "lisa":
-      acc = f"**{acc}**"
-    lines.append(f"| {PAIRED_METHODS[t['method']][0]} | {acc} | {diff} |")
+  method = README_METHOD
+  acc = {(t["task"], t["method"]): t for t in table}
+  tasks = [t for t in scale["tasks"] if (t, "lisa") in acc and (t, method) in acc]
+  lines = [f"| task | LISA | {PAIRED_METHODS[method][0]} | difference, points [95% interval] | seeds |",
+           "|---|---|---|---|---|"]
+  for task in tasks:
+    lisa, other, p = acc[(task, "lisa")], acc[(task, method)], paired[(task, method)]
+    lines.append(f"| {task} | {100 * lisa['accuracy_mean']:.1f}% | {100 * other['accuracy_mean']:.1f}% | "
+                 f"{_interval(p)} | {p['seeds']} |")
+  mean = paired.get(("mean", method))
+  if mean is not None:
+    lines.append(f"| mean of the {len(mean['tasks'])} tasks |  |  | {_interval(mean)} | {mean['seeds']} |")
   return "\n".join(lines)
 
 
 def paired_accuracy_docs(result: dict) -> str:
-  table, paired, _ = _paired(result)
-  lines = ["| task | method | draws | moments at a switch | test accuracy, mean ± sample std | seeds | against LISA, "
+  table, paired, scale = _paired(result)
+  lines = ["| task | method | draws | moments at a switch | test accuracy %, mean ± sample std | seeds | against LISA, "
            "paired (points) | 95% interval | training-loss gap |", "|---|---|---|---|---|---|---|---|---|"]
   for t in table:
     if t["method"] == "pretrained":
@@ -78,9 +88,15 @@ def paired_accuracy_docs(result: dict) -> str:
     p = paired.get((t["task"], t["method"]))
     cells = ["", "", ""] if p is None else [
         _points(p["mean_difference"]), f"[{_points(p['ci95'][0])}, {_points(p['ci95'][1])}]",
-        f"{p['tail_loss_difference']:+.5f}"]
-    lines.append(f"| {t['task']} | `{t['method']}` | {draws} | {moments} | {t['accuracy_mean']:.3f} ± "
-                 f"{t['accuracy_std']:.3f} | {t['seeds']} | {' | '.join(cells)} |")
+        f"{p['tail_loss_difference']:+.5f}".replace("-", "−")]
+    lines.append(f"| {t['task']} | `{t['method']}` | {draws} | {moments} | {100 * t['accuracy_mean']:.1f} ± "
+                 f"{100 * t['accuracy_std']:.1f} | {t['seeds']} | {' | '.join(cells)} |")
+  for method in scale["methods"]:
+    p = paired.get(("mean", method))
+    if p is not None:
+      _, draws, moments = PAIRED_METHODS[method]
+      lines.append(f"| mean of {', '.join(p['tasks'])} | `{method}` | {draws} | {moments} |  | {p['seeds']} | "
+                   f"{_points(p['mean_difference'])} | [{_points(p['ci95'][0])}, {_points(p['ci95'][1])}] |  |")
   return "\n".join(lines)
 
 

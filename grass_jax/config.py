@@ -111,9 +111,11 @@ class DataConfig:
 class OptimConfig:
   """optim: optimizer and layer sampling.
 
-  strategy: 'grass' (adaptive importance sampling), 'grass_static' (GRASS*:
-    importance from probing only), 'lisa' (uniform, moments reset), 'full', or
-    'fixed' (the layers in fixed_layers, all run long: an oracle baseline).
+  strategy: 'lisa' (uniform draws, moments reset; the default, because no
+    importance sampler beat it in the paired study of docs/accuracy.md),
+    'grass' (adaptive importance sampling), 'grass_static' (GRASS*: importance
+    from probing only), 'full', or 'fixed' (the layers in fixed_layers, all
+    run long: an oracle baseline).
   fixed_layers: with strategy 'fixed', the num_active layer indices that train.
   num_active: gamma, layers trained at a time.
   period: K, steps between layer switches.
@@ -127,16 +129,13 @@ class OptimConfig:
   refresh_every: T_u, steps between MGN refreshes (null: period).
   mgn_ema: alpha, weight of a layer's previous MGN at a refresh (null: running mean).
   importance: how strategy 'grass' measures importance: 'sketch' (live
-    importance, the default: every layer at every step, frozen ones by random
-    projections of their weight gradient) or 'grad' (the paper's: the trained
-    layers, and all of them while probing). On SmolLM2-135M, sketch had the best
-    mean accuracy of every sampler on both tasks of docs/accuracy.md and grad
-    the worst against LISA. Sketch costs tokens/s: 0.93x on TinyLlama, 0.80x on
-    Llama-2-7B with frozen embeddings, mostly because it draws layer 0 there
-    and the backward pass cannot stop early (docs/performance.md).
-    'gain': the loss decrease each period realised, credited to the layers
-    trained in it (a bandit over layers, grass_jax.gain; it costs nothing:
-    the loss is computed anyway). Not yet accuracy-tested.
+    importance, grass's default: every layer at every step, frozen ones by
+    random projections of their weight gradient; it costs tokens/s because the
+    backward pass cannot stop at the lowest trained layer), 'grad' (the
+    paper's: the trained layers, and all of them while probing) or 'gain' (the
+    loss decrease each period realised, credited to the layers trained in it:
+    a bandit over layers, grass_jax.gain, free because the loss is computed
+    anyway). docs/accuracy.md measures each against LISA.
     grass_static always takes its importance from probing.
   sketch_size: k, random projections per linear map for importance 'sketch'.
   sketch_every: with importance 'sketch', sketch the frozen layers on every
@@ -177,7 +176,7 @@ class OptimConfig:
   b1, b2, eps: Adam hyper-parameters.
   """
 
-  strategy: str = "grass"
+  strategy: str = "lisa"
   num_active: int = 2
   fixed_layers: list | None = None
   period: int = 20

@@ -171,3 +171,18 @@ def test_paired_differences_against_lisa_by_seed_with_a_t_interval():
   assert abs(out["a"]["tail_loss_difference"] - 0.5) < 1e-12
   # over the tasks: each seed's mean difference (0.005, 0.015, 0.025)
   assert abs(out["mean"]["mean_difference"] - 0.015) < 1e-12 and out["mean"]["seeds"] == 3
+
+
+def test_the_mean_over_tasks_covers_the_tasks_a_method_ran_on_the_seeds_that_ran_them_all():
+  from benchmarks.accuracy.study import paired_vs
+  scale = {"tasks": ["a", "b", "c"], "methods": ["lisa", "x", "y"], "lrs": {m: [1e-3] for m in ("lisa", "x", "y")}}
+  rows = [{"task": t, "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": 0.5} for t in "abc" for s in range(3)]
+  rows += [{"task": t, "method": "x", "seed": s, "lr": 1e-3, "accuracy": 0.5 + d}
+           for t, d in (("a", 0.1), ("b", 0.3)) for s in range(3)]
+  rows += [{"task": "a", "method": "x", "seed": 3, "lr": 1e-3, "accuracy": 0.0}]  # no LISA pair: left out
+  rows += [{"task": "b", "method": "y", "seed": s, "lr": 1e-3, "accuracy": 0.6} for s in range(3)]
+  rows = [dict(r, tail_loss=1.0) for r in rows]
+  out = {(p["task"], p["method"]): p for p in paired_vs(rows, scale)}
+  mean = out[("mean", "x")]  # x never ran c: its mean is over a and b, not missing
+  assert mean["tasks"] == ["a", "b"] and mean["seeds"] == 3 and abs(mean["mean_difference"] - 0.2) < 1e-12
+  assert ("mean", "y") not in out  # one task is no mean

@@ -386,6 +386,9 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
   return table
 
 
+HAND_WRITTEN_KEYS = ("provenance", "repeat")
+
+
 def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[dict]:
   """Each method against ``reference`` on the seeds both ran (same seed: same data order and layer noise).
 
@@ -410,6 +413,7 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
     if method == reference:
       continue
     by_seed: dict[int, list[float]] = {}
+    tasks_run = []
     for task in scale["tasks"]:
       lr_m, lr_r = chosen_lr(rows, task, method, scale), chosen_lr(rows, task, reference, scale)
       ref = {r["seed"]: r for r in rows if r["task"] == task and r["method"] == reference and r["lr"] == lr_r
@@ -423,11 +427,13 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
       loss = [a["tail_loss"] - b["tail_loss"] for a, b in pairs if a.get("tail_loss") is not None
               and b.get("tail_loss") is not None]
       out.append(summary(task, method, diffs, loss))
+      tasks_run.append(task)
       for (a, _), x in zip(pairs, diffs):
         by_seed.setdefault(a["seed"], []).append(x)
-    complete = [np.mean(v) for v in by_seed.values() if len(v) == len(scale["tasks"])]
-    if len(scale["tasks"]) > 1 and complete:
-      out.append(summary("mean", method, complete, []))
+    # Over the tasks this method ran, on the seeds that ran all of them.
+    complete = [np.mean(v) for v in by_seed.values() if len(v) == len(tasks_run)]
+    if len(tasks_run) > 1 and complete:
+      out.append({**summary("mean", method, complete, []), "tasks": tasks_run})
   return out
 
 
@@ -494,7 +500,9 @@ def report(args, scale: dict, work: Path) -> None:
           f"Spearman(MGN, accuracy) {o['spearman']:.2f}, LISA {o['lisa_accuracy']}")
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(json.dumps({"scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
+  # What a person wrote into the file (how the rows were made, repeats run elsewhere) outlives a new report.
+  kept = {k: v for k, v in (json.loads(out.read_text()) if out.exists() else {}).items() if k in HAND_WRITTEN_KEYS}
+  out.write_text(json.dumps({**kept, "scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
                              "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]},
                              "rows": rows, "table": table, **({"paired": paired} if paired else {}),
                              **({"oracle": oracle} if oracle else {})}, indent=2))
