@@ -8,6 +8,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 _OWNER = False
 if not os.environ.get("GRASS_TEST_NO_CACHE") and "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   # Set before jax is imported; xdist workers and subprocesses inherit it, so all share one directory.
@@ -26,8 +28,16 @@ if "xla_llvm_disable_expensive_passes" not in os.environ.get("XLA_FLAGS", ""):
 # CPU's older loop emitters instead of its fusion emitters), test_train_step.py's 579 compilations take 14 s
 # (65 s at level 0 alone, measured 2026-12-04). The code runs about twice as slowly, which costs only the tests
 # that train for long: the README's demo runs in a process of its own without these flags (test_quick_start.py).
-# A flag you set yourself wins; a jaxlib that does not know one (XLA aborts on unknown flags) runs without them.
+# A flag you set yourself wins; GRASS_TEST_FAST_COMPILE=0 runs without them.
 FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
+# Tests marked `default_flags` compare numbers to the last bits, and must hold in the compile mode a user's run
+# has: the main session skips them and tests/test_default_flags.py runs them all in one process at XLA's
+# default flags, which is this variable set (set it yourself to run one of them alone).
+DEFAULT_FLAGS_SESSION = os.environ.get("GRASS_TEST_DEFAULT_FLAGS") == "1"
+
+
+def without_fast_compile_flags(flags: str) -> str:
+  return " ".join(f for f in flags.split() if f not in FAST_COMPILE_FLAGS)
 
 
 def _add_fast_compile_flags() -> None:
@@ -39,12 +49,19 @@ def _add_fast_compile_flags() -> None:
     return
   flags = " ".join([mine, *extra]).strip()
   probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.ones(2).block_until_ready()"],
-                         env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), capture_output=True)
-  if probe.returncode == 0:
-    os.environ["XLA_FLAGS"] = flags
+                         env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=300)
+  if probe.returncode != 0:  # a silent drop would test another compile mode than the one the suite claims
+    raise RuntimeError(f"this jaxlib rejects the test suite's compile flags {' '.join(extra)} "
+                       f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'no message'}); "
+                       "run the tests with GRASS_TEST_FAST_COMPILE=0, or update FAST_COMPILE_FLAGS in tests/conftest.py")
+  os.environ["XLA_FLAGS"] = flags
 
 
-_add_fast_compile_flags()
+if DEFAULT_FLAGS_SESSION:
+  os.environ["XLA_FLAGS"] = without_fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
+elif os.environ.get("GRASS_TEST_FAST_COMPILE", "1") != "0":
+  _add_fast_compile_flags()
 
 
 def pytest_unconfigure(config):
@@ -54,10 +71,21 @@ def pytest_unconfigure(config):
 
 # The longest files first (measured 2026-12-03, seconds on 2 cores): xdist hands out work in collection
 # order, and a long file collected last leaves one worker running alone at the end.
-_LONGEST_FIRST = ["test_quick_start.py", "test_smollm2.py", "test_importance_measurement.py", "test_sharding.py",
+_LONGEST_FIRST = ["test_default_flags.py", "test_quick_start.py", "test_smollm2.py", "test_importance_measurement.py", "test_sharding.py",
                   "test_accuracy_study.py", "test_crash.py", "test_bucketed_stack.py", "test_resume.py"]
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "default_flags: compares numbers to the last bits; runs at XLA's default "
+                                     "flags only (tests/test_default_flags.py)")
 
 
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+  if not DEFAULT_FLAGS_SESSION and "xla_backend_optimization_level=0" in os.environ.get("XLA_FLAGS", ""):
+    skip = pytest.mark.skip(reason="checked at XLA's default flags by tests/test_default_flags.py "
+                                   "(GRASS_TEST_DEFAULT_FLAGS=1 runs it alone)")
+    for item in items:
+      if item.get_closest_marker("default_flags"):
+        item.add_marker(skip)

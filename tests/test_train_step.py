@@ -79,6 +79,7 @@ def test_kept_residuals_never_copy_the_weights(remat):
   assert full[1][4] == []
 
 
+@pytest.mark.default_flags
 def test_train_step_matches_full_form_and_never_recompiles():
   params = models.init_params(CFG, jax.random.PRNGKey(1))
   # No clipping here: in slot form clipping sees only the trained layers, by design.
@@ -253,6 +254,7 @@ def test_unrolled_forward_equals_the_scan(monkeypatch):
     make_train_step(CFG, tx, remat="dots", unroll_forward=True)
 
 
+@pytest.mark.default_flags
 def test_train_step_with_frozen_embeddings_matches_full_gradients():
   # always_on=False: only the layers are differentiated; the update equals the one computed from
   # every leaf's gradient, and the non-layer leaves do not move.

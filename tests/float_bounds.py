@@ -1,0 +1,34 @@
+"""How far apart two compiled programs of the same float32 arithmetic may end, derived, not measured.
+
+XLA may fuse, reorder or contract (a*b+c as one FMA) the same formula differently in two programs, so their
+results may differ in the last bits. Each rounding errs by at most half an ulp, a relative ``U = 2**-24`` in
+float32; the bounds below count the roundings a result passes through.
+"""
+
+import numpy as np
+
+U = 2.0 ** -24
+# An Adam(W) step: m and v (2 + 3 roundings), the two bias corrections (2), sqrt, + eps, the division, the
+# learning rate and the weight decay (5), and the clipping scale when chained after clip_by_global_norm (1).
+ADAM_ROUNDINGS = 13
+# |m_hat / (sqrt(v_hat) + eps)| <= (1 - b1) / sqrt(1 - b2) * (1 / (1 - b1^t)) * sqrt(1 - b2^t): at most ~3.2 for
+# optax's defaults (b1 0.9, b2 0.999) in the first steps, and below 1 later; 4 covers every step.
+ADAM_MAX_RATIO = 4.0
+
+
+def assert_adam_runs_agree(a, b, *, steps: int, lr: float) -> None:
+  """Weights after ``steps`` Adam(W) updates, given the same gradients, computed by two programs.
+
+  Every step's update (about ``lr`` in size) may differ by ADAM_ROUNDINGS relative roundings, and adding it to
+  the weight rounds once more (half an ulp of the weight). A wrong update (a missing mask, a stale or reset
+  moment, another formula) moves a weight by about ``lr``: 10^5 times more.
+  """
+  np.testing.assert_allclose(a, b, rtol=steps * U, atol=steps * ADAM_ROUNDINGS * U * lr * ADAM_MAX_RATIO)
+
+
+def assert_moments_agree(a, b, *, steps: int) -> None:
+  """Adam moments after ``steps`` updates computed by two programs: each step's few roundings (relative to the
+  moment's largest entry, since a sum of terms of either sign can cancel to near 0)."""
+  a, b = np.asarray(a), np.asarray(b)
+  scale = float(np.abs(b).max()) if b.size else 0.0
+  np.testing.assert_allclose(a, b, rtol=0, atol=steps * ADAM_ROUNDINGS * U * scale)
