@@ -1,8 +1,9 @@
 """Helper for tests/test_crash.py: a training run that can SIGKILL itself while a checkpoint is written.
 
   python tests/crash_run.py OUT_DIR KILL_AT_SAVE [override ...]
-KILL_AT_SAVE = n > 0: the n-th checkpoint save starts (orbax writes in the background), then the
-process kills itself with SIGKILL before the write is finalised. 0: never. With SIGNAL_AT_STEP=n:NAME in
+KILL_AT_SAVE = n > 0: the n-th checkpoint save is written (orbax writes in the background into a temporary
+directory), and the process kills itself with SIGKILL at the moment orbax would commit it (the rename of the
+temporary directory to the step's name): always mid-write, never just after. 0: never. With SIGNAL_AT_STEP=n:NAME in
 the environment (e.g. 7:SIGINT) the process sends itself that signal once step n is dispatched, and runs
 as scripts/train.py does (its exit code and message).
 """
@@ -22,16 +23,23 @@ from grass_jax.train import run  # noqa: E402
 def main() -> None:
   out, kill_at, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
   original = checkpoints.Checkpointer.save
-  calls = []
+  calls, target = [], []
+  real_rename = os.rename
+
+  def rename(src, dst, *args, **kwargs):
+    # orbax commits a checkpoint by renaming its temporary directory to the step's name
+    if target and Path(dst).name == str(target[0]) and Path(src).name != str(target[0]):
+      print(f"KILLING step={target[0]} before its commit, unfinished={Path(src).name}", flush=True)
+      os.kill(os.getpid(), signal.SIGKILL)
+    return real_rename(src, dst, *args, **kwargs)
 
   def save(self, step, **kw):
     calls.append(step)
-    original(self, step, **kw)
     if len(calls) == kill_at:
-      pending = [p.name for p in self.directory.iterdir() if "tmp" in p.name]
-      print(f"KILLING step={step} unfinished={pending}", flush=True)
-      os.kill(os.getpid(), signal.SIGKILL)
+      target.append(step)
+    original(self, step, **kw)
 
+  os.rename = rename
   checkpoints.Checkpointer.save = save
   if os.environ.get("SIGNAL_AT_STEP"):
     at, name = os.environ["SIGNAL_AT_STEP"].split(":")

@@ -71,10 +71,12 @@ def test_kill_while_a_checkpoint_is_written(tmp_path, straight):
   proc = subprocess.run([sys.executable, str(ROOT / "tests" / "crash_run.py"), str(out), "3", *_overrides(steps, every)],
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == -9, proc.stderr[-3000:]
-  assert "KILLING step=6" in proc.stdout
+  # Killed when orbax was about to commit step 6: its files are written, the commit is not.
+  assert "KILLING step=6 before its commit" in proc.stdout, proc.stdout[-2000:]
   ckpt = Checkpointer(out / "checkpoints")
-  # Step 6 was cut off mid-write (or, rarely, finished just in time); step 4 is complete either way.
-  assert ckpt.latest_step() in (4, 6) and 4 in ckpt.manager.all_steps()
+  assert ckpt.latest_step() == 4 and 6 not in ckpt.manager.all_steps()
+  assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("6") and p.name != "6"], \
+      "no unfinished write of step 6 left behind: the kill did not land mid-write"
   ckpt.close()
   _resume_and_check(out, straight, steps)
 
@@ -85,14 +87,20 @@ def test_kill_at_a_random_moment(tmp_path, seed, straight):
   out = tmp_path / "killed"
   proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "crash_run.py"), str(out), "0", *_overrides(steps, every)],
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  # The kill lands after a random step, measured by the run's own progress (not a fixed sleep, which a fast
+  # host outruns), at a random moment of the next step or of its checkpoint's write.
+  rng = random.Random(seed)
+  after = rng.randint(2, STEPS - 4)
   deadline = time.time() + 300
-  while not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir()):
-    assert proc.poll() is None and time.time() < deadline, "the training run ended before its first checkpoint"
-    time.sleep(0.05)
-  time.sleep(random.Random(seed).uniform(0.0, 1.5))
+  metrics = out / "metrics.jsonl"
+  while not metrics.exists() or len(metrics.read_text().splitlines()) < after:
+    assert proc.poll() is None and time.time() < deadline, "the training run ended before the kill"
+    time.sleep(0.01)
+  time.sleep(rng.uniform(0.0, 0.05))
   proc.kill()
-  assert proc.wait() == -9, "the run finished before the kill: nothing was tested"
-  # The kill may even land in the first checkpoint's write: then the resume starts from step 0.
+  assert proc.wait(timeout=60) == -9, "the run finished before the kill: nothing was tested"
+  assert len(metrics.read_text().splitlines()) < STEPS, "the run trained every step before the kill"
+  # The kill may land in a checkpoint's write: then the resume starts from the one before.
   _resume_and_check(out, straight, steps)
 
 
