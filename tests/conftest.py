@@ -64,6 +64,19 @@ elif os.environ.get("GRASS_TEST_FAST_COMPILE", "1") != "0":
   _add_fast_compile_flags()
 
 
+@pytest.fixture(autouse=True)
+def _no_cache_means_none_between_tests():
+  """With GRASS_TEST_NO_CACHE=1, a training run's own cache (<output_dir>/compilation_cache, which the trainer
+  sets process-wide) ends with its test, so later tests still compile everything."""
+  yield
+  if os.environ.get("GRASS_TEST_NO_CACHE"):
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    if jax.config.jax_compilation_cache_dir:
+      jax.config.update("jax_compilation_cache_dir", None)
+      compilation_cache.reset_cache()
+
+
 def pytest_unconfigure(config):
   if _OWNER:  # the process that made the directory (the xdist controller) removes it last
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

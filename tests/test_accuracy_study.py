@@ -37,7 +37,7 @@ def test_tiny_study_runs_end_to_end(tmp_path):
   out = tmp_path / "acc.json"
   proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "accuracy" / "study.py"), "--scale", "tiny",
                          "--work", str(tmp_path / "work"), "--out", str(out), "--parallel", "0"],
-                        capture_output=True, text=True, cwd=ROOT)
+                        capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
   table = result["table"]

@@ -80,7 +80,7 @@ def test_evaluate_script_writes_predictions_and_summary(tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "model"),
                          "--task", "gsm8k", "--data", str(data), "--tokenizer", "bytes", "--max-new-tokens", "4",
                          "--dtype", "float32", "--out", str(tmp_path / "eval")],
-                        capture_output=True, text=True, cwd=ROOT)
+                        capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((tmp_path / "eval" / "gsm8k_summary.json").read_text())
   rows = [json.loads(l) for l in (tmp_path / "eval" / "gsm8k_predictions.jsonl").read_text().splitlines()]
@@ -91,7 +91,7 @@ def test_evaluate_script_writes_predictions_and_summary(tmp_path):
   assert summary["examples"] == 5 and summary["accuracy"] == sum(r["correct"] for r in rows) / 5
   bad = subprocess.run([sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(tmp_path / "nope"),
                         "--task", "gsm8k"], capture_output=True, text=True, cwd=ROOT, env={"HF_HUB_OFFLINE": "1",
-                        "PATH": "/usr/bin:/bin"})
+                        "PATH": "/usr/bin:/bin"}, timeout=600)
   assert bad.returncode == 2 and "error:" in bad.stderr
 
 

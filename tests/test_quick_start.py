@@ -18,7 +18,8 @@ def _run_script(script: str, *args: str) -> str:
   # long compiled the way the rest of the suite is (tests/conftest.py).
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in FAST_COMPILE_FLAGS]
   env = dict(os.environ, XLA_FLAGS=" ".join(flags))
-  p = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True)
+  p = subprocess.run([sys.executable, f"scripts/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                     timeout=600)
   assert p.returncode == 0, p.stderr[-3000:]
   return p.stdout
 

@@ -44,6 +44,9 @@ def smol():
     ASKED.append((str(Path(path).resolve()), mode))
     return real(path, mode)
 
+  # A cold start whatever ran before in this process: the count below is of this fixture's own parses.
+  gguf_checkpoint._open_reader.cache_clear()
+  gguf_checkpoint._load_tokenizer.cache_clear()
   with pytest.MonkeyPatch.context() as mp:
     mp.setattr(gguf, "GGUFReader", counted_reader)
     params, config = grass_jax.load_pretrained(SPEC)

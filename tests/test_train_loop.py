@@ -175,7 +175,7 @@ def test_batches_mask_prompt_and_are_deterministic_and_resumable():
 
 def test_cli_reports_config_errors(tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(DEMO),
-                         "optim.num_activ=3"], capture_output=True, text=True, cwd=ROOT)
+                         "optim.num_activ=3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
   assert proc.returncode == 2
   assert "config error: unknown key optim.num_activ" in proc.stderr
 
