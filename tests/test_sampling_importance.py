@@ -165,3 +165,28 @@ def test_coverage_trains_every_layer_once_per_cycle(num_layers, gamma):
         owed -= set(d.tolist())
       assert (turns - before).min() >= 1 and (turns - before).max() <= 2, (strategy, turns - before)
       assert turns.max() - turns.min() <= 1 + (num_layers % gamma != 0), (strategy, turns)
+
+
+def test_softmax_rule_exact_values_by_hand():
+  # The paper's rule, computed here in float64 from its formula: p = (1 - eps) softmax(m / (mean(m) T)) + eps / L,
+  # an unmeasured layer taking the mean of the measured ones. float32 softmax: exp, a sum and a division, each
+  # within a few ulps (U = 2^-24): 16 U relative covers them.
+  import math
+  from grass_jax.sampling import layer_probabilities
+  U = 2.0 ** -24
+  imp, counts = jnp.array([2.0, 0.0, 4.0, 6.0]), jnp.array([1, 0, 1, 1])
+  filled = [2.0, 4.0, 4.0, 6.0]  # layer 1 unmeasured: the mean of 2, 4 and 6
+  for temperature, eps in ((0.5, 0.1), (1.0, 0.0), (2.0, 0.3)):
+    logits = [m / (sum(filled) / 4) / temperature for m in filled]
+    z = sum(math.exp(x) for x in logits)
+    want = [(1 - eps) * math.exp(x) / z + eps / 4 for x in logits]
+    got = layer_probabilities("softmax", imp, counts, temperature=temperature, epsilon=eps)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=16 * U, atol=0)
+  # The same by the power rule: p ~ m ** (1 / T).
+  got = layer_probabilities("power", imp, counts, temperature=0.5, epsilon=0.1)
+  w = [m ** 2 for m in filled]
+  np.testing.assert_allclose(np.asarray(got, np.float64), [0.9 * x / sum(w) + 0.1 / 4 for x in w], rtol=16 * U)
+  # Before any measurement both rules are uniform.
+  for rule in ("softmax", "power"):
+    np.testing.assert_array_equal(layer_probabilities(rule, jnp.zeros(4), jnp.zeros(4, jnp.int32), temperature=0.5,
+                                                      epsilon=0.1), 0.25)
