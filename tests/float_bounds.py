@@ -32,3 +32,26 @@ def assert_moments_agree(a, b, *, steps: int) -> None:
   a, b = np.asarray(a), np.asarray(b)
   scale = float(np.abs(b).max()) if b.size else 0.0
   np.testing.assert_allclose(a, b, rtol=0, atol=steps * ADAM_ROUNDINGS * U * scale)
+
+
+def summed_gradient_error(grads, terms: int) -> float:
+  """How far a gradient entry may move when another program sums its ``terms`` contributions in another order.
+
+  Each partial sum rounds once: at most ``terms * U`` relative to the entry, for sums without heavy
+  cancellation (the same reading as tests/test_importance_measurement.py); in absolute terms at most
+  ``terms * U`` times the largest entry of ``grads``.
+  """
+  import jax
+  return terms * U * max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(grads))
+
+
+def adam_atol_for_gradient_error(*, steps: int, lr: float, eps: float, grad_error: float) -> float:
+  """Largest weight difference after ``steps`` Adam(W) updates whose gradients differ by ``grad_error``.
+
+  The bias-corrected moments are weighted means of the gradients, so they move by at most ``grad_error``
+  (and sqrt(v) by at most ``grad_error``); the update lr * m / (sqrt(v) + eps) then moves by at most
+  lr * grad_error * (1 + ADAM_MAX_RATIO) / eps. Adam's own eps makes this finite: at optax's default 1e-8 a
+  near-zero gradient's rounding noise can become a whole step of ~lr, so tests that compare two programs
+  through Adam give it an eps that sets the scale.
+  """
+  return steps * lr * grad_error * (1 + ADAM_MAX_RATIO) / eps
