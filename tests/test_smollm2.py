@@ -151,3 +151,17 @@ def test_chat_records_in_smollm2s_own_template_learn_the_assistant_turns_only(sm
   for i in starts:  # what comes before each learned turn is the template's generation prompt
     assert ex.tokens[i - 4:i] == ids(["<|im_start|>", "ass", "istant", "Ċ"])
   assert tokenizer.decode(ex.tokens) == tokenizer.apply_chat_template(messages, tokenize=False)
+
+
+def test_tokenization_gives_the_ids_written_here_and_the_files_own_vocabulary_spells_them(smol):
+  # Token ids written in the test, not computed by any tokenizer: the file's vocabulary (its GGUF metadata,
+  # read by gguf, not by transformers) must spell each prompt from them. 'Ġ' is byte-level BPE's space.
+  _, _, tokenizer, _ = smol
+  want = {"The capital of France is": [504, 3575, 282, 4649, 314],
+          "12 + 30 =": [33, 34, 1232, 216, 35, 32, 446]}  # digits one at a time, as SmolLM2 splits them
+  reader = gguf_checkpoint.open_reader(FILE)
+  field = reader.fields["tokenizer.ggml.tokens"]
+  vocab = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+  for text, ids in want.items():
+    assert tokenizer.encode(text) == ids, (text, tokenizer.encode(text))
+    assert "".join(vocab[i] for i in ids).replace("Ġ", " ") == text
