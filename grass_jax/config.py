@@ -30,6 +30,16 @@ class ConfigError(ValueError):
   """A bad configuration key or value; the message names the key."""
 
 
+def _shown(value: Any, limit: int = 60) -> str:
+  """A user's value inside a one-line message: repr (newlines escaped), cut to ``limit`` characters."""
+  text = repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _key_name(key: Any) -> str:
+  return key if isinstance(key, str) and key.isidentifier() else _shown(key, 30)
+
+
 @dataclasses.dataclass
 class ModelConfig:
   """model: which network to fine-tune.
@@ -338,21 +348,21 @@ def _check_type(key: str, value: Any, annotation: Any) -> Any:
       except ValueError:
         continue
       if not math.isfinite(number):
-        raise ConfigError(f"{key} must be a finite number; got {value!r}")
+        raise ConfigError(f"{key} must be a finite number; got {_shown(value)}")
       return number
     if t is int and isinstance(value, int) and not isinstance(value, bool):
       return value
     if t in (str, bool, dict, list) and isinstance(value, t):
       return value
   names = " or ".join("null" if t is type(None) else t.__name__ for t in options)
-  raise ConfigError(f"{key} must be {names}; got {value!r} ({type(value).__name__})")
+  raise ConfigError(f"{key} must be {names}; got {_shown(value)} ({type(value).__name__})")
 
 
 def _section(cls: type, data: dict, prefix: str) -> Any:
   if not isinstance(data, dict):
-    raise ConfigError(f"{prefix} must be a mapping of keys to values; got {data!r}")
+    raise ConfigError(f"{prefix} must be a mapping of keys to values; got {_shown(data)}")
   fields = {f.name: f for f in dataclasses.fields(cls)}
-  unknown = sorted(str(k) for k in set(data) - set(fields))
+  unknown = sorted(_key_name(k) for k in set(data) - set(fields))
   if unknown:
     raise ConfigError(f"unknown key{'s' if len(unknown) > 1 else ''} "
                       f"{', '.join(prefix + '.' + k for k in unknown)}; valid keys in {prefix}: {', '.join(fields)}")
@@ -384,7 +394,7 @@ def validate(cfg: Config) -> Config:
     section, name = key.split(".")
     value = getattr(getattr(cfg, section), name)
     if value not in allowed:
-      raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
+      raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {_shown(value)}")
   m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
   if cfg.mesh.fsdp < 1 or (cfg.mesh.data is not None and cfg.mesh.data < 1):
     raise ConfigError(f"mesh.data and mesh.fsdp must be >= 1 (mesh.data may be null: all devices); "
@@ -436,7 +446,7 @@ def validate(cfg: Config) -> Config:
     if (len(layers) != o.num_active or len(set(layers)) != len(layers)
         or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers)):
       raise ConfigError(f"optim.strategy fixed trains optim.fixed_layers: give optim.num_active={o.num_active} "
-                        f"distinct layer indices >= 0, e.g. optim.fixed_layers=[12,13]; got {o.fixed_layers!r}")
+                        f"distinct layer indices >= 0, e.g. optim.fixed_layers=[12,13]; got {_shown(o.fixed_layers)}")
   elif o.fixed_layers is not None:
     raise ConfigError(f"optim.fixed_layers is for optim.strategy fixed (this run: {o.strategy}); remove it")
   if o.importance_from_gain() and (o.probing_steps() or o.period < 2 or o.refresh_every not in (None, o.period)):
@@ -485,13 +495,24 @@ def _require_mapping(data: Any, where: str) -> None:
 def from_dict(data: dict) -> Config:
   _require_mapping(data, "a config")
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
-  unknown = sorted(str(k) for k in set(data) - set(sections))
+  unknown = sorted(_key_name(k) for k in set(data) - set(sections))
   if unknown:
     raise ConfigError(f"unknown section{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                       f"valid sections: {', '.join(sections)}")
   classes = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig,
              "eval": EvalConfig, "mesh": MeshConfig}
   return validate(Config(**{k: _section(classes[k], data.get(k) or {}, k) for k in classes}))
+
+
+def _yaml_where(e: Exception) -> str:
+  mark = getattr(e, "problem_mark", None)
+  return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+def _yaml_problem(e: Exception) -> str:
+  """The parser's reason on one line (its own message quotes the text around the error over several)."""
+  problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+  return " ".join(str(problem).split())
 
 
 def load(path: str | Path, overrides: list[str] = ()) -> Config:
@@ -502,7 +523,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
   try:
     data = yaml.safe_load(path.read_text()) or {}
   except (yaml.YAMLError, UnicodeDecodeError) as e:
-    raise ConfigError(f"{path} is not valid YAML: {e}") from e
+    raise ConfigError(f"{path}{_yaml_where(e)} is not valid YAML: {_yaml_problem(e)}") from e
   _require_mapping(data, str(path))  # before the overrides are merged into it
   return from_dict(_merge_overrides(data, overrides))
 
@@ -511,16 +532,16 @@ def _merge_overrides(data: dict, overrides: list[str]) -> dict:
   data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
   for item in overrides:
     if "=" not in item:
-      raise ConfigError(f"override {item!r} must look like section.key=value")
+      raise ConfigError(f"override {_shown(item)} must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2:
-      raise ConfigError(f"override key {key!r} must be section.key (e.g. optim.num_active)")
+      raise ConfigError(f"override key {_shown(key)} must be section.key (e.g. optim.num_active)")
     section, name = parts
     try:
       value = yaml.safe_load(raw)
     except yaml.YAMLError as e:
-      raise ConfigError(f"override {item!r}: cannot parse value: {e}") from e
+      raise ConfigError(f"override {_shown(item)}: cannot parse value: {_yaml_problem(e)}") from e
     data.setdefault(section, {})
     if not isinstance(data[section], dict):
       data[section] = {}

@@ -241,10 +241,15 @@ class Trainer:
     if self.prompt_format == "chat":
       chat.require_chat_template(self.tokenizer, cfg.data.train)
     tok, n = self.tokenizer, cfg.data.max_length
-    return data_lib.build_dataset(
-        records, tok, max_length=n, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-        buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed, packing=cfg.data.packing,
-        encode=lambda i, r: chat.encode_record(r, fmt, tok, n, f"{cfg.data.train}: record {i}"))
+    try:
+      return data_lib.build_dataset(
+          records, tok, max_length=n, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+          buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed, packing=cfg.data.packing,
+          encode=lambda i, r: chat.encode_record(r, fmt, tok, n, f"{cfg.data.train}: record {i}"))
+    except data_lib.DataError as e:  # a message about the whole set names the file too
+      if str(cfg.data.train) in str(e):
+        raise
+      raise data_lib.DataError(f"{cfg.data.train}: {e}") from e
 
   def _attention(self) -> str:
     """model.attention, with cuDNN's fused attention replaced by XLA's in a deterministic GPU run."""

@@ -28,6 +28,15 @@ KEYS = {s: [f.name for f in __import__("dataclasses").fields(c)] for s, c in
 real_key = st.sampled_from(sorted(KEYS)).flatmap(lambda s: st.tuples(st.just(s), st.sampled_from(KEYS[s])))
 
 
+def _clear(err: Exception, names: str | None = None) -> None:
+  """A message a user can act on: one line, short, no Python internals; naming the file where one is given."""
+  msg = str(err)
+  assert msg and "\n" not in msg.strip() and len(msg) <= 600, msg
+  assert "Traceback" not in msg and "object at 0x" not in msg, msg
+  if names is not None:
+    assert names in msg, (names, msg)
+
+
 def _base() -> dict:
   return {"model": {"random_init": {"model_type": "llama"}}, "data": {"train": "x.jsonl"}}
 
@@ -40,8 +49,8 @@ def test_config_values_fail_only_with_config_error(edits):
     data.setdefault(section, {})[key] = value
   try:
     config_lib.from_dict(data)
-  except config_lib.ConfigError:
-    pass
+  except config_lib.ConfigError as e:
+    _clear(e)
 
 
 @SETTINGS
@@ -49,8 +58,8 @@ def test_config_values_fail_only_with_config_error(edits):
 def test_config_shapes_fail_only_with_config_error(data):
   try:
     config_lib.from_dict(data)
-  except config_lib.ConfigError:
-    pass
+  except config_lib.ConfigError as e:
+    _clear(e)
 
 
 @SETTINGS
@@ -60,8 +69,8 @@ def test_yaml_text_fails_only_with_config_error(tmp_path_factory, text):
   path.write_text(text)
   try:
     config_lib.load(path)
-  except config_lib.ConfigError:
-    pass
+  except config_lib.ConfigError as e:
+    _clear(e)
 
 
 @SETTINGS
@@ -71,8 +80,8 @@ def test_overrides_fail_only_with_config_error(tmp_path_factory, overrides):
   path.write_text(json.dumps(_base()))
   try:
     config_lib.load(path, overrides)
-  except config_lib.ConfigError:
-    pass
+  except config_lib.ConfigError as e:
+    _clear(e)
 
 
 records = st.lists(st.one_of(values, st.fixed_dictionaries(
@@ -88,12 +97,16 @@ def test_record_files_fail_only_with_data_error(tmp_path_factory, recs, suffix, 
   path.write_text(text[: len(text) // 2] if corrupt else text)
   try:
     loaded = data_lib.load_records(str(path))
+  except data_lib.DataError as e:
+    _clear(e, names=path.name)
+    return
+  try:  # the records as a dataset (the trainer adds the file's name to these messages)
     ds = data_lib.build_dataset(loaded, data_lib.ByteTokenizer(), max_length=64, batch_size=2, grad_accum=1,
                                 buckets=None, seed=0)
     for _ in zip(range(2), ds.iterate(0, 0, 1)):
       pass
-  except data_lib.DataError:
-    pass
+  except data_lib.DataError as e:
+    _clear(e)
 
 
 @SETTINGS
@@ -106,8 +119,8 @@ def test_test_set_records_fail_only_with_data_error(tmp_path_factory, recs):
   path.write_text(json.dumps(recs))
   try:
     load_task_records("gsm8k", str(path))
-  except data_lib.DataError:
-    pass
+  except data_lib.DataError as e:
+    _clear(e, names=path.name)
 
 
 @SETTINGS
@@ -117,8 +130,8 @@ def test_binary_garbage_fails_only_with_data_error(tmp_path_factory, blob, suffi
   path.write_bytes(blob)
   try:
     data_lib.load_records(str(path))
-  except data_lib.DataError:
-    pass
+  except data_lib.DataError as e:
+    _clear(e, names=path.name)
 
 
 def test_fuzz_would_catch_a_raw_exception():

@@ -141,6 +141,10 @@ def test_data_errors(tmp_path):
   with pytest.raises(data_lib.DataError, match="raise data.max_length"):
     data_lib.build_dataset([{"instruction": "x" * 50, "output": "y"}], tok, max_length=20, batch_size=1,
                            grad_accum=1, buckets=None, seed=0)
+  # through the trainer, a message about the whole set names the file
+  (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "x" * 300, "output": "y"}) + "\n")
+  with pytest.raises(data_lib.DataError, match=r"long.jsonl: no example has response tokens .* raise data.max_length"):
+    Trainer(_cfg(tmp_path / "run", f"data.train={tmp_path / 'long.jsonl'}"), progress=False)
 
 
 def test_parquet_and_json_dict_sources(tmp_path):
