@@ -105,7 +105,6 @@ def test_train_step_probing_updates_nothing_then_trains():
   assert step._cache_size() == 1
 
 
-@pytest.mark.default_flags
 def test_sketch_every_n_steps_measures_frozen_layers_on_those_steps_only():
   # sketch_every=2, refresh every 4 steps (at counts 2, 6, ...): frozen layers are sketched on counts 0 and 2,
   # so the refresh step is a sketch step; trained layers are measured at every step; the weights follow the

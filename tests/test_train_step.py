@@ -261,7 +261,6 @@ def test_unrolled_forward_equals_the_scan(monkeypatch):
     make_train_step(CFG, tx, remat="dots", unroll_forward=True)
 
 
-@pytest.mark.default_flags
 def test_train_step_with_frozen_embeddings_matches_full_gradients():
   # always_on=False: only the layers are differentiated; the update equals the one computed from
   # every leaf's gradient, and the non-layer leaves do not move.
