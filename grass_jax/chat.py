@@ -25,7 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from grass_jax.data import (DataError, Example, Tokenizer, encode_example, encode_prompt_response, question_text,
-                            record_format)
+                            record_format, shown)
 
 ROLES = ("system", "user", "assistant")
 
@@ -47,7 +47,7 @@ def check_messages(messages: Any, where: str) -> list[dict[str, str]]:
   for j, m in enumerate(messages):
     if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
       raise DataError(f"{where}: message {j} must have a role in {', '.join(ROLES)} and a string content; "
-                      f"got {str(m)[:80]}")
+                      f"got {shown(m, 80)}")
   if not any(m["role"] == "assistant" for m in messages):
     raise DataError(f"{where}: no assistant turn, so nothing to learn; add one or drop the record")
   return messages

@@ -24,16 +24,11 @@ from typing import Any
 import yaml
 
 from grass_jax.data import FORMATS
+from grass_jax.data import shown as _shown
 
 
 class ConfigError(ValueError):
   """A bad configuration key or value; the message names the key."""
-
-
-def _shown(value: Any, limit: int = 60) -> str:
-  """A user's value inside a one-line message: repr (newlines escaped), cut to ``limit`` characters."""
-  text = repr(value)
-  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _key_name(key: Any) -> str:

@@ -39,6 +39,12 @@ class DataError(ValueError):
   """Missing, empty or malformed data (the message names the file and record)."""
 
 
+def shown(value: Any, limit: int = 60) -> str:
+  """A user's value inside a one-line message: repr (newlines escaped), cut to ``limit`` characters."""
+  text = repr(value)
+  return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Tokenizer(Protocol):
   pad_token_id: int | None
   eos_token_id: int | None
@@ -177,7 +183,7 @@ def load_records(source: str, split: str = "train", *, test: bool = False) -> li
       ok = isinstance(r.get("output"), str)
     if not ok:
       raise DataError(f"{source}: record {i} must be an object with a string 'instruction' and {target} "
-                      f"(optional string 'input'); got {str(r)[:120]}")
+                      f"(optional string 'input'); got {shown(r, 120)}")
   return records
 
 

@@ -25,7 +25,9 @@ MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_size: 64
 def cfg(out: Path, mesh: dict, offload: bool):
   return config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [
       MODEL, f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=8", "train.checkpoint_every=0",
-      "train.log_every=2", "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]", "data.max_length=160",
+      # optim.eps: the scale on which the two runs are compared (test_sharding.py)
+      "train.log_every=1", "optim.eps=0.1", "data.train=data/tiny_arithmetic.jsonl", "eval.tasks=[]",
+      "data.max_length=160",
       "data.buckets=[160]", "optim.period=2",
       "model.dtype=float32", "model.compute_dtype=float32", f"optim.offload_optimizer_state={str(offload).lower()}",
       *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false"])
@@ -48,6 +50,7 @@ def main() -> None:
     lines = lambda d: [json.loads(l)["active_layers"] for l in (d / "metrics.jsonl").read_text().splitlines()]
     result[f"{name}-offload{offload}"] = {
         "max_param_diff": diff, "param_scale": scale,
+        "max_grad_norm": max(json.loads(l)["grad_norm"] for l in (out / "single" / "metrics.jsonl").read_text().splitlines()),
         "same_layer_draws": lines(out / "single") == lines(out / f"{name}-{offload}"),
         "same_final_active": np.asarray(s_ref.active).tolist() == np.asarray(s.active).tolist(),
         "active_replicated": bool(s.active.sharding.is_fully_replicated),

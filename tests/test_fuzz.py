@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 from grass_jax import config as config_lib
 from grass_jax import data as data_lib
 
-SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same 150 examples on every machine and run, so CI never turns red on a new random draw. Search
+# wider by hand before changing the loaders (max_examples=1500 and derandomize=False found nothing, 2026-12-06).
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True),
                     st.text(max_size=12), st.lists(st.integers(-5, 600), max_size=4))

@@ -10,6 +10,8 @@ import jax
 import numpy as np
 import pytest
 
+from tests.float_bounds import U, adam_atol_for_gradient_error
+
 from grass_jax import sharding
 
 # Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
@@ -34,10 +36,14 @@ def test_sharded_run_equals_single_device_run(sharded):
   name = "data2_fsdp2-offloadTrue"
   r = sharded[name]
   assert r["devices_used"] == 4
-  # Same data, same math; only the order of the cross-device sums differs (measured up to 2.2e-5 on one
-  # machine and 3.08e-5 on another, with the same code: the default run probes for one period, and the
-  # gradient norms of probing are cross-device sums too). Adam divides by sqrt(v), which amplifies it.
-  assert r["max_param_diff"] < 5e-5 * r["param_scale"], r
+  # Same data, same math; only the order of the cross-device sums differs. A gradient entry sums at most ~2,000
+  # terms (8 x 160 tokens, times the 128-wide products inside each), so it may move by 2,000 U times the largest
+  # gradient, which clipping to norm 1 (the demo's max_grad_norm) bounds by min(1, the logged norm); Adam with eps
+  # 0.1 carries that through 8 steps (tests/float_bounds.py). A lost or doubled reduction changes every gradient
+  # by a factor, and the weights by ~lr |g| / eps per step.
+  largest = min(1.0, r["max_grad_norm"])
+  atol = adam_atol_for_gradient_error(steps=8, lr=3e-3, eps=0.1, grad_error=2000 * U * largest)
+  assert r["max_param_diff"] <= atol + 8 * U * r["param_scale"], (atol, r["max_param_diff"], r)
   assert r["same_layer_draws"] and r["same_final_active"] and r["active_replicated"], r
   assert abs(r["loss"][0] - r["loss"][1]) < 1e-4 * abs(r["loss"][1])
   assert r["fsdp_sharded_leaves"] == 3  # gate/up/down [L, 64, 128]; 64-wide dims stay whole at fsdp 2
