@@ -22,8 +22,10 @@ if not os.environ.get("GRASS_TEST_NO_CACHE") and "JAX_COMPILATION_CACHE_DIR" not
 # LLVM's expensive optimisation passes cost compile time that the suite's small programs never win back
 # (test_train_step.py: 104 -> 93 s on 2 cores; the demo's 189 training steps run as fast, 49 s, and still
 # reach 100%). Set before jax is imported; workers and subprocesses inherit it. A flag you set yourself wins.
-if "xla_llvm_disable_expensive_passes" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_llvm_disable_expensive_passes=true".strip()
+LLVM_FLAG = "--xla_llvm_disable_expensive_passes=true"
+if (os.environ.get("GRASS_TEST_DEFAULT_FLAGS") != "1"
+    and "xla_llvm_disable_expensive_passes" not in os.environ.get("XLA_FLAGS", "")):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {LLVM_FLAG}".strip()
 # Most tests compile more than they run. Compiled for speed of compiling (XLA's optimisation level 0, and the
 # CPU's older loop emitters instead of its fusion emitters), test_train_step.py's 579 compilations take 14 s
 # (65 s at level 0 alone, measured 2026-12-04). The code runs about twice as slowly, which costs only the tests
@@ -36,8 +38,9 @@ FAST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusio
 DEFAULT_FLAGS_SESSION = os.environ.get("GRASS_TEST_DEFAULT_FLAGS") == "1"
 
 
-def without_fast_compile_flags(flags: str) -> str:
-  return " ".join(f for f in flags.split() if f not in FAST_COMPILE_FLAGS)
+def default_xla_flags(flags: str) -> str:
+  """``flags`` without any the suite added: what a user's process has."""
+  return " ".join(f for f in flags.split() if f not in (*FAST_COMPILE_FLAGS, LLVM_FLAG))
 
 
 def _add_fast_compile_flags() -> None:
@@ -59,7 +62,7 @@ def _add_fast_compile_flags() -> None:
 
 
 if DEFAULT_FLAGS_SESSION:
-  os.environ["XLA_FLAGS"] = without_fast_compile_flags(os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = default_xla_flags(os.environ.get("XLA_FLAGS", ""))
 elif os.environ.get("GRASS_TEST_FAST_COMPILE", "1") != "0":
   _add_fast_compile_flags()
 

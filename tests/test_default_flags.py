@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEFAULT_FLAGS_SESSION, without_fast_compile_flags
+from tests.conftest import DEFAULT_FLAGS_SESSION, default_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.skipif(DEFAULT_FLAGS_SESSION, reason="this is the default-flags session itself")
 def test_numeric_equalities_hold_at_xla_default_flags():
   env = dict(os.environ, GRASS_TEST_DEFAULT_FLAGS="1",
-             XLA_FLAGS=without_fast_compile_flags(os.environ.get("XLA_FLAGS", "")))
+             XLA_FLAGS=default_xla_flags(os.environ.get("XLA_FLAGS", "")))
   # Only the files that hold marked tests: collecting the whole suite would import torch and transformers.
   files = sorted(str(f.relative_to(ROOT)) for f in (ROOT / "tests").glob("test_*.py")
                  if "@pytest.mark.default_flags" in f.read_text())

@@ -90,7 +90,6 @@ def ref_loss(p, batch):
   return tot / n
 
 
-@pytest.mark.default_flags
 def test_train_step_matches_full_form_and_never_recompiles():
   params = models.init_params(CFG, jax.random.PRNGKey(1))
   # No clipping here: in slot form clipping sees only the trained layers, by design.
