@@ -33,7 +33,7 @@ def test_resume_equals_straight_run(tmp_path, offload, stream, sketch_every):
   extra = ["train.max_steps=12", "train.checkpoint_every=0", "optim.period=3", f"optim.sketch_every={sketch_every}",
            f"optim.offload_optimizer_state={str(offload).lower()}", f"optim.stream_active_states={str(stream).lower()}"]
   straight = run(_cfg(tmp_path / "a", *extra), progress=False, return_state=True)
-  first = run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=4)
+  first = run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=5)
   assert first["steps"] == 5
   resumed = run(_cfg(tmp_path / "b", *extra), resume=True, progress=False, return_state=True)
   assert resumed["steps"] == 12
