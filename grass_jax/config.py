@@ -23,8 +23,7 @@ from typing import Any
 
 import yaml
 
-from grass_jax.data import FORMATS
-from grass_jax.data import shown as _shown
+from grass_jax.data import FORMATS, shown as _shown
 
 
 class ConfigError(ValueError):

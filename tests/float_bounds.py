@@ -38,15 +38,14 @@ def assert_moments_agree(a, b, *, steps: int) -> None:
   np.testing.assert_allclose(a, b, rtol=0, atol=steps * ADAM_ROUNDINGS * U * scale)
 
 
-def summed_gradient_error(grads, terms: int) -> float:
+def summed_gradient_error(largest: float, terms: int) -> float:
   """How far a gradient entry may move when another program sums its ``terms`` contributions in another order.
 
   Each partial sum rounds once: at most ``terms * U`` relative to the entry, for sums without heavy
   cancellation (the same reading as tests/test_importance_measurement.py); in absolute terms at most
-  ``terms * U`` times the largest entry of ``grads``.
+  ``terms * U`` times ``largest``, a bound on the entries (the largest one, or a norm of them).
   """
-  import jax
-  return terms * U * max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(grads))
+  return terms * U * largest
 
 
 def adam_atol_for_gradient_error(*, steps: int, lr: float, eps: float, grad_error: float) -> float:
@@ -59,3 +58,13 @@ def adam_atol_for_gradient_error(*, steps: int, lr: float, eps: float, grad_erro
   through Adam give it an eps that sets the scale.
   """
   return steps * lr * grad_error * (1 + ADAM_MAX_RATIO) / eps
+
+
+def assert_adam_runs_agree_given_gradient_error(a, b, *, steps: int, lr: float, eps: float,
+                                                grad_error: float) -> float:
+  """Weight trees of two Adam(W) runs whose gradients differ by ``grad_error`` (:func:`adam_atol_for_gradient_error`),
+  plus the weights' own rounding at each step; returns the absolute tolerance used."""
+  import jax
+  atol = adam_atol_for_gradient_error(steps=steps, lr=lr, eps=eps, grad_error=grad_error)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=steps * U, atol=atol), a, b)
+  return atol
