@@ -69,7 +69,8 @@ def paired_accuracy_readme(result: dict) -> str:
            "|---|---|---|---|---|"]
   for task in tasks:
     lisa, other, p = acc[(task, "lisa")], acc[(task, method)], paired[(task, method)]
-    lines.append(f"| {task} | {100 * lisa['accuracy_mean']:.1f}% | {100 * other['accuracy_mean']:.1f}% | "
+    ceiling = " (LISA at the ceiling: not in the mean)" if p.get("at_ceiling") else ""
+    lines.append(f"| {task}{ceiling} | {100 * lisa['accuracy_mean']:.1f}% | {100 * other['accuracy_mean']:.1f}% | "
                  f"{_interval(p)} | {p['seeds']} |")
   mean = paired.get(("mean", method))
   if mean is not None:
@@ -89,7 +90,8 @@ def paired_accuracy_docs(result: dict) -> str:
     cells = ["", "", ""] if p is None else [
         _points(p["mean_difference"]), f"[{_points(p['ci95'][0])}, {_points(p['ci95'][1])}]",
         f"{p['tail_loss_difference']:+.5f}".replace("-", "−")]
-    lines.append(f"| {t['task']} | `{t['method']}` | {draws} | {moments} | {100 * t['accuracy_mean']:.1f} ± "
+    task = t["task"] + (" (at the ceiling)" if p is not None and p.get("at_ceiling") else "")
+    lines.append(f"| {task} | `{t['method']}` | {draws} | {moments} | {100 * t['accuracy_mean']:.1f} ± "
                  f"{100 * t['accuracy_std']:.1f} | {t['seeds']} | {' | '.join(cells)} |")
   for method in scale["methods"]:
     p = paired.get(("mean", method))

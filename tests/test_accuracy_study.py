@@ -64,6 +64,8 @@ def test_study_picks_the_best_validation_lr_then_runs_the_other_seeds():
   assert chosen_lr([base, *grid], "arith", "lisa", scale) == 3e-4
   todo = jobs(scale, [base, *grid])
   assert [(j["seed"], j["lr"], j["splits"]) for j in todo] == [(1, 3e-4, ["test"]), (2, 3e-4, ["test"])]
+  # `--seeds 2 6` runs seeds 2 and 6 (the first named seed was once taken for the grid's and skipped)
+  assert [j["seed"] for j in jobs({**scale, "seeds": [2, 6]}, [base, *grid])] == [2, 6]
 
 
 def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
