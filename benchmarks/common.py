@@ -66,63 +66,70 @@ def required_flops(cfg: Any, batch: int, seq: int, num_active: int | None) -> fl
   return 2 * fwd + dw  # forward + input gradients (~ forward) + weight gradients
 
 
+def spec_config(spec: dict[str, Any]) -> Any:
+  """The training config a benchmark spec describes (random weights of a ``SIZES`` entry, no data).
+
+  spec keys: size, strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
+  host too), prefetch, always_on, measure ('none': importance from the trained layers, 'sketch': live
+  importance), probe_steps, sketch_size, sketch_every, frozen_grads, remat, attention, loss_chunk,
+  unroll_forward, backward_bucket (0: the slot scan), bucket_compile ('background' or 'ahead'),
+  batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
+  ``defaults``: true takes every setting but size, batch, always_on, num_active and period from the
+  config's defaults.
+  """
+  from grass_jax import config as config_lib
+  model = {"random_init": SIZES[spec["size"]], "tokenizer": "bytes"}
+  if spec.get("defaults"):  # what a user gets who sets only the model, the batch and the embeddings' training
+    return config_lib.from_dict({"model": model, "data": {"train": "(synthetic tokens)"},
+                                 "optim": {"always_on": spec.get("always_on", True),  # and the protocol's:
+                                           "num_active": spec["num_active"], "period": spec["period"]},
+                                 "train": {"batch_size": spec["batch"]}, "mesh": {"data": 1}})
+  return config_lib.from_dict({
+      "model": {"random_init": SIZES[spec["size"]], "dtype": "bfloat16", "compute_dtype": "bfloat16",
+                "tokenizer": "bytes", "remat": spec.get("remat", "full"), "attention": spec.get("attention", "auto"),
+                "loss_chunk_tokens": spec.get("loss_chunk", 0), "unroll_forward": spec.get("unroll_forward", False),
+                "backward_bucket": spec.get("backward_bucket", 0),
+                "backward_bucket_compile": spec.get("bucket_compile", "background")},
+      "data": {"train": "(synthetic tokens)"},
+      "optim": {"strategy": spec["strategy"], "num_active": spec.get("num_active") or 1, "period": spec["period"],
+                "offload_optimizer_state": spec.get("offload", False), "stream_active_states": bool(spec.get("stream")),
+                "offload_prefetch": spec.get("prefetch", True), "always_on": spec.get("always_on", True),
+                "importance": "sketch" if spec.get("measure", "none") == "sketch" else "grad",
+                "probe_steps": spec.get("probe_steps", 0), "sketch_size": spec.get("sketch_size", 4),
+                "sketch_every": spec.get("sketch_every", 1), "frozen_grads": spec.get("frozen_grads", "cond"),
+                "learning_rate": 1e-5, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
+                "max_grad_norm": 1.0},
+      "train": {"batch_size": spec["batch"], "seed": 0},
+      "mesh": {"data": spec.get("devices", 1), "fsdp": spec.get("fsdp", 1)},
+  })
+
+
 def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   """Runs one training configuration in-process and returns its measurements.
 
-  spec keys: size, strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
-  host too), batch, seq, steps, warmup; backward_bucket (0: the slot scan), bucket_compile ('background':
-  while the scan trains, or 'ahead': every bucket before the weights are placed), compile_workers.
+  The run is built by :func:`grass_jax.assembly.assemble` from :func:`spec_config`, as the Trainer builds
+  a user's. Other spec keys: seq, steps, warmup, run_steps (the peers benchmark: every step timed),
+  compile_ahead, compile_workers, profile_steps, profile_dir.
   """
   import jax
-  import jax.numpy as jnp
   import numpy as np
-  import optax
 
   import grass_jax
-  from grass_jax.models import config_from_hf, init_params
-  from grass_jax.ahead_of_time import CompiledStep
-  from grass_jax.backward_buckets import BackwardBuckets
-  from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
-  from grass_jax.train import LAYERS, make_train_step
-
   from grass_jax import sharding
+  from grass_jax.assembly import assemble, measure_mode
 
-  cfg = config_from_hf(SIZES[spec["size"]])
+  cfg = spec_config(spec)
   dev = jax.devices()[0]
-  # spec["devices"]: data-parallel over that many devices (default 1: the single-device runs).
-  mesh = sharding.make_mesh(data=spec.get("devices", 1), fsdp=spec.get("fsdp", 1))
+  mesh = sharding.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp)
   t0 = time.perf_counter()
-  init = lambda k: init_params(cfg, k, jnp.bfloat16)  # noqa: E731
-  param_shapes = jax.eval_shape(init, jax.random.PRNGKey(0))
-  p_sh = sharding.tree_shardings(param_shapes, mesh)
-  strategy = spec["strategy"]
-  gamma = None if strategy == "full" else spec["num_active"]
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   grass_jax.strategy(strategy, optax.adamw(1e-5, weight_decay=0.0), layers=LAYERS,
-                                      num_active=gamma, period=spec["period"], offload=spec.get("offload", False),
-                                      always_on=spec.get("always_on", True),
-                                      **({"probe_steps": spec["probe_steps"]} if spec.get("probe_steps") else {})))
-  measure = spec.get("measure", "none")  # 'sketch': every layer's importance in the backward pass (issue 15)
-  state_shapes = jax.eval_shape(tx.init, param_shapes)
-  s_sh_device = sharding.tree_shardings(state_shapes, mesh)
-  stream = bool(spec.get("stream"))
-  s_sh = host_slot_shardings(s_sh_device) if stream else s_sh_device
-  b_sh = sharding.batch_sharding(mesh)
-  bucket = spec.get("backward_bucket", 0)  # bucketed backward pass (grass_jax.models.bucketed_stack)
-  bucket_compile = spec.get("bucket_compile", "background")  # or 'ahead': every bucket before the weights
-  step = CompiledStep(make_train_step(
-      cfg, tx, dtype=jnp.bfloat16, remat=spec.get("remat", "full"),
-      frozen_grads=spec.get("frozen_grads", "cond"), attention=spec.get("attention", "auto"),
-      shardings=(p_sh, s_sh, b_sh), stream_states=stream, measure=measure,
-      sketch_size=spec.get("sketch_size", 4), probe_steps=spec.get("probe_steps", 0),
-      sketch_every=spec.get("sketch_every", 1), unroll_forward=spec.get("unroll_forward", False),
-      always_on=spec.get("always_on", True) if spec.get("lowest_stop", True) else None,
-      loss_chunk=spec.get("loss_chunk", 0), stream_by_leaf=spec.get("stream_by_leaf", True)),
-      workers=spec.get("compile_workers", 1))
-  buckets = BackwardBuckets(bucket, period=spec["period"], measure=measure, probe_steps=spec.get("probe_steps", 0),
-                            sketch_every=spec.get("sketch_every", 1)) if bucket else None
+  parts = assemble(cfg, total_steps=spec.get("run_steps") or spec.get("steps", 1), mesh=mesh,
+                   compile_workers=spec.get("compile_workers", 1))
+  strategy, step, buckets = cfg.optim.strategy, parts.step, parts.backward_buckets
+  param_shapes, state_shapes = parts.param_shapes, parts.state_shapes
+  bucket, bucket_compile, measure = cfg.model.backward_bucket, cfg.model.backward_bucket_compile, measure_mode(cfg.optim)
+  model = parts.model
   b, t = spec["batch"], spec["seq"]
-  tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, size=(1, b, t)).astype(np.int32)
+  tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=(1, b, t)).astype(np.int32)
   host_batch = {"tokens": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones_like(tokens)}
   phases = {}  # device memory after each phase of the run: when the peak happened (allocator statistics)
 
@@ -137,21 +144,18 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     if not (bucket and bucket_compile == "ahead" and measure == "none"):  # else the scan never runs
       step.compile(param_shapes, state_shapes, host_batch)
     if bucket:  # as the Trainer does: every bucket queued now; 'ahead' waits for them
-      for start in buckets.starts(cfg.num_layers):
+      for start in buckets.starts(model.num_layers):
         step.compile_in_background(param_shapes, state_shapes, host_batch, start)
       if bucket_compile == "ahead":
         step.wait()
     compile_ahead_s = time.perf_counter() - tc
   phase("compiled")
-  params = jax.block_until_ready(jax.jit(init, out_shardings=p_sh)(jax.random.PRNGKey(0)))
+  params = jax.block_until_ready(parts.init_params(seed=0))
   phase("params")
-  opt_state = jax.block_until_ready(jax.jit(tx.init, out_shardings=s_sh_device)(params))
-  if stream:
-    opt_state, _ = host_slot_states(opt_state, s_sh_device)
+  opt_state = jax.block_until_ready(parts.init_state(params))
   phase("optimizer_state")
-  off = Offloader(opt_state, period=spec["period"], stream=stream, prefetch=spec.get("prefetch", True)) \
-      if spec.get("offload") else None
-  batch = sharding.shard_batch(host_batch, b_sh)
+  off = parts.offloader(opt_state)
+  batch = sharding.shard_batch(host_batch, parts.shardings[2])
   phase("offloader")
 
   draws = []  # the trained layers of each period (host-side: the offloader's slots), for the peers rows
@@ -162,7 +166,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
     nonlocal params, opt_state, count
     m = None
     for _ in range(n):
-      if count in (1, spec["period"] + 1):  # the previous step has finished (the timed runs block on each)
+      if count in (1, cfg.optim.period + 1):  # the previous step has finished (the timed runs block on each)
         phase("first_step" if count == 1 else "first_switch")
       start = buckets.start(count, opt_state, off) if buckets else None
       params, opt_state, m = step(params, opt_state, batch, backward_start=start)
@@ -209,8 +213,8 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   layer_state = s.slot_states[0] if isinstance(s.slot_states, tuple) else None
   layer_state_bytes = sum(x.nbytes for x in jax.tree.leaves(layer_state)) if layer_state is not None else 0
   step_s = elapsed / spec["steps"]
-  flops = required_flops(cfg, b, t, None if strategy == "full" else spec["num_active"])
-  return {**spec, "device": dev.device_kind, "jax": jax.__version__, "num_params": cfg.num_params(),
+  flops = required_flops(model, b, t, None if strategy == "full" else cfg.optim.num_active)
+  return {**spec, "device": dev.device_kind, "jax": jax.__version__, "num_params": model.num_params(),
           "step_s": step_s, "tokens_per_s": b * t / step_s, "compile_s": compile_s,
           "setup_s": tc - t0 - compile_ahead_s, "peak_bytes": stats.get("peak_bytes_in_use"),
           "bytes_in_use": stats.get("bytes_in_use"), "opt_state_device_bytes": opt_dev,

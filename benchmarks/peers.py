@@ -98,6 +98,11 @@ def _jax(method: str, **kw) -> dict[str, Any]:
 
 # (name, spec) in priority order; group = the model the row belongs to.
 PLAN: list[tuple[str, dict[str, Any]]] = [
+    # What a user gets: the config's defaults (grass_jax.config), only the model, batch and embeddings set.
+    ("tiny-jax-default", dict(framework="jax", method="default", strategy="default", defaults=True, **TINY,
+                              num_active=2)),
+    ("7b-jax-default", dict(framework="jax", method="default", strategy="default", defaults=True, **SEVEN_B,
+                            num_active=2)),
     ("tiny-jax-grass-offload-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, loss_chunk=2048)),
     ("tiny-torch-lisa-compile", _torch("lisa", True, **TINY, num_active=2)),
     # The incoming layers' states copied after the period's last step, not during it (one slot set less at the peak).
@@ -176,8 +181,6 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
       for r in ("dots", "none")],
     *[(f"7b-jax-grass-offload-late-g2-{v}", _jax("grass", **SEVEN_B, num_active=2, offload=True, prefetch=False,
                                                  xla_flags=flags)) for v, flags in FLAG_VARIANTS.items()],
-    ("7b-jax-grass-offload-g2-no-lowest-stop", _jax("grass", **SEVEN_B, num_active=2, offload=True,
-                                                    lowest_stop=False)),
     # The same layers as the GRASS row, in the same order: both engines doing the same work.
     ("7b-torch-lisa-compile-g2-same-draws", _torch("lisa", True, **SEVEN_B, num_active=2,
                                                    replay_from=GRASS_DRAWS_7B)),
@@ -191,10 +194,6 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     *[(f"7b-torch-lisa-compile-g{g}", _torch("lisa", True, **SEVEN_B, num_active=g)) for g in (1, 4)],
     *[(f"7b-jax-grass-stream-g{g}", _jax("grass", **SEVEN_B, num_active=g, offload=True, stream=True))
       for g in (1, 4)],
-    # The active layers' states streamed one layer at a time (before 2026-12-03: the streamed rows above move one
-    # weight matrix's state at a time).
-    *[(f"7b-jax-grass-stream-g{g}-by-layer", _jax("grass", **SEVEN_B, num_active=g, offload=True, stream=True,
-                                                  stream_by_leaf=False)) for g in (1, 2, 4)],
     ("7b-torch-lora-eager", _torch("lora", False, **SEVEN_B, num_active=None)),
     ("7b-torch-lora-compile", _torch("lora", True, **SEVEN_B, num_active=None)),
     ("7b-torch-full-eager", _torch("full", False, **SEVEN_B, num_active=None)),

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import signal
 import sys
 import threading
@@ -29,92 +28,36 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import yaml
 from tqdm.auto import tqdm
 
 from grass_jax import chat
 from grass_jax import data as data_lib
 from grass_jax import sharding as sharding_lib
-from grass_jax import xla_flags
 from grass_jax.ahead_of_time import CompiledStep
-from grass_jax.backward_buckets import BackwardBuckets
+from grass_jax.assembly import assemble, build_optimizer, check_layers_fit, dtype_of, measure_mode, model_config
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.compile_cache import use_compilation_cache
-from grass_jax.config import Config, ConfigError, ModelConfig, OptimConfig, to_dict
+from grass_jax.config import Config, ConfigError, ModelConfig, to_dict
 from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
-from grass_jax.models import LAYERS, config_from_hf, init_params
-from grass_jax.models.decoder import DecoderConfig, Params, resolve_attention
-from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
-from grass_jax.pretrained import CheckpointError, load_pretrained, read_model_config, save_pretrained
+from grass_jax.models import LAYERS, init_params
+from grass_jax.models.decoder import DecoderConfig, Params
+from grass_jax.offload import Offloader
+from grass_jax.pretrained import CheckpointError, load_pretrained, save_pretrained
 from grass_jax.train_step import cross_entropy, make_train_step, slot_loss
-from grass_jax.transform import diagnostics, strategy
+from grass_jax.transform import diagnostics
 
 __all__ = ["LAYERS", "RunState", "Trainer", "build_optimizer", "cross_entropy", "load_model", "make_train_step",
-           "run", "slot_loss"]
-
-
-def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
-                    seed: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """``clip -> GRASS/LISA/full(adamw(1.0)) -> scale_by_schedule``: a global LR schedule, per-layer moments.
-
-  The schedule counts optimizer updates after probing: probing steps update nothing.
-  """
-  probe = o.probing_steps()
-  train_steps = max(total_steps - probe, 1)
-  warmup = int(o.warmup_ratio * train_steps)
-  decay_steps = max(train_steps - warmup, 1)
-  if o.schedule == "cosine":
-    after = optax.cosine_decay_schedule(o.learning_rate, decay_steps)
-  elif o.schedule == "linear":
-    after = optax.linear_schedule(o.learning_rate, 0.0, decay_steps)
-  else:
-    after = optax.constant_schedule(o.learning_rate)
-  schedule = optax.join_schedules([optax.linear_schedule(0.0, o.learning_rate, warmup), after], [warmup]) \
-      if warmup else after
-  if probe:
-    schedule = optax.join_schedules([optax.constant_schedule(0.0), schedule], [probe])
-  inner = optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  importance_args = dict(probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
-                         probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
-                         reset_on_switch=o.reset_on_switch, coverage=o.coverage,
-                         importance_from="gain" if o.importance == "gain" else "grad")
-  grass = strategy(o.strategy, inner, layers=LAYERS,
-                   num_active=None if o.strategy == "full" else min(o.num_active, num_layers), period=o.period,
-                   seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, fixed_layers=o.fixed_layers,
-                   **importance_args)
-  parts = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
-  return optax.chain(*parts, grass, optax.scale_by_schedule(schedule)), schedule
-
-
-def _dtype(name: str) -> Any:
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
-def model_config(m: ModelConfig) -> DecoderConfig:
-  """The config of the model ``load_model`` loads, without loading it."""
-  if m.random_init is not None:
-    return config_from_hf(dict(m.random_init))
-  return read_model_config(m.path)
+           "measure_mode", "run", "slot_loss"]
 
 
 def load_model(m: ModelConfig, seed: int) -> tuple[Params, DecoderConfig]:
   if m.random_init is not None:
     cfg = model_config(m)
-    return init_params(cfg, jax.random.PRNGKey(seed), _dtype(m.dtype)), cfg
-  return load_pretrained(m.path, dtype=_dtype(m.dtype))
-
-
-def measure_mode(o: OptimConfig) -> str:
-  """What the train step's backward pass measures for the strategy (see grass_jax.train_step)."""
-  if not o.strategy.startswith("grass"):
-    return "none"
-  if o.live_importance():
-    return "sketch"
-  return "exact" if o.probing_steps() else "none"
+    return init_params(cfg, jax.random.PRNGKey(seed), dtype_of(m.dtype)), cfg
+  return load_pretrained(m.path, dtype=dtype_of(m.dtype))
 
 
 # What the learning-rate schedule and the layer sequence of a run are a function of.
@@ -178,18 +121,15 @@ class Trainer:
     if cfg.train.compilation_cache:
       use_compilation_cache(self.out / "compilation_cache")
     self.mcfg = model_config(cfg.model)
-    if cfg.optim.strategy == "fixed" and max(cfg.optim.fixed_layers) >= self.mcfg.num_layers:
-      raise ConfigError(f"optim.fixed_layers={cfg.optim.fixed_layers} names a layer beyond the model's "
-                        f"{self.mcfg.num_layers} (0 to {self.mcfg.num_layers - 1})")
-    if cfg.optim.strategy != "full" and cfg.optim.num_active > self.mcfg.num_layers:
-      raise ConfigError(f"optim.num_active={cfg.optim.num_active} exceeds the model's {self.mcfg.num_layers} layers; "
-                        f"use at most {self.mcfg.num_layers} (or optim.strategy: full)")
+    check_layers_fit(cfg.optim, self.mcfg)  # before the data is read
     self.tokenizer = data_lib.load_tokenizer(cfg.model.tokenizer, cfg.model.path)
     self.dataset = self._load_data()
     self.total = len(self.dataset) * cfg.train.epochs
     if cfg.train.max_steps is not None:
       self.total = min(self.total, cfg.train.max_steps)
-    self.tx, self.schedule = build_optimizer(cfg.optim, self.mcfg.num_layers, self.total, cfg.train.seed)
+    self.parts = assemble(cfg, total_steps=self.total, mesh=self.mesh)
+    self.tx, self.schedule, self.shardings = self.parts.tx, self.parts.schedule, self.parts.shardings
+    self.backward_buckets = self.parts.backward_buckets
     self.train_step_fn = self._compile_step()  # before the weights are on the device
     self.state = self._place_and_restore(resume)
     # With several hosts, process 0 writes the files; every process takes part in checkpoints.
@@ -251,51 +191,21 @@ class Trainer:
         raise
       raise data_lib.DataError(f"{cfg.data.train}: {e}") from e
 
-  def _attention(self) -> str:
-    """model.attention, with cuDNN's fused attention replaced by XLA's in a deterministic GPU run."""
-    cfg = self.cfg
-    if not cfg.train.deterministic or jax.default_backend() != "gpu":
-      return cfg.model.attention
-    missing = xla_flags.missing_deterministic_flags()
-    if missing:
-      raise ConfigError(f"train.deterministic needs XLA_FLAGS={' '.join(missing)} before JAX starts: run "
-                        "scripts/train.py, or call grass_jax.use_deterministic_flags() first thing")
-    if cfg.model.attention == "cudnn":
-      raise ConfigError("model.attention: cudnn has no deterministic backward pass on the GPU: with "
-                        "train.deterministic use model.attention: auto, xla or einsum")
-    impl = resolve_attention(self.mcfg, cfg.model.attention, _dtype(cfg.model.compute_dtype))
-    return "xla" if impl == "cudnn" else impl
-
   def _compile_step(self) -> CompiledStep:
     """The train step, compiled for every batch length of the run from abstract shapes.
 
     Compiling before the weights are placed keeps XLA's autotuning buffers off the run's peak
     (:mod:`grass_jax.ahead_of_time`). The shardings fixed here are the ones the state is placed with.
     """
-    cfg, o, mesh = self.cfg, self.cfg.optim, self.mesh
-    param_shapes = jax.eval_shape(lambda: init_params(self.mcfg, jax.random.PRNGKey(0), _dtype(cfg.model.dtype)))
-    state_shapes = jax.eval_shape(self.tx.init, param_shapes)
-    self.state_device_shardings = sharding_lib.tree_shardings(state_shapes, mesh)
-    s_sh = host_slot_shardings(self.state_device_shardings) if o.stream_active_states else self.state_device_shardings
-    self.shardings = (sharding_lib.tree_shardings(param_shapes, mesh), s_sh, sharding_lib.batch_sharding(mesh))
-    ahead = cfg.model.backward_bucket_compile == "ahead"
-    step = CompiledStep(make_train_step(
-        self.mcfg, self.tx, dtype=_dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-        frozen_grads=o.frozen_grads, attention=self._attention(), shardings=self.shardings,
-        stream_states=o.stream_active_states, measure=measure_mode(o), sketch_size=o.sketch_size,
-        probe_steps=o.probing_steps(), always_on=o.always_on,
-        loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every,
-        unroll_forward=cfg.model.unroll_forward), workers=min(2, os.cpu_count() or 1) if ahead else 1)
-    self.backward_buckets = BackwardBuckets(cfg.model.backward_bucket, period=o.period, measure=measure_mode(o),
-                                            probe_steps=o.probing_steps(), sketch_every=o.sketch_every) \
-        if cfg.model.backward_bucket else None
+    parts = self.parts
     batches = [self.dataset.make_batch(length, []) for length in self._batch_lengths()]
     for batch in tqdm(batches, desc="compiling the train step", unit="length", disable=not self.progress,
                       dynamic_ncols=True):
-      step.compile(param_shapes, state_shapes, batch)
+      parts.step.compile(parts.param_shapes, parts.state_shapes, batch)
     if self.backward_buckets is not None:
-      self._compile_buckets(step, param_shapes, state_shapes, batches, ahead)
-    return step
+      self._compile_buckets(parts.step, parts.param_shapes, parts.state_shapes, batches,
+                            self.cfg.model.backward_bucket_compile == "ahead")
+    return parts.step
 
   def _compile_buckets(self, step: CompiledStep, param_shapes: Any, state_shapes: Any, batches: list,
                        ahead: bool) -> None:
@@ -324,23 +234,16 @@ class Trainer:
     """Loads the model and places params and state on the mesh with the step's shardings (so it compiles once)."""
     o = self.cfg.optim
     params, _ = load_model(self.cfg.model, self.cfg.train.seed)
-    params = jax.device_put(params, self.shardings[0])
-    # One compiled program that builds the state where the step wants it (op by op it is dozens of small
-    # compilations, 8 s for a 135M model on a CPU).
-    opt_state = jax.jit(self.tx.init, out_shardings=self.state_device_shardings)(params)
-    if o.stream_active_states:
-      opt_state, _ = host_slot_states(opt_state, self.state_device_shardings)
+    params = self.parts.place(params)
+    opt_state = self.parts.init_state(params)
     target = Offloader.checkpoint_target(opt_state) if (resume and o.offload_optimizer_state) else None
     restored = self.ckpt.restore_newest_readable(
         params=params, opt_state=opt_state, layer_states=target,
         warn=lambda msg: print(f"warning: {msg}", file=sys.stderr)) if resume else None
     if restored is None:
-      offloader = Offloader(opt_state, period=o.period, stream=o.stream_active_states, prefetch=o.offload_prefetch) \
-          if o.offload_optimizer_state else None
-      return RunState(step=0, params=params, opt_state=opt_state, offloader=offloader)
+      return RunState(step=0, params=params, opt_state=opt_state, offloader=self.parts.offloader(opt_state))
     step, params, opt_state, layer_states, meta = restored
-    offloader = Offloader.restore(opt_state, layer_states, period=o.period, stream=o.stream_active_states,
-                                  prefetch=o.offload_prefetch) if o.offload_optimizer_state else None
+    offloader = self.parts.offloader(opt_state, layer_states) if o.offload_optimizer_state else None
     return RunState(step=step, params=params, opt_state=opt_state, offloader=offloader, epoch=meta["epoch"],
                     next_batch=meta["batch"], skipped=meta["skipped"],
                     history=[(s, np.asarray(p)) for s, p in meta["probability_history"]])
@@ -459,7 +362,7 @@ class Trainer:
     for task, records in self.eval_sets.items():
       summary, rows = evaluate(s.params, self.mcfg, self.tokenizer, task, records, batch_size=cfg.eval.batch_size,
                                prompt_format=self.prompt_format,
-                               max_new_tokens=cfg.eval.max_new_tokens, dtype=_dtype(cfg.model.compute_dtype))
+                               max_new_tokens=cfg.eval.max_new_tokens, dtype=dtype_of(cfg.model.compute_dtype))
       if self.main_process:
         write_results(self.out / "eval" / f"step_{s.step}", summary, rows)
       accuracies[f"eval/{task}_accuracy"] = summary["accuracy"]

@@ -258,7 +258,7 @@ def test_fixed_strategy_trains_only_its_layers_through_the_trainer(tmp_path, off
 def test_unroll_forward_reaches_the_train_step(tmp_path, monkeypatch):
   # model.unroll_forward is passed to make_train_step (its math: test_train_step's unrolled-forward test);
   # the run stops there, before compiling anything.
-  import grass_jax.train as train_lib
+  import grass_jax.assembly as assembly_lib
   seen = {}
 
   class Stop(Exception):
@@ -268,7 +268,7 @@ def test_unroll_forward_reaches_the_train_step(tmp_path, monkeypatch):
     seen.update(kwargs)
     raise Stop
 
-  monkeypatch.setattr(train_lib, "make_train_step", spy)
+  monkeypatch.setattr(assembly_lib, "make_train_step", spy)
   with pytest.raises(Stop):
     run(_cfg(tmp_path, "model.unroll_forward=true", "train.max_steps=1"), progress=False)
   assert seen["unroll_forward"] is True

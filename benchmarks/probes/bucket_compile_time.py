@@ -33,20 +33,16 @@ def main() -> None:
   args = ap.parse_args()
   import jax
   import jax.numpy as jnp
-  import optax
 
-  import grass_jax
-  from benchmarks.common import SIZES
-  from grass_jax.models import config_from_hf, init_params
-  from grass_jax.train import LAYERS, make_train_step
-  cfg = config_from_hf(SIZES["llama2-7b"])
-  params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   grass_jax.strategy("grass", optax.adamw(1e-5), layers=LAYERS, num_active=2, period=20,
-                                      offload=True, always_on=False))
-  state = jax.eval_shape(tx.init, params)
+  from benchmarks.common import spec_config
+  from grass_jax.assembly import assemble
+  # The peers benchmark's 7B GRASS row with the unrolled forward pass, built as the Trainer builds a run.
+  parts = assemble(spec_config(dict(size="llama2-7b", strategy="grass", num_active=2, period=20, offload=True,
+                                    always_on=False, attention="cudnn", unroll_forward=True, batch=2)),
+                   total_steps=1000)
+  params, state = parts.param_shapes, parts.state_shapes
   batch = {k: jax.ShapeDtypeStruct((1, 2, 512), jnp.int32) for k in ("tokens", "attention_mask", "loss_mask")}
-  step = make_train_step(cfg, tx, always_on=False, attention="cudnn", unroll_forward=True)
+  step = parts.step.step  # the jitted step: lowered and compiled here, one backward start at a time
   if args.workers:
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:

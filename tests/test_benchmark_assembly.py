@@ -1,0 +1,26 @@
+"""The benchmarks build their runs as the Trainer does (grass_jax.assembly): a spec's knobs reach the run."""
+
+from benchmarks.common import run_config, spec_config
+from grass_jax.assembly import measure_mode
+
+SPEC = dict(size="tiny-test", strategy="grass", num_active=2, period=2, batch=2, seq=32, steps=2, warmup=1,
+            attention="einsum")
+
+
+def test_a_spec_is_a_training_config():
+  cfg = spec_config(dict(SPEC, offload=True, prefetch=False, measure="sketch", loss_chunk=16, always_on=False))
+  o = cfg.optim
+  assert (o.strategy, o.num_active, o.period, o.offload_optimizer_state, o.offload_prefetch, o.always_on) == \
+      ("grass", 2, 2, True, False, False)
+  assert measure_mode(o) == "sketch" and cfg.model.loss_chunk_tokens == 16 and cfg.model.attention == "einsum"
+  assert measure_mode(spec_config(SPEC).optim) == "none"  # importance from the trained layers, no probing
+
+
+def test_a_benchmark_run_offloads_what_its_spec_says():
+  on, off = run_config(dict(SPEC, offload=True)), run_config(SPEC)
+  # tiny-test layer: q, o 256 x 256, k, v 256 x 128, MLP 3 x 256 x 512, 2 norms; Adam's two bf16 moments
+  layer_moments = 2 * 2 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512 + 2 * 256)
+  # the host bank: the 8 - 2 inactive layers' moments and int32 step counts
+  assert on["opt_state_host_bytes"] == 6 * (layer_moments + 4) and off["opt_state_host_bytes"] == 0
+  assert on["layer_state_bytes"] == off["layer_state_bytes"] == layer_moments + 4
+  assert on["compiled_executables"] == off["compiled_executables"] == 1
