@@ -34,10 +34,11 @@ from grass_jax.models import LAYERS, config_from_hf, init_params
 from grass_jax.models.decoder import DecoderConfig, resolve_attention
 from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
 from grass_jax.pretrained import read_model_config
-from grass_jax.train_step import make_train_step
+from grass_jax.train_step import StepOptions, make_train_step
 from grass_jax.transform import strategy
 
-__all__ = ["Assembly", "assemble", "build_optimizer", "check_layers_fit", "dtype_of", "measure_mode", "model_config", "step_attention"]
+__all__ = ["Assembly", "assemble", "build_optimizer", "check_layers_fit", "dtype_of", "measure_mode", "model_config", "step_attention",
+           "step_options"]
 
 
 def dtype_of(name: str) -> Any:
@@ -116,6 +117,16 @@ def check_layers_fit(o: OptimConfig, model: DecoderConfig) -> None:
   if o.strategy != "full" and o.num_active > model.num_layers:
     raise ConfigError(f"optim.num_active={o.num_active} exceeds the model's {model.num_layers} layers; "
                       f"use at most {model.num_layers} (or optim.strategy: full)")
+
+
+def step_options(cfg: Config, model: DecoderConfig) -> StepOptions:
+  """The train step's settings a config implies (the model's, the optimizer's and the run's keys)."""
+  o, m = cfg.optim, cfg.model
+  return StepOptions(dtype=dtype_of(m.compute_dtype), remat=m.remat, frozen_grads=o.frozen_grads,
+                     attention=step_attention(cfg, model), loss_chunk=m.loss_chunk_tokens,
+                     unroll_forward=m.unroll_forward, measure=measure_mode(o), sketch_size=o.sketch_size,
+                     sketch_every=o.sketch_every, probe_steps=o.probing_steps(), always_on=o.always_on,
+                     stream_states=o.stream_active_states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +208,8 @@ def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers
   measure = measure_mode(o)
   if compile_workers is None:
     compile_workers = min(2, os.cpu_count() or 1) if cfg.model.backward_bucket_compile == "ahead" else 1
-  step = CompiledStep(make_train_step(
-      model, tx, dtype=dtype_of(cfg.model.compute_dtype), remat=cfg.model.remat, frozen_grads=o.frozen_grads,
-      attention=step_attention(cfg, model), shardings=shardings, stream_states=o.stream_active_states,
-      measure=measure, sketch_size=o.sketch_size, probe_steps=o.probing_steps(), always_on=o.always_on,
-      loss_chunk=cfg.model.loss_chunk_tokens, sketch_every=o.sketch_every, unroll_forward=cfg.model.unroll_forward),
-      workers=compile_workers)
+  step = CompiledStep(make_train_step(model, tx, step_options(cfg, model), shardings=shardings),
+                      workers=compile_workers)
   buckets = BackwardBuckets(cfg.model.backward_bucket, period=o.period, measure=measure,
                             probe_steps=o.probing_steps(), sketch_every=o.sketch_every) \
       if cfg.model.backward_bucket else None

@@ -40,7 +40,7 @@ The few lines a user adds to a training loop::
 Results are identical with and without offloading (tested bitwise on CPU).
 
 **Streaming** (``Offloader(..., stream=True)``): the active layers' states live
-in host memory too. The train step (``make_train_step(..., stream_states=True)``)
+in host memory too. The train step (``StepOptions(stream_states=True)``)
 copies the active layers' states to the device for their update after the
 backward pass, one weight matrix at a time (``by_leaf``; or one layer at a
 time), and copies them back: device memory then holds about two matrices'

@@ -46,10 +46,10 @@ from grass_jax.models import LAYERS, init_params
 from grass_jax.models.decoder import DecoderConfig, Params
 from grass_jax.offload import Offloader
 from grass_jax.pretrained import CheckpointError, load_pretrained, save_pretrained
-from grass_jax.train_step import cross_entropy, make_train_step, slot_loss
+from grass_jax.train_step import StepOptions, cross_entropy, make_train_step, slot_loss
 from grass_jax.transform import diagnostics
 
-__all__ = ["LAYERS", "RunState", "Trainer", "build_optimizer", "cross_entropy", "load_model", "make_train_step",
+__all__ = ["LAYERS", "RunState", "StepOptions", "Trainer", "build_optimizer", "cross_entropy", "load_model", "make_train_step",
            "measure_mode", "run", "slot_loss"]
 
 

@@ -14,13 +14,14 @@ gradient RMS, NaN where a layer was not measured).
 
 Example::
 
-  step = make_train_step(config, tx, grad_accum=2)
+  step = make_train_step(config, tx, StepOptions(always_on=always_on, loss_chunk=2048))
   params, opt_state, metrics = step(params, opt_state, batch)
   # batch: tokens / attention_mask / loss_mask, each [grad_accum, B, T]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -44,15 +45,72 @@ Batch = dict[str, jax.Array]
 
 FROZEN_GRADS = ("cond", "select")
 
-__all__ = ["FROZEN_GRADS", "LAYERS", "MEASURES", "cross_entropy", "make_train_step", "slot_loss"]
+__all__ = ["FROZEN_GRADS", "LAYERS", "MEASURES", "StepOptions", "cross_entropy", "make_train_step", "slot_loss"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+  """How the train step computes; validated once, here. The defaults are a plain run's.
+
+  Attributes:
+    dtype: compute dtype of the forward and backward passes.
+    remat: what each block keeps for the backward pass: 'full' (its input; recomputed), 'dots', 'none'.
+    frozen_grads: how frozen layers skip weight gradients: 'cond' (the slot scan,
+      :mod:`grass_jax.models.slot_scan`: no dW for frozen layers) or 'select' (dW for every layer, dropped).
+    attention: 'auto', 'cudnn', 'xla' or 'einsum' (:func:`grass_jax.models.decoder.resolve_attention`).
+    loss_chunk: > 0: the LM head and the loss over this many tokens at a time (the float32 logits and
+      their gradient never exist whole); 0: whole.
+    unroll_forward: the forward pass as a Python loop over static slices of the layer stack, so that
+      XLA:GPU reads each layer's weights in place instead of copying them (``remat='full'`` only). More
+      compile time: compile it ahead (:class:`grass_jax.ahead_of_time.CompiledStep`).
+    measure: what the backward pass measures for GRASS's importance: 'none' (the transform measures the
+      active layers from their gradients), 'exact' (the trained layers, and every layer during the first
+      ``probe_steps`` steps: the probing phase) or 'sketch' (every layer at every step, ``sketch_size``
+      random projections per linear map); the step passes the norms to the transform as ``layer_norms``.
+    sketch_size: k, random projections per linear map for measure 'sketch'.
+    sketch_every: n > 1 sketches frozen layers only on every n-th step, ending with the step that
+      refreshes the transform's importance (n must divide its ``refresh_every``).
+    probe_steps: the transform's ``probe_steps`` (the step measures every layer while it probes).
+    always_on: the transform's ``always_on`` (which leaves outside the layers train). The step then
+      differentiates only the layers and that group; with embeddings frozen the backward pass stops at
+      the lowest trained layer. None: every leaf gets a gradient, the transform keeps what it trains.
+    stream_states: the active layers' optimizer states are in host memory (the step's ``shardings``
+      from :func:`grass_jax.offload.host_slot_states`); each is copied to the device for its update and
+      back, one weight matrix at a time (``stream_by_leaf``; the inner optimizer must act leaf by leaf,
+      as adamw does), or one layer at a time.
+    donate: the step reuses the buffers of the params and state it is given.
+  """
+
+  dtype: Any = jnp.bfloat16
+  remat: str = "full"
+  frozen_grads: str = "cond"
+  attention: str = "auto"
+  loss_chunk: int = 0
+  unroll_forward: bool = False
+  measure: str = "none"
+  sketch_size: int = 4
+  sketch_every: int = 1
+  probe_steps: int = 0
+  always_on: AlwaysOn | None = None
+  stream_states: bool = False
+  stream_by_leaf: bool = True
+  donate: bool = True
+
+  def __post_init__(self):
+    if self.frozen_grads not in FROZEN_GRADS:
+      raise ValueError(f"frozen_grads must be one of {FROZEN_GRADS}; got {self.frozen_grads!r}")
+    if self.measure not in MEASURES:
+      raise ValueError(f"measure must be one of {MEASURES}; got {self.measure!r}")
+    if self.unroll_forward and self.remat != "full":
+      raise ValueError(f"unroll_forward needs remat='full' (other policies keep the layer scan); "
+                       f"got remat={self.remat!r}")
+    Schedule(period=1, probe_steps=self.probe_steps, sketch_every=self.sketch_every)  # validates both
 
 
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
-              batch: Batch, *, dtype: Any, remat: str, frozen_grads: str = "cond",
-              attention: str = "auto", act_sharding: Any = None, measure: str = "none", sketch_size: int = 4,
-              sink: jax.Array | None = None, measurement: Measurement | None = None, may_probe: bool = True,
-              input_grad: bool = True, loss_chunk: int = 0, sketch_every: int = 1,
-              unroll_forward: bool = False, backward_start: int | None = None) -> tuple[jax.Array, jax.Array]:
+              batch: Batch, options: StepOptions = StepOptions(), *, sink: jax.Array | None = None,
+              measurement: Measurement | None = None, input_grad: bool = True, act_sharding: Any = None,
+              backward_start: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -60,23 +118,15 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       layers, in the order of ``active``); other leaves are the always-on group.
     frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
-    frozen_grads: how frozen layers avoid weight gradients. 'cond': the slot
-      scan (:mod:`grass_jax.models.slot_scan`): frozen layers compute input
-      gradients only, active layers both (``remat`` applies to what frozen
-      layers keep). The active layers' weights are read from
-      ``frozen_layers``; the values of ``trainable['layers']`` are not read
-      (only their shapes). 'select': every block picks its weights with
-      ``jnp.where`` (one code path, but dW is computed for every layer and then
-      discarded).
-    measure, sketch_size, sink, measurement, may_probe, sketch_every: importance measurement
-      in the backward pass ('cond' only; see :mod:`grass_jax.models.slot_scan`):
-      the gradient with respect to ``sink`` holds each layer's squared gradient norm.
+    options: how it computes (:class:`StepOptions`); ``frozen_grads`` 'cond' reads the active layers'
+      weights from ``frozen_layers``, not the values of ``trainable['layers']`` (only their shapes).
+      ``always_on``, ``stream_*`` and ``donate`` are the step's, not the loss's.
+    sink, measurement: importance measurement in the backward pass ('cond' only; see
+      :mod:`grass_jax.models.slot_scan`): the gradient with respect to ``sink`` holds each layer's
+      squared gradient norm.
     input_grad: False when the embeddings do not train: the backward pass then
       stops at the lowest trained layer ('cond' only).
-    loss_chunk: > 0: the LM head and the loss run this many tokens at a time
-      (:func:`grass_jax.loss.chunked_cross_entropy`); 0: whole.
-    unroll_forward: the slot scan's forward pass over static slices of the
-      stack ('cond', ``remat='full'``; :mod:`grass_jax.models.slot_scan`).
+    act_sharding: the activations' sharding on a mesh of several devices.
     backward_start: an int: the bucketed backward pass from this layer up
       (:mod:`grass_jax.models.bucketed_stack`; 'cond', ``input_grad=False``,
       measure 'none' or 'exact', and not on probing steps: their gradients
@@ -85,20 +135,20 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   Returns:
     ``(summed loss, number of loss tokens)``.
   """
-  if frozen_grads not in FROZEN_GRADS:
-    raise ValueError(f"frozen_grads must be one of {FROZEN_GRADS}; got {frozen_grads!r}")
+  o = options
+  dtype, remat, frozen_grads, measure, may_probe = o.dtype, o.remat, o.frozen_grads, o.measure, o.probe_steps > 0
   num_layers = config.num_layers
   gamma = active.shape[0]
   frozen_layers = jax.lax.stop_gradient(frozen_layers)
-  impl = resolve_attention(config, attention, dtype)
+  impl = resolve_attention(config, o.attention, dtype)
   override = stack = None
   if gamma == num_layers:  # all layers train: the slots are the stack itself (active == arange)
     params = trainable
   elif frozen_grads == "cond" and backward_start is not None:
-    _check_bucketable(input_grad, measure, sketch_every)
+    _check_bucketable(input_grad, measure, o.sketch_every)
     params = {**trainable, "layers": frozen_layers}
     # Steps that measure frozen layers (probing, a sketch step) are refused: their gradients come out NaN.
-    refuse = frozen_layers_measured(measure, measurement, may_probe=may_probe, sketch_every=sketch_every)
+    refuse = frozen_layers_measured(measure, measurement, may_probe=may_probe, sketch_every=o.sketch_every)
     stack = bucketed_stack(config, trainable["layers"], _slot_of(active, num_layers), backward_start,
                            attention=impl, act_sharding=act_sharding,
                            measure="none" if measure == "none" else "exact", sink=sink, refuse=jnp.asarray(refuse))
@@ -106,9 +156,9 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     slot_of = _slot_of(active, num_layers)
     params = {**trainable, "layers": frozen_layers}
     stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
-                       measure=measure, sketch_size=sketch_size, sink=sink, measurement=measurement,
-                       may_probe=may_probe, input_grad=input_grad, sketch_every=sketch_every,
-                       unroll_forward=unroll_forward)
+                       measure=measure, sketch_size=o.sketch_size, sink=sink, measurement=measurement,
+                       may_probe=may_probe, input_grad=input_grad, sketch_every=o.sketch_every,
+                       unroll_forward=o.unroll_forward)
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
@@ -126,16 +176,16 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     params = {**trainable, "layers": frozen_layers}
   out, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
                    layer_override=override, layer_stack=stack, attention=impl, act_sharding=act_sharding,
-                   return_hidden=loss_chunk > 0)
-  if loss_chunk > 0:
-    return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], loss_chunk)
+                   return_hidden=o.loss_chunk > 0)
+  if o.loss_chunk > 0:
+    return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], o.loss_chunk)
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
 
 
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:
   if input_grad:
     raise ValueError("a bucketed backward pass (backward_start) stops at the lowest trained layer, so the embeddings "
-                     "must be frozen: pass make_train_step(always_on=...) without 'embed' (optim.always_on)")
+                     "must be frozen: pass StepOptions(always_on=...) without 'embed' (optim.always_on)")
   if measure == "sketch" and sketch_every == 1:
     raise ValueError("a bucketed backward pass (backward_start) cannot sketch frozen layers below the bucket, and "
                      "sketch_every=1 sketches at every step: use sketch_every > 1 (the steps between run the "
@@ -172,17 +222,13 @@ def _gradient_leaves(wrt: Params, always_on: AlwaysOn | None, state: GrassState,
   layout = build_layout(wrt, LAYERS, always_on, num_layers=num_layers)
   trained = {i for idx in layout.role_leaves for i in idx} | set(layout.always_on)
   if not layout.always_on and jax.tree.leaves(state.always_on_state):
-    raise ValueError("make_train_step(always_on=...) says no leaf outside the layers trains, but the GRASS "
+    raise ValueError("StepOptions(always_on=...) says no leaf outside the layers trains, but the GRASS "
                      "transform has an always-on group: pass the transform's always_on to both")
   return [i in trained for i in range(len(leaves))]
 
 
-def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, dtype: Any = jnp.bfloat16,
-                    remat: str = "full", frozen_grads: str = "cond", attention: str = "auto",
-                    donate: bool = True, shardings: tuple[Any, Any, Any] | None = None,
-                    stream_states: bool = False, measure: str = "none", sketch_size: int = 4,
-                    probe_steps: int = 0, always_on: AlwaysOn | None = None, loss_chunk: int = 0,
-                    sketch_every: int = 1, unroll_forward: bool = False, stream_by_leaf: bool = True) -> Callable:
+def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, options: StepOptions = StepOptions(), *,
+                    shardings: tuple[Any, Any, Any] | None = None) -> Callable:
   """Builds ``step(params, opt_state, batch, backward_start=None) -> (params, opt_state, metrics)``, jitted.
 
   ``batch`` arrays have a leading gradient-accumulation axis ``[A, B, T]``;
@@ -196,38 +242,10 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   (:mod:`grass_jax.sharding`); params and state keep theirs across steps, so
   the step compiles once. Without it the step runs where its inputs are.
 
-  ``stream_states``: the active layers' optimizer states are in host memory
-  (``shardings`` from :func:`grass_jax.offload.host_slot_states`); each is
-  copied to the device for its update and back, one weight matrix at a time
-  (``stream_by_leaf``; the inner optimizer must act leaf by leaf, as adamw
-  does), or one layer at a time (``stream_by_leaf=False``).
-
-  ``measure``: 'none' (the transform measures the active layers from their
-  gradients), 'exact' (the backward pass measures the trained layers, and every
-  layer during the first ``probe_steps`` steps: GRASS's probing phase) or
-  'sketch' (every layer at every step, ``sketch_size`` random projections);
-  the step passes the norms to the transform as ``layer_norms``.
-  ``metrics['probing']`` is 1 for a probing step. ``sketch_every``: n > 1
-  sketches frozen layers only on every n-th step, ending with the step
-  that refreshes the transform's importance (n must divide its
-  ``refresh_every``); the steps between cost what 'exact' costs.
-  ``metrics['sketching']`` is 1 for a step that sketched.
-
-  ``always_on``: the transform's ``always_on`` (which leaves outside the layers
-  train). The step then differentiates only the layers and that group; with
-  embeddings frozen the backward pass stops at the lowest trained layer. None
-  (default): every leaf gets a gradient, the transform keeps what it trains.
-
-  ``loss_chunk``: the LM head and loss over this many tokens at a time (0:
-  whole); the float32 logits and their gradient never exist whole.
-
-  ``unroll_forward``: the forward pass as a Python loop over static slices of
-  the layer stack, so that XLA:GPU reads each layer's weights in place instead
-  of copying them (``remat='full'`` only; :mod:`grass_jax.models.slot_scan`).
-  Llama-2-7B b2 x 512 on an H200: 5.9% more tokens/s; TinyLlama b16 x 512: no
-  gain and 0.47 GiB more temporaries (docs/performance.md). More compile time:
-  compile it ahead (:class:`grass_jax.ahead_of_time.CompiledStep`), or the
-  autotuner's buffers add to the peak.
+  ``options``: how it computes (:class:`StepOptions`: dtype, remat, attention, the loss in chunks,
+  importance measured in the backward pass, the always-on leaves, streamed states). With
+  ``options.measure`` other than 'none' ``metrics['probing']`` is 1 for a probing step and
+  ``metrics['sketching']`` 1 for a step that sketched.
 
   ``backward_start`` (static, per call, the fourth positional argument):
   None runs the slot scan, compiled once for every draw. An int runs the bucketed backward pass from that layer
@@ -242,14 +260,11 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
   buckets ahead or in the background. Llama-2-7B b2 x 512 on an H200: 1.27x
   the slot scan's tokens/s for 1 GiB more peak (docs/performance.md).
   """
-  if measure not in MEASURES:
-    raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
+  o = options
   # The step asks only whether it probes and whether it sketches: the period does not matter to it.
-  schedule = Schedule(period=1, probe_steps=probe_steps, sketch_every=sketch_every)
-  if unroll_forward and remat != "full":
-    raise ValueError(f"unroll_forward needs remat='full' (other policies keep the layer scan); got remat={remat!r}")
+  schedule = Schedule(period=1, probe_steps=o.probe_steps, sketch_every=o.sketch_every)
   stream_sh = None
-  if stream_states:
+  if o.stream_states:
     if shardings is None:
       raise ValueError("stream_states needs shardings: see grass_jax.offload.host_slot_states")
     stream_sh = find_state(shardings[1]).slot_states[0]
@@ -264,34 +279,33 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     active = state.active
     probing = schedule.probing(state.count)
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
-    measuring = measure != "none" and not all_layers
+    measuring = o.measure != "none" and not all_layers
     trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
     # 'cond' reads the active layers from the frozen stack and never the slot values, so the gradient
     # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
-    slot_handles = not all_layers and frozen_grads == "cond"
+    slot_handles = not all_layers and o.frozen_grads == "cond"
     wrt = ({**params, "layers": {k: jnp.zeros_like(v) for k, v in trainable["layers"].items()}}
            if slot_handles else trainable)
     sink = jnp.zeros((config.num_layers,), jnp.float32) if measuring else None
     # A key of its own for the sketch's projections, derived from the state's (resume stays exact).
-    sketching = jnp.asarray(measure == "sketch") & schedule.sketching(state.count)
+    sketching = jnp.asarray(o.measure == "sketch") & schedule.sketching(state.count)
     measurement = Measurement(probing, jax.random.fold_in(state.key, 0x5EC), sketching) if measuring else None
     leaves, treedef = jax.tree.flatten(wrt)
     differentiate = ([True] * len(leaves) if all_layers
-                     else _gradient_leaves(wrt, always_on, state, config.num_layers))
+                     else _gradient_leaves(wrt, o.always_on, state, config.num_layers))
     ids = [i for i, d in enumerate(differentiate) if d]
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(wrt)[0]]
     embed_trains = all(d for p, d in zip(paths, differentiate) if p == "['embed']")
+
+    loss_options = o if measuring else dataclasses.replace(o, measure="none")
 
     def loss_of(diff_leaves, sk, frozen, act, mb):
       full = list(leaves)  # leaves not differentiated enter as constants
       for i, x in zip(ids, diff_leaves):
         full[i] = x
-      return slot_loss(
-          treedef.unflatten(full), frozen, act, config, mb, dtype=dtype, remat=remat, frozen_grads=frozen_grads,
-          attention=attention, act_sharding=act_sharding, measure=measure if measuring else "none",
-          sketch_size=sketch_size, sink=sk, measurement=measurement, may_probe=probe_steps > 0,
-          input_grad=embed_trains, loss_chunk=loss_chunk, sketch_every=sketch_every, unroll_forward=unroll_forward,
-          backward_start=None if all_layers else backward_start)
+      return slot_loss(treedef.unflatten(full), frozen, act, config, mb, loss_options, sink=sk,
+                       measurement=measurement, input_grad=embed_trains, act_sharding=act_sharding,
+                       backward_start=None if all_layers else backward_start)
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]
@@ -318,7 +332,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     # The GRASS transform itself skips non-finite steps (zero updates, moments kept).
-    extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh, by_leaf=stream_by_leaf)}
+    extra = {} if stream_sh is None else {"state_stream": state_stream(stream_sh, by_leaf=o.stream_by_leaf)}
     if measuring:
       extra["layer_norms"] = _layer_rms(sink_grad, state, denom, measurement=measurement, layer_size=layer_size)
     if isinstance(tx, optax.GradientTransformationExtraArgs):  # optax's convention: extra args for those that say so
@@ -332,7 +346,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, *, 
                "probing": probing.astype(jnp.int32), "sketching": (measuring & sketching).astype(jnp.int32)}
     return new_params, new_opt_state, metrics
 
-  donate_argnums = (0, 1) if donate else ()
+  donate_argnums = (0, 1) if o.donate else ()
   static = (3,)  # backward_start; passed by position: jit refuses keyword arguments with in_shardings
   if shardings is None:
     return jax.jit(step, donate_argnums=donate_argnums, static_argnums=static)

@@ -15,7 +15,7 @@ from grass_jax.models import llama
 from grass_jax.models.bucketed_stack import backward_start, bucketed_stack
 from grass_jax.models.slot_scan import Measurement, slot_stack
 from grass_jax.offload import Offloader
-from grass_jax.train_step import LAYERS, make_train_step
+from grass_jax.train_step import LAYERS, StepOptions, make_train_step
 from tests.test_train_step import _batch
 
 CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
@@ -122,8 +122,9 @@ def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, ste
   layers or the slot scan (0); and the step's runs per backward_start, the skipped steps and the draws."""
   tx = grass_jax.transform(optax.sgd(0.5, momentum=0.5), layers=LAYERS, num_active=2, period=period,
                            always_on=False, seed=3, offload=offload, probe_steps=probe_steps)
-  step = CompiledStep(make_train_step(CFG, tx, dtype=jnp.float32, always_on=False, donate=False, measure=measure,
-                                      probe_steps=probe_steps, sketch_every=sketch_every), background=False)
+  step = CompiledStep(make_train_step(CFG, tx, StepOptions(
+      dtype=jnp.float32, always_on=False, donate=False, measure=measure, probe_steps=probe_steps,
+      sketch_every=sketch_every)), background=False)
   buckets = BackwardBuckets(bucket or 1, period=period, measure=measure, probe_steps=probe_steps,
                             sketch_every=sketch_every)
   params = PARAMS

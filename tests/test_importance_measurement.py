@@ -9,7 +9,7 @@ import pytest
 import grass_jax
 from grass_jax import models
 from grass_jax.models.slot_scan import Measurement
-from grass_jax.train_step import LAYERS, cross_entropy, make_train_step, slot_loss
+from grass_jax.train_step import LAYERS, StepOptions, cross_entropy, make_train_step, slot_loss
 from tests.test_train_step import CFG, _batch
 
 # Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
@@ -29,9 +29,9 @@ def _sink_grad(params, mb, active, *, measure, probing, key, sketch_size=4):
   trainable = {**params, "layers": {k: jnp.zeros_like(v[active]) for k, v in params["layers"].items()}}
 
   def f(sink):
-    return slot_loss(trainable, params["layers"], active, CFG, mb, dtype=jnp.float32, remat="full",
-                     measure=measure, sketch_size=sketch_size, sink=sink,
-                     measurement=Measurement(jnp.asarray(probing), key), may_probe=probing)[0]
+    options = StepOptions(dtype=jnp.float32, measure=measure, sketch_size=sketch_size, probe_steps=int(probing))
+    return slot_loss(trainable, params["layers"], active, CFG, mb, options, sink=sink,
+                     measurement=Measurement(jnp.asarray(probing), key))[0]
   return jax.grad(f)(jnp.zeros((CFG.num_layers,), jnp.float32))
 
 
@@ -88,7 +88,7 @@ def test_train_step_probing_updates_nothing_then_trains():
   period = 2
   tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=period, probe_steps=2 * period,
                            seed=0)
-  step = make_train_step(CFG, tx, dtype=jnp.float32, donate=False, measure="exact", probe_steps=2 * period)
+  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False, measure="exact", probe_steps=2 * period))
   state = tx.init(params)
   p, s = params, state
   for i in range(2 * period):
@@ -113,7 +113,7 @@ def test_sketch_every_n_steps_measures_frozen_layers_on_those_steps_only():
   runs = {}
   for every in (1, 2):
     tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=4, seed=0)
-    step = make_train_step(CFG, tx, dtype=jnp.float32, donate=False, measure="sketch", sketch_every=every)
+    step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False, measure="sketch", sketch_every=every))
     p, s, flags, windows = params, tx.init(params), [], []
     for i in range(3):
       p, s, m = step(p, s, _batch(accum=1, seed=i))
@@ -149,7 +149,7 @@ def test_sketch_every_must_divide_the_refresh_interval():
     from_dict({**base, "optim": {"period": 20, "refresh_every": 6, "sketch_every": 4}})
   assert from_dict({**base, "optim": {"period": 20, "sketch_every": 4}}).optim.sketch_every == 4
   with pytest.raises(ValueError, match="sketch_every must be an int >= 1"):
-    make_train_step(CFG, optax.sgd(0.1), measure="sketch", sketch_every=0)
+    StepOptions(measure="sketch", sketch_every=0)
 
 
 def _stage_run(variant, steps=400, change=200, num_layers=8, seed=0):

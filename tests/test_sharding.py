@@ -56,7 +56,7 @@ def test_fused_attention_gets_q_k_v_sharded_alike():
   # must reach all three in the lowered step, forward and backward.
   import jax.numpy as jnp
   from grass_jax.models import config_from_hf, init_params
-  from grass_jax.train_step import slot_loss
+  from grass_jax.train_step import StepOptions, slot_loss
   cfg = config_from_hf(dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
   params = init_params(cfg, jax.random.PRNGKey(0), jnp.float32)
@@ -67,8 +67,8 @@ def test_fused_attention_gets_q_k_v_sharded_alike():
   trainable = {**params, "layers": {k: v[:1] for k, v in params["layers"].items()}}
 
   def hlo(act_sharding, attention):
-    f = lambda tr: slot_loss(tr, params["layers"], jnp.array([0]), cfg, batch, dtype=jnp.float32, remat="full",
-                             attention=attention, act_sharding=act_sharding)[0]
+    f = lambda tr: slot_loss(tr, params["layers"], jnp.array([0]), cfg, batch,
+                             StepOptions(dtype=jnp.float32, attention=attention), act_sharding=act_sharding)[0]
     return jax.jit(jax.grad(f)).lower(trainable).as_text()
 
   count = lambda text: text.count("@Sharding") + text.count("sharding_constraint")

@@ -264,14 +264,14 @@ def test_unroll_forward_reaches_the_train_step(tmp_path, monkeypatch):
   class Stop(Exception):
     pass
 
-  def spy(*args, **kwargs):
-    seen.update(kwargs)
+  def spy(config, tx, options, **kwargs):
+    seen["options"] = options
     raise Stop
 
   monkeypatch.setattr(assembly_lib, "make_train_step", spy)
   with pytest.raises(Stop):
     run(_cfg(tmp_path, "model.unroll_forward=true", "train.max_steps=1"), progress=False)
-  assert seen["unroll_forward"] is True
+  assert seen["options"].unroll_forward is True
   with pytest.raises(config_lib.ConfigError, match="model.unroll_forward must be bool"):
     config_lib.load(DEMO, ["model.unroll_forward=3"])
   with pytest.raises(config_lib.ConfigError, match="model.unroll_forward needs model.remat: full"):

@@ -11,7 +11,7 @@ from tests.float_bounds import assert_adam_runs_agree_given_gradient_error, summ
 from grass_jax import models
 from grass_jax.ahead_of_time import CompiledStep, abstract
 from grass_jax.models import llama
-from grass_jax.train_step import LAYERS, cross_entropy, make_train_step, slot_loss
+from grass_jax.train_step import LAYERS, StepOptions, cross_entropy, make_train_step, slot_loss
 
 CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
                             "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2})
@@ -41,16 +41,16 @@ def test_slot_gradients_equal_slices_of_full_gradient(frozen_grads, order, remat
 
   g_full = jax.grad(full_loss)(params)
   trainable = {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
-  g_slot = jax.grad(lambda tr: slot_loss(tr, params["layers"], active, CFG, mb, dtype=jnp.float32,
-                                         remat=remat, frozen_grads=frozen_grads)[0])(trainable)
+  g_slot = jax.grad(lambda tr: slot_loss(tr, params["layers"], active, CFG, mb, StepOptions(
+      dtype=jnp.float32, remat=remat, frozen_grads=frozen_grads))[0])(trainable)
   for k in params["layers"]:
     np.testing.assert_allclose(g_slot["layers"][k], g_full["layers"][k][active], rtol=1e-5, atol=1e-7)
   # (atol: the embedding gradient's float32 sums, in another order, differ by up to 2e-7 on entries of 3e-3)
   np.testing.assert_allclose(g_slot["embed"], g_full["embed"], rtol=1e-5, atol=1e-6)
   if frozen_grads == "cond":  # the slot values are handles, never read: zeros give the same gradient
     zeros = {**params, "layers": jax.tree.map(jnp.zeros_like, trainable["layers"])}
-    g_zero = jax.grad(lambda tr: slot_loss(tr, params["layers"], active, CFG, mb, dtype=jnp.float32,
-                                           remat="full", frozen_grads="cond")[0])(zeros)
+    g_zero = jax.grad(lambda tr: slot_loss(tr, params["layers"], active, CFG, mb,
+                                           StepOptions(dtype=jnp.float32))[0])(zeros)
     for k in params["layers"]:
       # (not bitwise: XLA may fuse the two traces differently; reading the values would differ at O(1))
       np.testing.assert_allclose(g_zero["layers"][k], g_slot["layers"][k], rtol=1e-5, atol=1e-7)
@@ -97,7 +97,7 @@ def test_train_step_matches_full_form_and_never_recompiles():
   tx = optax.chain(optax.scale(1.0),
                    grass_jax.transform(optax.adamw(1e-2, eps=0.1), layers=LAYERS, num_active=2, period=1, seed=0))
   # Compiled ahead from shapes (grass_jax.ahead_of_time), as the Trainer does: the same numbers as the reference.
-  step = CompiledStep(make_train_step(CFG, tx, dtype=jnp.float32, donate=False))
+  step = CompiledStep(make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False)))
   opt_state = tx.init(params)
   step.compile(abstract(params), abstract(opt_state), abstract(_batch()))
   ref_params, ref_state = params, opt_state
@@ -130,7 +130,7 @@ def test_nonfinite_gradient_skips_step_but_not_schedule():
   params = models.init_params(CFG, jax.random.PRNGKey(2))
   tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=10, seed=0, refresh_every=1)
   state = tx.init(params)
-  step = make_train_step(CFG, tx, dtype=jnp.float32, donate=False)
+  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False))
   params, state, _ = step(params, state, _batch())
   bad = jax.tree.map(lambda x: x, params)
   bad["layers"]["up_proj"] = bad["layers"]["up_proj"].at[:, 0, 0].set(jnp.inf)
@@ -191,9 +191,9 @@ def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeyp
   def grads(input_grad, sketching, every=sketch_every):
     if (input_grad, every) not in compiled:  # the measurement is an argument: one program for both kinds of step
       layers_only = lambda sl, sk, m: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
-                                                dtype=jnp.float32, remat="full", measure=measure, sink=sk,
-                                                measurement=m, input_grad=input_grad, may_probe=probing,
-                                                sketch_every=every)[0]
+                                                StepOptions(dtype=jnp.float32, measure=measure,
+                                                            probe_steps=int(probing), sketch_every=every),
+                                                sink=sk, measurement=m, input_grad=input_grad)[0]
       compiled[input_grad, every] = jax.jit(jax.grad(layers_only, argnums=(0, 1)))
     runs.clear()
     measurement = Measurement(jnp.asarray(probing), jax.random.PRNGKey(3), jnp.asarray(sketching))
@@ -239,9 +239,9 @@ def test_unrolled_forward_equals_the_scan(monkeypatch):
   out = {}
   for unroll in (False, True):
     f = lambda sl, sk, unroll=unroll: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
-                                                dtype=jnp.float32, remat="full", measure="sketch", sink=sk,
-                                                measurement=measurement, input_grad=False, may_probe=False,
-                                                unroll_forward=unroll)[0]
+                                                StepOptions(dtype=jnp.float32, measure="sketch",
+                                                            unroll_forward=unroll),
+                                                sink=sk, measurement=measurement, input_grad=False)[0]
     runs.clear()
     # the scan over the layers is gone from the forward pass; the backward pass keeps its loops
     assert str(jax.make_jaxpr(jax.grad(f))(slots, sink)).count(" scan[") == (0 if unroll else 1)
@@ -256,9 +256,8 @@ def test_unrolled_forward_equals_the_scan(monkeypatch):
     np.testing.assert_allclose(g_u[k], g_s[k], rtol=1e-4, atol=1e-5 * scale)
   np.testing.assert_allclose(sink_u, sink_s, rtol=1e-4)
   assert runs_u == runs_s and runs_s.count(0) == 2  # layer 0: forward, and the sketch recomputes it
-  tx = grass_jax.transform(optax.sgd(1e-2), layers=LAYERS, num_active=2, period=1)
   with pytest.raises(ValueError, match="unroll_forward needs remat='full'"):
-    make_train_step(CFG, tx, remat="dots", unroll_forward=True)
+    StepOptions(remat="dots", unroll_forward=True)
 
 
 def test_train_step_with_frozen_embeddings_matches_full_gradients():
@@ -269,7 +268,7 @@ def test_train_step_with_frozen_embeddings_matches_full_gradients():
   tx = grass_jax.transform(optax.adam(1e-2, eps=0.1), layers=LAYERS, num_active=2, period=3, always_on=False)
   out = {}
   for always_on in (None, False):
-    step = make_train_step(CFG, tx, dtype=jnp.float32, always_on=always_on, donate=False)
+    step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, always_on=always_on, donate=False))
     p, s = params, tx.init(params)
     norms = []
     for _ in range(4):
@@ -287,7 +286,7 @@ def test_train_step_with_frozen_embeddings_matches_full_gradients():
 def test_train_step_refuses_an_always_on_mismatch():
   params = models.init_params(CFG, jax.random.PRNGKey(1))
   tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=3, always_on=True)
-  step = make_train_step(CFG, tx, dtype=jnp.float32, always_on=False, donate=False)
+  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, always_on=False, donate=False))
   with pytest.raises(ValueError, match="pass the transform's always_on"):
     step(params, tx.init(params), _batch(accum=1))
 
@@ -300,7 +299,7 @@ def test_chunked_loss_train_step_matches_the_whole_loss():
                            always_on=always_on is None)
   out = {}
   for chunk in (0, 5):
-    step = make_train_step(CFG, tx, dtype=jnp.float32, always_on=always_on, donate=False, loss_chunk=chunk)
+    step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, always_on=always_on, donate=False, loss_chunk=chunk))
     p, s = params, tx.init(params)
     losses = []
     for i in range(3):

@@ -29,7 +29,7 @@ def measure(model: dict, batch: int, seq: int, gamma: int, frozen_grads: str, va
 
   import grass_jax
   from grass_jax.models import config_from_hf, init_params
-  from grass_jax.train import LAYERS, make_train_step
+  from grass_jax.train_step import LAYERS, StepOptions, make_train_step
 
   cfg = config_from_hf(model)
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
@@ -38,7 +38,7 @@ def measure(model: dict, batch: int, seq: int, gamma: int, frozen_grads: str, va
                              always_on=False, skip_nonfinite=variant != "no-skip")
   tx = grass if variant == "no-clip" else optax.chain(optax.clip_by_global_norm(1.0), grass)
   state = jax.eval_shape(tx.init, params)
-  step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat="full", frozen_grads=frozen_grads, attention="einsum")
+  step = make_train_step(cfg, tx, StepOptions(dtype=jnp.bfloat16, frozen_grads=frozen_grads, attention="einsum"))
   tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
   compiled = step.lower(params, state, {"tokens": tok, "attention_mask": tok, "loss_mask": tok}).compile()
   mem = compiled.memory_analysis()

@@ -11,9 +11,9 @@ the temporaries the step needs on top (``temp``). A variant changes one thing:
 * ``whole`` / ``chunkN``: the loss over all tokens at once, or N tokens at a time;
 * ``-frozen-head``: embeddings and head frozen (no always-on optimizer step, no head gradient);
 * ``-sgd``: plain SGD instead of AdamW (no moments, no Adam temporaries);
-* ``-unrolled``: the forward pass over static slices of the stack (``make_train_step(unroll_forward=True)``);
+* ``-unrolled``: the forward pass over static slices of the stack (``StepOptions(unroll_forward=True)``);
 * ``-stream``: the active layers' optimizer states in host memory, streamed one weight matrix at a time
-  (``make_train_step(stream_states=True)``); ``-stream-layer``: one layer at a time (``stream_by_leaf=False``).
+  (``StepOptions(stream_states=True)``); ``-stream-layer``: one layer at a time (``stream_by_leaf=False``).
 
 The differences in ``temp`` say what the loss, the always-on group and the optimizer cost. On a CPU
 the attention is einsum (its scores add to ``temp``); run it on the GPU for cuDNN's numbers.
@@ -48,7 +48,7 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
 
   import grass_jax
   from grass_jax.models import config_from_hf, init_params
-  from grass_jax.train_step import LAYERS, make_train_step
+  from grass_jax.train_step import LAYERS, StepOptions, make_train_step
 
   cfg = config_from_hf(model)
   base = variant.split("-")[0]
@@ -69,9 +69,10 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
     mesh = sharding.make_mesh(data=1, fsdp=1)
     shardings = (sharding.tree_shardings(params, mesh),
                  host_slot_shardings(sharding.tree_shardings(state, mesh)), sharding.batch_sharding(mesh))
-  step = make_train_step(cfg, tx, dtype=jnp.bfloat16, remat="full", attention=attention, always_on=always_on,
-                         loss_chunk=chunk, unroll_forward="-unrolled" in variant, shardings=shardings,
-                         stream_states=stream, stream_by_leaf="-stream-layer" not in variant)
+  options = StepOptions(dtype=jnp.bfloat16, attention=attention, always_on=always_on, loss_chunk=chunk,
+                        unroll_forward="-unrolled" in variant, stream_states=stream,
+                        stream_by_leaf="-stream-layer" not in variant)
+  step = make_train_step(cfg, tx, options, shardings=shardings)
   tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
   compiled = step.lower(params, state, {"tokens": tok, "attention_mask": tok, "loss_mask": tok}).compile()
   mem = compiled.memory_analysis()
