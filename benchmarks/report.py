@@ -119,10 +119,7 @@ def peers_speed_readme(_: Any = None) -> str:
   """Mean tokens/s after compilation and peak GiB; the better of each model's rows in bold."""
   lines = ["| model | setup | tokens/s | peak GiB |", "|---|---|---|---|"]
   for path, model, shown in PEERS_README:
-    rows = {}
-    for line in (ROOT / path).read_text().splitlines():
-      r = json.loads(line)
-      rows[r["name"]] = r  # the file's last row of a name is the current one
+    rows = _peers_rows(path)
     picked = [(rows[name], label) for name, label in shown]
     best_tps = max(r["mean_tokens_per_s"] for r, _ in picked)
     best_peak = min(r["peak_gib"] for r, _ in picked)
@@ -133,13 +130,78 @@ def peers_speed_readme(_: Any = None) -> str:
   return "\n".join(lines)
 
 
+def _peers_rows(path: str, lines: slice = slice(None)) -> dict[str, dict]:
+  """The rows of a peers file by name; ``lines``: the lines of one invocation where a file holds several."""
+  rows = {}
+  for line in (ROOT / path).read_text().splitlines()[lines]:
+    r = json.loads(line)
+    rows[r["name"]] = r  # the file's last row of a name is the current one
+  return rows
+
+
+def peers_docs_table(path: str, shown: list[tuple[str, str]], lines: slice = slice(None)) -> str:
+  """One invocation's rows: mean and median step after compilation, the whole run, the peak; its card."""
+  rows = _peers_rows(path, lines)
+  out = ["| row | tokens/s, mean after compilation | median step | whole run | peak GiB |", "|---|---|---|---|---|"]
+  for name, label in shown:
+    r = rows[name]
+    mean = f"{r['mean_tokens_per_s']:,.0f}" if r.get("mean_tokens_per_s") else "not recorded"
+    out.append(f"| {label} (`{name}`) | {mean} | {r['tokens_per_s']:,.0f} | {r['run_tokens_per_s']:,.0f} | "
+                 f"{r['peak_gib']:.2f} |")
+  devices = sorted({rows[name].get("device", "?") for name, _ in shown})
+  commits = sorted({(rows[name].get("commit") or "not recorded")[:12] for name, _ in shown})
+  part = "" if lines == slice(None) else f" (lines {lines.start + 1}-{lines.stop}: one invocation)"
+  out.append(f"\n{', '.join(devices)}; commit {', '.join(commits)}; `{path}`{part}.")
+  return "\n".join(out)
+
+
+# The docs' speed tables: (peers file, rows shown with their labels[, the lines of one invocation]).
+PEERS_DOCS = {
+    "peers_tiny_docs": ("benchmarks/results/peers/peers_h200_no_ckpt_tiny_remat_none.jsonl", [
+        ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
+        ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
+        ("tiny-torch-lisa-compile-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing")]),
+    "peers_7b_docs": ("benchmarks/results/peers/peers_h200_buckets.jsonl", [
+        ("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax GRASS + offload, `model.backward_bucket: 4`"),
+        ("7b-jax-grass-offload-late-g2-nomerge-unrolled", "grass_jax GRASS + offload, slot scan, unrolled forward"),
+        ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, compiled, checkpointed, same layers")], slice(0, 3)),
+    "peers_7b_no_ckpt_docs": ("benchmarks/results/peers/peers_h200_buckets.jsonl", [
+        ("7b-jax-grass-offload-late-g2-nomerge-bucket4-background", "grass_jax, buckets compiled in the background"),
+        ("7b-torch-lisa-compile-g2-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing, same layers"),
+        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")], slice(3, 6)),
+    "peers_importance_docs": ("benchmarks/results/peers/peers_h200_profiled.jsonl", [
+        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled"),
+        ("tiny-jax-grass-offload-late-chunk2048", "TinyLlama: GRASS, `importance: grad`"),
+        ("tiny-jax-grass-offload-late-sketch-chunk2048", "TinyLlama: GRASS, `importance: sketch`"),
+        ("tiny-jax-grass-offload-late-sketch4-chunk2048", "TinyLlama: the same, `sketch_every: 4`"),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled"),
+        ("7b-jax-grass-offload-late-g2", "7B: GRASS, `importance: grad`"),
+        ("7b-jax-grass-offload-late-sketch-g2", "7B: GRASS, `importance: sketch`"),
+        ("7b-jax-grass-offload-late-sketch4-g2", "7B: the same, `sketch_every: 4`")], slice(0, 8)),
+    "peers_memory_docs": ("benchmarks/results/peers/peers_h200_allocator_prealloc.jsonl", [
+        ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed"),
+        ("tiny-jax-grass-offload-late-chunk2048-nomerge-prealloc", "grass_jax GRASS + offload, JAX's default preallocation"),
+        ("tiny-jax-grass-offload-late-chunk2048-nomerge", "the same, preallocation off")]),
+    "peers_whole_run_docs": ("benchmarks/results/peers/peers_h200_eager_no_ckpt.jsonl", [
+        ("7b-jax-grass-offload-late-g2-nomerge", "grass_jax GRASS + offload, slot scan"),
+        ("7b-torch-lisa-eager-g2", "PyTorch LISA, eager, checkpointed"),
+        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")]),
+}
+
+
+def sources() -> list[str]:
+  """Every result file a table is made from."""
+  return [PAIRED, *(path for path, _, _ in PEERS_README), *(spec[0] for spec in PEERS_DOCS.values())]
+
+
 # name -> (result file, function making the markdown table from its JSON)
 TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "paired_accuracy_readme": (PAIRED, paired_accuracy_readme),
     "paired_accuracy_docs": (PAIRED, paired_accuracy_docs),
     "peers_speed_readme": (None, peers_speed_readme),  # reads the peers files of PEERS_README
+    **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
 }
-PAGES = ["README.md", "docs/accuracy.md"]
+PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md"]
 MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)(\n<!-- /report -->)", re.S)
 
 

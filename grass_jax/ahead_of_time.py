@@ -4,9 +4,8 @@ XLA:GPU's autotuner runs candidate kernels on buffers the size of their operands
 When the step first compiles at its first call, the weights and optimizer state are already
 resident, and those buffers come on top of them. With the forward pass unrolled
 (``model.unroll_forward``) the step's matmuls read slices of the whole ``[L, ...]`` weight stack, and
-compiling Llama-2-7B's step (b2 x 512) peaked at 2.93 GiB against 1.12 GiB scanned
-(``benchmarks/probes/step_memory.py`` on an H200): the run's peak rose by 0.72 GiB over the scan's
-although the compiled step needs less memory. Compiled before the weights are placed, the
+the autotuner's buffers raised the run's peak above the scan's although the compiled step needs less
+memory (``benchmarks/probes/step_memory.py``; docs/performance-history.md). Compiled before the weights are placed, the
 autotuner's buffers and the weights are never on the device together.
 
 The step compiles once per batch shape (per length bucket, see :mod:`grass_jax.data`), as ``jax.jit``

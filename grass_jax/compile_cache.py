@@ -1,6 +1,6 @@
 """A persistent compilation cache per run, so a resumed run does not compile its step again.
 
-Compiling the train step takes seconds to a minute (Llama-2-7B on an H200: 9 s scanned, 49 s with
+Compiling the train step takes seconds to a minute on a large model (more with
 ``model.unroll_forward``, most of it autotuning). JAX can keep compiled executables on disk and read
 them back when the same program is compiled again. The trainer points that cache at
 ``<train.output_dir>/compilation_cache`` (``train.compilation_cache: true``, the default), so resuming

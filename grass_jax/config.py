@@ -63,10 +63,10 @@ class ModelConfig:
     ``backward_bucket_compile`` says; ``grass_jax.models.bucketed_stack``).
     Steps that measure frozen layers (probing, sketch steps) run the slot scan.
   backward_bucket_compile: 'ahead' (all buckets, two at a time, before the
-    weights are placed: a wait, the fast step from the first step on; Llama-2-7B
-    on an H200, buckets of 8: 135 s) or 'background' (one at a time while the slot scan
-    trains: no wait, but on that 7B run no bucket was ready within 1,000 steps,
-    and the peak was 19.3 GiB against the scan's 16.3).
+    weights are placed: a wait, the fast step from the first step on) or
+    'background' (one at a time while the slot scan trains: no wait, but on
+    Llama-2-7B no bucket was ready within 1,000 steps, and the peak was higher;
+    docs/performance.md).
   """
 
   path: str | None = None
@@ -147,8 +147,7 @@ class OptimConfig:
     between cost what importance 'grad' costs. Must divide the refresh
     interval (refresh_every, or period), so every refresh sees a sketch.
     1 (default) is what docs/accuracy.md measured; larger values trade
-    measurements for speed (4: 0.98x instead of 0.93x the tokens/s of grad on
-    TinyLlama, docs/performance.md) and are not accuracy-tested.
+    measurements for speed (docs/performance.md) and are not accuracy-tested.
   always_on: also train embeddings, final norm and LM head every step.
   reset_on_switch: strategy grass: a layer drawn again starts with fresh Adam
     moments, as LISA's layers do, instead of the moments it had when it was
@@ -160,8 +159,7 @@ class OptimConfig:
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy it to the device only for its update,
     one weight matrix at a time (no optimizer state per extra active layer on
-    the device; costs host<->device copies every step: 0.73x tokens/s on
-    Llama-2-7B at batch 2, docs/offloading.md).
+    the device; costs host<->device copies every step, docs/offloading.md).
   offload_prefetch: with offload_optimizer_state, copy the incoming layers'
     states while the period's last step computes (true, fastest); false: only
     after it, so the device never holds a second set of active layers' states

@@ -15,8 +15,8 @@ always-on group). :class:`Offloader` keeps every other layer's state in
   Layers that stay active do not move.
 
 The prefetch costs memory: during the last step of a period the device holds
-the incoming layers' states beside that step's own (one slot set, ``gamma``
-layers' moments: 0.33 GiB on TinyLlama at gamma 2, 1.5 GiB on Llama-2-7B).
+the incoming layers' states beside that step's own (one slot set: ``gamma``
+layers' moments).
 ``Offloader(..., prefetch=False)`` swaps only once that step has finished and
 waits for the copies, so the device never holds both, for one pause of the
 copy time per period (the device idles while the host copies).
@@ -44,9 +44,8 @@ in host memory too. The train step (``StepOptions(stream_states=True)``)
 copies the active layers' states to the device for their update after the
 backward pass, one weight matrix at a time (``by_leaf``; or one layer at a
 time), and copies them back: device memory then holds about two matrices'
-moments instead of ``gamma`` layers' (Llama-2-7B b2 x 512 at gamma 1 on an
-H200: 13.76 GiB against 15.41 with plain offload), for two host<->device copies
-of each active layer's state every step (0.73x plain offload's tokens/s there).
+moments instead of ``gamma`` layers', for two host<->device copies of each
+active layer's state every step (docs/offloading.md measures both).
 ``inner.init`` must depend on parameter shapes only (true for adam, adamw,
 sgd, lion, adafactor, ...): a layer never trained before starts from a copy of
 the fresh state of the first slot.
@@ -61,7 +60,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from grass_jax.schedule import Schedule
-from grass_jax.transform import StateStream, find_state, replace_state
+from grass_jax.layer_updates import StateStream
+from grass_jax.transform import find_state, replace_state
 
 
 def memory_kind(tree: Any) -> set[str]:
@@ -99,11 +99,11 @@ def host_slot_shardings(shardings: Any, host_memory_kind: str = "pinned_host") -
 
 
 def state_stream(host_shardings: Any, device_memory_kind: str = "device", by_leaf: bool = True) -> StateStream:
-  """The :class:`~grass_jax.transform.StateStream` for one slot's host shardings (use inside jit).
+  """The :class:`~grass_jax.layer_updates.StateStream` for one slot's host shardings (use inside jit).
 
   The barrier ties each fetch to an earlier update (or the gradients), so a state comes to the device
   only when it is needed. ``by_leaf``: one weight matrix's state at a time (the default), else one
-  layer's (see :class:`~grass_jax.transform.StateStream`).
+  layer's (see :class:`~grass_jax.layer_updates.StateStream`).
   """
   def shardings(part: Any) -> Any:
     return host_shardings if part is None else part(host_shardings)

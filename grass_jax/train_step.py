@@ -257,8 +257,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
   :class:`grass_jax.backward_buckets.BackwardBuckets` picks the value per
   step. A step that breaks either rule has NaN gradients and is skipped
   (``metrics['skipped']``), never trained on a wrong gradient. :class:`grass_jax.ahead_of_time.CompiledStep` compiles the
-  buckets ahead or in the background. Llama-2-7B b2 x 512 on an H200: 1.27x
-  the slot scan's tokens/s for 1 GiB more peak (docs/performance.md).
+  buckets ahead or in the background; docs/performance.md measures it.
   """
   o = options
   # The step asks only whether it probes and whether it sketches: the period does not matter to it.

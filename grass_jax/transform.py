@@ -58,8 +58,7 @@ Example::
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -71,6 +70,7 @@ import optax
 from grass_jax import gain as gain_lib
 from grass_jax import importance as importance_lib
 from grass_jax import sampling
+from grass_jax.layer_updates import StateStream, guard, per_layer_update, take_layer
 from grass_jax.layers import AlwaysOn, LabelsFn, LayerLayout, build_layout
 from grass_jax.schedule import Schedule
 
@@ -161,137 +161,6 @@ class Settings(NamedTuple):
     return Schedule(self.period, self.probe_steps, self.refresh_every, static=self.static)
 
 
-def _take(tree: Any, idx: jax.Array) -> Any:
-  return jax.tree.map(lambda x: x[idx], tree)
-
-
-def _guard(ok: jax.Array | None, updates: Any, new_state: Any, old_state: Any) -> tuple[Any, Any]:
-  """``(updates, state)`` of a step, or zero updates and the old state where ``ok`` is False."""
-  if ok is None:
-    return updates, new_state
-  return (jax.tree.map(lambda u: jnp.where(ok, u, jnp.zeros_like(u)), updates),
-          jax.tree.map(lambda a, b: jnp.where(ok, a, b), new_state, old_state))
-
-
-class StateStream(NamedTuple):
-  """Moves an active layer's inner state between host and device around its update.
-
-  Passed to the GRASS update as ``tx.update(..., state_stream=...)`` (see
-  :func:`grass_jax.offload.state_stream`) when the active layers' states live in
-  host memory: each layer's state (or each weight matrix's, ``by_leaf``) is
-  fetched, updated and stored in turn, so the device holds one piece at a time.
-
-  Attributes:
-    fetch: ``(host_state, after, part=None) -> device_state``; the copy must
-      not start before ``after`` (a pytree) is computed, which orders the
-      copies. ``part``: None (a layer's state), or a function that cuts a
-      tree shaped like a layer's state (the state's shardings, say) to the
-      piece ``host_state`` is (one leaf's, with ``by_leaf``).
-    store: ``(device_state, part=None) -> host_state``.
-    by_leaf: move and update one weight matrix's state at a time instead of
-      one layer's (:func:`_per_leaf_streamed_update`): the device holds about
-      two matrices' moments, not a layer's, and each update is written over
-      its gradient. (The next matrix's copy to the device may run beside this
-      one's copy back; on an H200 XLA ran them one after the other.) Needs an inner
-      optimizer that updates each leaf on its own (adam, adamw, sgd, lion,
-      adafactor, ...: not one that reduces across a layer's leaves, such as
-      ``clip_by_global_norm`` inside ``inner``). A state that does not split
-      by leaf (a non-scalar leaf outside the parameter-shaped subtrees)
-      streams by layer.
-  """
-  fetch: Callable[..., Any]
-  store: Callable[..., Any]
-  by_leaf: bool = False
-
-
-def _is_group(x: Any, keys: set[str]) -> bool:
-  """Whether ``x`` is a parameter-shaped subtree of a layer's inner state (a dict over the layer's leaves)."""
-  return isinstance(x, dict) and set(x) == keys
-
-
-def _splits_by_leaf(state: Any, keys: set[str]) -> bool:
-  """Whether a layer's inner state is parameter-shaped subtrees (moments) and scalars (step counts) only."""
-  flat = jax.tree.leaves(state, is_leaf=lambda x: _is_group(x, keys))
-  return (any(_is_group(x, keys) for x in flat)
-          and all(_is_group(x, keys) or np.ndim(x) == 0 for x in flat))
-
-
-def _leaf_state(state: Any, keys: set[str], key: str) -> Any:
-  """The part of a layer's inner state for one leaf: each parameter-shaped subtree cut to ``{key: ...}``."""
-  return jax.tree.map(lambda x: {key: x[key]} if _is_group(x, keys) else x, state,
-                      is_leaf=lambda x: _is_group(x, keys))
-
-
-def _merge_leaf_states(parts: dict[str, Any]) -> Any:
-  """Inverse of :func:`_leaf_state`: one layer's state from its leaves' parts (scalars from the first part).
-
-  The scalars (step counts) are equal in every part: each leaf's update advanced its own copy once.
-  """
-  first = next(iter(parts))
-  flat = {k: jax.tree.flatten(p, is_leaf=lambda x, k=k: _is_group(x, {k})) for k, p in parts.items()}
-  leaves, treedef = flat[first]
-  merged = [{k: flat[k][0][n][k] for k in parts} if _is_group(x, {first}) else x for n, x in enumerate(leaves)]
-  return treedef.unflatten(merged)
-
-
-def _per_layer_update(inner: optax.GradientTransformation, grads: Any, states: tuple, params: Any,
-                      num: int, ok: jax.Array | None = None,
-                      stream: StateStream | None = None) -> tuple[Any, tuple]:
-  """``inner.update`` on each of ``num`` stacked layers with its own state (a tuple).
-
-  An unrolled loop rather than ``jax.vmap``: under vmap the per-layer step
-  count becomes a vector and XLA evaluates the bias correction's power through
-  a different (vectorised) code path, so updates would differ from the bare
-  inner optimizer's in the last bit. ``ok``: see :func:`_guard`. ``stream``: states live in host memory; each
-  is fetched after the previous layer's update and stored back.
-  """
-  if stream is not None and stream.by_leaf and _splits_by_leaf(states[0], set(grads)):
-    return _per_leaf_streamed_update(inner, grads, states, params, num, ok, stream)
-  outs, new_states = [], []
-  after = grads
-  for i in range(num):
-    p_i = None if params is None else _take(params, i)
-    old = states[i] if stream is None else stream.fetch(states[i], after)
-    u, s = _guard(ok, *inner.update(_take(grads, i), old, p_i), old)
-    after = u
-    outs.append(u)
-    new_states.append(s if stream is None else stream.store(s))
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *outs), tuple(new_states)
-
-
-def _per_leaf_streamed_update(inner: optax.GradientTransformation, grads: dict, states: tuple, params: Any,
-                              num: int, ok: jax.Array | None, stream: StateStream) -> tuple[Any, tuple]:
-  """:func:`_per_layer_update` with host-resident states moved one leaf (weight matrix) at a time.
-
-  A double buffer: leaf ``n``'s state is fetched once leaf ``n - 2``'s update is computed, so the copy
-  to the device may run beside leaf ``n - 1``'s update and copy back, and at most a few matrices' moments
-  are on the device at once. Each leaf is updated by ``inner`` on its own; the results equal the
-  per-layer update's for an inner optimizer that acts leaf by leaf (:class:`StateStream`).
-  """
-  keys = sorted(grads)
-  # Each update is written over its gradient (same dtype): the stacked gradients become the stacked updates,
-  # so the updates take no buffers of their own.
-  work, separate = dict(grads), {}
-  parts = [dict() for _ in range(num)]
-  done = []  # each leaf's update and its state back on the host, in order: what the fetch two leaves later waits for
-  for i in range(num):
-    for key in keys:
-      part = functools.partial(_leaf_state, keys=set(keys), key=key)
-      old = stream.fetch(part(states[i]), grads if len(done) < 2 else done[-2], part)
-      p = None if params is None else {key: params[key][i]}
-      u, new = _guard(ok, *inner.update({key: work[key][i]}, old, p), old)
-      if u[key].dtype == grads[key].dtype:
-        work[key] = work[key].at[i].set(u[key])
-      else:  # an update of another dtype than its gradient: stacked on its own
-        separate.setdefault(key, []).append(u[key])
-      parts[i][key] = stream.store(new, part)
-      # Waiting for the state back on the host too bounds the device copies of new states held for their
-      # copy back: XLA would otherwise finish every copy back at the end of the step.
-      done.append((u, parts[i][key]))
-  work.update({key: jnp.stack(us) for key, us in separate.items()})
-  return work, tuple(_merge_leaf_states(parts[i]) for i in range(num))
-
-
 def _check_args(s: Settings) -> None:
   if s.num_active is not None and (not isinstance(s.num_active, (int, np.integer)) or s.num_active < 1):
     raise ValueError(f"num_active must be a positive int (or None for all layers); got {s.num_active!r}")
@@ -338,7 +207,7 @@ def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> Grass
       raise ValueError(f"fixed_layers {list(s.fixed_layers)} name a layer beyond the model's L={num_layers}")
     active = next_active = jnp.asarray(sorted(s.fixed_layers), jnp.int32)
     probs = jnp.zeros((num_layers,), jnp.float32).at[active].set(1.0 / gamma)
-    slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
+    slot_states = tuple(inner.init(take_layer(stack, active[i])) for i in range(gamma))
   else:
     active = sampling.draw(k0, probs, gamma, undrawn if s.coverage else None)
     undrawn = sampling.next_cycle(undrawn, active) if s.coverage else undrawn
@@ -346,7 +215,7 @@ def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> Grass
     if s.period == 1:
       next_active = sampling.draw(k1, probs, gamma, undrawn if s.coverage else None)
       undrawn = sampling.next_cycle(undrawn, next_active) if s.coverage else undrawn
-    slot_states = tuple(inner.init(_take(stack, active[i])) for i in range(gamma))
+    slot_states = tuple(inner.init(take_layer(stack, active[i])) for i in range(gamma))
   # Fixed layers never switch: no other layer's state is ever needed.
   keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload and s.sampling_kind != "fixed"
   return GrassState(
@@ -375,7 +244,7 @@ def _to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> 
   n = layout.stack_size(layout.treedef.flatten_up_to(tree))
   if n == layout.num_layers:
     if gamma < n:
-      stack = _take(stack, active)
+      stack = take_layer(stack, active)
   elif n != gamma:
     raise ValueError(f"layer leaves have a leading size {n}; expected L={layout.num_layers} (full form) "
                      f"or num_active={gamma} (slot form)")
@@ -423,12 +292,12 @@ def update_active_layers(inner: optax.GradientTransformation, state: GrassState,
   """
   num_layers, gamma = state.importance.shape[0], state.active.shape[0]
   if gamma == num_layers:  # one inner state for the whole stack: plain full fine-tuning
-    slot_u, slot_states = _guard(ok, *inner.update(slot_g, state.slot_states, slot_p), state.slot_states)
+    slot_u, slot_states = guard(ok, *inner.update(slot_g, state.slot_states, slot_p), state.slot_states)
   else:
-    slot_u, slot_states = _per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma, ok, stream)
+    slot_u, slot_states = per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma, ok, stream)
   if not always_g:
     return slot_u, slot_states, {}, state.always_on_state
-  always_u, always_state = _guard(ok, *inner.update(always_g, state.always_on_state, always_p),
+  always_u, always_state = guard(ok, *inner.update(always_g, state.always_on_state, always_p),
                                   state.always_on_state)
   return slot_u, slot_states, always_u, always_state
 
@@ -484,14 +353,14 @@ def switch_layers(inner: optax.GradientTransformation, s: Settings, state: Grass
   active = jnp.where(switch, state.next_active, state.active)
   slot_layers = state.slot_layers
   if s.reset_on_switch:
-    fresh = tuple(inner.init(jax.tree.map(jnp.zeros_like, _take(slot_g, i))) for i in range(gamma))
+    fresh = tuple(inner.init(jax.tree.map(jnp.zeros_like, take_layer(slot_g, i))) for i in range(gamma))
     slot_states = jax.tree.map(lambda f, x: jnp.where(switch, f, x), fresh, slot_states)
     slot_layers = active
   elif bank is not None:
     def do_switch(bank, slots):
       for i in range(gamma):
         bank = jax.tree.map(lambda b, x: b.at[state.active[i]].set(x), bank, slots[i])
-      return bank, tuple(_take(bank, state.next_active[i]) for i in range(gamma))
+      return bank, tuple(take_layer(bank, state.next_active[i]) for i in range(gamma))
     bank, slot_states = jax.lax.cond(switch, do_switch, lambda b, x: (b, x), bank, slot_states)
     slot_layers = active
   return active, slot_layers, slot_states, bank

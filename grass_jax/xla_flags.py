@@ -1,12 +1,12 @@
 """XLA flags that make GRASS training faster on GPU, and the one place that sets them.
 
-Each flag is measured (``benchmarks/peers.py``, rows ending in ``-nomerge``; ``docs/performance.md``):
+Each flag is measured (``benchmarks/peers.py``, rows ending in ``-nomerge``; ``docs/performance-history.md``):
 
 * ``--xla_gpu_dot_merger_threshold_mb=0``: XLA's dot merger turns matmuls that share an input (a
   layer's ``k_proj`` and ``v_proj``) into one, by concatenating their weights. With the layers in a
   loop over a ``[L, ...]`` stack the weights change at every iteration, so the merge copies both
-  matrices at every layer pass (64 MiB per pass on Llama-2-7B) to save one matmul launch. Off:
-  +1.9% tokens/s on Llama-2-7B (b2 x 512, gamma 2) and +1.1% on TinyLlama (b16 x 512), H200.
+  matrices at every layer pass to save one matmul launch. Off is faster on both benchmark models
+  (the ``-nomerge`` rows; docs/performance-history.md).
 
 XLA reads ``XLA_FLAGS`` once, when JAX starts its backend (the first computation or device query),
 so the flags must be set before that. ``scripts/train.py`` and ``scripts/evaluate.py`` do it first

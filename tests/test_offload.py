@@ -8,7 +8,7 @@ import pytest
 
 import grass_jax
 from grass_jax.offload import Offloader, host_slot_states, memory_kind, state_stream
-from grass_jax.transform import StateStream
+from grass_jax.layer_updates import StateStream
 from tests.float_bounds import assert_adam_runs_agree, assert_moments_agree
 from tests.test_transform import random_grads, stacked_params
 

@@ -10,7 +10,7 @@ def test_committed_tables_are_what_the_result_files_give():
 
 
 def test_a_changed_number_is_caught_and_rewritten(tmp_path, monkeypatch):
-  for rel in [*report.PAGES, report.PAIRED, *(path for path, _, _ in report.PEERS_README)]:
+  for rel in [*report.PAGES, *report.sources()]:
     (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(report.ROOT / rel, tmp_path / rel)
   page = tmp_path / "README.md"

@@ -47,6 +47,34 @@ def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path, stop
         resume=True, progress=False)
 
 
+# A value other than the run's for each key the schedule and the layer sequence depend on.
+CHANGED = {"train.max_steps": "7", "train.epochs": "2", "train.batch_size": "4", "train.grad_accum": "2",
+           "train.seed": "1", "optim.strategy": "lisa", "optim.learning_rate": "0.5", "optim.schedule": "linear",
+           "optim.warmup_ratio": "0.2", "optim.period": "1", "optim.probe_steps": "0", "optim.importance": "sketch",
+           "optim.sketch_every": "5", "optim.num_active": "1", "optim.fixed_layers": "[0, 1]",
+           "data.train": "data/tiny_parity_train.jsonl", "data.shuffle_seed": "3"}
+
+
+def test_every_schedule_key_is_checked_on_resume(tmp_path):
+  # check_same_schedule alone (the run's refusal above goes through it): each key changed on its own is named
+  from grass_jax.config import to_dict
+  from grass_jax.train import SCHEDULE_KEYS, check_same_schedule
+  import yaml
+  assert set(CHANGED) == set(SCHEDULE_KEYS)
+  grass = ["optim.strategy=grass", "optim.period=5", "optim.probe_steps=5", "optim.importance=grad",
+           "train.max_steps=6"]
+  fixed = ["optim.strategy=fixed", "optim.fixed_layers=[2, 3]", "train.max_steps=6"]
+  for base in (grass, fixed):
+    saved = tmp_path / "config.yaml"
+    saved.write_text(yaml.safe_dump(to_dict(_cfg(tmp_path, *base))))
+    check_same_schedule(_cfg(tmp_path, *base), saved)  # the same config resumes
+    for key, value in CHANGED.items():
+      if (key == "optim.fixed_layers") != (base is fixed):  # fixed_layers exists only for strategy fixed
+        continue
+      with pytest.raises(ConfigError, match=f"--resume with {key}="):
+        check_same_schedule(_cfg(tmp_path, *base, f"{key}={value}"), saved)
+
+
 @pytest.mark.parametrize("damage", ["truncated_array", "missing_metadata", "garbage_bytes"])
 def test_resume_falls_back_to_the_newest_readable_checkpoint(tmp_path, damage, capsys, straight_four_steps,
                                                              stopped_at_four):

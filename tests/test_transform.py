@@ -220,6 +220,18 @@ def test_always_on_false_freezes_outside_leaves():
   assert not np.any(np.asarray(updates["embed"]))
 
 
+@pytest.mark.parametrize("always_on,trained", [("embed|head", {"embed", "head"}),
+                                               (lambda path: "norm" in path, {"norm"})])
+def test_always_on_as_a_regex_or_a_predicate_on_the_leaf_path(always_on, trained):
+  tx = grass_jax.transform(optax.sgd(1.0), layers=grass_jax.stacked_layers(), num_active=1, always_on=always_on)
+  params = {**stacked_params(), "head": jnp.ones((D, 3)), "norm": jnp.ones((D,))}
+  grads = random_grads(params, 0)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  for name in ("embed", "head", "norm"):  # sgd(1.0): an updated leaf moves by exactly minus its gradient
+    want = -grads[name] if name in trained else jnp.zeros_like(grads[name])
+    np.testing.assert_array_equal(updates[name], want, err_msg=name)
+
+
 def test_toy_mlp_stack_loss_falls():
   params, loss_fn = toy_problem(depth=8, width=16, batch=64)
   tx = grass_jax.transform(optax.adam(1e-2), layers=grass_jax.stacked_layers(), num_active=2, period=5,

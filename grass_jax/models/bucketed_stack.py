@@ -4,8 +4,8 @@ The slot scan (:mod:`grass_jax.models.slot_scan`) compiles once for every draw, 
 runs frozen layers in loops with dynamic bounds and recomputes every block it differentiates
 (``remat='full'``). A draw known at compile time would let XLA do what PyTorch's autograd does: keep
 the activations of the layers above the lowest trained one, run no recomputation, and read weights
-in place. Llama-2-7B (b2 x 512, H200) spends ~19 ms of its 64 ms stack on that recomputation
-(``benchmarks/probes/weight_copies.py``, static-draw variants).
+in place. On Llama-2-7B that recomputation is a large part of the stack's time
+(``benchmarks/probes/weight_copies.py``, static-draw variants; docs/performance-history.md).
 
 A *bucket* keeps most of that and compiles once per ``bucket`` lowest layers, not per draw. For a
 static ``start`` (the lowest trained layer rounded down to a multiple of ``bucket``):
@@ -25,11 +25,8 @@ runs in the bucket's executable. A draw below ``start`` would need layers the bu
 differentiated; its gradients (and measured norms) come out NaN, so a GRASS step skips it
 (``metrics['skipped']``) instead of training on a wrong gradient.
 
-Measured on the 7B stack (probe ``bucket-slices``): 49.0 ms at draw 9,30 against the slot scan's
-63.7; 56.2 against 78.2 at draw 0,28; a tie at draw 22,25 with buckets of 8 (40.2 against 43.6 with
-buckets of 4). It costs the kept activations (+1-3.5 GiB on the 7B at b2 x 512) and a compilation per
-bucket. The whole train step with buckets of 4 (7B b2 x 512, H200, 10 draws): 17,683 tokens/s
-against the slot scan's 13,945, at 17.27 GiB against 16.27 (docs/performance.md). The ``measure``
+It costs the kept activations and a compilation per bucket; what it gains is measured in
+docs/performance.md. The ``measure``
 modes: 'none', or 'exact' on steps that do not probe (trained layers only).
 
 Example::

@@ -50,10 +50,9 @@ returned input gradient is zeros. PyTorch's autograd does the same by itself.
 
 **Unrolling the forward pass** (``unroll_forward``). In a scan, each layer's weights are a dynamic
 slice of the ``[L, ...]`` stack, and XLA:GPU copies every weight matrix out of the stack before the
-matmuls that read it. A Python loop over static slices lets XLA read the weights in place: on
-Llama-2-7B (b2 x 512, H200) the 32-layer forward took 25.0 ms against 29.7 ms scanned
-(``benchmarks/probes/weight_copies.py``); a whole 7B step gained 5.9%, TinyLlama's (8x the tokens per
-weight read) nothing. It costs compile time (the HLO holds every block), and it applies with
+matmuls that read it. A Python loop over static slices lets XLA read the weights in place: it pays
+where weight reads dominate (Llama-2-7B at batch 2), not where tokens do (TinyLlama at batch 16;
+``benchmarks/probes/weight_copies.py``, docs/performance-history.md). It costs compile time (the HLO holds every block), and it applies with
 ``remat='full'`` only. The backward pass keeps its loops.
 
 Squared norms of micro-batches add up (the sink's gradient is a sum), so with
