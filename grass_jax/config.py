@@ -2,7 +2,14 @@
 
 Every key is a field of one of the dataclasses below (the field docs are the
 reference for ``configs/*.yaml``). Unknown keys, wrong types and out-of-range
-values raise :class:`ConfigError` naming the key.
+values raise :class:`ConfigError` naming the key. A YAML file sets the keys of
+:data:`CORE` in their sections and any other key under ``advanced:``, by
+section (keys outside ``advanced:`` are read too, so older files still load)::
+
+  optim:
+    strategy: lisa
+  advanced:
+    optim: {temperature: 0.5}
 
 Example::
 
@@ -307,6 +314,54 @@ class Config:
   mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
 
+# The keys most runs set (25); every other key has a default that suits most runs and goes under `advanced:`.
+CORE = {
+    "model": ("path", "random_init", "tokenizer", "dtype"),
+    "data": ("train", "max_length", "packing"),
+    "optim": ("strategy", "num_active", "period", "learning_rate", "schedule", "warmup_ratio", "always_on",
+              "offload_optimizer_state"),
+    "train": ("epochs", "max_steps", "batch_size", "grad_accum", "seed", "checkpoint_every", "output_dir"),
+    "eval": ("tasks", "data"),
+    "mesh": ("data",),
+}
+
+
+def merge_advanced(data: dict) -> dict:
+  """The sections with the ``advanced:`` keys merged into them (a key set in both places is an error)."""
+  if "advanced" not in data:
+    return data
+  advanced = data["advanced"] or {}
+  if not isinstance(advanced, dict):
+    raise ConfigError(f"advanced must be a mapping of sections to keys (e.g. advanced: {{optim: {{temperature: "
+                      f"0.5}}}}); got {_shown(advanced)}")
+  merged = {k: v for k, v in data.items() if k != "advanced"}
+  for section, keys in advanced.items():
+    if section not in CORE:
+      raise ConfigError(f"unknown section advanced.{_key_name(section)}; valid sections: {', '.join(CORE)}")
+    if not isinstance(keys, dict):
+      raise ConfigError(f"advanced.{section} must be a mapping of keys to values; got {_shown(keys)}")
+    own = dict(merged.get(section) or {})
+    for key, value in keys.items():
+      if key in CORE[section]:
+        raise ConfigError(f"advanced.{section}.{_key_name(key)}: {section}.{key} is a core key; set it under "
+                          f"{section}:, not under advanced:")
+      if key in own:
+        raise ConfigError(f"{section}.{_key_name(key)} is set twice, in {section}: and in advanced.{section}: "
+                          "keep one")
+      own[key] = value
+    merged[section] = own
+  return merged
+
+
+def to_file_dict(cfg: Config) -> dict:
+  """The config as a YAML file holds it: the core keys in their sections, the others under ``advanced:``."""
+  flat = to_dict(cfg)
+  out = {section: {k: v for k, v in keys.items() if k in CORE[section]} for section, keys in flat.items()}
+  out["advanced"] = {section: {k: v for k, v in keys.items() if k not in CORE[section]}
+                     for section, keys in flat.items()}
+  return out
+
+
 CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.compute_dtype": ("float32", "bfloat16"),
@@ -480,12 +535,13 @@ def validate(cfg: Config) -> Config:
 
 def _require_mapping(data: Any, where: str) -> None:
   if not isinstance(data, dict):
-    raise ConfigError(f"{where} must be a mapping with sections model, data, optim, train, eval, mesh; "
+    raise ConfigError(f"{where} must be a mapping with sections model, data, optim, train, eval, mesh, advanced; "
                       f"got {type(data).__name__} (see configs/tiny-demo.yaml)")
 
 
 def from_dict(data: dict) -> Config:
   _require_mapping(data, "a config")
+  data = merge_advanced(data)
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
   unknown = sorted(_key_name(k) for k in set(data) - set(sections))
   if unknown:
@@ -517,7 +573,7 @@ def load(path: str | Path, overrides: list[str] = ()) -> Config:
   except (yaml.YAMLError, UnicodeDecodeError) as e:
     raise ConfigError(f"{path}{_yaml_where(e)} is not valid YAML: {_yaml_problem(e)}") from e
   _require_mapping(data, str(path))  # before the overrides are merged into it
-  return from_dict(_merge_overrides(data, overrides))
+  return from_dict(_merge_overrides(merge_advanced(data), overrides))
 
 
 def _merge_overrides(data: dict, overrides: list[str]) -> dict:

@@ -39,7 +39,7 @@ from grass_jax.ahead_of_time import CompiledStep
 from grass_jax.assembly import assemble, build_optimizer, check_layers_fit, dtype_of, measure_mode, model_config
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.compile_cache import use_compilation_cache
-from grass_jax.config import Config, ConfigError, ModelConfig, to_dict
+from grass_jax.config import Config, ConfigError, ModelConfig, merge_advanced, to_dict, to_file_dict
 from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, init_params
@@ -71,7 +71,7 @@ def check_same_schedule(cfg: Config, saved: Path) -> None:
   """Refuses a resume whose schedule keys differ from the run's saved ``config.yaml`` (never a silent jump)."""
   if not saved.exists():
     return
-  old, new = yaml.safe_load(saved.read_text()) or {}, to_dict(cfg)
+  old, new = merge_advanced(yaml.safe_load(saved.read_text()) or {}), to_dict(cfg)  # files of either layout
   for key in SCHEDULE_KEYS:
     section, name = key.split(".")
     was, now = (old.get(section) or {}).get(name), new[section][name]
@@ -159,7 +159,7 @@ class Trainer:
         raise CheckpointError(f"--resume: {ckpt_dir} holds no checkpoint (nothing to resume); run without --resume")
       check_same_schedule(cfg, self.out / "config.yaml")
     self.out.mkdir(parents=True, exist_ok=True)
-    (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (self.out / "config.yaml").write_text(yaml.safe_dump(to_file_dict(cfg), sort_keys=False))
     self.ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
     return mesh
 

@@ -108,7 +108,7 @@ def test_resume_of_a_run_started_with_the_papers_importance_is_refused_under_the
   import yaml
   shutil.copytree(stopped_at_four, tmp_path / "b")
   saved = yaml.safe_load((tmp_path / "b" / "config.yaml").read_text())
-  saved["optim"]["importance"] = "grad"
+  saved["advanced"]["optim"]["importance"] = "grad"
   (tmp_path / "b" / "config.yaml").write_text(yaml.safe_dump(saved))
   with pytest.raises(ConfigError, match=r"--resume with optim.importance='sketch', but the run .* with 'grad'"):
     run(_cfg(tmp_path / "b", *FALLBACK), resume=True, progress=False)

@@ -1,6 +1,7 @@
 """scripts/train.py end to end on CPU: the demo config, resume equality, config and data errors."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -175,6 +176,31 @@ def test_batches_mask_prompt_and_are_deterministic_and_resumable():
   row = batch["tokens"][0, 0][batch["loss_mask"][0, 0] == 1]
   text = tok.decode(row)
   assert "The answer is" in text and "### Instruction" not in text
+
+
+def test_advanced_keys_go_under_advanced_and_old_files_still_load(tmp_path):
+  import yaml
+  cfg = config_lib.load(DEMO)
+  as_saved = config_lib.to_file_dict(cfg)  # what a run writes to its config.yaml
+  assert sum(len(keys) for section, keys in as_saved.items() if section != "advanced") == 25
+  (tmp_path / "new.yaml").write_text(yaml.safe_dump(as_saved))
+  assert config_lib.load(tmp_path / "new.yaml") == cfg
+  assert config_lib.load(tmp_path / "new.yaml", ["optim.temperature=2"]).optim.temperature == 2.0
+  (tmp_path / "old.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg)))  # every key in its section
+  assert config_lib.load(tmp_path / "old.yaml") == cfg
+  for advanced, message in [({"optim": {"strategy": "grass"}}, "advanced.optim.strategy: optim.strategy is a core "
+                                                                "key; set it under optim:, not under advanced:"),
+                            ({"optim": {"temperature": 1.0}}, "optim.temperature is set twice"),
+                            ({"optimizer": {"temperature": 1.0}}, "unknown section advanced.optimizer"),
+                            (3, "advanced must be a mapping")]:
+    data = {**as_saved, "optim": {**as_saved["optim"], "temperature": 0.5}, "advanced": advanced}
+    with pytest.raises(config_lib.ConfigError, match=message):
+      config_lib.from_dict(data)
+  # docs/configuration.md lists the core keys in one table, the others in another
+  doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+  core_doc = doc.split("## Core keys")[1].split("## Advanced keys")[0]
+  assert set(re.findall(r"^\| `(\w+\.\w+)", core_doc, flags=re.M)) == \
+      {f"{section}.{key}" for section, keys in config_lib.CORE.items() for key in keys}
 
 
 def test_cli_reports_config_errors(tmp_path):
