@@ -72,7 +72,7 @@ def spec_config(spec: dict[str, Any]) -> Any:
   spec keys: size, strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
   host too), prefetch, always_on, measure ('none': importance from the trained layers, 'sketch': live
   importance), probe_steps, sketch_size, sketch_every, frozen_grads, remat, attention, loss_chunk,
-  unroll_forward, backward_bucket (0: the slot scan), bucket_compile ('background' or 'ahead'),
+  unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead),
   batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
   ``defaults``: true takes every setting but size, batch, always_on, num_active and period from the
   config's defaults.
@@ -88,8 +88,7 @@ def spec_config(spec: dict[str, Any]) -> Any:
       "model": {"random_init": SIZES[spec["size"]], "dtype": "bfloat16", "compute_dtype": "bfloat16",
                 "tokenizer": "bytes", "remat": spec.get("remat", "full"), "attention": spec.get("attention", "auto"),
                 "loss_chunk_tokens": spec.get("loss_chunk", 0), "unroll_forward": spec.get("unroll_forward", False),
-                "backward_bucket": spec.get("backward_bucket", 0),
-                "backward_bucket_compile": spec.get("bucket_compile", "background")},
+                "backward_bucket": spec.get("backward_bucket", 0)},
       "data": {"train": "(synthetic tokens)"},
       "optim": {"strategy": spec["strategy"], "num_active": spec.get("num_active") or 1, "period": spec["period"],
                 "offload_optimizer_state": spec.get("offload", False), "stream_active_states": bool(spec.get("stream")),
@@ -126,7 +125,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
                    compile_workers=spec.get("compile_workers", 1))
   strategy, step, buckets = cfg.optim.strategy, parts.step, parts.backward_buckets
   param_shapes, state_shapes = parts.param_shapes, parts.state_shapes
-  bucket, bucket_compile, measure = cfg.model.backward_bucket, cfg.model.backward_bucket_compile, measure_mode(cfg.optim)
+  bucket, measure = cfg.model.backward_bucket, measure_mode(cfg.optim)
   model = parts.model
   b, t = spec["batch"], spec["seq"]
   tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=(1, b, t)).astype(np.int32)
@@ -141,13 +140,12 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   compile_ahead_s = 0.0
   if spec.get("compile_ahead", True):  # before the weights are on the device (grass_jax.ahead_of_time)
     tc = time.perf_counter()
-    if not (bucket and bucket_compile == "ahead" and measure == "none"):  # else the scan never runs
+    if not (bucket and measure == "none"):  # else the scan never runs
       step.compile(param_shapes, state_shapes, host_batch)
-    if bucket:  # as the Trainer does: every bucket queued now; 'ahead' waits for them
+    if bucket:  # as the Trainer does: every bucket before the weights are placed
       for start in buckets.starts(model.num_layers):
         step.compile_in_background(param_shapes, state_shapes, host_batch, start)
-      if bucket_compile == "ahead":
-        step.wait()
+      step.wait()
     compile_ahead_s = time.perf_counter() - tc
   phase("compiled")
   params = jax.block_until_ready(parts.init_params(seed=0))

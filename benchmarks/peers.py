@@ -82,7 +82,6 @@ GRASS_DRAWS_TINY = ["tiny-jax-grass-offload-late-chunk2048", "tiny-jax-grass-off
                     "tiny-jax-grass-offload-late-chunk2048-nomerge-unrolled"]
 GRASS_DRAWS_7B = ["7b-jax-grass-offload-late-g2", "7b-jax-grass-offload-late-g2-nomerge",
                   "7b-jax-grass-offload-late-g2-nomerge-bucket4",
-                  "7b-jax-grass-offload-late-g2-nomerge-bucket4-background",
                   "7b-jax-grass-offload-late-g2-nomerge-unrolled", "7b-jax-grass-offload-late-g2-nomerge-remat-dots",
                   "7b-jax-grass-offload-late-g2-nomerge-remat-none"]
 
@@ -163,17 +162,14 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                                            prefetch=False, xla_flags=NO_DOT_MERGER,
                                                            unroll_forward=True)),
     # The bucketed backward pass (grass_jax.models.bucketed_stack): from the lowest trained layer rounded down to
-    # a multiple of 4, no recomputation; one executable per bucket. 'ahead': all 8 compiled before the weights
-    # are placed (8 threads); 'background': the unrolled slot scan trains until a bucket's executable is ready.
+    # a multiple of 4, no recomputation; one executable per bucket, all 8 compiled before the weights are placed
+    # (8 threads).
     ("7b-jax-grass-offload-late-g2-nomerge-bucket4", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                           prefetch=False, xla_flags=NO_DOT_MERGER, backward_bucket=4,
-                                                          bucket_compile="ahead", compile_workers=8)),
-    ("7b-jax-grass-offload-late-g2-nomerge-bucket4-background", _jax(
-        "grass", **SEVEN_B, num_active=2, offload=True, prefetch=False, xla_flags=NO_DOT_MERGER, unroll_forward=True,
-        backward_bucket=4, compile_workers=1)),
+                                                          compile_workers=8)),
     ("7b-jax-grass-offload-late-g2-nomerge-bucket8", _jax("grass", **SEVEN_B, num_active=2, offload=True,
                                                           prefetch=False, xla_flags=NO_DOT_MERGER, backward_bucket=8,
-                                                          bucket_compile="ahead", compile_workers=8)),
+                                                          compile_workers=8)),
     # Frozen layers keep their matmul outputs (dots) or everything (none) instead of being recomputed in the
     # backward pass: faster, not leaner. Compared with PyTorch without gradient checkpointing (below).
     *[(f"7b-jax-grass-offload-late-g2-nomerge-remat-{r}", _jax("grass", **SEVEN_B, num_active=2, offload=True,
@@ -423,7 +419,7 @@ def report(path: Path) -> str:
     variant += " + unrolled forward" if r.get("unroll_forward") else ""
     variant += f" + remat {r['remat']}" if r.get("remat", "full") != "full" else ""
     if r.get("backward_bucket"):
-      variant += f" + backward buckets of {r['backward_bucket']} ({r.get('bucket_compile', 'background')})"
+      variant += f" + backward buckets of {r['backward_bucket']} ({r.get('bucket_compile', 'ahead')})"
     variant += " (no gradient checkpointing)" if r.get("checkpointing") is False else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.

@@ -192,7 +192,7 @@ def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers
 
   ``total_steps``: the run's length (the learning-rate schedule's). ``mesh``: default every device, data-parallel
   (:func:`grass_jax.sharding.make_mesh`). ``compile_workers``: threads compiling the bucketed backward
-  pass's executables (default: two with ``backward_bucket_compile: ahead``, else one).
+  pass's executables ahead of training (default: two).
   """
   model = model_config(cfg.model)
   o = cfg.optim
@@ -207,7 +207,7 @@ def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers
   shardings = (sharding_lib.tree_shardings(param_shapes, mesh), state_sh, sharding_lib.batch_sharding(mesh))
   measure = measure_mode(o)
   if compile_workers is None:
-    compile_workers = min(2, os.cpu_count() or 1) if cfg.model.backward_bucket_compile == "ahead" else 1
+    compile_workers = min(2, os.cpu_count() or 1) if cfg.model.backward_bucket else 1
   step = CompiledStep(make_train_step(model, tx, step_options(cfg, model), shardings=shardings),
                       workers=compile_workers)
   buckets = BackwardBuckets(cfg.model.backward_bucket, period=o.period, measure=measure,

@@ -66,14 +66,9 @@ class ModelConfig:
     compile time; ``grass_jax.models.slot_scan``).
   backward_bucket: 0 (off), or n: with embeddings frozen, the backward pass
     starts at the lowest trained layer rounded down to a multiple of n,
-    without recomputation (one executable per bucket, compiled as
-    ``backward_bucket_compile`` says; ``grass_jax.models.bucketed_stack``).
+    without recomputation (one executable per bucket, all compiled two at a
+    time before the weights are placed; ``grass_jax.models.bucketed_stack``).
     Steps that measure frozen layers (probing, sketch steps) run the slot scan.
-  backward_bucket_compile: 'ahead' (all buckets, two at a time, before the
-    weights are placed: a wait, the fast step from the first step on) or
-    'background' (one at a time while the slot scan trains: no wait, but on
-    Llama-2-7B no bucket was ready within 1,000 steps, and the peak was higher;
-    docs/performance.md).
   """
 
   path: str | None = None
@@ -86,7 +81,6 @@ class ModelConfig:
   loss_chunk_tokens: int = 0
   unroll_forward: bool = False
   backward_bucket: int = 0
-  backward_bucket_compile: str = "ahead"
 
 
 @dataclasses.dataclass
@@ -326,6 +320,25 @@ CORE = {
 }
 
 
+# Keys that were removed: (the value whose behaviour stayed, what to do instead). An old config.yaml holding
+# the kept value still loads (a resume of a run started before the removal); another value is refused.
+REMOVED = {
+    "model.backward_bucket_compile": ("ahead", "buckets always compile ahead now (compiled in the background, "
+                                               "none was ready within 1,000 steps of a 7B run): delete the key"),
+}
+
+
+def _drop_removed(data: dict) -> dict:
+  data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+  for key, (kept, instead) in REMOVED.items():
+    section, name = key.split(".")
+    if isinstance(data.get(section), dict) and name in data[section]:
+      value = data[section].pop(name)
+      if value != kept:
+        raise ConfigError(f"{key} was removed; {instead} (got {_shown(value)})")
+  return data
+
+
 def merge_advanced(data: dict) -> dict:
   """The sections with the ``advanced:`` keys merged into them (a key set in both places is an error)."""
   if "advanced" not in data:
@@ -374,7 +387,6 @@ CHOICES = {
     "optim.importance": ("grad", "sketch", "gain"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.frozen_grads": ("cond", "select"),
-    "model.backward_bucket_compile": ("ahead", "background"),
 }
 
 
@@ -541,7 +553,7 @@ def _require_mapping(data: Any, where: str) -> None:
 
 def from_dict(data: dict) -> Config:
   _require_mapping(data, "a config")
-  data = merge_advanced(data)
+  data = _drop_removed(merge_advanced(data))
   sections = {f.name: f.type for f in dataclasses.fields(Config)}
   unknown = sorted(_key_name(k) for k in set(data) - set(sections))
   if unknown:

@@ -203,20 +203,17 @@ class Trainer:
                       dynamic_ncols=True):
       parts.step.compile(parts.param_shapes, parts.state_shapes, batch)
     if self.backward_buckets is not None:
-      self._compile_buckets(parts.step, parts.param_shapes, parts.state_shapes, batches,
-                            self.cfg.model.backward_bucket_compile == "ahead")
+      self._compile_buckets(parts.step, parts.param_shapes, parts.state_shapes, batches)
     return parts.step
 
-  def _compile_buckets(self, step: CompiledStep, param_shapes: Any, state_shapes: Any, batches: list,
-                       ahead: bool) -> None:
-    """Every bucket of the backward pass, for every batch length: now ('ahead') or in the background."""
+  def _compile_buckets(self, step: CompiledStep, param_shapes: Any, state_shapes: Any, batches: list) -> None:
+    """Every bucket of the backward pass, for every batch length, before the weights are placed."""
     for start in self.backward_buckets.starts(self.mcfg.num_layers):
       for batch in batches:
-        step.compile_in_background(param_shapes, state_shapes, batch, start)
-    if ahead:
-      with tqdm(total=1, desc="compiling the backward buckets", disable=not self.progress, dynamic_ncols=True) as bar:
-        step.wait()
-        bar.update(1)
+        step.compile_in_background(param_shapes, state_shapes, batch, start)  # the step's workers at once
+    with tqdm(total=1, desc="compiling the backward buckets", disable=not self.progress, dynamic_ncols=True) as bar:
+      step.wait()
+      bar.update(1)
 
   def _batch_lengths(self) -> list[int]:
     """The bucket lengths of the run's first ``total`` batches (on resume, a superset of those left)."""

@@ -186,8 +186,12 @@ def test_advanced_keys_go_under_advanced_and_old_files_still_load(tmp_path):
   (tmp_path / "new.yaml").write_text(yaml.safe_dump(as_saved))
   assert config_lib.load(tmp_path / "new.yaml") == cfg
   assert config_lib.load(tmp_path / "new.yaml", ["optim.temperature=2"]).optim.temperature == 2.0
-  (tmp_path / "old.yaml").write_text(yaml.safe_dump(config_lib.to_dict(cfg)))  # every key in its section
+  old = config_lib.to_dict(cfg)  # every key in its section, and a key removed since
+  (tmp_path / "old.yaml").write_text(yaml.safe_dump({**old, "model": {**old["model"], "backward_bucket_compile": "ahead"}}))
   assert config_lib.load(tmp_path / "old.yaml") == cfg
+  with pytest.raises(config_lib.ConfigError, match="model.backward_bucket_compile was removed; buckets always "
+                                                   "compile ahead now .*: delete the key \\(got 'background'\\)"):
+    config_lib.load(tmp_path / "old.yaml", ["model.backward_bucket_compile=background"])
   for advanced, message in [({"optim": {"strategy": "grass"}}, "advanced.optim.strategy: optim.strategy is a core "
                                                                 "key; set it under optim:, not under advanced:"),
                             ({"optim": {"temperature": 1.0}}, "optim.temperature is set twice"),
