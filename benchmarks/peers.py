@@ -419,7 +419,9 @@ def report(path: Path) -> str:
     variant += " + unrolled forward" if r.get("unroll_forward") else ""
     variant += f" + remat {r['remat']}" if r.get("remat", "full") != "full" else ""
     if r.get("backward_bucket"):
-      variant += f" + backward buckets of {r['backward_bucket']} ({r.get('bucket_compile', 'ahead')})"
+      # rows before 2026-12-07 say how their buckets compiled; since then always ahead
+      compiled = r.get("bucket_compile", "background" if r["name"].endswith("-background") else "ahead")
+      variant += f" + backward buckets of {r['backward_bucket']} ({compiled})"
     variant += " (no gradient checkpointing)" if r.get("checkpointing") is False else ""
     mean = f"{r['mean_tokens_per_s']:,.0f}" if "mean_tokens_per_s" in r else ""
     # With frozen embeddings a step's backward pass runs down to the lowest trained layer: draws set its cost.
