@@ -1,5 +1,5 @@
-"""The paper-style figure from the committed GPU results: memory and throughput per method,
-memory per extra active layer, memory against sequence length.
+"""The paper-style figure from three named H100 result files (``FILES``): memory and throughput per
+method, memory per extra active layer, memory against sequence length.
 
   python benchmarks/plot.py [--results benchmarks/results] [--out benchmarks/results/figure_h100.png]
 """
@@ -13,17 +13,20 @@ from typing import Any, Callable
 
 GiB = 2**30
 FINAL = "sweep_h100_final.jsonl"  # the last side-by-side run (cuDNN attention, current slot scan)
+# The figure's files, all measured on one H100 (a file added to the folder changes nothing here).
+FILES = ["memory_throughput_tinyllama.json", "sweep/sweep_h100.jsonl", f"sweep/{FINAL}"]
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
-  """Every measured row in results/*.json ({"rows": [...]}) and results/**/*.jsonl, tagged with its file."""
+  """The measured rows of ``FILES`` under ``results`` ({"rows": [...]} JSON or JSONL), tagged with their file."""
   rows = []
-  for f in sorted(results.glob("*.json")):
-    data = json.loads(f.read_text())
-    if isinstance(data, dict) and isinstance(data.get("rows"), list):
+  for name in FILES:
+    f = results / name
+    if f.suffix == ".json":
+      data = json.loads(f.read_text())
       rows += [{**r, "file": f.name} for r in data["rows"] if "size" in r]
-  for f in sorted(results.glob("**/*.jsonl")):
-    rows += [{**json.loads(l), "file": f.name} for l in f.read_text().splitlines() if l.strip()]
+    else:
+      rows += [{**json.loads(l), "file": f.name} for l in f.read_text().splitlines() if l.strip()]
   return [r for r in rows if "size" in r and "error" not in r and r.get("tokens_per_s")]
 
 
