@@ -318,15 +318,21 @@ def test_backward_buckets_reach_the_train_step(tmp_path, monkeypatch):
   monkeypatch.setattr(CompiledStep, "__call__",
                       lambda self, *a, backward_start=None: (asked.append(backward_start),
                                                              call(self, *a, backward_start=backward_start))[1])
-  out = run(_cfg(tmp_path, "model.backward_bucket=3", "optim.always_on=false",
-                 "optim.importance=grad", "optim.period=3", "train.max_steps=6", "train.log_every=1",
-                 "train.export=false", "train.checkpoint_every=0"), progress=False)
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  extra = ["model.backward_bucket=3", "optim.always_on=false", "optim.importance=grad", "optim.period=3",
+           "train.max_steps=6", "train.log_every=1", "train.export=false", "train.checkpoint_every=0"]
+  out = run(_cfg(tmp_path / "a", *extra), progress=False, return_state=True)
+  lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
   active = next(l["active_layers"] for l in lines if l.get("step") == 4)  # steps 3-5: one period
   start = min(active) // 3 * 3  # buckets of 3: two executables (starts 0 and 3) besides the scan
   assert asked == [None] * 3 + [start] * 3
   assert out["steps_by_backward_start"] == {"None": 3, str(start): 3}
   assert lines[-1]["skipped_steps"] == 0 and out["steps"] == 6
+  # Stopped inside the bucketed period and resumed: the host picks the same bucket again, the run ends equal.
+  asked.clear()
+  run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=4)
+  resumed = run(_cfg(tmp_path / "b", *extra), resume=True, progress=False, return_state=True)
+  assert asked == [None] * 3 + [start] * 3
+  jax.tree.map(np.testing.assert_array_equal, out["params"], resumed["params"])
   for bad, message in [(["model.backward_bucket=2"], "optim.always_on: false"),
                        (["model.backward_bucket=2", "optim.always_on=false"], "optim.sketch_every > 1"),
                        (["model.backward_bucket=-1"], "must be >= 0")]:
