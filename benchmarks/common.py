@@ -85,8 +85,8 @@ def spec_config(spec: dict[str, Any]) -> Any:
                                            "num_active": spec["num_active"], "period": spec["period"]},
                                  "train": {"batch_size": spec["batch"]}, "mesh": {"data": 1}})
   return config_lib.from_dict({
-      "model": {"random_init": SIZES[spec["size"]], "dtype": "bfloat16", "compute_dtype": "bfloat16",
-                "tokenizer": "bytes", "remat": spec.get("remat", "full"), "attention": spec.get("attention", "auto"),
+      "model": {**model, "dtype": "bfloat16", "compute_dtype": "bfloat16",
+                "remat": spec.get("remat", "full"), "attention": spec.get("attention", "auto"),
                 "loss_chunk_tokens": spec.get("loss_chunk", 0), "unroll_forward": spec.get("unroll_forward", False),
                 "backward_bucket": spec.get("backward_bucket", 0)},
       "data": {"train": "(synthetic tokens)"},

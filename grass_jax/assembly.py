@@ -187,16 +187,19 @@ class Assembly:
     return Offloader(opt_state, **kw)
 
 
-def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers: int | None = None) -> Assembly:
+def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers: int | None = None,
+             model: DecoderConfig | None = None) -> Assembly:
   """Builds the optimizer, the train step and the shardings ``cfg`` describes, on ``mesh``.
 
   ``total_steps``: the run's length (the learning-rate schedule's). ``mesh``: default every device, data-parallel
   (:func:`grass_jax.sharding.make_mesh`). ``compile_workers``: threads compiling the bucketed backward
-  pass's executables ahead of training (default: two).
+  pass's executables ahead of training (default: two). ``model``: :func:`model_config` of ``cfg.model``
+  already read and checked with :func:`check_layers_fit` (default: read and checked here).
   """
-  model = model_config(cfg.model)
   o = cfg.optim
-  check_layers_fit(o, model)
+  if model is None:
+    model = model_config(cfg.model)
+    check_layers_fit(o, model)
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
   tx, schedule = build_optimizer(o, model.num_layers, total_steps, cfg.train.seed)
   dtype = dtype_of(cfg.model.dtype)

@@ -127,9 +127,7 @@ class Trainer:
     self.total = len(self.dataset) * cfg.train.epochs
     if cfg.train.max_steps is not None:
       self.total = min(self.total, cfg.train.max_steps)
-    self.parts = assemble(cfg, total_steps=self.total, mesh=self.mesh)
-    self.tx, self.schedule, self.shardings = self.parts.tx, self.parts.schedule, self.parts.shardings
-    self.backward_buckets = self.parts.backward_buckets
+    self.parts = assemble(cfg, total_steps=self.total, mesh=self.mesh, model=self.mcfg)
     self.train_step_fn = self._compile_step()  # before the weights are on the device
     self.state = self._place_and_restore(resume)
     # With several hosts, process 0 writes the files; every process takes part in checkpoints.
@@ -202,13 +200,13 @@ class Trainer:
     for batch in tqdm(batches, desc="compiling the train step", unit="length", disable=not self.progress,
                       dynamic_ncols=True):
       parts.step.compile(parts.param_shapes, parts.state_shapes, batch)
-    if self.backward_buckets is not None:
+    if parts.backward_buckets is not None:
       self._compile_buckets(parts.step, parts.param_shapes, parts.state_shapes, batches)
     return parts.step
 
   def _compile_buckets(self, step: CompiledStep, param_shapes: Any, state_shapes: Any, batches: list) -> None:
     """Every bucket of the backward pass, for every batch length, before the weights are placed."""
-    for start in self.backward_buckets.starts(self.mcfg.num_layers):
+    for start in self.parts.backward_buckets.starts(self.mcfg.num_layers):
       for batch in batches:
         step.compile_in_background(param_shapes, state_shapes, batch, start)  # the step's workers at once
     with tqdm(total=1, desc="compiling the backward buckets", disable=not self.progress, dynamic_ncols=True) as bar:
@@ -240,7 +238,7 @@ class Trainer:
     if restored is None:
       return RunState(step=0, params=params, opt_state=opt_state, offloader=self.parts.offloader(opt_state))
     step, params, opt_state, layer_states, meta = restored
-    offloader = self.parts.offloader(opt_state, layer_states) if o.offload_optimizer_state else None
+    offloader = self.parts.offloader(opt_state, layer_states)
     return RunState(step=step, params=params, opt_state=opt_state, offloader=offloader, epoch=meta["epoch"],
                     next_batch=meta["batch"], skipped=meta["skipped"],
                     history=[(s, np.asarray(p)) for s, p in meta["probability_history"]])
@@ -283,9 +281,10 @@ class Trainer:
   def train_step(self, batch: dict[str, np.ndarray]) -> None:
     """One optimizer step (or probing step), dispatched asynchronously; the offloader swaps after it."""
     s = self.state
-    start = None if self.backward_buckets is None else self.backward_buckets.start(s.step, s.opt_state, s.offloader)
+    buckets = self.parts.backward_buckets
+    start = None if buckets is None else buckets.start(s.step, s.opt_state, s.offloader)
     s.params, s.opt_state, m = self.train_step_fn(s.params, s.opt_state,
-                                                  sharding_lib.shard_batch(batch, self.shardings[2]),
+                                                  sharding_lib.shard_batch(batch, self.parts.shardings[2]),
                                                   backward_start=start)
     if s.offloader is not None:
       s.opt_state = s.offloader.after_step(s.opt_state)
@@ -317,7 +316,7 @@ class Trainer:
     stats = jax.local_devices()[0].memory_stats() or {}
     probing = bool(int(ms[-1]["probing"]))
     s.last = {"loss": float(ms[-1]["loss"]), "mean_loss": float(np.mean([float(x["loss"]) for x in ms])),
-              "lr": float(self.schedule(s.step - 1)), "grad_norm": float(ms[-1]["grad_norm"]),
+              "lr": float(self.parts.schedule(s.step - 1)), "grad_norm": float(ms[-1]["grad_norm"]),
               "tokens_per_s": s.window_tokens / dt if dt > 0 else 0.0, "skipped_steps": s.skipped,
               "peak_memory_bytes": stats.get("peak_bytes_in_use"), "epoch": s.epoch, "probing": probing,
               "active_layers": d["active"], "importance": d["importance"],
@@ -379,7 +378,7 @@ class Trainer:
     summary = {"steps": s.step, "final_loss": s.last.get("mean_loss"), "skipped_steps": s.skipped,
                "output_dir": str(out), "heatmap": str(out / "layer_probabilities.png"),
                **{k: v for k, v in s.last.items() if k.startswith("eval/")}}
-    if self.backward_buckets is not None:  # how many steps ran which executable (None: the slot scan)
+    if self.parts.backward_buckets is not None:  # how many steps ran which executable (None: the slot scan)
       summary["steps_by_backward_start"] = {str(k): v for k, v in self.train_step_fn.runs.items()}
     if self.cfg.train.export:
       summary["hf_model"] = str(self.export(out / "hf_model"))
