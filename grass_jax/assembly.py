@@ -76,7 +76,7 @@ def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
   importance_args = dict(probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
                          probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
                          reset_on_switch=o.reset_on_switch, coverage=o.coverage,
-                         importance_from="gain" if o.importance == "gain" else "grad")
+                         importance_from=o.importance if o.importance_from_training() else "grad")
   grass = strategy(o.strategy, inner, layers=LAYERS,
                    num_active=None if o.strategy == "full" else min(o.num_active, num_layers), period=o.period,
                    seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, fixed_layers=o.fixed_layers,

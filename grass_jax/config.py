@@ -140,7 +140,10 @@ class OptimConfig:
     paper's: the trained layers, and all of them while probing) or 'gain' (the
     loss decrease each period realised, credited to the layers trained in it:
     a bandit over layers, grass_jax.gain, free because the loss is computed
-    anyway). docs/accuracy.md measures each against LISA.
+    anyway) or 'adam' (each trained layer's gradient along its own Adam
+    update: the loss decrease Adam's step buys, not the gradient's size;
+    grass_jax.importance.adam_gains; no probing, free).
+    docs/accuracy.md measures each against LISA.
     grass_static always takes its importance from probing.
   sketch_size: k, random projections per linear map for importance 'sketch'.
   sketch_every: with importance 'sketch', sketch the frozen layers on every
@@ -215,10 +218,14 @@ class OptimConfig:
       return 0
     if self.probe_steps is not None:
       return self.probe_steps
-    return 0 if self.live_importance() or self.importance_from_gain() else self.period
+    return 0 if self.live_importance() or self.importance_from_training() else self.period
 
   def importance_from_gain(self) -> bool:
     return self.strategy == "grass" and self.importance == "gain"
+
+  def importance_from_training(self) -> bool:
+    """Whether strategy grass learns importance from training itself ('gain', 'adam'): no probing."""
+    return self.strategy == "grass" and self.importance in ("gain", "adam")
 
   def live_importance(self) -> bool:
     """Whether the backward pass measures every layer at every step (strategy grass, importance sketch)."""
@@ -384,7 +391,7 @@ CHOICES = {
     "data.format": FORMATS,
     "optim.strategy": ("grass", "grass_static", "lisa", "full", "fixed"),
     "optim.probability": ("softmax", "power"),
-    "optim.importance": ("grad", "sketch", "gain"),
+    "optim.importance": ("grad", "sketch", "gain", "adam"),
     "optim.schedule": ("cosine", "linear", "constant"),
     "optim.frozen_grads": ("cond", "select"),
 }
@@ -511,6 +518,9 @@ def validate(cfg: Config) -> Config:
   if o.importance_from_gain() and (o.probing_steps() or o.period < 2 or o.refresh_every not in (None, o.period)):
     raise ConfigError("optim.importance: gain compares each period's two halves: set optim.period >= 2, "
                       "optim.probe_steps: 0 (or null) and optim.refresh_every: null")
+  if o.strategy == "grass" and o.importance == "adam" and o.probing_steps():
+    raise ConfigError("optim.importance: adam measures the trained layers' own updates, so it does not probe: "
+                      "set optim.probe_steps: 0 (or null)")
   if o.strategy == "grass_static" and o.probing_steps() == 0:
     raise ConfigError("optim.strategy grass_static takes its importance from probing: set optim.probe_steps > 0")
   if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.live_importance()):

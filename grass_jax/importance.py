@@ -43,6 +43,32 @@ def layer_grad_norms(layer_grads: Mapping[str, jax.Array], layer_size: int) -> j
   return jnp.sqrt(sq) / jnp.sqrt(jnp.float32(layer_size))
 
 
+def adam_gains(layer_grads: Mapping[str, jax.Array], layer_updates: Mapping[str, jax.Array],
+               layer_size: int) -> jax.Array:
+  """Each layer's first-order loss decrease per parameter from its optimizer step, ``[n]`` float32.
+
+  ``-<g_l, u_l> / n_l`` (importance 'adam'). Adam moves every parameter by about its learning rate
+  whatever the gradient's size, so the decrease its step buys is ``lr * mean(g * m_hat / sqrt(v_hat))``:
+  ``mean(|g|)`` for a fresh state, not the gradient's RMS the paper uses, and small for a gradient that
+  keeps changing sign (its momentum is nearly orthogonal to it) however large its norm. Read in units of
+  the inner optimizer's learning rate: give the inner optimizer a unit rate (``optax.adamw(1.0)``) and
+  put the schedule after the transform, as :func:`grass_jax.assembly.build_optimizer` does, or the gains of
+  different steps are scaled by different rates. Negative gains (a step that raises the loss to first
+  order) count as 0; a layer whose update is all zero (a skipped step) is NaN, not measured.
+
+  Args:
+    layer_grads, layer_updates: ``role -> [n, ...]`` stacks of the same structure.
+    layer_size: parameters per layer.
+  """
+  dot = moved = None
+  for role, g in layer_grads.items():
+    u = layer_updates[role].astype(jnp.float32)
+    d = jnp.sum((g.astype(jnp.float32) * u).reshape(u.shape[0], -1), axis=1)
+    m = jnp.any((u != 0).reshape(u.shape[0], -1), axis=1)
+    dot, moved = (d, m) if dot is None else (dot + d, moved | m)
+  return jnp.where(moved, jnp.maximum(-dot, 0.0) / jnp.float32(layer_size), jnp.nan)
+
+
 def update_importance(importance: jax.Array, counts: jax.Array, layers: jax.Array,
                       norms: jax.Array, decay: float | None) -> tuple[jax.Array, jax.Array]:
   """Folds new measurements of the given (distinct) layers into the running mean.

@@ -20,7 +20,9 @@ One update is the paper's algorithm, step by step (each a function below):
    layers from the probabilities over the MGN (:mod:`grass_jax.sampling`).
 
 With ``importance_from='gain'`` steps 1-2 are :func:`credit_gain` instead: the
-loss decrease each period realises is credited to its layers (:mod:`grass_jax.gain`).
+loss decrease each period realises is credited to its layers (:mod:`grass_jax.gain`). With
+``importance_from='adam'`` step 1 is :func:`measure_adam_gains`, after step 3: each trained layer's
+gradient along its own update (:func:`grass_jax.importance.adam_gains`).
 When each step is due is :class:`grass_jax.schedule.Schedule`'s answer.
 
 **Probing** (``probe_steps``, the paper's T_p): the first steps measure every
@@ -181,8 +183,11 @@ def _check_args(s: Settings) -> None:
                        f"got {s.fixed_layers!r}")
   if s.probability not in sampling.PROBABILITIES:
     raise ValueError(f"probability must be one of {sampling.PROBABILITIES}; got {s.probability!r}")
-  if s.importance_from not in ("grad", "gain"):
-    raise ValueError(f"importance_from must be 'grad' or 'gain'; got {s.importance_from!r}")
+  if s.importance_from not in ("grad", "gain", "adam"):
+    raise ValueError(f"importance_from must be 'grad', 'gain' or 'adam'; got {s.importance_from!r}")
+  if s.importance_from == "adam" and (s.probe_steps or s.static):
+    raise ValueError("importance_from='adam' measures the trained layers' own updates: no probing "
+                     "(probe_steps=0), not static")
   if s.importance_from == "gain" and (s.probe_steps or s.static or s.period < 2 or s.refresh_every != s.period):
     raise ValueError("importance_from='gain' learns from training itself: no probing (probe_steps=0), not static, "
                      "a period of 2 steps or more (it compares the period's halves), refresh_every = period")
@@ -302,6 +307,13 @@ def update_active_layers(inner: optax.GradientTransformation, state: GrassState,
   return slot_u, slot_states, always_u, always_state
 
 
+def measure_adam_gains(state: GrassState, layout: LayerLayout, slot_g: dict, slot_u: dict) -> jax.Array:
+  """Step 1 with ``importance_from='adam'`` (after step 3): float32 ``[L]``, the trained layers' gains
+  along their updates (:func:`grass_jax.importance.adam_gains`), NaN for the frozen ones and on a skipped step."""
+  rms = jnp.full(state.importance.shape, jnp.nan, jnp.float32)
+  return rms.at[state.active].set(importance_lib.adam_gains(slot_g, slot_u, layout.layer_size))
+
+
 def credit_gain(s: Settings, state: GrassState, loss: jax.Array | None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Steps 1-2 with ``importance_from='gain'``: ``(window_sum, window_count, loss_trace)``.
@@ -409,7 +421,7 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
   loss_trace = state.loss_trace
   if measuring and s.importance_from == "gain":
     window_sum, window_count, loss_trace = credit_gain(s, state, loss)
-  elif measuring:
+  elif measuring and s.importance_from != "adam":
     rms = measure_layers(s, state, layout, updates, slot_g, full_form, probing, layer_norms)
     window_sum, window_count = accumulate_window(s, state, rms, probing)
   else:
@@ -421,6 +433,9 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
     ok = ~probing if ok is None else ok & ~probing
   slot_u, slot_states, always_u, always_state = update_active_layers(
       inner, state, slot_g, always_g, slot_p, always_p, ok, state_stream)
+  if measuring and s.importance_from == "adam":
+    window_sum, window_count = accumulate_window(s, state, measure_adam_gains(state, layout, slot_g, slot_u),
+                                                 probing)
 
   count = state.count + 1
   imp, counts, bank, slot_layers, active = (
@@ -508,9 +523,13 @@ def transform(
     coverage: draw in cycles: no layer is drawn a second time before every
       layer has had a turn (``ceil(L / num_active)`` periods); the
       probabilities order the layers within a cycle.
-    importance_from: 'grad' (the MGN, as above) or 'gain': the loss decrease
-      each period realised, credited to its layers (:mod:`grass_jax.gain`);
-      the update then needs ``loss=`` (the step's training loss).
+    importance_from: 'grad' (the MGN, as above), 'gain': the loss decrease
+      each period realised, credited to its layers (:mod:`grass_jax.gain`;
+      the update then needs ``loss=``, the step's training loss), or 'adam':
+      each trained layer's loss decrease per parameter from its inner update,
+      ``-<g, u> / n`` (:func:`grass_jax.importance.adam_gains`; give ``inner``
+      a unit learning rate), what Adam's step buys rather than the gradient's
+      size; no probing.
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.

@@ -440,8 +440,9 @@ def test_a_batch_larger_than_the_dataset_is_named(tmp_path, capsys):
          "examples" in err, err
 
 
-def test_importance_from_gain_trains_through_the_trainer(tmp_path):
-  cfg = _cfg(tmp_path, "optim.importance=gain", "optim.period=2", "train.max_steps=8", "train.log_every=2",
+@pytest.mark.parametrize("importance", ["gain", "adam"])
+def test_importance_learned_from_training_trains_through_the_trainer(tmp_path, importance):
+  cfg = _cfg(tmp_path, f"optim.importance={importance}", "optim.period=2", "train.max_steps=8", "train.log_every=2",
              "train.checkpoint_every=0", "train.export=false")
   summary = run(cfg, progress=False)
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -76,6 +76,9 @@ METHODS |= {
     # Importance from what training gains: each period's loss decrease credited to its layers (a bandit).
     "grass_gain": {"strategy": "grass", "importance": "gain", "probability": "softmax", "temperature": 0.5,
                    "probe_steps": 0, "mgn_ema": 0.5},
+    # Importance from the gain Adam's own step buys (gradient along the update), not the gradient's norm.
+    "grass_adam": {"strategy": "grass", "importance": "adam", "probability": "softmax", "temperature": 0.5,
+                   "probe_steps": 0, "mgn_ema": 0.5},
 }
 
 # The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
@@ -111,7 +114,7 @@ SCALES = {
     "paired": dict(model=SMOLLM2, steps=376, batch=16, period=20, max_length=256, n_train=4000, n_val=200,
                    n_test=500, tasks=["arith", "dates_direct", "extract", "pattern"],
                    methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset", "lisa_coverage",
-                            "grass_sketch_coverage", "grass_gain", "grass", "grass_static"],
+                            "grass_sketch_coverage", "grass_gain", "grass", "grass_static", "grass_adam"],
                    seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}),
     # The same problems as chat turns in SmolLM2's own template (issue 42: does the chat form score at least what
     # the Alpaca prompt does?), paired with the Alpaca runs of `paired` by seed.
