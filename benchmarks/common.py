@@ -115,7 +115,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
 
   import grass_jax
   from grass_jax import sharding
-  from grass_jax.assembly import assemble, measure_mode
+  from grass_jax.assembly import assemble
 
   cfg = spec_config(spec)
   dev = jax.devices()[0]
@@ -124,8 +124,6 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   parts = assemble(cfg, total_steps=spec.get("run_steps") or spec.get("steps", 1), mesh=mesh,
                    compile_workers=spec.get("compile_workers", 1))
   strategy, step, buckets = cfg.optim.strategy, parts.step, parts.backward_buckets
-  param_shapes, state_shapes = parts.param_shapes, parts.state_shapes
-  bucket, measure = cfg.model.backward_bucket, measure_mode(cfg.optim)
   model = parts.model
   b, t = spec["batch"], spec["seq"]
   tokens = np.random.default_rng(0).integers(0, model.vocab_size, size=(1, b, t)).astype(np.int32)
@@ -140,12 +138,7 @@ def run_config(spec: dict[str, Any]) -> dict[str, Any]:
   compile_ahead_s = 0.0
   if spec.get("compile_ahead", True):  # before the weights are on the device (grass_jax.ahead_of_time)
     tc = time.perf_counter()
-    if not (bucket and measure == "none"):  # else the scan never runs
-      step.compile(param_shapes, state_shapes, host_batch)
-    if bucket:  # as the Trainer does: every bucket before the weights are placed
-      for start in buckets.starts(model.num_layers):
-        step.compile_in_background(param_shapes, state_shapes, host_batch, start)
-      step.wait()
+    parts.compile_ahead([host_batch])  # as the Trainer does: every bucket too
     compile_ahead_s = time.perf_counter() - tc
   phase("compiled")
   params = jax.block_until_ready(parts.init_params(seed=0))

@@ -8,7 +8,7 @@ Example::
 
   cfg = config.load("configs/tiny-demo.yaml")
   run = assemble(cfg, total_steps=100)
-  run.step.compile(run.param_shapes, run.state_shapes, batch)   # before the weights exist
+  run.compile_ahead([batch])                                    # before the weights exist
   params = run.init_params(seed=0)                              # random weights, placed on the mesh
   opt_state = run.init_state(params)
   offloader = run.offloader(opt_state)                          # None unless offload_optimizer_state
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -174,6 +175,24 @@ class Assembly:
     if self.cfg.optim.stream_active_states:
       opt_state, _ = host_slot_states(opt_state, self.state_device_shardings)
     return opt_state
+
+  def compile_ahead(self, batches: Sequence[Any], on_compiled: Callable[[], None] = lambda: None) -> None:
+    """Compiles the step for every batch shape, and every bucket of the backward pass, from abstract shapes.
+
+    Before the weights are placed, so XLA's autotuning buffers stay off the run's peak
+    (:mod:`grass_jax.ahead_of_time`). The slot scan is left out where no step runs it (buckets without
+    measurement). ``on_compiled`` is called after each batch shape's scan and once after the buckets.
+    """
+    if self.backward_buckets is None or measure_mode(self.cfg.optim) != "none":
+      for batch in batches:
+        self.step.compile(self.param_shapes, self.state_shapes, batch)
+        on_compiled()
+    if self.backward_buckets is not None:
+      for start in self.backward_buckets.starts(self.model.num_layers):
+        for batch in batches:
+          self.step.compile_in_background(self.param_shapes, self.state_shapes, batch, start)  # workers at once
+      self.step.wait()
+      on_compiled()
 
   def offloader(self, opt_state: Any, layer_states: Any = None) -> Offloader | None:
     """The host bank of inactive layers' states (None unless ``optim.offload_optimizer_state``);

@@ -190,28 +190,14 @@ class Trainer:
       raise data_lib.DataError(f"{cfg.data.train}: {e}") from e
 
   def _compile_step(self) -> CompiledStep:
-    """The train step, compiled for every batch length of the run from abstract shapes.
-
-    Compiling before the weights are placed keeps XLA's autotuning buffers off the run's peak
-    (:mod:`grass_jax.ahead_of_time`). The shardings fixed here are the ones the state is placed with.
-    """
+    """The train step, compiled for every batch length of the run (and every backward bucket) before the
+    weights are on the device (:meth:`grass_jax.assembly.Assembly.compile_ahead`)."""
     parts = self.parts
     batches = [self.dataset.make_batch(length, []) for length in self._batch_lengths()]
-    for batch in tqdm(batches, desc="compiling the train step", unit="length", disable=not self.progress,
-                      dynamic_ncols=True):
-      parts.step.compile(parts.param_shapes, parts.state_shapes, batch)
-    if parts.backward_buckets is not None:
-      self._compile_buckets(parts.step, parts.param_shapes, parts.state_shapes, batches)
+    total = len(batches) + (parts.backward_buckets is not None)
+    with tqdm(total=total, desc="compiling the train step", disable=not self.progress, dynamic_ncols=True) as bar:
+      parts.compile_ahead(batches, on_compiled=lambda: bar.update(1))
     return parts.step
-
-  def _compile_buckets(self, step: CompiledStep, param_shapes: Any, state_shapes: Any, batches: list) -> None:
-    """Every bucket of the backward pass, for every batch length, before the weights are placed."""
-    for start in self.parts.backward_buckets.starts(self.mcfg.num_layers):
-      for batch in batches:
-        step.compile_in_background(param_shapes, state_shapes, batch, start)  # the step's workers at once
-    with tqdm(total=1, desc="compiling the backward buckets", disable=not self.progress, dynamic_ncols=True) as bar:
-      step.wait()
-      bar.update(1)
 
   def _batch_lengths(self) -> list[int]:
     """The bucket lengths of the run's first ``total`` batches (on resume, a superset of those left)."""
