@@ -430,7 +430,7 @@ def report(path: Path) -> str:
       draws = draws[:math.ceil(r["run_steps"] / r["period"])]
     lowest = f"{sum(min(d) for d in draws) / len(draws):.1f}" if draws else ""
     out.append(f"| {name} | {r['framework']} | {r['method']}{variant} | "
-               f"{'yes' if r['compile'] else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "
+               f"{'yes' if r.get('compile', r['framework'] == 'jax') else 'no'} | {r.get('num_active') or 'all'} | {r['tokens_per_s']:,.0f} | "
                f"{mean} | {r['run_tokens_per_s']:,.0f} | {r['peak_gib']:.2f} | {lowest} |")
   profiled = {n: r["profile"] for n, r in rows.items() if "error" not in r.get("profile", {"error": 1})}
   if profiled:

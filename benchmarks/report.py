@@ -33,6 +33,7 @@ PAIRED_METHODS = {
     "grass_gain": ("GRASS, importance from the loss decrease (`importance: gain`)", "credited loss decrease", "kept"),
     "grass": ("GRASS as the paper specifies it (`importance: grad`)", "importance (paper)", "kept"),
     "grass_static": ("GRASS\\* (static importance)", "importance (probing only)", "kept"),
+    "grass_adam": ("GRASS, importance from Adam's own step (`importance: adam`)", "gain of Adam's step", "kept"),
 }
 
 
@@ -157,6 +158,11 @@ def peers_docs_table(path: str, shown: list[tuple[str, str]], lines: slice = sli
 
 # The docs' speed tables: (peers file, rows shown with their labels[, the lines of one invocation]).
 PEERS_DOCS = {
+    "peers_default_docs": ("benchmarks/results/peers/peers_h100_default.jsonl", [
+        ("tiny-jax-default", "TinyLlama: grass_jax, the config's defaults (LISA)"),
+        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed"),
+        ("7b-jax-default", "7B: grass_jax, the config's defaults (LISA)"),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")]),
     "peers_tiny_docs": ("benchmarks/results/peers/peers_h200_no_ckpt_tiny_remat_none.jsonl", [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
