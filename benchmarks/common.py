@@ -80,6 +80,8 @@ def spec_config(spec: dict[str, Any]) -> Any:
   from grass_jax import config as config_lib
   model = {"random_init": SIZES[spec["size"]], "tokenizer": "bytes"}
   if spec.get("defaults"):  # what a user gets who sets only the model, the batch and the embeddings' training
+    if "loss_chunk" in spec:  # a candidate default
+      model["loss_chunk_tokens"] = spec["loss_chunk"]
     return config_lib.from_dict({"model": model, "data": {"train": "(synthetic tokens)"},
                                  "optim": {"always_on": spec.get("always_on", True),  # and the protocol's:
                                            "num_active": spec["num_active"], "period": spec["period"]},
