@@ -208,7 +208,7 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
 }
 PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md"]
-MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)(\n<!-- /report -->)", re.S)
+MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)\n?(<!-- /report -->)", re.S)  # a new table's body is empty
 
 
 def render(page: str) -> str:
@@ -218,7 +218,7 @@ def render(page: str) -> str:
     if name not in TABLES:
       raise KeyError(f"{page}: no table named {name!r} in benchmarks/report.py (known: {', '.join(TABLES)})")
     path, make = TABLES[name]
-    return m.group(1) + make(None if path is None else json.loads((ROOT / path).read_text())) + m.group(4)
+    return m.group(1) + make(None if path is None else json.loads((ROOT / path).read_text())) + "\n" + m.group(4)
   return MARKER.sub(table, (ROOT / page).read_text())
 
 

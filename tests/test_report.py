@@ -25,3 +25,17 @@ def test_a_changed_number_is_caught_and_rewritten(tmp_path, monkeypatch):
 def test_the_speed_table_is_the_peers_rows_of_one_invocation_each():
   table = report.peers_speed_readme()
   assert "| 73,061 | 5.28 |" in table and "| **17,683** | 17.27 |" in table and "| 13,878 | **14.93** |" in table
+
+
+def test_a_new_empty_table_is_filled_without_swallowing_the_next(tmp_path, monkeypatch):
+  # A page gets a new table as an empty pair of markers; the next table and the text between must stay.
+  for rel in [*report.PAGES, *report.sources()]:
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(report.ROOT / rel, tmp_path / rel)
+  page = tmp_path / "docs" / "performance.md"
+  text = page.read_text()
+  start = text.index("<!-- report: peers_default_docs -->\n") + len("<!-- report: peers_default_docs -->\n")
+  emptied = text[:start] + text[text.index("<!-- /report -->", start):]
+  page.write_text(emptied)
+  monkeypatch.setattr(report, "ROOT", tmp_path)
+  assert report.render("docs/performance.md") == text
