@@ -60,6 +60,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -135,32 +136,90 @@ class GrassState(NamedTuple):
   loss_trace: jax.Array
 
 
-class Settings(NamedTuple):
-  """The static hyperparameters of :func:`transform` (see its arguments)."""
+@dataclasses.dataclass(frozen=True)
+class GrassSettings:
+  """The static hyperparameters of :func:`transform`, validated once when built.
+
+  Attributes:
+    layers: labels function saying which leaves form which layer
+      (:func:`grass_jax.stacked_layers`, :func:`grass_jax.indexed_layers`,
+      or your own, see :mod:`grass_jax.layers`).
+    num_active: gamma, layers updated at a time; None means all (full fine-tuning).
+    period: K, steps between layer switches.
+    probability: 'softmax' (the paper's: ``p ~ exp(m_l / (mean(m) * T))``, MGN
+      divided by its mean over the layers so that one ``temperature`` means the
+      same for every model) or 'power' (``p ~ m_l ** (1/T)``).
+    temperature: T, sharpness of the probabilities (smaller: sharper).
+    epsilon: uniform exploration floor: every layer has ``p >= epsilon / L``.
+    probe_steps: T_p, the first steps measure every layer and update nothing
+      (a multiple of ``period``). Slot-form callers pass ``layer_norms``.
+    refresh_every: T_u, steps between MGN refreshes (None: ``period``).
+    mgn_ema: alpha, weight kept from a layer's previous MGN when its window is
+      folded in; None for the running mean of all its measurements.
+    static: GRASS* (the paper's ablation): the MGN of probing, never refreshed.
+    seed: seeds the PRNG key in the state; same seed, same layer sequence.
+    always_on: which leaves outside the layers are updated every step: True
+      (LISA's convention: embeddings, final norm, LM head), False (frozen), a
+      regex on the leaf path, or a predicate on it.
+    sampling_kind: 'importance' (GRASS), 'uniform' (LISA) or 'fixed' (the
+      layers in ``fixed_layers``, always: an oracle baseline).
+    reset_on_switch: start layers with fresh inner states at every switch (LISA)
+      instead of restoring their saved moments (GRASS).
+    offload: keep no bank of inactive layers' states in the state: they live in
+      host memory, managed by :class:`grass_jax.offload.Offloader`.
+    skip_nonfinite: when any gradient is NaN/inf, return zero updates and keep
+      the inner states (the step still counts for the layer schedule). A
+      non-finite layer norm never enters the importance statistics.
+    fixed_layers: with ``sampling_kind='fixed'``, the ``num_active`` layers that train.
+    coverage: draw in cycles: no layer is drawn a second time before every
+      layer has had a turn (``ceil(L / num_active)`` periods); the
+      probabilities order the layers within a cycle.
+    importance_from: 'grad' (the MGN, as above), 'gain': the loss decrease
+      each period realised, credited to its layers (:mod:`grass_jax.gain`;
+      the update then needs ``loss=``, the step's training loss), or 'adam':
+      each trained layer's loss decrease per parameter from its inner update,
+      ``-<g, u> / n`` (:func:`grass_jax.importance.adam_gains`; give ``inner``
+      a unit learning rate), what Adam's step buys rather than the gradient's
+      size; no probing.
+  """
+
   layers: LabelsFn
   num_active: int | None
-  period: int
-  probability: str
-  temperature: float
-  epsilon: float
-  probe_steps: int
-  refresh_every: int
-  mgn_ema: float | None
-  static: bool
-  seed: int
-  always_on: AlwaysOn
-  sampling_kind: str
-  reset_on_switch: bool
-  offload: bool
-  skip_nonfinite: bool
-  fixed_layers: tuple[int, ...] | None = None
+  period: int = 20
+  probability: str = "softmax"
+  temperature: float = 0.5
+  epsilon: float = 0.1
+  probe_steps: int = 0
+  refresh_every: int | None = None
+  mgn_ema: float | None = 0.5
+  static: bool = False
+  seed: int = 0
+  always_on: AlwaysOn = True
+  sampling_kind: str = "importance"
+  reset_on_switch: bool = False
+  offload: bool = False
+  skip_nonfinite: bool = True
+  fixed_layers: Sequence[int] | None = None
   coverage: bool = False
   importance_from: str = "grad"
+
+  def __post_init__(self):
+    if self.fixed_layers is not None:
+      object.__setattr__(self, "fixed_layers", tuple(int(i) for i in self.fixed_layers))
+    _check_args(self)
 
   @property
   def schedule(self) -> Schedule:
     """When this transform probes, refreshes, draws and switches (:mod:`grass_jax.schedule`)."""
-    return Schedule(self.period, self.probe_steps, self.refresh_every, static=self.static)
+    return Schedule(self.period, self.probe_steps, self.refresh_interval, static=self.static)
+
+  @property
+  def refresh_interval(self) -> int:
+    """T_u: ``refresh_every``, or ``period`` where it is None."""
+    return self.period if self.refresh_every is None else self.refresh_every
+
+
+Settings = GrassSettings  # the name the algorithm's steps below use
 
 
 def _check_args(s: Settings) -> None:
@@ -188,7 +247,7 @@ def _check_args(s: Settings) -> None:
   if s.importance_from == "adam" and (s.probe_steps or s.static):
     raise ValueError("importance_from='adam' measures the trained layers' own updates: no probing "
                      "(probe_steps=0), not static")
-  if s.importance_from == "gain" and (s.probe_steps or s.static or s.period < 2 or s.refresh_every != s.period):
+  if s.importance_from == "gain" and (s.probe_steps or s.static or s.period < 2 or s.refresh_interval != s.period):
     raise ValueError("importance_from='gain' learns from training itself: no probing (probe_steps=0), not static, "
                      "a period of 2 steps or more (it compares the period's halves), refresh_every = period")
 
@@ -405,10 +464,12 @@ def draw_next_layers(s: Settings, state: GrassState, importance: jax.Array,
 
 
 def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state: GrassState, params: Any = None,
-           *, state_stream: StateStream | None = None, layer_norms: jax.Array | None = None,
-           loss: jax.Array | None = None, **extra_args) -> tuple[Any, GrassState]:
-  """One GRASS step (the module docstring lists its steps)."""
-  del extra_args
+           **extra_args: Any) -> tuple[Any, GrassState]:
+  """One GRASS step (the module docstring lists its steps). ``extra_args``: the update's optional
+  ``state_stream``, ``layer_norms`` and ``loss`` (:func:`transform`); others (from a chain) are ignored."""
+  state_stream: StateStream | None = extra_args.get("state_stream")
+  layer_norms: jax.Array | None = extra_args.get("layer_norms")
+  loss: jax.Array | None = extra_args.get("loss")
   num_layers, gamma = state.importance.shape[0], state.active.shape[0]
   layout = build_layout(updates, s.layers, s.always_on, num_layers=num_layers)
   slot_g, always_g, full_form = _to_slots(layout, updates, state.active, gamma)
@@ -459,29 +520,8 @@ def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state
                                  slot_layers, slot_states, bank, always_state, undrawn, loss_trace)
 
 
-def transform(
-    inner: optax.GradientTransformation,
-    *,
-    layers: LabelsFn,
-    num_active: int | None,
-    period: int = 20,
-    probability: str = "softmax",
-    temperature: float = 0.5,
-    epsilon: float = 0.1,
-    probe_steps: int = 0,
-    refresh_every: int | None = None,
-    mgn_ema: float | None = 0.5,
-    static: bool = False,
-    seed: int = 0,
-    always_on: AlwaysOn = True,
-    sampling_kind: str = "importance",
-    reset_on_switch: bool = False,
-    offload: bool = False,
-    skip_nonfinite: bool = True,
-    fixed_layers: Sequence[int] | None = None,
-    coverage: bool = False,
-    importance_from: str = "grad",
-) -> optax.GradientTransformationExtraArgs:
+def transform(inner: optax.GradientTransformation, settings: GrassSettings | None = None, /,
+              **fields: Any) -> optax.GradientTransformationExtraArgs:
   """GRASS: gradient-based adaptive layer-wise importance sampling.
 
   Args:
@@ -490,46 +530,8 @@ def transform(
       A schedule inside ``inner`` sees the layer's own step count; for a
       global schedule use ``optax.adamw(1.0)`` and add
       ``optax.scale_by_schedule(schedule)`` after this transform.
-    layers: labels function saying which leaves form which layer
-      (:func:`grass_jax.stacked_layers`, :func:`grass_jax.indexed_layers`,
-      or your own, see :mod:`grass_jax.layers`).
-    num_active: gamma, layers updated at a time; None means all (full fine-tuning).
-    period: K, steps between layer switches.
-    probability: 'softmax' (the paper's: ``p ~ exp(m_l / (mean(m) * T))``, MGN
-      divided by its mean over the layers so that one ``temperature`` means the
-      same for every model) or 'power' (``p ~ m_l ** (1/T)``).
-    temperature: T, sharpness of the probabilities (smaller: sharper).
-    epsilon: uniform exploration floor: every layer has ``p >= epsilon / L``.
-    probe_steps: T_p, the first steps measure every layer and update nothing
-      (a multiple of ``period``). Slot-form callers pass ``layer_norms``.
-    refresh_every: T_u, steps between MGN refreshes (None: ``period``).
-    mgn_ema: alpha, weight kept from a layer's previous MGN when its window is
-      folded in; None for the running mean of all its measurements.
-    static: GRASS* (the paper's ablation): the MGN of probing, never refreshed.
-    seed: seeds the PRNG key in the state; same seed, same layer sequence.
-    always_on: which leaves outside the layers are updated every step: True
-      (LISA's convention: embeddings, final norm, LM head), False (frozen), a
-      regex on the leaf path, or a predicate on it.
-    sampling_kind: 'importance' (GRASS), 'uniform' (LISA) or 'fixed' (the
-      layers in ``fixed_layers``, always: an oracle baseline).
-    reset_on_switch: start layers with fresh inner states at every switch (LISA)
-      instead of restoring their saved moments (GRASS).
-    offload: keep no bank of inactive layers' states in the state: they live in
-      host memory, managed by :class:`grass_jax.offload.Offloader`.
-    skip_nonfinite: when any gradient is NaN/inf, return zero updates and keep
-      the inner states (the step still counts for the layer schedule). A
-      non-finite layer norm never enters the importance statistics.
-    fixed_layers: with ``sampling_kind='fixed'``, the ``num_active`` layers that train.
-    coverage: draw in cycles: no layer is drawn a second time before every
-      layer has had a turn (``ceil(L / num_active)`` periods); the
-      probabilities order the layers within a cycle.
-    importance_from: 'grad' (the MGN, as above), 'gain': the loss decrease
-      each period realised, credited to its layers (:mod:`grass_jax.gain`;
-      the update then needs ``loss=``, the step's training loss), or 'adam':
-      each trained layer's loss decrease per parameter from its inner update,
-      ``-<g, u> / n`` (:func:`grass_jax.importance.adam_gains`; give ``inner``
-      a unit learning rate), what Adam's step buys rather than the gradient's
-      size; no probing.
+    settings, fields: the hyperparameters, a :class:`GrassSettings`, or its fields as keywords
+      (``layers`` and ``num_active`` required), or both: the keywords replace the settings' fields.
 
   Returns:
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.
@@ -537,11 +539,7 @@ def transform(
     not measured), ``state_stream`` (:class:`StateStream`) and ``loss`` (the
     step's training loss, for ``importance_from='gain'``) as extra arguments.
   """
-  s = Settings(layers, num_active, period, probability, temperature, epsilon, probe_steps,
-               period if refresh_every is None else refresh_every, mgn_ema, static, seed, always_on,
-               sampling_kind, reset_on_switch, offload, skip_nonfinite,
-               None if fixed_layers is None else tuple(int(i) for i in fixed_layers), coverage, importance_from)
-  _check_args(s)
+  s = GrassSettings(**fields) if settings is None else dataclasses.replace(settings, **fields)
   return optax.GradientTransformationExtraArgs(
       lambda params: init(inner, s, params),
       lambda updates, state, params=None, **kw: update(inner, s, updates, state, params, **kw))
@@ -579,32 +577,33 @@ def full(inner: optax.GradientTransformation, *, layers: LabelsFn,
   return transform(inner, layers=layers, num_active=None, period=1, always_on=always_on)
 
 
-def strategy(name: str, inner: optax.GradientTransformation, *, layers: LabelsFn,
-             num_active: int | None = None, period: int = 20, seed: int = 0, always_on: AlwaysOn = True,
-             offload: bool = False, fixed_layers: Sequence[int] | None = None,
-             **importance_args: Any) -> optax.GradientTransformationExtraArgs:
-  """Builds a strategy by name, as configs name them.
+_LISA_FIELDS = ("layers", "num_active", "period", "seed", "always_on", "coverage")
+_FIXED_FIELDS = ("layers", "fixed_layers", "always_on", "offload")
+
+
+def strategy(name: str, inner: optax.GradientTransformation, /, **fields: Any) -> optax.GradientTransformationExtraArgs:
+  """Builds a strategy by name, as configs name them, from :class:`GrassSettings` fields.
 
   ``grass`` (:func:`transform`), ``grass_static`` (GRASS*: ``static=True``,
-  needs ``probe_steps``), ``lisa``, ``full`` or ``fixed`` (needs ``fixed_layers``). ``importance_args`` are
-  :func:`transform`'s ``probability``, ``temperature``, ``epsilon``,
-  ``probe_steps``, ``refresh_every``, ``mgn_ema``, ``reset_on_switch`` and ``coverage``
-  (lisa takes ``coverage`` alone; full none).
+  needs ``probe_steps``), ``lisa`` (:func:`lisa`: takes ``layers``, ``num_active``, ``period``, ``seed``,
+  ``always_on`` and ``coverage``), ``full`` (``layers``, ``always_on``) or ``fixed`` (``layers``,
+  ``fixed_layers``, ``always_on``, ``offload``). Fields a strategy does not take are ignored, so one set of
+  fields serves every strategy.
   """
+  def pick(names: Sequence[str]) -> dict[str, Any]:
+    return {k: fields[k] for k in names if k in fields}
   if name in ("grass", "grass_static"):
-    return transform(inner, layers=layers, num_active=num_active, period=period, seed=seed, always_on=always_on,
-                     offload=offload, static=name == "grass_static", **importance_args)
+    return transform(inner, static=name == "grass_static", **fields)
   if name == "lisa":
-    if num_active is None:
+    if fields.get("num_active") is None:
       raise ValueError("strategy 'lisa' needs num_active")
-    return lisa(inner, layers=layers, num_active=num_active, period=period, seed=seed, always_on=always_on,
-                coverage=importance_args.get("coverage", False))
+    return lisa(inner, **pick(_LISA_FIELDS))
   if name == "full":
-    return full(inner, layers=layers, always_on=always_on)
+    return full(inner, **pick(("layers", "always_on")))
   if name == "fixed":
-    if not fixed_layers:
+    if not fields.get("fixed_layers"):
       raise ValueError("strategy 'fixed' needs fixed_layers")
-    return fixed(inner, layers=layers, fixed_layers=fixed_layers, always_on=always_on, offload=offload)
+    return fixed(inner, **pick(_FIXED_FIELDS))
   raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
 
 

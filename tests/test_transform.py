@@ -312,3 +312,27 @@ def test_fixed_layer_beyond_the_model_is_an_error_at_init():
   tx = grass_jax.fixed(optax.adam(1e-2), layers=grass_jax.stacked_layers("layers"), fixed_layers=[0, L])
   with pytest.raises(ValueError, match=f"beyond the model's L={L}"):
     tx.init(stacked_params())
+
+
+def test_settings_object_and_keywords_build_the_same_transform():
+  import dataclasses
+
+  layers = grass_jax.stacked_layers("layers")
+  params = {"layers": {"w": jnp.arange(24.0).reshape(6, 2, 2)}}
+  grads = jax.tree.map(lambda x: jnp.cos(x) + 0.1, params)
+  base = grass_jax.GrassSettings(layers=layers, num_active=2, period=2, seed=4)
+  by_keywords = grass_jax.transform(optax.adam(1e-2), layers=layers, num_active=2, period=3, seed=4)
+  by_settings = grass_jax.transform(optax.adam(1e-2), base, period=3)  # a keyword replaces the settings' field
+  states = [tx.init(params) for tx in (by_keywords, by_settings)]
+  for _ in range(7):  # across two switches
+    outs = [tx.update(grads, st, params) for tx, st in zip((by_keywords, by_settings), states)]
+    states = [o[1] for o in outs]
+    jax.tree.map(np.testing.assert_array_equal, outs[0][0], outs[1][0])
+  jax.tree.map(np.testing.assert_array_equal, *states)
+  assert base.period == 2 and base.refresh_interval == 2  # the settings object itself is unchanged
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    base.period = 5
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    dataclasses.replace(base, temperature=0.0)  # validated whenever built
+  with pytest.raises(TypeError, match="tempreature"):
+    grass_jax.transform(optax.adam(1e-2), base, tempreature=1.0)
