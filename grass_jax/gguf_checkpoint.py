@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from grass_jax import models
+from grass_jax import models, tokenizer_cache
 from grass_jax.models.decoder import DecoderConfig
 
 PACKAGE_PREFIX = "package:"
@@ -272,15 +272,19 @@ def iter_tensors(reader: Any, config: DecoderConfig) -> Iterator[tuple[str, np.n
 
 
 def load_tokenizer(file: Path) -> Any:
-  """The file's tokenizer, converted by ``transformers`` (``gguf_file=``); a copy of the one converted
-  first in this process (conversion parses the metadata again, ~5 s), so callers may change theirs."""
+  """The file's tokenizer, converted by ``transformers`` (``gguf_file=``, 5-8 s for a 49k-token vocabulary)
+  once: kept on disk for later processes (:mod:`grass_jax.tokenizer_cache`) and in this one, of which each
+  caller gets a copy (so callers may change theirs)."""
   return copy.deepcopy(_load_tokenizer(_file_key(file)))
 
 
 @functools.lru_cache(maxsize=2)
 def _load_tokenizer(key: tuple[str, int, int]) -> Any:
+  return tokenizer_cache.cached(key, lambda: _convert_tokenizer(Path(key[0])))
+
+
+def _convert_tokenizer(file: Path) -> Any:
   from transformers import AutoTokenizer
-  file = Path(key[0])
   try:
     with _transformers_reads_our_reader(file):
       return AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)

@@ -18,6 +18,11 @@ if not os.environ.get("GRASS_TEST_NO_CACHE") and "JAX_COMPILATION_CACHE_DIR" not
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
+# GGUF tokenizers converted once per session (grass_jax.tokenizer_cache), in a directory of the session's own,
+# never the user's ~/.cache: a run of the suite neither reads nor leaves entries there.
+_OWN_TOKENIZER_CACHE = "GRASS_JAX_CACHE" not in os.environ
+if _OWN_TOKENIZER_CACHE:
+  os.environ["GRASS_JAX_CACHE"] = tempfile.mkdtemp(prefix="grass_jax_test_cache_")
 
 # LLVM's expensive optimisation passes cost compile time that the suite's small programs never win back
 # (test_train_step.py: 104 -> 93 s on 2 cores; the demo's 189 training steps run as fast, 49 s, and still
@@ -83,6 +88,8 @@ def _no_cache_means_none_between_tests():
 def pytest_unconfigure(config):
   if _OWNER:  # the process that made the directory (the xdist controller) removes it last
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  if _OWN_TOKENIZER_CACHE:
+    shutil.rmtree(os.environ["GRASS_JAX_CACHE"], ignore_errors=True)
 
 
 # The longest files first (measured 2026-12-03, seconds on 2 cores): xdist hands out work in collection

@@ -30,7 +30,7 @@ SMALL = ["model.random_init={model_type: llama, vocab_size: 259, hidden_size: 32
 
 # Module fixture: the whole file on one xdist worker (--dist loadgroup), the straight run trained once.
 pytestmark = pytest.mark.xdist_group("crash")
-STEPS = 20
+STEPS = 12
 
 
 def _cfg(out, steps, every):

@@ -68,6 +68,35 @@ def smol():
   return params, config, tokenizer, ref
 
 
+def test_a_converted_tokenizer_is_kept_on_disk_and_read_back(smol, tmp_path, monkeypatch):
+  from grass_jax import tokenizer_cache
+  _, _, tokenizer, _ = smol
+  monkeypatch.setenv("GRASS_JAX_CACHE", str(tmp_path))
+  key = gguf_checkpoint._file_key(FILE)
+  converted = []
+
+  def convert():
+    converted.append(1)
+    return tokenizer
+  assert tokenizer_cache.cached(key, convert) is tokenizer and converted == [1]  # kept ...
+  back = tokenizer_cache.cached(key, convert)  # ... and read back, not converted again
+  assert converted == [1] and back is not tokenizer
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+              {"role": "assistant", "content": "4"}]
+  for text in PROMPTS + ["Ünïcode and  spaces\ttabs 1234567"]:
+    assert back.encode(text) == tokenizer.encode(text)
+  assert back.apply_chat_template(messages, tokenize=False) == tokenizer.apply_chat_template(messages, tokenize=False)
+  assert (back.bos_token, back.eos_token, back.pad_token, len(back)) == (
+      tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, len(tokenizer))
+  # A damaged entry is converted again and replaced; a file rewritten in place has another entry.
+  (tokenizer_cache.entry_dir(key) / "tokenizer.json").write_text("{not json")
+  tokenizer_cache.cached(key, convert)
+  assert converted == [1, 1] and tokenizer_cache.cached(key, convert).encode(PROMPTS[0]) == tokenizer.encode(PROMPTS[0])
+  assert tokenizer_cache.entry_dir((key[0], key[1], key[2] + 1)) != tokenizer_cache.entry_dir(key)
+  monkeypatch.setenv("GRASS_JAX_CACHE", "off")
+  assert tokenizer_cache.entry_dir(key) is None and tokenizer_cache.cached(key, convert) is tokenizer
+
+
 def _hf_logits(model, enc):
   with torch.no_grad():
     out = model(input_ids=torch.tensor(enc["input_ids"]), attention_mask=torch.tensor(enc["attention_mask"]))
