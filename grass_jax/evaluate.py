@@ -25,8 +25,10 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,22 +70,70 @@ def _bucket(n: int, buckets: list[int]) -> int:
   return buckets[-1]
 
 
+PROMPT_FORMATS = ("alpaca", "chat", "plain")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalOptions:
+  """How a task is scored, validated when built.
+
+  Attributes:
+    batch_size: prompts generated at once (fewer prompts: the next power of two above their number).
+    max_new_tokens: tokens generated per prompt; None: 32 for the commonsense tasks, 256 for math.
+    buckets: prompt lengths (tokens) prompts are left-padded up to, so generation compiles once per bucket;
+      a longer prompt keeps its end. None: 128, 256, 512, 1024.
+    dtype: compute dtype of generation.
+    progress: a progress bar over the prompts.
+    prompt_format: how a test record is asked: 'alpaca' (the Alpaca prompt), 'chat' (a user turn in the
+      tokenizer's chat template, for a model trained on chat records) or 'plain' (the instruction as it is).
+  """
+
+  batch_size: int = 16
+  max_new_tokens: int | None = None
+  buckets: Sequence[int] | None = None
+  dtype: Any = jnp.float32
+  progress: bool = False
+  prompt_format: str = "alpaca"
+
+  def __post_init__(self):
+    if self.prompt_format not in PROMPT_FORMATS:
+      raise ValueError(f"prompt_format must be 'alpaca', 'chat' or 'plain'; got {self.prompt_format!r}")
+    if not (isinstance(self.batch_size, int) and self.batch_size >= 1):
+      raise ValueError(f"batch_size must be an int >= 1; got {self.batch_size!r}")
+    if self.max_new_tokens is not None and not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+      raise ValueError(f"max_new_tokens must be an int >= 1 (or None: the task's default); got {self.max_new_tokens!r}")
+    buckets = (128, 256, 512, 1024) if self.buckets is None else tuple(sorted(int(b) for b in self.buckets))
+    if not buckets or buckets[0] < 1:
+      raise ValueError(f"buckets must be prompt lengths >= 1; got {self.buckets!r}")
+    object.__setattr__(self, "buckets", buckets)
+
+
+def _options(options: EvalOptions | None, fields: dict[str, Any]) -> EvalOptions:
+  return EvalOptions(**fields) if options is None else dataclasses.replace(options, **fields)
+
+
 def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, prompts: list[str] | list[list[int]],
-                   *, batch_size: int, max_new_tokens: int, buckets: list[int], dtype: Any = jnp.float32,
-                   progress: bool = False) -> list[str]:
-  """Greedy continuations of ``prompts`` (texts, or token ids as they are; batched, left-padded to buckets)."""
+                   options: EvalOptions | None = None, /, **fields: Any) -> list[str]:
+  """Greedy continuations of ``prompts`` (texts, or token ids as they are; batched, left-padded to buckets).
+
+  ``options``, ``fields``: :class:`EvalOptions`, or its fields as keywords (which replace the options' own);
+  ``max_new_tokens`` must be set. ``prompt_format`` is not used (the prompts are already asked).
+  """
   from tqdm.auto import tqdm
+  o = _options(options, fields)
+  if o.max_new_tokens is None:
+    raise ValueError("generate_texts needs max_new_tokens (EvalOptions.max_new_tokens)")
   encoded = [list(p) if isinstance(p, list) else tokenizer.encode(p) for p in prompts]
   order = np.argsort([len(e) for e in encoded], kind="stable")  # similar lengths batch together
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   eos = tokenizer.eos_token_id
   out: list[str] = [""] * len(prompts)
-  bar = tqdm(total=len(prompts), disable=not progress, unit="ex", dynamic_ncols=True)
+  bar = tqdm(total=len(prompts), disable=not o.progress, unit="ex", dynamic_ncols=True)
   # Fewer prompts than a batch: a smaller batch (a power of two, so that few shapes compile), not filler rows.
-  batch_size = min(batch_size, 1 << max(len(prompts) - 1, 0).bit_length())
+  batch_size = min(o.batch_size, 1 << max(len(prompts) - 1, 0).bit_length())
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
-    length = _bucket(max(len(encoded[i]) for i in idx), buckets)
+    length = _bucket(max(len(encoded[i]) for i in idx), list(o.buckets))
     tokens = np.full((batch_size, length), pad, np.int32)
     mask = np.zeros((batch_size, length), np.int32)
     for row, i in enumerate(idx):
@@ -91,8 +141,8 @@ def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, 
       tokens[row, length - len(ids):] = ids
       mask[row, length - len(ids):] = 1
     mask[len(idx):, -1] = 1  # filler rows: one dummy token, results ignored
-    gen = np.asarray(greedy_generate(params, config, jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens,
-                                     eos_token_id=eos, dtype=dtype))
+    gen = np.asarray(greedy_generate(params, config, jnp.asarray(tokens), jnp.asarray(mask), o.max_new_tokens,
+                                     eos_token_id=eos, dtype=o.dtype))
     for row, i in enumerate(idx):
       ids = gen[row].tolist()
       if eos is not None and eos in ids:
@@ -103,32 +153,31 @@ def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, 
   return out
 
 
-def evaluate(params: Params, config: DecoderConfig, tokenizer: Tokenizer, task: str, records: list[dict], *,
-             batch_size: int = 16, max_new_tokens: int | None = None, buckets: list[int] | None = None,
-             dtype: Any = jnp.float32, progress: bool = False,
-             prompt_format: str = "alpaca") -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def evaluate(params: Params, config: DecoderConfig, tokenizer: Tokenizer, task: str, records: list[dict],
+             options: EvalOptions | None = None, /, **fields: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Returns ``(summary, per-example predictions)`` for one task.
 
-  ``prompt_format``: how a test record is asked: 'alpaca' (the Alpaca prompt), 'chat' (a user turn in the
-  tokenizer's chat template, for a model trained on chat records) or 'plain' (the instruction as it is).
+  ``options``, ``fields``: how it is scored, :class:`EvalOptions` or its fields as keywords (which replace
+  the options' own).
+
+  Example::
+
+    summary, rows = evaluate(params, config, tokenizer, "gsm8k", records, batch_size=64, max_new_tokens=128)
   """
+  o = _options(options, fields)
   task = canonical_task(task)
   if not records:
     raise ValueError(f"no records to evaluate for {task}")
-  if max_new_tokens is None:
-    max_new_tokens = 32 if task in COMMONSENSE else 256
-  if prompt_format == "chat":
+  if o.max_new_tokens is None:
+    o = dataclasses.replace(o, max_new_tokens=32 if task in COMMONSENSE else 256)
+  if o.prompt_format == "chat":
     from grass_jax.chat import prompt_ids
     prompts: list = [prompt_ids(r, tokenizer) for r in records]
-  elif prompt_format == "plain":
+  elif o.prompt_format == "plain":
     prompts = [question_text(r) for r in records]
-  elif prompt_format == "alpaca":
-    prompts = [prompt_text(r) for r in records]
   else:
-    raise ValueError(f"prompt_format must be 'alpaca', 'chat' or 'plain'; got {prompt_format!r}")
-  texts = generate_texts(params, config, tokenizer, prompts, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, buckets=buckets or [128, 256, 512, 1024], dtype=dtype,
-                         progress=progress)
+    prompts = [prompt_text(r) for r in records]
+  texts = generate_texts(params, config, tokenizer, prompts, o)
   rows = []
   for r, text in zip(records, texts):
     gold = r.get("answer", r.get("output"))

@@ -40,7 +40,7 @@ from grass_jax.assembly import assemble, build_optimizer, check_layers_fit, dtyp
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.compile_cache import use_compilation_cache
 from grass_jax.config import Config, ConfigError, ModelConfig, merge_advanced, to_dict, to_file_dict
-from grass_jax.evaluate import evaluate, load_task_records, write_results
+from grass_jax.evaluate import EvalOptions, evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, init_params
 from grass_jax.models.decoder import DecoderConfig, Params
@@ -161,6 +161,11 @@ class Trainer:
     self.ckpt = Checkpointer(ckpt_dir, cfg.train.keep_checkpoints)
     return mesh
 
+  @property
+  def prompt_format(self) -> str:
+    """How evaluation asks a test record: in the form the model trained on (:class:`EvalOptions`)."""
+    return self.eval_options.prompt_format
+
   def _load_data(self) -> data_lib.Dataset:
     cfg = self.cfg
     records = data_lib.load_records(cfg.data.train, cfg.data.split)
@@ -174,8 +179,10 @@ class Trainer:
       raise data_lib.DataError(f"{cfg.data.train}: data.format is {fmt}, but record 0 is "
                                f"{data_lib.record_format(records[0])}; set data.format: auto")
     # evaluation asks in the form the model was trained on
-    self.prompt_format = {"alpaca": "alpaca", "messages": "chat"}.get(
-        fmt, "chat" if isinstance(records[0].get("prompt"), list) else "plain")
+    self.eval_options = EvalOptions(
+        batch_size=cfg.eval.batch_size, max_new_tokens=cfg.eval.max_new_tokens,
+        dtype=dtype_of(cfg.model.compute_dtype), prompt_format={"alpaca": "alpaca", "messages": "chat"}.get(
+            fmt, "chat" if isinstance(records[0].get("prompt"), list) else "plain"))
     if self.prompt_format == "chat":
       chat.require_chat_template(self.tokenizer, cfg.data.train)
     tok, n = self.tokenizer, cfg.data.max_length
@@ -339,12 +346,10 @@ class Trainer:
 
   def evaluate(self) -> None:
     """Evaluates the configured tasks on the current parameters (``eval.tasks``)."""
-    s, cfg = self.state, self.cfg
+    s = self.state
     accuracies = {}
     for task, records in self.eval_sets.items():
-      summary, rows = evaluate(s.params, self.mcfg, self.tokenizer, task, records, batch_size=cfg.eval.batch_size,
-                               prompt_format=self.prompt_format,
-                               max_new_tokens=cfg.eval.max_new_tokens, dtype=dtype_of(cfg.model.compute_dtype))
+      summary, rows = evaluate(s.params, self.mcfg, self.tokenizer, task, records, self.eval_options)
       if self.main_process:
         write_results(self.out / "eval" / f"step_{s.step}", summary, rows)
       accuracies[f"eval/{task}_accuracy"] = summary["accuracy"]

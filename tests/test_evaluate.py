@@ -153,3 +153,15 @@ def test_a_damaged_model_is_one_line_naming_the_file(tmp_path, damage, message, 
   lines = err.strip().splitlines()
   assert code == 2 and len(lines) == 1 and message in lines[0], err[-2000:]
   assert "export or download it again" in lines[0]
+
+
+def test_eval_options_are_checked_once_and_keywords_replace_their_fields():
+  import dataclasses
+  o = ev.EvalOptions(batch_size=8, buckets=[256, 64])
+  assert o.buckets == (64, 256) and ev.EvalOptions().buckets == (128, 256, 512, 1024)
+  with pytest.raises(ValueError, match="prompt_format must be 'alpaca', 'chat' or 'plain'; got 'alpacca'"):
+    ev.evaluate(None, None, None, "gsm8k", [{"instruction": "q", "answer": "1"}], o, prompt_format="alpacca")
+  with pytest.raises(ValueError, match="batch_size must be an int >= 1; got 0"):
+    dataclasses.replace(o, batch_size=0)
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    ev.generate_texts(None, None, None, ["q"], o)  # generation needs a length; evaluate picks the task's
