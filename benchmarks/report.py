@@ -116,6 +116,71 @@ PEERS_README = [
 ]
 
 
+# The older, non-deterministic studies of docs/accuracy.md (750 steps on 2026-12-01; 500 steps on 2026-11-25).
+STUDY_750 = "benchmarks/results/accuracy_smollm2.json"
+STUDY_500 = "benchmarks/results/accuracy_smollm2_500.json"
+STUDY_LABELS = {
+    "pretrained": "before fine-tuning", "full": "full fine-tuning", "lisa": "LISA",
+    "grass": "GRASS, paper (`grass`, `importance: grad`)", "grass_static": "GRASS\\* (`grass_static`)",
+    "grass_sketch": "GRASS, live importance (`grass_sketch`)",
+    "grass_sketch_offload": "the same with offloaded moments (`grass_sketch_offload`)",
+    "grass_power": "GRASS, old rule (`grass_power`)", "grass_floor": "diagnostic: floor 0.5 (`grass_floor`)",
+}
+
+
+def _study(result: dict) -> tuple[list[dict], dict]:
+  from benchmarks.accuracy.study import summarize
+  scale = {**result["config"], "lrs": result["lr_grid"]}
+  return summarize(result["rows"], scale), scale
+
+
+def study_docs(result: dict, with_cost: bool = True) -> str:
+  """Per task and method at its chosen learning rate: test accuracy (mean ± sample std), the difference of
+  means against LISA (these runs were not paired), and with ``with_cost`` train seconds and peak GiB."""
+  table, _ = _study(result)
+  lisa = {t["task"]: t["accuracy_mean"] for t in table if t["method"] == "lisa"}
+  head = "| task | method | lr | test accuracy, mean ± sample std | seeds | against LISA (points) |"
+  lines = [head + (" train s | peak GiB |" if with_cost else ""), "|---" * (6 + 2 * with_cost) + "|"]
+  for t in table:
+    pre = t["method"] == "pretrained"
+    acc = f"{t['accuracy_mean']:.3f}" + (f" ± {t['accuracy_std']:.3f}" if t["seeds"] > 1 else "")
+    vs = "" if pre or t["method"] == "lisa" or t["task"] not in lisa else _points(t["accuracy_mean"] - lisa[t["task"]])
+    lr = "" if pre else f"{t['lr']:.0e}".replace("e-0", "e-")
+    cells = [t["task"], STUDY_LABELS.get(t["method"], f"`{t['method']}`"), lr, acc,
+             "" if pre else str(t["seeds"]), vs]
+    if with_cost:
+      cells += ["" if pre else f"{t['seconds_mean']:.0f}", "" if t["peak_gib"] is None else f"{t['peak_gib']:.2f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def study_goal_docs(result: dict) -> str:
+  """The 750-step study against LISA: difference of means per task, their average, and Welch's t on the
+  noisier task (dates_direct) over the seeds each method ran."""
+  import statistics
+
+  from benchmarks.accuracy.study import chosen_lr, of_this_scale
+  table, scale = _study(result)
+  rows = of_this_scale(result["rows"], scale)
+  mean = {(t["task"], t["method"]): t["accuracy_mean"] for t in table}
+
+  def accs(task: str, method: str) -> list[float]:
+    lr = chosen_lr(rows, task, method, scale)
+    return [r["accuracy"] for r in rows if r["task"] == task and r["method"] == method and r["lr"] == lr
+            and "accuracy" in r]
+
+  lisa = accs("dates_direct", "lisa")
+  lines = ["| method | arith | dates_direct | average | seeds | Welch t on dates_direct |", "|---|---|---|---|---|---|"]
+  for method in ("grass", "grass_static", "grass_sketch", "grass_power"):
+    diffs = [mean[(task, method)] - mean[(task, "lisa")] for task in ("arith", "dates_direct")]
+    other = accs("dates_direct", method)
+    t = (statistics.mean(other) - statistics.mean(lisa)) / (
+        statistics.variance(other) / len(other) + statistics.variance(lisa) / len(lisa)) ** 0.5
+    lines.append(f"| {STUDY_LABELS[method]} | {_points(diffs[0])} | {_points(diffs[1])} | "
+                 f"{_points(sum(diffs) / 2)} | {len(other)} vs {len(lisa)} | {t:+.1f} |".replace("-", "−"))
+  return "\n".join(lines)
+
+
 def peers_speed_readme(_: Any = None) -> str:
   """Mean tokens/s after compilation and peak GiB; the better of each model's rows in bold."""
   lines = ["| model | setup | tokens/s | peak GiB |", "|---|---|---|---|"]
@@ -197,7 +262,8 @@ PEERS_DOCS = {
 
 def sources() -> list[str]:
   """Every result file a table is made from."""
-  return [PAIRED, *(path for path, _, _ in PEERS_README), *(spec[0] for spec in PEERS_DOCS.values())]
+  return [PAIRED, STUDY_750, STUDY_500, *(path for path, _, _ in PEERS_README),
+          *(spec[0] for spec in PEERS_DOCS.values())]
 
 
 # name -> (result file, function making the markdown table from its JSON)
@@ -205,6 +271,9 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "paired_accuracy_readme": (PAIRED, paired_accuracy_readme),
     "paired_accuracy_docs": (PAIRED, paired_accuracy_docs),
     "peers_speed_readme": (None, peers_speed_readme),  # reads the peers files of PEERS_README
+    "study_750_docs": (STUDY_750, study_docs),
+    "study_750_goal_docs": (STUDY_750, study_goal_docs),
+    "study_500_docs": (STUDY_500, lambda result: study_docs(result, with_cost=False)),
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
 }
 PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md"]
