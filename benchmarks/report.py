@@ -181,6 +181,22 @@ def study_goal_docs(result: dict) -> str:
   return "\n".join(lines)
 
 
+ORACLE = "benchmarks/results/accuracy_smollm2_oracle.json"
+
+
+def oracle_docs(result: dict) -> str:
+  """Each pair of layers trained alone: test accuracy and the pair's MGN over the mean (best of each bold)."""
+  pairs = result["oracle"][0]["pairs"]
+  best_acc = max(p["accuracy"] for p in pairs)
+  best_mgn = max(p["mgn"] for p in pairs)
+  bold = lambda text, on: f"**{text}**" if on else text
+  return "\n".join([
+      "| layers | " + " | ".join(f"{p['layers'][0]}-{p['layers'][-1]}" for p in pairs) + " |",
+      "|---|" + "---|" * len(pairs),
+      "| test accuracy | " + " | ".join(bold(f"{p['accuracy']:.3f}"[1:], p["accuracy"] == best_acc) for p in pairs) + " |",
+      "| pair MGN / mean | " + " | ".join(bold(f"{p['mgn']:.2f}", p["mgn"] == best_mgn) for p in pairs) + " |"])
+
+
 def peers_speed_readme(_: Any = None) -> str:
   """Mean tokens/s after compilation and peak GiB; the better of each model's rows in bold."""
   lines = ["| model | setup | tokens/s | peak GiB |", "|---|---|---|---|"]
@@ -262,7 +278,7 @@ PEERS_DOCS = {
 
 def sources() -> list[str]:
   """Every result file a table is made from."""
-  return [PAIRED, STUDY_750, STUDY_500, *(path for path, _, _ in PEERS_README),
+  return [PAIRED, STUDY_750, STUDY_500, ORACLE, *(path for path, _, _ in PEERS_README),
           *(spec[0] for spec in PEERS_DOCS.values())]
 
 
@@ -274,6 +290,7 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "study_750_docs": (STUDY_750, study_docs),
     "study_750_goal_docs": (STUDY_750, study_goal_docs),
     "study_500_docs": (STUDY_500, lambda result: study_docs(result, with_cost=False)),
+    "oracle_docs": (ORACLE, oracle_docs),
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
 }
 PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md"]
