@@ -58,6 +58,19 @@ def main() -> None:
         "fsdp_sharded_leaves": sum(FSDP in str(x.sharding.spec) for x in jax.tree.leaves(r["params"])),
         "loss": [r["final_loss"], ref["final_loss"]],
     }
+    # Stopped after step 5 (inside a period) and resumed on the same mesh: the checkpoint's shards come back
+    # where they were, host states included, and the run ends bitwise where the straight one did.
+    stopped = out / f"{name}-{offload}-resumed"
+    run(cfg(stopped, mesh, offload), progress=False, stop_at=5)
+    resumed = run(cfg(stopped, mesh, offload), resume=True, progress=False, return_state=True)
+    same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y))
+                            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    result[f"{name}-offload{offload}"].update(
+        resume_bitwise=same(r["params"], resumed["params"]) and same(r["opt_state"], resumed["opt_state"])
+        and all(same(r["layer_states"][l], resumed["layer_states"][l]) for l in r["layer_states"]),
+        resumed_steps=resumed["steps"],
+        resumed_sharding_kept=all(x.sharding == y.sharding for x, y in
+                                  zip(jax.tree.leaves(r["params"]), jax.tree.leaves(resumed["params"]))))
     if offload:  # an inactive layer's state: in host memory, laid out like its device copy
       inactive = next(l for l in r["layer_states"] if l not in np.asarray(s.active).tolist())
       host = jax.tree.leaves(r["layer_states"][inactive])

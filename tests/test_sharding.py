@@ -49,6 +49,8 @@ def test_sharded_run_equals_single_device_run(sharded):
   assert r["fsdp_sharded_leaves"] == 3  # gate/up/down [L, 64, 128]; 64-wide dims stay whole at fsdp 2
   assert r["host_kinds"] == ["pinned_host"]
   assert r["host_fsdp_leaves"] > 0, r  # the host states are laid out like their FSDP-sharded device copies
+  # stopped at step 5 and resumed on the mesh: bitwise the straight mesh run, shards where they were
+  assert r["resume_bitwise"] and r["resumed_steps"] == 8 and r["resumed_sharding_kept"], r
 
 
 def test_fused_attention_gets_q_k_v_sharded_alike():
