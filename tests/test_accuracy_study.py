@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.accuracy.tasks import DAYS, arith, extract, pattern, weekday
+from benchmarks.accuracy.tasks import DAYS, arith, extract, pattern, units, weekday, write_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,22 @@ def test_tiny_study_runs_end_to_end(tmp_path):
   # each run's checkpoints go once it is scored (40 runs of SmolLM2 filled a 64 GB disk)
   assert not list((tmp_path / "work" / "runs").glob("*/checkpoints"))
   assert list((tmp_path / "work" / "runs").glob("*/metrics.jsonl"))
+
+
+def test_units_answers_are_the_problem_worked_out_and_never_training_problems(tmp_path):
+  import re
+  from fractions import Fraction
+  assert units(5, 1) == units(5, 1)
+  for r in units(200, 3):  # read back from the question alone, in exact arithmetic
+    per, count, size = (int(x) for x in re.search(
+        r"takes (\d+) .* do (\d+) \w+ take\? \(1 \w+ = (\d+) ", r["instruction"]).groups())
+    assert Fraction(r["answer"]) == Fraction(per * count, size)  # exact: no answer is rounded
+    assert r["output"].endswith(f"The answer is {r['answer']}.")
+  paths = write_splits("units", tmp_path, n_train=400, n_val=50, n_test=100)
+  read = lambda split: [json.loads(l)["instruction"] for l in Path(paths[split]).read_text().splitlines()]
+  train = set(read("train"))
+  assert len(read("test")) == 100 and len(read("val")) == 50
+  assert not train & set(read("test")) and not train & set(read("val"))
 
 
 def test_study_picks_the_best_validation_lr_then_runs_the_other_seeds():

@@ -111,8 +111,9 @@ SCALES = {
     # Paired and deterministic (train.deterministic on the GPU): the same seeds, data order and layer noise for
     # every method, one learning rate (each method's best on the held-out word problems, issue 40). Samplers are
     # chosen on arith and dates_direct; extract and pattern are kept for confirming the choice.
+    # units: the confirmation task, made on 2026-12-07 after every choice was made on the others (none ran on it).
     "paired": dict(model=SMOLLM2, steps=376, batch=16, period=20, max_length=256, n_train=4000, n_val=200,
-                   n_test=500, tasks=["arith", "dates_direct", "extract", "pattern"],
+                   n_test=500, tasks=["arith", "dates_direct", "extract", "pattern", "units"],
                    methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset", "lisa_coverage",
                             "grass_sketch_coverage", "grass_gain", "grass", "grass_static", "grass_adam"],
                    seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}),

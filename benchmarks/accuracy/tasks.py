@@ -131,6 +131,38 @@ def extract(n: int, seed: int) -> list[dict]:
   return out
 
 
+# (item, its plural, what one takes, the larger unit, its singular, its size, the amounts one may take)
+UNITS = [("loaf", "loaves", "grams of flour", "kilograms", "kilogram", 1000, range(25, 1000, 25)),
+         ("bottle", "bottles", "millilitres of juice", "litres", "litre", 1000, range(25, 1000, 25)),
+         ("lap", "laps", "metres", "kilometres", "kilometre", 1000, range(25, 1000, 25)),
+         ("song", "songs", "seconds", "minutes", "minute", 60, range(15, 600, 15)),
+         ("tray", "trays", "eggs", "dozens", "dozen", 12, range(3, 120, 3))]
+
+
+def units(n: int, seed: int) -> list[dict]:
+  """A rate, a count and a unit change: "One loaf takes 250 grams of flour. How many kilograms do 6 loaves take?"
+
+  Two steps with a rationale (multiply, then divide by the unit's size); the answer is a number, often a
+  decimal (1.5), scored like GSM8K (the last number counts). About 4,500 distinct problems: its validation
+  and test problems are kept out of its training set (:data:`DISJOINT`). The confirmation task of the paired
+  study: made before any run on it, so that no sampler was chosen on it.
+  """
+  rng = random.Random(seed)
+  out = []
+  for _ in range(n):
+    item, items, small, large, one, factor, amounts = rng.choice(UNITS)
+    count, per = rng.randint(2, 24), rng.choice(amounts)
+    total = per * count
+    answer = f"{total / factor:.3f}".rstrip("0").rstrip(".")  # exact: the amounts make at most 3 decimals
+    word = small.split()[0]
+    out.append({"instruction": f"One {item} takes {per} {small}. How many {large} do {count} {items} take? "
+                               f"(1 {one} = {factor} {word}.)",
+                "input": "", "output": f"{per} x {count} = {total} {word}. {total} / {factor} = {answer}. "
+                                       f"The answer is {answer}.",
+                "answer": answer})
+  return out
+
+
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 MONTH_DAYS = [31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31]  # 2023, not a leap year
@@ -209,21 +241,44 @@ def parity_demo(directory, *, n_train: int = 1000, n_test: int = 200, seed: int 
 
 
 TASKS = {"arith": (arith, "gsm8k"), "pattern": (pattern, "openbookqa"), "weekday": (weekday, "openbookqa"),
-         "dates": (dates, "openbookqa"), "dates_direct": (dates_direct, "openbookqa"), "extract": (extract, "gsm8k")}
+         "dates": (dates, "openbookqa"), "dates_direct": (dates_direct, "openbookqa"), "extract": (extract, "gsm8k"),
+         "units": (units, "gsm8k")}
+
+
+# Tasks whose validation and test problems are never training problems. The older tasks keep the files
+# their committed runs were scored on (their splits come from disjoint seeds, not disjoint problems).
+DISJOINT = {"units"}
+
+
+def _split(task: str, n: int, seed: int, seen: set[str]) -> list[dict]:
+  """``n`` records of ``task`` from ``seed``; for a :data:`DISJOINT` task none whose instruction is in ``seen``."""
+  make = TASKS[task][0]
+  if task not in DISJOINT:
+    return make(n, seed)
+  out: list[dict] = []
+  draws = n
+  while len(out) < n:
+    fresh = [r for r in make(draws, seed) if r["instruction"] not in seen]
+    out = fresh[:n]
+    if draws > 50 * n:
+      raise ValueError(f"task {task}: fewer than {n} problems outside its training set")
+    draws *= 2
+  return out
 
 
 def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int) -> dict[str, str]:
   """Writes ``<task>_{train,val,test}.jsonl`` (disjoint seeds) and returns their paths."""
   import json
   from pathlib import Path
-  make = TASKS[task][0]
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  paths = {}
+  paths, seen = {}, set()
   for split, n, seed in (("train", n_train, 1), ("val", n_val, 2), ("test", n_test, 3)):
     path = directory / f"{task}_{split}.jsonl"
     if not path.exists():
-      path.write_text("".join(json.dumps(r) + "\n" for r in make(n, seed)))
+      path.write_text("".join(json.dumps(r) + "\n" for r in _split(task, n, seed, seen if split != "train" else set())))
+    if split == "train":
+      seen = {json.loads(l)["instruction"] for l in path.read_text().splitlines()}
     paths[split] = str(path)
   return paths
 
