@@ -83,7 +83,7 @@ class ScanSettings(NamedTuple):
   """Static settings of the slot scan.
 
   Attributes:
-    impl: the (resolved) attention implementation.
+    attention: a resolved attention implementation (not 'auto').
     act_sharding: activation sharding on a mesh, or None.
     remat: what the forward pass keeps of frozen layers (a ``remat`` policy).
     measure: 'none', 'exact' or 'sketch' (module docstring).
@@ -98,8 +98,8 @@ class ScanSettings(NamedTuple):
     unroll_forward: the forward pass as a Python loop over static slices of the
       stack instead of a scan (module docstring); with ``remat='full'`` only.
   """
-  impl: str
-  act_sharding: Any
+  attention: str
+  act_sharding: Any = None
   remat: str = "full"
   measure: str = "none"
   sketch_size: int = 4
@@ -124,11 +124,8 @@ class Measurement(NamedTuple):
   sketching: jax.Array | bool = True
 
 
-def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, attention: str,
-               act_sharding: Any = None, remat: str = "full", measure: str = "none", sketch_size: int = 4,
-               sink: jax.Array | None = None, measurement: Measurement | None = None,
-               may_probe: bool = True, input_grad: bool = True, sketch_every: int = 1,
-               unroll_forward: bool = False) -> LayerStack:
+def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, settings: ScanSettings | None = None, /, *,
+               sink: jax.Array | None = None, measurement: Measurement | None = None, **fields: Any) -> LayerStack:
   """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` that trains the slotted layers.
 
   Args:
@@ -137,33 +134,31 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
       their values are never read (pass zeros: the weights are read from the
       stack, so the trained layers need not be copied).
     slot_of: int ``[L]``, each layer's slot or -1.
-    attention: a resolved attention implementation (not 'auto').
-    remat: what frozen layers keep for the backward pass (trained layers are
-      always recomputed).
-    measure, sketch_size, sketch_every: the importance measurement (module docstring).
+    settings, fields: how it computes and measures, a :class:`ScanSettings` or its fields as keywords (which
+      replace the settings' own): ``attention`` (required), ``remat`` (what frozen layers keep for the
+      backward pass; trained layers are always recomputed; 'full' under a sketch), ``measure``,
+      ``sketch_size``, ``sketch_every`` (the importance measurement, module docstring), ``may_probe``
+      (False: ``measurement.probing`` is never true, and the probing branch is left out of the backward
+      pass), ``input_grad`` (False: the gradient with respect to the stack's input is not used, so the
+      backward pass stops at the lowest trained layer and returns zeros for it), ``unroll_forward``
+      (static slices instead of a scan; ``remat='full'`` only), ``act_sharding``.
     sink: float32 ``[L]`` zeros whose gradient receives the squared norms
       (required unless ``measure='none'``).
     measurement: the step's :class:`Measurement` (required unless 'none').
-    may_probe: False when ``measurement.probing`` is never true (no probing
-      phase): the probing branch is then left out of the backward pass.
-    input_grad: False when the gradient with respect to the stack's input is
-      not used (embeddings frozen): the backward pass then stops at the lowest
-      trained layer and that gradient is returned as zeros.
-    unroll_forward: run the forward pass over static slices of the stack, so
-      that XLA does not copy each layer's weights (``remat='full'`` only; module docstring).
   """
+  settings = ScanSettings(**fields) if settings is None else settings._replace(**fields)
+  measure = settings.measure
   if measure not in MEASURES:
     raise ValueError(f"measure must be one of {MEASURES}; got {measure!r}")
   if measure != "none" and (sink is None or measurement is None):
     raise ValueError(f"measure={measure!r} needs a sink and a Measurement")
-  if measure == "sketch" and sketch_size < 1:
-    raise ValueError(f"sketch_size must be >= 1; got {sketch_size}")
-  if sketch_every < 1:
-    raise ValueError(f"sketch_every must be >= 1; got {sketch_every}")
+  if measure == "sketch" and settings.sketch_size < 1:
+    raise ValueError(f"sketch_size must be >= 1; got {settings.sketch_size}")
+  if settings.sketch_every < 1:
+    raise ValueError(f"sketch_every must be >= 1; got {settings.sketch_every}")
   chex.assert_shape(slot_of, (config.num_layers,))
-  remat = "full" if measure == "sketch" else remat
-  settings = ScanSettings(attention, act_sharding, remat, measure, sketch_size, may_probe, input_grad, sketch_every,
-                          unroll_forward and remat == "full")
+  remat = "full" if measure == "sketch" else settings.remat
+  settings = settings._replace(remat=remat, unroll_forward=settings.unroll_forward and remat == "full")
   if measure == "none":
     sink = measurement = None
 
@@ -175,7 +170,7 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, *, atte
 
 def _run_block(config: DecoderConfig, settings: ScanSettings, lp: Params, h: jax.Array, idx: jax.Array,
                inputs: LayerInputs, probes=None) -> jax.Array:
-  return run_block(config, lp, h, idx, inputs, attention=settings.impl, act_sharding=settings.act_sharding,
+  return run_block(config, lp, h, idx, inputs, attention=settings.attention, act_sharding=settings.act_sharding,
                    probes=probes)
 
 
