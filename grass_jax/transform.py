@@ -219,10 +219,7 @@ class GrassSettings:
     return self.period if self.refresh_every is None else self.refresh_every
 
 
-Settings = GrassSettings  # the name the algorithm's steps below use
-
-
-def _check_args(s: Settings) -> None:
+def _check_args(s: GrassSettings) -> None:
   if s.num_active is not None and (not isinstance(s.num_active, (int, np.integer)) or s.num_active < 1):
     raise ValueError(f"num_active must be a positive int (or None for all layers); got {s.num_active!r}")
   s.schedule  # noqa: B018 -- period, probe_steps, refresh_every and static: its own checks
@@ -252,7 +249,7 @@ def _check_args(s: Settings) -> None:
                      "a period of 2 steps or more (it compares the period's halves), refresh_every = period")
 
 
-def init(inner: optax.GradientTransformation, s: Settings, params: Any) -> GrassState:
+def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> GrassState:
   """The state before the first step: uniform probabilities, a first draw, fresh inner states."""
   layout = build_layout(params, s.layers, s.always_on)
   num_layers = layout.num_layers
@@ -315,7 +312,7 @@ def _to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> 
   return stack, always, n == layout.num_layers
 
 
-def measure_layers(s: Settings, state: GrassState, layout: LayerLayout, grads: Any, slot_grads: dict,
+def measure_layers(s: GrassSettings, state: GrassState, layout: LayerLayout, grads: Any, slot_grads: dict,
                    full_form: bool, probing: jax.Array, layer_norms: jax.Array | None) -> jax.Array:
   """Step 1: each layer's gradient RMS this step, float32 ``[L]``, NaN where not measured.
 
@@ -338,7 +335,7 @@ def measure_layers(s: Settings, state: GrassState, layout: LayerLayout, grads: A
   return rms
 
 
-def accumulate_window(s: Settings, state: GrassState, rms: jax.Array,
+def accumulate_window(s: GrassSettings, state: GrassState, rms: jax.Array,
                       probing: jax.Array) -> tuple[jax.Array, jax.Array]:
   """Step 2: ``(window_sum, window_count)`` with this step's finite measurements added."""
   if s.static:  # GRASS*: only probing feeds the importance
@@ -373,7 +370,7 @@ def measure_adam_gains(state: GrassState, layout: LayerLayout, slot_g: dict, slo
   return rms.at[state.active].set(importance_lib.adam_gains(slot_g, slot_u, layout.layer_size))
 
 
-def credit_gain(s: Settings, state: GrassState, loss: jax.Array | None
+def credit_gain(s: GrassSettings, state: GrassState, loss: jax.Array | None
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Steps 1-2 with ``importance_from='gain'``: ``(window_sum, window_count, loss_trace)``.
 
@@ -395,7 +392,7 @@ def credit_gain(s: Settings, state: GrassState, loss: jax.Array | None
   return window_sum, window_count, jnp.where(due, next_trace, trace)
 
 
-def refresh_importance(s: Settings, state: GrassState, window_sum: jax.Array,
+def refresh_importance(s: GrassSettings, state: GrassState, window_sum: jax.Array,
                        window_count: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Step 4: ``(importance, num_measurements, window_sum, window_count)`` after an optional refresh.
 
@@ -411,7 +408,7 @@ def refresh_importance(s: Settings, state: GrassState, window_sum: jax.Array,
           jnp.where(due, 0.0, window_sum), jnp.where(due, 0, window_count))
 
 
-def switch_layers(inner: optax.GradientTransformation, s: Settings, state: GrassState, slot_g: dict,
+def switch_layers(inner: optax.GradientTransformation, s: GrassSettings, state: GrassState, slot_g: dict,
                   slot_states: tuple, bank: Any) -> tuple[jax.Array, jax.Array, tuple, Any]:
   """Step 5: at a switch, ``next_active`` becomes active. Returns ``(active, slot_layers, slot_states, bank)``.
 
@@ -437,7 +434,7 @@ def switch_layers(inner: optax.GradientTransformation, s: Settings, state: Grass
   return active, slot_layers, slot_states, bank
 
 
-def draw_next_layers(s: Settings, state: GrassState, importance: jax.Array,
+def draw_next_layers(s: GrassSettings, state: GrassState, importance: jax.Array,
                      num_measurements: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Step 6: one step before a switch, draw the next period's layers.
 
@@ -463,7 +460,7 @@ def draw_next_layers(s: Settings, state: GrassState, importance: jax.Array,
           undrawn)
 
 
-def update(inner: optax.GradientTransformation, s: Settings, updates: Any, state: GrassState, params: Any = None,
+def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, state: GrassState, params: Any = None,
            **extra_args: Any) -> tuple[Any, GrassState]:
   """One GRASS step (the module docstring lists its steps). ``extra_args``: the update's optional
   ``state_stream``, ``layer_norms`` and ``loss`` (:func:`transform`); others (from a chain) are ignored."""
