@@ -176,6 +176,12 @@ class Assembly:
       opt_state, _ = host_slot_states(opt_state, self.state_device_shardings)
     return opt_state
 
+  @property
+  def scan_runs(self) -> bool:
+    """Whether any step runs the slot scan: always without backward buckets; with them only steps that
+    measure frozen layers (probing, sketching) do."""
+    return self.backward_buckets is None or measure_mode(self.cfg.optim) != "none"
+
   def compile_ahead(self, batches: Sequence[Any], on_compiled: Callable[[], None] = lambda: None) -> None:
     """Compiles the step for every batch shape, and every bucket of the backward pass, from abstract shapes.
 
@@ -183,7 +189,7 @@ class Assembly:
     (:mod:`grass_jax.ahead_of_time`). The slot scan is left out where no step runs it (buckets without
     measurement). ``on_compiled`` is called after each batch shape's scan and once after the buckets.
     """
-    if self.backward_buckets is None or measure_mode(self.cfg.optim) != "none":
+    if self.scan_runs:
       for batch in batches:
         self.step.compile(self.param_shapes, self.state_shapes, batch)
         on_compiled()

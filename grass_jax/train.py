@@ -201,7 +201,7 @@ class Trainer:
     weights are on the device (:meth:`grass_jax.assembly.Assembly.compile_ahead`)."""
     parts = self.parts
     batches = [self.dataset.make_batch(length, []) for length in self._batch_lengths()]
-    total = len(batches) + (parts.backward_buckets is not None)
+    total = len(batches) * parts.scan_runs + (parts.backward_buckets is not None)
     with tqdm(total=total, desc="compiling the train step", disable=not self.progress, dynamic_ncols=True) as bar:
       parts.compile_ahead(batches, on_compiled=lambda: bar.update(1))
     return parts.step
