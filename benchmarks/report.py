@@ -197,6 +197,21 @@ def oracle_docs(result: dict) -> str:
       "| pair MGN / mean | " + " | ".join(bold(f"{p['mgn']:.2f}", p["mgn"] == best_mgn) for p in pairs) + " |"])
 
 
+SCALING = {"`data=2`": "benchmarks/results/scaling/data_parallel_h200x2.json",
+           "`fsdp=2`": "benchmarks/results/scaling/fsdp_h200x2.json"}
+
+
+def scaling_docs(_: Any = None) -> str:
+  """One GPU against two, per mesh: tokens/s, scaling, the peak on GPU 0 (each file one invocation)."""
+  lines = ["| mesh | 1 GPU tokens/s | 2 GPUs tokens/s | scaling | peak GiB on GPU 0 (1 / 2) |", "|---|---|---|---|---|"]
+  for mesh, path in SCALING.items():
+    one, two = json.loads((ROOT / path).read_text())["rows"][:2]
+    lines.append(f"| {mesh} | {one['tokens_per_s']:,.0f} | {two['tokens_per_s']:,.0f} | "
+                 f"{two['tokens_per_s'] / one['tokens_per_s']:.2f}x | "
+                 f"{one['peak_bytes'] / 2**30:.1f} / {two['peak_bytes'] / 2**30:.1f} |")
+  return "\n".join(lines)
+
+
 def peers_speed_readme(_: Any = None) -> str:
   """Mean tokens/s after compilation and peak GiB; the better of each model's rows in bold."""
   lines = ["| model | setup | tokens/s | peak GiB |", "|---|---|---|---|"]
@@ -278,7 +293,7 @@ PEERS_DOCS = {
 
 def sources() -> list[str]:
   """Every result file a table is made from."""
-  return [PAIRED, STUDY_750, STUDY_500, ORACLE, *(path for path, _, _ in PEERS_README),
+  return [PAIRED, STUDY_750, STUDY_500, ORACLE, *SCALING.values(), *(path for path, _, _ in PEERS_README),
           *(spec[0] for spec in PEERS_DOCS.values())]
 
 
@@ -291,9 +306,10 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "study_750_goal_docs": (STUDY_750, study_goal_docs),
     "study_500_docs": (STUDY_500, lambda result: study_docs(result, with_cost=False)),
     "oracle_docs": (ORACLE, oracle_docs),
+    "scaling_docs": (None, scaling_docs),  # reads the files of SCALING
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
 }
-PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md"]
+PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md", "docs/multi-gpu.md"]
 MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)\n?(<!-- /report -->)", re.S)  # a new table's body is empty
 
 
