@@ -28,7 +28,11 @@ SIZES: dict[str, dict[str, Any]] = {
 def provenance(device: str | None = None) -> dict[str, Any]:
   """Where and when a result row was measured: the device (when given), the code's commit (``+dirty`` with
   uncommitted changes to tracked files), the invocation that ran it (``GRASS_BENCH_INVOCATION``, set once
-  per command and inherited by the processes it starts) and the UTC time."""
+  per command and inherited by the processes it starts) and the UTC time.
+
+  ``GRASS_BENCH_COMMIT`` names the commit instead of git: a copy of the working tree whose ``.git`` is not
+  that of the tree (the lent GPU machine's copy reported an older base as ``+dirty``) is run with it set to
+  the commit the tree was copied from."""
   import datetime
   from pathlib import Path
   root = Path(__file__).resolve().parents[1]
@@ -38,8 +42,8 @@ def provenance(device: str | None = None) -> dict[str, Any]:
       return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
       return ""
-  commit = git("rev-parse", "HEAD") or None
-  if commit and git("status", "--porcelain", "--untracked-files=no"):
+  commit = os.environ.get("GRASS_BENCH_COMMIT") or git("rev-parse", "HEAD") or None
+  if commit and not os.environ.get("GRASS_BENCH_COMMIT") and git("status", "--porcelain", "--untracked-files=no"):
     commit += "+dirty"
   os.environ.setdefault("GRASS_BENCH_INVOCATION", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
   return {**({"device": device} if device else {}), "commit": commit,

@@ -23,3 +23,15 @@ def test_a_benchmark_run_offloads_what_its_spec_says():
   # the host bank: the 8 - 2 inactive layers' moments and int32 step counts (0 bytes without offload)
   assert on["opt_state_host_bytes"] == 6 * (layer_moments + 4)
   assert on["layer_state_bytes"] == layer_moments + 4 and on["compiled_executables"] == 1
+
+
+def test_provenance_names_the_commit_git_gives_or_the_one_it_is_told(monkeypatch):
+  import re
+
+  from benchmarks.common import provenance
+  monkeypatch.delenv("GRASS_BENCH_COMMIT", raising=False)
+  row = provenance("cpu")
+  assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", row["commit"]) and row["device"] == "cpu"
+  assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", row["time"]) and row["invocation"]
+  monkeypatch.setenv("GRASS_BENCH_COMMIT", "21ae5d9")  # a copied tree whose .git is stale: told, never '+dirty'
+  assert provenance()["commit"] == "21ae5d9"
