@@ -45,11 +45,17 @@ def _points(x: float) -> str:
   return f"{100 * x:+.1f}".replace("-", "−")
 
 
+def _study(result: dict) -> tuple[list[dict], dict]:
+  """(summary table, scale) recomputed from a study file's rows."""
+  from benchmarks.accuracy.study import summarize
+  scale = {**result["config"], "lrs": result["lr_grid"]}
+  return summarize(result["rows"], scale), scale
+
+
 def _paired(result: dict) -> tuple[list[dict], dict, dict]:
   """(summary table, paired differences by (task, method), scale) recomputed from the file's rows."""
-  from benchmarks.accuracy.study import paired_vs, summarize
-  scale = {**result["config"], "lrs": result["lr_grid"]}
-  table = summarize(result["rows"], scale)
+  from benchmarks.accuracy.study import paired_vs
+  table, scale = _study(result)
   paired = {(p["task"], p["method"]): p for p in paired_vs(result["rows"], scale)}
   return table, paired, scale
 
@@ -128,12 +134,6 @@ STUDY_LABELS = {
 }
 
 
-def _study(result: dict) -> tuple[list[dict], dict]:
-  from benchmarks.accuracy.study import summarize
-  scale = {**result["config"], "lrs": result["lr_grid"]}
-  return summarize(result["rows"], scale), scale
-
-
 def study_docs(result: dict, with_cost: bool = True) -> str:
   """Per task and method at its chosen learning rate: test accuracy (mean ± sample std), the difference of
   means against LISA (these runs were not paired), and with ``with_cost`` train seconds and peak GiB."""
@@ -159,15 +159,13 @@ def study_goal_docs(result: dict) -> str:
   noisier task (dates_direct) over the seeds each method ran."""
   import statistics
 
-  from benchmarks.accuracy.study import chosen_lr, of_this_scale
+  from benchmarks.accuracy.study import of_this_scale, scored_rows
   table, scale = _study(result)
   rows = of_this_scale(result["rows"], scale)
   mean = {(t["task"], t["method"]): t["accuracy_mean"] for t in table}
 
   def accs(task: str, method: str) -> list[float]:
-    lr = chosen_lr(rows, task, method, scale)
-    return [r["accuracy"] for r in rows if r["task"] == task and r["method"] == method and r["lr"] == lr
-            and "accuracy" in r]
+    return [r["accuracy"] for r in scored_rows(rows, task, method, scale)]
 
   lisa = accs("dates_direct", "lisa")
   lines = ["| method | arith | dates_direct | average | seeds | Welch t on dates_direct |", "|---|---|---|---|---|---|"]

@@ -63,7 +63,7 @@ def is_correct(task: str, prediction: str, answer: Any) -> bool:
   return prediction.strip() == str(answer).strip()
 
 
-def _bucket(n: int, buckets: list[int]) -> int:
+def _bucket(n: int, buckets: Sequence[int]) -> int:
   for b in buckets:
     if n <= b:
       return b
@@ -133,7 +133,7 @@ def generate_texts(params: Params, config: DecoderConfig, tokenizer: Tokenizer, 
   batch_size = min(o.batch_size, 1 << max(len(prompts) - 1, 0).bit_length())
   for start in range(0, len(order), batch_size):
     idx = order[start:start + batch_size]
-    length = _bucket(max(len(encoded[i]) for i in idx), list(o.buckets))
+    length = _bucket(max(len(encoded[i]) for i in idx), o.buckets)
     tokens = np.full((batch_size, length), pad, np.int32)
     mask = np.zeros((batch_size, length), np.int32)
     for row, i in enumerate(idx):

@@ -288,7 +288,7 @@ class Trainer:
 
   def diagnostics(self) -> dict[str, np.ndarray]:
     o = self.cfg.optim
-    rule = "gain" if o.strategy == "grass" and o.importance == "gain" else o.probability
+    rule = "gain" if o.importance_from_gain() else o.probability
     return diagnostics(self.state.opt_state, probability=rule, temperature=o.temperature,
                        epsilon=o.epsilon, uniform=o.strategy == "lisa", fixed=o.strategy == "fixed")
 

@@ -283,6 +283,12 @@ def chosen_lr(rows: list[dict], task: str, method: str, scale: dict) -> float | 
   return max(grid, key=lambda r: (r["val_accuracy"], -r["lr"]))["lr"]
 
 
+def scored_rows(rows: list[dict], task: str, method: str, scale: dict) -> list[dict]:
+  """The scored rows of ``method`` on ``task`` at its chosen learning rate (``rows`` already of this scale)."""
+  lr = chosen_lr(rows, task, method, scale)
+  return [r for r in rows if r["task"] == task and r["method"] == method and r["lr"] == lr and "accuracy" in r]
+
+
 def run_job(scale: dict, model: str, job: dict, work: Path) -> dict:
   if job["kind"] == "baseline":
     return {"row": baseline(scale, model, job["task"], work)}
@@ -378,12 +384,11 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
       table.append({"task": task, "method": "pretrained", "lr": None, "accuracy_mean": base[0]["accuracy"],
                     "accuracy_std": 0.0, "seeds": 1, "seconds_mean": 0.0, "peak_gib": None})
     for method in scale["methods"]:
-      lr = chosen_lr(rows, task, method, scale)
-      rs = [r for r in rows if r["task"] == task and r["method"] == method and r["lr"] == lr and "accuracy" in r]
+      rs = scored_rows(rows, task, method, scale)
       if not rs:
         continue
       accs = [r["accuracy"] for r in rs]
-      table.append({"task": task, "method": method, "lr": lr, "accuracy_mean": statistics.mean(accs),
+      table.append({"task": task, "method": method, "lr": rs[0]["lr"], "accuracy_mean": statistics.mean(accs),
                     "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                     "seconds_mean": statistics.mean(r["seconds"] for r in rs),
                     "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30})
@@ -425,11 +430,8 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
     by_seed: dict[int, list[float]] = {}
     tasks_run = []
     for task in scale["tasks"]:
-      lr_m, lr_r = chosen_lr(rows, task, method, scale), chosen_lr(rows, task, reference, scale)
-      ref = {r["seed"]: r for r in rows if r["task"] == task and r["method"] == reference and r["lr"] == lr_r
-             and "accuracy" in r}
-      pairs = [(r, ref[r["seed"]]) for r in rows if r["task"] == task and r["method"] == method
-               and r["lr"] == lr_m and "accuracy" in r and r["seed"] in ref]
+      ref = {r["seed"]: r for r in scored_rows(rows, task, reference, scale)}
+      pairs = [(r, ref[r["seed"]]) for r in scored_rows(rows, task, method, scale) if r["seed"] in ref]
       if not pairs:
         continue
       pairs.sort(key=lambda p: p[0]["seed"])
