@@ -42,8 +42,9 @@ def provenance(device: str | None = None) -> dict[str, Any]:
       return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
       return ""
-  commit = os.environ.get("GRASS_BENCH_COMMIT") or git("rev-parse", "HEAD") or None
-  if commit and not os.environ.get("GRASS_BENCH_COMMIT") and git("status", "--porcelain", "--untracked-files=no"):
+  told = os.environ.get("GRASS_BENCH_COMMIT")
+  commit = told or git("rev-parse", "HEAD") or None
+  if commit and not told and git("status", "--porcelain", "--untracked-files=no"):
     commit += "+dirty"
   os.environ.setdefault("GRASS_BENCH_INVOCATION", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
   return {**({"device": device} if device else {}), "commit": commit,
