@@ -25,7 +25,7 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from grass_jax.models.decoder import DecoderConfig, KVCache, Params, forward, init_cache
+from grass_jax.models.decoder import DecoderConfig, ForwardOptions, KVCache, Params, forward, init_cache
 
 
 @partial(jax.jit, static_argnames=("config", "max_new_tokens", "eos_token_id", "dtype"))
@@ -47,18 +47,19 @@ def greedy_generate(params: Params, config: DecoderConfig, tokens: jax.Array, ma
   total = t + max_new_tokens
   cache = init_cache(config, b, total, dtype)
   cache_mask = jnp.zeros((b, total), bool).at[:, :t].set(mask.astype(bool))
-  cache = cache._replace(mask=cache_mask)
+  cache = cache._replace(mask=cache_mask, index=jnp.int32(0))
   positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-  logits, cache = forward(params, config, tokens, mask, positions=positions, cache=cache, cache_index=0, dtype=dtype)
+  options = ForwardOptions(dtype=dtype)
+  logits, cache = forward(params, config, tokens, mask, positions=positions, cache=cache, options=options)
   first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
   next_pos = jnp.sum(mask, axis=1).astype(jnp.int32)
 
   def step(carry, i):
     cache, token, pos, done = carry
     index = t + i
-    cache = cache._replace(mask=cache.mask.at[:, index].set(True))
+    cache = cache._replace(mask=cache.mask.at[:, index].set(True), index=index.astype(jnp.int32))
     logits, cache = forward(params, config, token[:, None], None, positions=pos[:, None], cache=cache,
-                            cache_index=index, dtype=dtype)
+                            options=options)
     nxt = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
     if eos_token_id is not None:
       done = done | (token == eos_token_id)

@@ -10,7 +10,7 @@ gradient over chunks in float32.
 
 Example::
 
-  h, _ = forward(params, config, tokens, mask, return_hidden=True)
+  h, _ = hidden_states(params, config, tokens, mask)
   loss_sum, count = chunked_cross_entropy(params, config, h, tokens, loss_mask, chunk_tokens=2048)
 """
 
@@ -41,7 +41,7 @@ def chunked_cross_entropy(params: Params, config: DecoderConfig, hidden: jax.Arr
   Args:
     params: the model's parameters (only the head is read: ``lm_head``, or
       ``embed`` when tied).
-    hidden: ``[B, T, D]`` final normed hidden states (``forward(..., return_hidden=True)``).
+    hidden: ``[B, T, D]`` final normed hidden states (:func:`~grass_jax.models.decoder.hidden_states`).
     tokens, loss_mask: ``[B, T]``.
     chunk_tokens: tokens per chunk; the last chunk is padded (padding carries no loss).
 

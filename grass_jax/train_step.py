@@ -35,7 +35,8 @@ from grass_jax.layers import AlwaysOn, build_layout
 from grass_jax.loss import chunked_cross_entropy, cross_entropy
 from grass_jax.models import LAYERS
 from grass_jax.models.bucketed_stack import bucketed_stack
-from grass_jax.models.decoder import DecoderConfig, Params, forward, resolve_attention
+from grass_jax.models.decoder import (DecoderConfig, ForwardOptions, LayerOverride, Params, forward, hidden_states,
+                                      resolve_attention, scan_stack)
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
@@ -141,45 +142,45 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   gamma = active.shape[0]
   frozen_layers = jax.lax.stop_gradient(frozen_layers)
   impl = resolve_attention(config, o.attention, dtype)
-  override = stack = None
+  fwd = ForwardOptions(dtype=dtype, remat=remat, attention=impl, act_sharding=act_sharding)
+  params = {**trainable, "layers": frozen_layers}
+  stack = None
   if gamma == num_layers:  # all layers train: the slots are the stack itself (active == arange)
     params = trainable
   elif frozen_grads == "cond" and backward_start is not None:
     _check_bucketable(input_grad, measure, o.sketch_every)
-    params = {**trainable, "layers": frozen_layers}
     # Steps that measure frozen layers (probing, a sketch step) are refused: their gradients come out NaN.
     refuse = frozen_layers_measured(measure, measurement, may_probe=may_probe, sketch_every=o.sketch_every)
     stack = bucketed_stack(config, trainable["layers"], _slot_of(active, num_layers), backward_start,
                            attention=impl, act_sharding=act_sharding,
                            measure="none" if measure == "none" else "exact", sink=sink, refuse=jnp.asarray(refuse))
   elif frozen_grads == "cond":
-    slot_of = _slot_of(active, num_layers)
-    params = {**trainable, "layers": frozen_layers}
-    stack = slot_stack(config, trainable["layers"], slot_of, attention=impl, act_sharding=act_sharding, remat=remat,
-                       measure=measure, sketch_size=o.sketch_size, sink=sink, measurement=measurement,
-                       may_probe=may_probe, input_grad=input_grad, sketch_every=o.sketch_every,
-                       unroll_forward=o.unroll_forward)
+    stack = slot_stack(config, trainable["layers"], _slot_of(active, num_layers), attention=impl,
+                       act_sharding=act_sharding, remat=remat, measure=measure, sketch_size=o.sketch_size, sink=sink,
+                       measurement=measurement, may_probe=may_probe, input_grad=input_grad,
+                       sketch_every=o.sketch_every, unroll_forward=o.unroll_forward)
   else:
     if measure != "none":
       raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
     if backward_start is not None:
       raise ValueError("a bucketed backward pass (backward_start) needs frozen_grads='cond'")
-    slot_of = _slot_of(active, num_layers)
-
-    def pick_slot(lp: Params, idx: jax.Array) -> Params:
-      slot = slot_of[idx]
-      pick = jnp.maximum(slot, 0)
-      return {k: jnp.where(slot >= 0, trainable["layers"][k][pick].astype(v.dtype), v) for k, v in lp.items()}
-
-    override = pick_slot
-
-    params = {**trainable, "layers": frozen_layers}
-  out, _ = forward(params, config, batch["tokens"], batch["attention_mask"], dtype=dtype, remat=remat,
-                   layer_override=override, layer_stack=stack, attention=impl, act_sharding=act_sharding,
-                   return_hidden=o.loss_chunk > 0)
+    stack = scan_stack(config, fwd, layer_override=_pick_slots(trainable["layers"], _slot_of(active, num_layers)))
+  out, _ = (hidden_states if o.loss_chunk > 0 else forward)(params, config, batch["tokens"], batch["attention_mask"],
+                                                            options=fwd, layer_stack=stack)
   if o.loss_chunk > 0:
     return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], o.loss_chunk)
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
+
+
+def _pick_slots(slots: Params, slot_of: jax.Array) -> LayerOverride:
+  """A scan's ``layer_override`` that reads a trained layer's weights from its slot (frozen_grads 'select')."""
+
+  def pick(lp: Params, idx: jax.Array) -> Params:
+    slot = slot_of[idx]
+    pick = jnp.maximum(slot, 0)
+    return {k: jnp.where(slot >= 0, slots[k][pick].astype(v.dtype), v) for k, v in lp.items()}
+
+  return pick
 
 
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:

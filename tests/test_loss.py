@@ -32,7 +32,7 @@ def test_chunked_loss_and_gradients_equal_the_whole_loss(config, chunk):
     return cross_entropy(models.forward(p, config, tokens)[0], tokens, loss_mask)
 
   def chunked(p):
-    h, _ = models.forward(p, config, tokens, return_hidden=True)
+    h, _ = models.hidden_states(p, config, tokens)
     return chunked_cross_entropy(p, config, h, tokens, loss_mask, chunk)
 
   (l_w, n_w), g_w = jax.value_and_grad(whole, has_aux=True)(params)
@@ -107,7 +107,7 @@ def test_chunked_loss_needs_less_memory():
 
   def temp_bytes(chunk):
     def loss(p):
-      h, _ = models.forward(p, big, tokens, return_hidden=True)
+      h, _ = models.hidden_states(p, big, tokens)
       if chunk:
         return chunked_cross_entropy(p, big, h, tokens, loss_mask, chunk)[0]
       return cross_entropy(models.decoder.logits_from_hidden(p, big, h), tokens, loss_mask)[0]

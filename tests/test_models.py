@@ -142,7 +142,8 @@ def test_remat_gives_same_gradients(saved):
   tokens, mask = padded_batch()
 
   def loss(p, remat):
-    logits, _ = models.forward(p, config, jnp.asarray(tokens), jnp.asarray(mask), remat=remat)
+    logits, _ = models.forward(p, config, jnp.asarray(tokens), jnp.asarray(mask),
+                               options=models.ForwardOptions(remat=remat))
     return jnp.mean(logits ** 2)
 
   g0 = jax.grad(loss)(params, "none")
@@ -233,7 +234,8 @@ def test_dot_product_attention_matches_einsum(saved, family):
   valid = mask.astype(bool)
 
   def loss(p, attention):
-    logits, _ = models.forward(p, config, jnp.asarray(tokens), jnp.asarray(mask), attention=attention)
+    logits, _ = models.forward(p, config, jnp.asarray(tokens), jnp.asarray(mask),
+                                 options=models.ForwardOptions(attention=attention))
     return jnp.sum(jnp.where(valid[..., None], logits, 0.0) ** 2) * 1e-3, logits
 
   (l0, a), g0 = jax.value_and_grad(loss, has_aux=True)(params, "einsum")
@@ -246,7 +248,7 @@ def test_fused_attention_refuses_softcapping(saved):
   _, d = saved["gemma2"]
   params, config = load_pretrained(d)
   with pytest.raises(ValueError, match="no logit soft-capping"):
-    models.forward(params, config, jnp.ones((1, 4), jnp.int32), attention="xla")
+    models.forward(params, config, jnp.ones((1, 4), jnp.int32), options=models.ForwardOptions(attention="xla"))
 
 
 def test_auto_attention_picks_cudnn_only_where_it_applies(saved, monkeypatch):

@@ -15,6 +15,7 @@ from grass_jax.train_step import LAYERS, StepOptions, cross_entropy, make_train_
 
 CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
                             "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2})
+FULL_REMAT = models.ForwardOptions(remat="full")
 
 
 def _batch(accum=2, b=2, t=9, seed=0):
@@ -36,7 +37,7 @@ def test_slot_gradients_equal_slices_of_full_gradient(frozen_grads, order, remat
   active = jnp.array(order, jnp.int32)  # unsorted too: slot i must get layer order[i]'s gradient
 
   def full_loss(p):
-    logits, _ = models.forward(p, CFG, mb["tokens"], mb["attention_mask"], remat="full")
+    logits, _ = models.forward(p, CFG, mb["tokens"], mb["attention_mask"], options=FULL_REMAT)
     return cross_entropy(logits, mb["tokens"], mb["loss_mask"])[0]
 
   g_full = jax.grad(full_loss)(params)
@@ -84,7 +85,7 @@ def ref_loss(p, batch):
   """The loss over every micro-batch, written out: the reference the train step is compared with."""
   tot, n = 0.0, 0.0
   for i in range(batch["tokens"].shape[0]):
-    logits, _ = models.forward(p, CFG, batch["tokens"][i], batch["attention_mask"][i], remat="full")
+    logits, _ = models.forward(p, CFG, batch["tokens"][i], batch["attention_mask"][i], options=FULL_REMAT)
     s, c = cross_entropy(logits, batch["tokens"][i], batch["loss_mask"][i])
     tot, n = tot + s, n + c
   return tot / n

@@ -13,8 +13,8 @@ from typing import Any
 
 from grass_jax.layers import stacked_layers
 from grass_jax.models import gemma, llama
-from grass_jax.models.decoder import (Decoder, DecoderConfig, KVCache, forward, init_cache, init_params,
-                                      logits_from_hidden)
+from grass_jax.models.decoder import (Decoder, DecoderConfig, ForwardOptions, KVCache, forward, hidden_states,
+                                      init_cache, init_params, logits_from_hidden)
 
 # The GRASS `layers` argument for every model here: blocks stacked under params["layers"].
 LAYERS = stacked_layers("layers")
@@ -45,5 +45,5 @@ def hf_names(config: DecoderConfig) -> dict[str, tuple[str, bool]]:
   return family(config.model_type).hf_names(config)
 
 
-__all__ = ["FAMILIES", "HF_ARCHITECTURES", "LAYERS", "Decoder", "DecoderConfig", "KVCache", "config_from_hf", "family",
-           "forward", "hf_names", "init_cache", "init_params", "logits_from_hidden"]
+__all__ = ["FAMILIES", "HF_ARCHITECTURES", "LAYERS", "Decoder", "DecoderConfig", "ForwardOptions", "KVCache", "config_from_hf", "family",
+           "forward", "hf_names", "hidden_states", "init_cache", "init_params", "logits_from_hidden"]

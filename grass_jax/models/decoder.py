@@ -209,11 +209,26 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
 
 
 class KVCache(NamedTuple):
-  """Key/value cache for generation. k, v: ``[L, B, S, Hkv, hd]``; mask: ``[B, S]`` valid keys."""
+  """Key/value cache for generation.
+
+  Attributes:
+    k, v: ``[L, B, S, Hkv, hd]``.
+    mask: ``[B, S]`` valid keys, including the tokens a call adds.
+    index: where the tokens of the next :func:`forward` call go (int scalar).
+  """
 
   k: jax.Array
   v: jax.Array
   mask: jax.Array
+  index: jax.Array | int = 0
+
+
+class LayerCache(NamedTuple):
+  """One layer's slice of a :class:`KVCache`: ``k, v [B, S, Hkv, hd]`` and where the new tokens go."""
+
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array | int
 
 
 def init_cache(config: DecoderConfig, batch: int, length: int, dtype: Any = jnp.bfloat16) -> KVCache:
@@ -295,16 +310,29 @@ def _attention(config: DecoderConfig, q: jax.Array, keys: jax.Array, values: jax
   return jnp.einsum("bkgts,bskd->btkgd", probs, values).reshape(b, t, config.num_heads * config.head_dim)
 
 
-def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array, inv_freq: jax.Array,
-          sliding: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
-          cache_index: jax.Array | None, k_valid: jax.Array,
-          attention: str = "einsum", act_sharding: Any = None,
-          probes: Probes | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """One transformer block. Returns the new hidden state and this layer's (k, v) cache.
+class LayerInputs(NamedTuple):
+  """What every block reads besides its weights and hidden state (no gradient flows to these).
 
-  ``act_sharding``: sharding of ``[B, T, H, hd]`` activations on a mesh (batch split), applied to
-  q, k and v before a fused attention kernel; None on one device. ``probes``: sketch probes of the
-  linear maps (see :data:`Probes`); with zero ``A`` the output is unchanged.
+  This is the interface between :func:`forward` and a ``layer_stack`` that replaces its layer scan
+  (:mod:`grass_jax.models.slot_scan`): positions ``[B, T]``, RoPE ``inv_freq``, ``sliding`` (bool
+  ``[L]``: the layer uses the sliding window) and ``k_valid`` (``[B, T]``: each token's segment id, 0 for
+  padding; a batch that packs no sequences has 1 for every real token).
+  """
+  positions: jax.Array
+  inv_freq: jax.Array
+  sliding: jax.Array
+  k_valid: jax.Array
+
+
+def block(config: DecoderConfig, lp: Params, h: jax.Array, inputs: LayerInputs, cache: LayerCache | None = None,
+          *, attention: str = "einsum", act_sharding: Any = None,
+          probes: Probes | None = None) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """One transformer block. Returns the new hidden state and this layer's ``(k, v)`` (the cache's, updated).
+
+  ``inputs``: this layer's :class:`LayerInputs` (``sliding`` a scalar). ``cache``: this layer's slice of
+  the cache when decoding. ``act_sharding``: sharding of ``[B, T, H, hd]`` activations on a mesh (batch
+  split), applied to q, k and v before a fused attention kernel; None on one device. ``probes``: sketch
+  probes of the linear maps (see :data:`Probes`); with zero ``A`` the output is unchanged.
   """
   pr = probes or {}
   b, t, _ = h.shape
@@ -315,21 +343,22 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
   v = _linear(x, lp["v_proj"], lp.get("v_bias"), pr.get("v_proj")).reshape(b, t, config.num_kv_heads, config.head_dim)
   if config.qk_norm:
     q, k = rms_norm(q, lp["q_norm"], eps, off), rms_norm(k, lp["k_norm"], eps, off)
+  positions, inv_freq, sliding, k_valid = inputs
   if inv_freq.ndim == 2:  # global and sliding-window layers rotate at their own frequencies (Gemma 3)
     inv_freq = jnp.where(sliding, inv_freq[1], inv_freq[0])
   q = apply_rope(q, positions, inv_freq)
   k = apply_rope(k, positions, inv_freq)
-  if kv is None:
+  if cache is None:
     keys, values = k, v
     q_pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     k_pos = q_pos
   else:
-    ck, cv = kv[0], kv[1]
+    ck, cv, cache_index = cache
     keys = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1).astype(h.dtype)
     values = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1).astype(h.dtype)
     q_pos = jnp.broadcast_to(cache_index + jnp.arange(t), (b, t))
     k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1]), (b, keys.shape[1]))
-  mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding, q_seg=k_valid if kv is None else None)
+  mask = _attention_mask(config, q_pos, k_pos, k_valid, sliding, q_seg=k_valid if cache is None else None)
   attn = _attention(config, q, keys, values, mask, attention, act_sharding)
   out = _linear(attn, lp["o_proj"], lp.get("o_bias"), pr.get("o_proj"))
   if config.post_norms:
@@ -345,8 +374,7 @@ def block(config: DecoderConfig, lp: Params, h: jax.Array, positions: jax.Array,
                 lp.get("down_bias"), pr.get("down_proj"))
   if config.post_norms:
     out = rms_norm(out, lp["post_mlp_norm"], eps, off)
-  new_kv = (keys, values) if kv is not None else (k, v)
-  return h + out, new_kv
+  return h + out, ((k, v) if cache is None else (keys, values))
 
 
 def with_remat(fn: Callable, policy: str) -> Callable:
@@ -360,32 +388,104 @@ def with_remat(fn: Callable, policy: str) -> Callable:
   raise ValueError(f"remat must be one of {REMAT_POLICIES}; got {policy!r}")
 
 
-class LayerInputs(NamedTuple):
-  """What every block reads besides its weights and hidden state (no gradient flows to these).
-
-  This is the interface between :func:`forward` and a ``layer_stack`` that replaces its layer scan
-  (:mod:`grass_jax.models.slot_scan`): positions ``[B, T]``, RoPE ``inv_freq``, ``sliding`` (bool
-  ``[L]``: the layer uses the sliding window) and ``k_valid`` (``[B, T]``: each token's segment id, 0 for
-  padding; a batch that packs no sequences has 1 for every real token).
-  """
-  positions: jax.Array
-  inv_freq: jax.Array
-  sliding: jax.Array
-  k_valid: jax.Array
-
-
 def run_block(config: DecoderConfig, lp: Params, h: jax.Array, idx: jax.Array, inputs: LayerInputs, *,
               attention: str, act_sharding: Any = None, probes: Probes | None = None) -> jax.Array:
   """Block ``idx`` (weights ``lp``) on ``h`` without a cache: what a ``layer_stack`` runs per layer."""
-  return block(config, lp, h, inputs.positions, inputs.inv_freq, inputs.sliding[idx], None, None, inputs.k_valid,
-               attention, act_sharding, probes)[0]
+  return block(config, lp, h, inputs._replace(sliding=inputs.sliding[idx]), attention=attention,
+               act_sharding=act_sharding, probes=probes)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+  """How :func:`forward` computes (never what): the same options give the same function of the weights.
+
+  Attributes:
+    dtype: compute dtype (bf16 for training; params are cast on use).
+    remat: 'none', 'full' or 'dots' rematerialisation of each block.
+    attention: 'auto' (default: 'cudnn' where it applies, see :func:`resolve_attention`, else 'einsum'),
+      'einsum' (explicit scores; any model) or an implementation of ``jax.nn.dot_product_attention``:
+      'xla', or 'cudnn' (fused, GPU, bf16). Those two have no soft-capping (Gemma 2).
+    act_sharding: on a mesh, the sharding of ``[B, T, H, hd]`` activations
+      (:func:`grass_jax.sharding.activation_sharding`); q, k and v are constrained to it before a fused
+      attention kernel, which needs them sharded alike. None (default) on one device.
+
+  Example::
+
+    >>> ForwardOptions(remat="full").attention
+    'auto'
+  """
+
+  dtype: Any = jnp.float32
+  remat: str = "none"
+  attention: str = "auto"
+  act_sharding: Any = None
+
+  def __post_init__(self):
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"remat must be one of {REMAT_POLICIES}; got {self.remat!r}")
+    if self.attention not in ATTENTION:
+      raise ValueError(f"attention must be one of {ATTENTION}; got {self.attention!r}")
+
+
+def scan_stack(config: DecoderConfig, options: ForwardOptions = ForwardOptions(), *,
+               layer_override: LayerOverride | None = None) -> LayerStack:
+  """The model's own layer scan as a ``layer_stack``; ``layer_override(layer_params, index)`` may swap a
+  layer's weights inside the scan (e.g. for trainable slots). ``options.attention`` must be resolved."""
+
+  def run(layers: Params, h: jax.Array, inputs: LayerInputs) -> jax.Array:
+    def body(h, xs):
+      lp, idx = xs
+      if layer_override is not None:
+        lp = layer_override(lp, idx)
+      return run_block(config, lp, h, idx, inputs, attention=options.attention,
+                       act_sharding=options.act_sharding), None
+
+    return jax.lax.scan(with_remat(body, options.remat), h, (layers, jnp.arange(config.num_layers)))[0]
+
+  return run
+
+
+def hidden_states(params: Params, config: DecoderConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
+                  *, positions: jax.Array | None = None, cache: KVCache | None = None,
+                  options: ForwardOptions = ForwardOptions(), layer_stack: LayerStack | None = None
+                  ) -> tuple[jax.Array, KVCache | None]:
+  """The final normed hidden states ``[B, T, D]`` (for a chunked loss) and the updated cache or None.
+
+  Arguments as :func:`forward`.
+  """
+  options = dataclasses.replace(options, attention=resolve_attention(config, options.attention, options.dtype,
+                                                                      decoding=cache is not None))
+  b, t = tokens.shape
+  if attention_mask is None:
+    attention_mask = jnp.ones((b, t), jnp.int32)
+  if positions is None:
+    positions = segment_positions(attention_mask)
+  h = jnp.take(params["embed"], tokens, axis=0).astype(options.dtype)
+  if config.embed_scale:
+    h = h * jnp.asarray(config.hidden_size ** 0.5, options.dtype)
+  inv_freq = jnp.asarray(rope_inv_freq(config))
+  sliding = jnp.asarray(config.sliding_layers or (config.sliding_window is not None,) * config.num_layers)
+  inputs = LayerInputs(positions, inv_freq, sliding, attention_mask if cache is None else cache.mask)
+
+  if cache is None:
+    h = (layer_stack or scan_stack(config, options))(params["layers"], h, inputs)
+  else:
+    if layer_stack is not None:
+      raise ValueError("a layer_stack (training a subset of layers) cannot be combined with a KV cache")
+
+    def body(h, xs):
+      lp, slide, k, v = xs
+      return block(config, lp, h, inputs._replace(sliding=slide), LayerCache(k, v, cache.index),
+                   attention=options.attention, act_sharding=options.act_sharding)
+
+    h, (new_k, new_v) = jax.lax.scan(with_remat(body, options.remat), h, (params["layers"], sliding, cache.k, cache.v))
+    cache = cache._replace(k=new_k.astype(cache.k.dtype), v=new_v.astype(cache.v.dtype))
+  return rms_norm(h, params["final_norm"], config.rms_norm_eps, config.norm_offset), cache
 
 
 def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_mask: jax.Array | None = None,
             *, positions: jax.Array | None = None, cache: KVCache | None = None,
-            cache_index: jax.Array | int = 0, dtype: Any = jnp.float32, remat: str = "none",
-            layer_override: LayerOverride | None = None, layer_stack: LayerStack | None = None,
-            return_hidden: bool = False, attention: str = "auto", act_sharding: Any = None
+            options: ForwardOptions = ForwardOptions(), layer_stack: LayerStack | None = None
             ) -> tuple[jax.Array, KVCache | None]:
   """Runs the model. Returns ``(logits [B, T, V] float32, updated cache or None)``.
 
@@ -397,64 +497,25 @@ def forward(params: Params, config: DecoderConfig, tokens: jax.Array, attention_
       and no token attends to another sequence.
       Without a cache, positions default to ``cumsum(mask) - 1``.
     positions: int ``[B, T]`` RoPE positions, overriding the default.
-    cache: a :class:`KVCache` to read and extend (generation); ``cache.mask``
+    cache: a :class:`KVCache` to read and extend at ``cache.index`` (generation); ``cache.mask``
       must already mark the valid keys including the new tokens.
-    cache_index: where the new tokens go in the cache.
-    dtype: compute dtype (bf16 for training; params are cast on use).
-    remat: 'none', 'full' or 'dots' rematerialisation of each block.
-    layer_override: ``(layer_params, layer_index) -> layer_params`` applied
-      inside the scan, e.g. to substitute trainable slots for frozen layers.
-    layer_stack: ``(layers, h, inputs) -> h`` run instead of the layer scan,
-      with ``layers = params['layers']`` and a :class:`LayerInputs`; e.g.
-      :func:`grass_jax.models.slot_scan.slot_stack`, which trains a few layers.
-      Not with a cache.
-    return_hidden: return the final normed hidden states ``[B, T, D]`` instead
-      of the logits (for a chunked loss).
-    attention: 'auto' (default: 'cudnn' where it applies, see
-      :func:`resolve_attention`, else 'einsum'), 'einsum' (explicit scores; any
-      model) or an implementation of ``jax.nn.dot_product_attention``: 'xla', or
-      'cudnn' (fused, GPU, bf16). Those two have no soft-capping (Gemma 2).
-    act_sharding: on a mesh, the sharding of ``[B, T, H, hd]`` activations
-      (:func:`grass_jax.sharding.activation_sharding`); q, k and v are
-      constrained to it before a fused attention kernel, which needs them
-      sharded alike. None (default) on one device.
+    options: how it computes (:class:`ForwardOptions`: dtype, remat, attention, activation sharding).
+    layer_stack: ``(layers, h, inputs) -> h`` run instead of the layer scan, with
+      ``layers = params['layers']`` and a :class:`LayerInputs`; e.g.
+      :func:`grass_jax.models.slot_scan.slot_stack`, which trains a few layers. Not with a cache.
+
+  Example::
+
+    >>> cfg = DecoderConfig(model_type="llama", vocab_size=32, hidden_size=16, intermediate_size=32,
+    ...                     num_layers=2, num_heads=2, num_kv_heads=1, head_dim=8)
+    >>> logits, _ = forward(init_params(cfg, jax.random.key(0)), cfg, jnp.ones((1, 4), jnp.int32),
+    ...                     options=ForwardOptions(remat="full"))
+    >>> logits.shape
+    (1, 4, 32)
   """
-  attention = resolve_attention(config, attention, dtype, decoding=cache is not None)
-  b, t = tokens.shape
-  if attention_mask is None:
-    attention_mask = jnp.ones((b, t), jnp.int32)
-  if positions is None:
-    positions = segment_positions(attention_mask)
-  h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
-  if config.embed_scale:
-    h = h * jnp.asarray(config.hidden_size ** 0.5, dtype)
-  inv_freq = jnp.asarray(rope_inv_freq(config))
-  sliding = jnp.asarray(config.sliding_layers or (config.sliding_window is not None,) * config.num_layers)
-  k_valid = attention_mask if cache is None else cache.mask
-
-  if layer_stack is not None:
-    if cache is not None:
-      raise ValueError("a layer_stack (training a subset of layers) cannot be combined with a KV cache")
-    h = layer_stack(params["layers"], h, LayerInputs(positions, inv_freq, sliding, k_valid))
-    new_kv = None
-  else:
-    def body(h, xs):
-      lp, idx, slide, kv = xs
-      if layer_override is not None:
-        lp = layer_override(lp, idx)
-      h, new_kv = block(config, lp, h, positions, inv_freq, slide, kv, cache_index, k_valid, attention,
-                        act_sharding)
-      return h, (new_kv if cache is not None else None)
-
-    xs = (params["layers"], jnp.arange(config.num_layers), sliding,
-          None if cache is None else (cache.k, cache.v))
-    h, new_kv = jax.lax.scan(with_remat(body, remat), h, xs)
-  h = rms_norm(h, params["final_norm"], config.rms_norm_eps, config.norm_offset)
-  new_cache = None if cache is None else KVCache(new_kv[0].astype(cache.k.dtype), new_kv[1].astype(cache.v.dtype),
-                                                 cache.mask)
-  if return_hidden:
-    return h, new_cache
-  return logits_from_hidden(params, config, h), new_cache
+  h, cache = hidden_states(params, config, tokens, attention_mask, positions=positions, cache=cache, options=options,
+                           layer_stack=layer_stack)
+  return logits_from_hidden(params, config, h), cache
 
 
 def logits_from_hidden(params: Params, config: DecoderConfig, h: jax.Array) -> jax.Array:
@@ -518,6 +579,7 @@ class Decoder(nnx.Module):
     return out
 
   def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, **kwargs) -> jax.Array:
-    logits, _ = forward(self.params(), self.config, tokens, attention_mask, dtype=self.dtype, remat=self.remat,
-                        **kwargs)
+    """Logits; ``kwargs`` are :class:`ForwardOptions` fields besides the module's dtype and remat."""
+    options = ForwardOptions(dtype=self.dtype, remat=self.remat, **kwargs)
+    logits, _ = forward(self.params(), self.config, tokens, attention_mask, options=options)
     return logits
