@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ Batch = dict[str, jax.Array]
 
 FROZEN_GRADS = ("cond", "select")
 
-__all__ = ["FROZEN_GRADS", "LAYERS", "MEASURES", "StepOptions", "cross_entropy", "make_train_step", "slot_loss"]
+__all__ = ["FROZEN_GRADS", "LAYERS", "MEASURES", "Backward", "StepOptions", "cross_entropy", "make_train_step", "slot_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +108,29 @@ class StepOptions:
     Schedule(period=1, probe_steps=self.probe_steps, sketch_every=self.sketch_every)  # validates both
 
 
+class Backward(NamedTuple):
+  """What the backward pass of :func:`slot_loss` measures and where it stops.
+
+  Attributes:
+    sink: float32 ``[L]`` zeros whose gradient holds each layer's squared gradient norm (importance
+      measurement, frozen_grads 'cond' only; see :mod:`grass_jax.models.slot_scan`); None: no measurement.
+    measurement: this step's :class:`~grass_jax.models.slot_scan.Measurement` (with ``sink``).
+    input_grad: False when the embeddings do not train: the backward pass then stops at the lowest
+      trained layer ('cond' only).
+    start: an int: the bucketed backward pass from this layer up (:mod:`grass_jax.models.bucketed_stack`;
+      'cond', ``input_grad=False``, measure 'none' or 'exact', and not on probing steps: their gradients
+      come out NaN); None: the slot scan.
+  """
+
+  sink: jax.Array | None = None
+  measurement: Measurement | None = None
+  input_grad: bool = True
+  start: int | None = None
+
+
 def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: jax.Array, config: DecoderConfig,
-              batch: Batch, options: StepOptions = StepOptions(), *, sink: jax.Array | None = None,
-              measurement: Measurement | None = None, input_grad: bool = True, act_sharding: Any = None,
-              backward_start: int | None = None) -> tuple[jax.Array, jax.Array]:
+              batch: Batch, options: StepOptions = StepOptions(), *, backward: Backward = Backward(),
+              act_sharding: Any = None) -> tuple[jax.Array, jax.Array]:
   """Summed loss of a micro-batch as a function of the trainable slot tree.
 
   Args:
@@ -122,22 +141,15 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     options: how it computes (:class:`StepOptions`); ``frozen_grads`` 'cond' reads the active layers'
       weights from ``frozen_layers``, not the values of ``trainable['layers']`` (only their shapes).
       ``always_on``, ``stream_*`` and ``donate`` are the step's, not the loss's.
-    sink, measurement: importance measurement in the backward pass ('cond' only; see
-      :mod:`grass_jax.models.slot_scan`): the gradient with respect to ``sink`` holds each layer's
-      squared gradient norm.
-    input_grad: False when the embeddings do not train: the backward pass then
-      stops at the lowest trained layer ('cond' only).
+    backward: what the backward pass measures and where it stops (:class:`Backward`).
     act_sharding: the activations' sharding on a mesh of several devices.
-    backward_start: an int: the bucketed backward pass from this layer up
-      (:mod:`grass_jax.models.bucketed_stack`; 'cond', ``input_grad=False``,
-      measure 'none' or 'exact', and not on probing steps: their gradients
-      come out NaN); None: the slot scan.
 
   Returns:
     ``(summed loss, number of loss tokens)``.
   """
   o = options
   dtype, remat, frozen_grads, measure, may_probe = o.dtype, o.remat, o.frozen_grads, o.measure, o.probe_steps > 0
+  sink, measurement, input_grad, backward_start = backward
   num_layers = config.num_layers
   gamma = active.shape[0]
   frozen_layers = jax.lax.stop_gradient(frozen_layers)
@@ -303,9 +315,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
       full = list(leaves)  # leaves not differentiated enter as constants
       for i, x in zip(ids, diff_leaves):
         full[i] = x
-      return slot_loss(treedef.unflatten(full), frozen, act, config, mb, loss_options, sink=sk,
-                       measurement=measurement, input_grad=embed_trains, act_sharding=act_sharding,
-                       backward_start=None if all_layers else backward_start)
+      backward = Backward(sk, measurement, input_grad=embed_trains, start=None if all_layers else backward_start)
+      return slot_loss(treedef.unflatten(full), frozen, act, config, mb, loss_options, backward=backward,
+                       act_sharding=act_sharding)
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]

@@ -9,7 +9,7 @@ import pytest
 import grass_jax
 from grass_jax import models
 from grass_jax.models.slot_scan import Measurement
-from grass_jax.train_step import LAYERS, StepOptions, cross_entropy, make_train_step, slot_loss
+from grass_jax.train_step import LAYERS, Backward, StepOptions, cross_entropy, make_train_step, slot_loss
 from tests.test_train_step import CFG, _batch
 
 # Module fixtures: the whole file on one xdist worker (--dist loadgroup), the fixture built once.
@@ -30,8 +30,8 @@ def _sink_grad(params, mb, active, *, measure, probing, key, sketch_size=4):
 
   def f(sink):
     options = StepOptions(dtype=jnp.float32, measure=measure, sketch_size=sketch_size, probe_steps=int(probing))
-    return slot_loss(trainable, params["layers"], active, CFG, mb, options, sink=sink,
-                     measurement=Measurement(jnp.asarray(probing), key))[0]
+    return slot_loss(trainable, params["layers"], active, CFG, mb, options,
+                     backward=Backward(sink, Measurement(jnp.asarray(probing), key)))[0]
   return jax.grad(f)(jnp.zeros((CFG.num_layers,), jnp.float32))
 
 

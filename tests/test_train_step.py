@@ -11,7 +11,7 @@ from tests.float_bounds import assert_adam_runs_agree_given_gradient_error, summ
 from grass_jax import models
 from grass_jax.ahead_of_time import CompiledStep, abstract
 from grass_jax.models import llama
-from grass_jax.train_step import LAYERS, StepOptions, cross_entropy, make_train_step, slot_loss
+from grass_jax.train_step import LAYERS, Backward, StepOptions, cross_entropy, make_train_step, slot_loss
 
 CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
                             "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2})
@@ -194,7 +194,7 @@ def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeyp
       layers_only = lambda sl, sk, m: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
                                                 StepOptions(dtype=jnp.float32, measure=measure,
                                                             probe_steps=int(probing), sketch_every=every),
-                                                sink=sk, measurement=m, input_grad=input_grad)[0]
+                                                backward=Backward(sk, m, input_grad=input_grad))[0]
       compiled[input_grad, every] = jax.jit(jax.grad(layers_only, argnums=(0, 1)))
     runs.clear()
     measurement = Measurement(jnp.asarray(probing), jax.random.PRNGKey(3), jnp.asarray(sketching))
@@ -242,7 +242,7 @@ def test_unrolled_forward_equals_the_scan(monkeypatch):
     f = lambda sl, sk, unroll=unroll: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
                                                 StepOptions(dtype=jnp.float32, measure="sketch",
                                                             unroll_forward=unroll),
-                                                sink=sk, measurement=measurement, input_grad=False)[0]
+                                                backward=Backward(sk, measurement, input_grad=False))[0]
     runs.clear()
     # the scan over the layers is gone from the forward pass; the backward pass keeps its loops
     assert str(jax.make_jaxpr(jax.grad(f))(slots, sink)).count(" scan[") == (0 if unroll else 1)
