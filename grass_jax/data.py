@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -239,6 +240,40 @@ def default_buckets(max_length: int) -> list[int]:
   return [*out, max_length]
 
 
+@dataclasses.dataclass(frozen=True)
+class Batching:
+  """How a :class:`Dataset` cuts its examples into batches (``train.batch_size``, ``train.grad_accum``,
+  ``data.buckets``, ``data.shuffle_seed``, ``data.packing``).
+
+  Attributes:
+    batch_size: rows per micro-batch.
+    grad_accum: micro-batches per optimizer step.
+    buckets: the padded lengths a batch may have (each batch takes the smallest that holds its longest
+      example); empty: :func:`default_buckets` of the run's ``max_length``.
+    seed: the shuffle's seed (each epoch shuffles with ``[seed, epoch]``).
+    packing: several examples per row (see :class:`Dataset`).
+
+  Example::
+
+    >>> Batching(batch_size=4, buckets=[256, 128]).buckets
+    (128, 256)
+  """
+
+  batch_size: int
+  grad_accum: int = 1
+  buckets: tuple[int, ...] = ()
+  seed: int = 0
+  packing: bool = False
+
+  def __post_init__(self):
+    object.__setattr__(self, "buckets", tuple(sorted(int(b) for b in (self.buckets or ()))))
+    for name in ("batch_size", "grad_accum"):
+      if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+        raise ValueError(f"{name} must be an int >= 1; got {getattr(self, name)!r}")
+    if any(b < 1 for b in self.buckets):
+      raise ValueError(f"buckets must be lengths >= 1; got {self.buckets}")
+
+
 class Dataset:
   """Tokenized examples with deterministic, resumable, bucketed batches.
 
@@ -252,17 +287,19 @@ class Dataset:
   and each example's first token carries no loss (nothing before it in its own sequence predicts it).
   """
 
-  def __init__(self, examples: list[Example], *, batch_size: int, grad_accum: int, buckets: list[int],
-               seed: int, pad_id: int, packing: bool = False):
+  def __init__(self, examples: list[Example], batching: Batching, *, pad_id: int):
+    if not batching.buckets:
+      raise ValueError("a Dataset needs Batching.buckets (build_dataset fills them from max_length)")
     if not examples:
       raise DataError("the dataset is empty after tokenization")
     usable = [e for e in examples if sum(e.loss_mask) > 0]
     if not usable:
       raise DataError("no example has response tokens left after truncation; raise data.max_length")
     self.examples = usable
-    self.batch_size, self.grad_accum = batch_size, grad_accum
-    self.buckets = sorted(buckets)
-    self.seed, self.pad_id, self.packing = seed, pad_id, packing
+    self.batching = batching
+    self.batch_size, self.grad_accum = batching.batch_size, batching.grad_accum
+    self.buckets = list(batching.buckets)
+    self.seed, self.pad_id, self.packing = batching.seed, pad_id, batching.packing
     self.lengths = np.array([len(e.tokens) for e in usable])
     self.bucket_of = np.searchsorted(self.buckets, self.lengths)
 
@@ -327,12 +364,15 @@ class Dataset:
         yield epoch, k, self.make_batch(*plan[k])
 
 
-def build_dataset(records: list[dict[str, Any]], tokenizer: Tokenizer, *, max_length: int, batch_size: int,
-                  grad_accum: int, buckets: list[int] | None, seed: int,
-                  encode: Callable[[int, dict[str, Any]], Example] | None = None, packing: bool = False) -> Dataset:
-  """``encode(index, record)``: a record's tokens and loss mask (default: Alpaca's, :func:`encode_example`)."""
+def build_dataset(records: list[dict[str, Any]], tokenizer: Tokenizer, batching: Batching, *, max_length: int,
+                  encode: Callable[[int, dict[str, Any]], Example] | None = None) -> Dataset:
+  """``records`` tokenized (at most ``max_length`` tokens each) and batched as ``batching`` says.
+
+  ``encode(index, record)``: a record's tokens and loss mask (default: Alpaca's, :func:`encode_example`).
+  """
   examples = [encode_example(r, tokenizer, max_length) if encode is None else encode(i, r)
               for i, r in enumerate(records)]
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-  return Dataset(examples, batch_size=batch_size, grad_accum=grad_accum,
-                 buckets=buckets or default_buckets(max_length), seed=seed, pad_id=pad, packing=packing)
+  if not batching.buckets:
+    batching = dataclasses.replace(batching, buckets=tuple(default_buckets(max_length)))
+  return Dataset(examples, batching, pad_id=pad)

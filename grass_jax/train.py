@@ -187,10 +187,11 @@ class Trainer:
       chat.require_chat_template(self.tokenizer, cfg.data.train)
     tok, n = self.tokenizer, cfg.data.max_length
     try:
-      return data_lib.build_dataset(
-          records, tok, max_length=n, batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
-          buckets=cfg.data.buckets, seed=cfg.data.shuffle_seed, packing=cfg.data.packing,
-          encode=lambda i, r: chat.encode_record(r, fmt, tok, n, f"{cfg.data.train}: record {i}"))
+      batching = data_lib.Batching(batch_size=cfg.train.batch_size, grad_accum=cfg.train.grad_accum,
+                                   buckets=tuple(cfg.data.buckets or ()), seed=cfg.data.shuffle_seed,
+                                   packing=cfg.data.packing)
+      return data_lib.build_dataset(records, tok, batching, max_length=n, encode=lambda i, r: chat.encode_record(
+          r, fmt, tok, n, f"{cfg.data.train}: record {i}"))
     except data_lib.DataError as e:  # a message about the whole set names the file too
       if str(cfg.data.train) in str(e):
         raise

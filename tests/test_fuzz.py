@@ -104,8 +104,7 @@ def test_record_files_fail_only_with_data_error(tmp_path_factory, recs, suffix, 
     _clear(e, names=path.name)
     return
   try:  # the records as a dataset (the trainer adds the file's name to these messages)
-    ds = data_lib.build_dataset(loaded, data_lib.ByteTokenizer(), max_length=64, batch_size=2, grad_accum=1,
-                                buckets=None, seed=0)
+    ds = data_lib.build_dataset(loaded, data_lib.ByteTokenizer(), data_lib.Batching(batch_size=2), max_length=64)
     for _ in zip(range(2), ds.iterate(0, 0, 1)):
       pass
   except data_lib.DataError as e:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from grass_jax import models
-from grass_jax.data import Dataset, Example
+from grass_jax.data import Batching, Dataset, Example
 from grass_jax.loss import cross_entropy
 from grass_jax.models.decoder import segment_positions
 
@@ -25,8 +25,8 @@ def test_positions_restart_in_each_packed_sequence():
 
 def test_a_packed_row_has_the_loss_and_gradients_of_its_examples_unpacked():
   examples = _examples()
-  unpacked = Dataset(examples, batch_size=3, grad_accum=1, buckets=[8], seed=0, pad_id=0)
-  packed = Dataset(examples, batch_size=1, grad_accum=1, buckets=[16], seed=0, pad_id=0, packing=True)
+  unpacked = Dataset(examples, Batching(batch_size=3, buckets=[8]), pad_id=0)
+  packed = Dataset(examples, Batching(batch_size=1, buckets=[16], packing=True), pad_id=0)
   (length, rows), = packed.epoch_plan(0)
   assert length == 16 and sorted(i for row in rows for i in row) == [0, 1, 2] and len(rows) == 1
   batches = [d.make_batch(*d.epoch_plan(0)[0]) for d in (unpacked, packed)]
@@ -51,7 +51,7 @@ def test_a_packed_row_has_the_loss_and_gradients_of_its_examples_unpacked():
 
 def test_packing_fills_rows_in_order_and_covers_every_example_once_per_epoch():
   examples = _examples(lengths=(5, 7, 4, 9, 3, 6, 8, 3), seed=1)
-  d = Dataset(examples, batch_size=2, grad_accum=1, buckets=[16], seed=3, pad_id=0, packing=True)
+  d = Dataset(examples, Batching(batch_size=2, buckets=[16], seed=3, packing=True), pad_id=0)
   for epoch in range(3):
     plan = d.epoch_plan(epoch)
     rows = [r for _, batch in plan for r in batch]
@@ -63,7 +63,7 @@ def test_packing_fills_rows_in_order_and_covers_every_example_once_per_epoch():
       for r, row in enumerate(batch):
         starts = np.cumsum([0] + [len(examples[i].tokens) for i in row])[:-1]
         assert (b["loss_mask"][0, r][starts] == 0).all()  # no sequence's first token is a target
-  assert len(d) < len(Dataset(examples, batch_size=2, grad_accum=1, buckets=[16], seed=3, pad_id=0))
+  assert len(d) < len(Dataset(examples, Batching(batch_size=2, buckets=[16], seed=3), pad_id=0))
 
 
 def test_training_with_packing_through_the_trainer(tmp_path):

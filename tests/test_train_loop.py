@@ -141,8 +141,8 @@ def test_data_errors(tmp_path):
     data_lib.load_records(str(tmp_path / "x.csv"))
   tok = data_lib.ByteTokenizer()
   with pytest.raises(data_lib.DataError, match="raise data.max_length"):
-    data_lib.build_dataset([{"instruction": "x" * 50, "output": "y"}], tok, max_length=20, batch_size=1,
-                           grad_accum=1, buckets=None, seed=0)
+    data_lib.build_dataset([{"instruction": "x" * 50, "output": "y"}], tok, data_lib.Batching(batch_size=1),
+                           max_length=20)
   # through the trainer, a message about the whole set names the file
   (tmp_path / "long.jsonl").write_text(json.dumps({"instruction": "x" * 300, "output": "y"}) + "\n")
   with pytest.raises(data_lib.DataError, match=r"long.jsonl: no example has response tokens .* raise data.max_length"):
@@ -161,8 +161,8 @@ def test_parquet_and_json_dict_sources(tmp_path):
 def test_batches_mask_prompt_and_are_deterministic_and_resumable():
   records = data_lib.load_records(str(ROOT / "data" / "tiny_arithmetic.jsonl"))
   tok = data_lib.ByteTokenizer()
-  ds = data_lib.build_dataset(records[:50], tok, max_length=256, batch_size=4, grad_accum=2, buckets=[128, 256],
-                              seed=1)
+  ds = data_lib.build_dataset(records[:50], tok, data_lib.Batching(batch_size=4, grad_accum=2, buckets=[128, 256],
+                                                                   seed=1), max_length=256)
   full = list(ds.iterate(0, 0, 2))
   again = list(ds.iterate(0, 0, 2))
   assert [(e, k) for e, k, _ in full] == [(e, k) for e, k, _ in again]
