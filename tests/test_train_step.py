@@ -70,14 +70,14 @@ def test_kept_residuals_never_copy_the_weights(remat):
   slots = jax.tree.map(lambda x: x[:2], params["layers"])
   slot_of = jnp.full((CFG.num_layers,), -1).at[:2].set(jnp.arange(2))
   _, res = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, ScanSettings("einsum", None, remat), slots, params["layers"],
-                                                    slot_of, h, inputs, None, None),
+                                                    h, None, (slot_of, inputs, None)),
                           jnp.ones((b, t, CFG.hidden_size)))
   stored = res[4]
   assert stored, "nothing kept: the backward pass would recompute every block"
   weight_shapes = {v.shape for v in params["layers"].values() if v.ndim == 3}
   assert not [x.shape for x in stored if x.shape in weight_shapes]
   full = jax.eval_shape(lambda h: _slot_scan_fwd(CFG, ScanSettings("einsum", None, "full"), slots, params["layers"],
-                                                  slot_of, h, inputs, None, None), jnp.ones((b, t, CFG.hidden_size)))
+                                                  h, None, (slot_of, inputs, None)), jnp.ones((b, t, CFG.hidden_size)))
   assert full[1][4] == []
 
 

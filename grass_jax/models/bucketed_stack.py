@@ -70,19 +70,18 @@ class BucketSettings(NamedTuple):
 
   Attributes:
     start: the lowest layer the backward pass reaches (static: one executable per value).
-    impl: the (resolved) attention implementation.
+    attention: the (resolved) attention implementation.
     act_sharding: activation sharding on a mesh, or None.
     measure: 'none', or 'exact': the sink's gradient holds the trained layers' squared weight-gradient norms.
   """
   start: int
-  impl: str
+  attention: str
   act_sharding: Any = None
   measure: str = "none"
 
 
-def bucketed_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, start: int, *, attention: str,
-                   act_sharding: Any = None, measure: str = "none", sink: jax.Array | None = None,
-                   refuse: jax.Array | None = None) -> LayerStack:
+def bucketed_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, start: int, /, *,
+                   sink: jax.Array | None = None, refuse: jax.Array | None = None, **fields: Any) -> LayerStack:
   """A ``layer_stack`` for :func:`~grass_jax.models.decoder.forward` training slotted layers at or above ``start``.
 
   The interface of :func:`~grass_jax.models.slot_scan.slot_stack` with ``input_grad=False`` (the
@@ -93,12 +92,15 @@ def bucketed_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, sta
     slot_of: int ``[L]``, each layer's slot or -1; every trained layer must be ``>= start``, or the
       slots' gradients are NaN (module docstring).
     start: the bucket, a static int in ``[0, L)`` (:func:`backward_start`).
-    attention: a resolved attention implementation (not 'auto').
-    measure: 'none' or 'exact' (trained layers' squared norms into the sink's gradient).
+    fields: the other :class:`BucketSettings`: ``attention`` (required, resolved: not 'auto'),
+      ``act_sharding``, ``measure`` ('none' or 'exact': trained layers' squared norms into the sink's
+      gradient).
     sink: float32 ``[L]`` zeros (required with ``measure='exact'``).
     refuse: a traced bool; where true the slots' gradients and the norms are NaN, as for a draw below
       the bucket (a probing step, which must measure frozen layers: run the slot scan there).
   """
+  settings = BucketSettings(start, **fields)
+  measure = settings.measure
   if measure not in BUCKET_MEASURES:
     raise ValueError(f"a bucketed backward pass measures {BUCKET_MEASURES} only; got measure={measure!r} "
                      "(frozen layers below the bucket are never differentiated)")
@@ -107,12 +109,11 @@ def bucketed_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, sta
   if not isinstance(start, int) or not 0 <= start < config.num_layers:
     raise ValueError(f"start must be an int in [0, {config.num_layers}); got {start!r}")
   chex.assert_shape(slot_of, (config.num_layers,))
-  settings = BucketSettings(start, attention, act_sharding, measure)
   sink = sink if measure == "exact" else None
   refuse = jnp.asarray(False) if refuse is None else refuse
 
   def run(layers: Params, h: jax.Array, inputs: Any) -> jax.Array:
-    return _bucketed(config, settings, slots, jax.lax.stop_gradient(layers), slot_of, h, inputs, sink, refuse)
+    return _bucketed(config, settings, slots, jax.lax.stop_gradient(layers), h, sink, (slot_of, inputs, refuse))
 
   return run
 
@@ -130,17 +131,22 @@ tap.defvjp(lambda y, sink: (y, None), lambda _, dy: (dy, dy))
 def _block(config, settings, frozen, layer, h, inputs):
   """Block ``layer`` (a static int) on ``h``, its weights a static slice of the stack (read in place)."""
   lp = {k: w[layer] for k, w in frozen.items()}
-  return run_block(config, lp, h, jnp.int32(layer), inputs, attention=settings.impl,
+  return run_block(config, lp, h, jnp.int32(layer), inputs, attention=settings.attention,
                    act_sharding=settings.act_sharding)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _bucketed(config, settings, slots, frozen, slot_of, h, inputs, sink, refuse):
-  """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (and ``sink``)."""
-  return _bucketed_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, refuse)[0]
+def _bucketed(config, settings, slots, frozen, h, sink, given):
+  """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (and ``sink``).
+
+  ``given``: ``(slot_of, inputs, refuse)``, the step's inputs that take no gradient.
+  """
+  return _bucketed_fwd(config, settings, slots, frozen, h, sink, given)[0]
 
 
-def _bucketed_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, refuse):
+def _bucketed_fwd(config, settings, slots, frozen, h, sink, given):
+  del sink  # only its gradient is written
+  slot_of, inputs, refuse = given
   start, num_layers = settings.start, config.num_layers
   for layer in range(start):  # below the bucket: nothing is kept
     h = _block(config, settings, frozen, layer, h, inputs)
@@ -177,7 +183,7 @@ def _bucketed_bwd(config, settings, res, d_out):
     grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
     norms = norms.at[layer].set(squared_norm(dp))
   d_sink = jnp.where(in_bucket, norms, jnp.nan) if settings.measure == "exact" else None
-  return grads, None, None, jnp.zeros(block_inputs.shape[1:], block_inputs.dtype), None, d_sink, None
+  return grads, None, jnp.zeros(block_inputs.shape[1:], block_inputs.dtype), d_sink, None
 
 
 def _weight_grad(config, settings, frozen, layer, block_inputs, output_grads, inputs) -> Params:
@@ -187,7 +193,7 @@ def _weight_grad(config, settings, frozen, layer, block_inputs, output_grads, in
   h_in = jax.lax.dynamic_index_in_dim(block_inputs, row, keepdims=False)
 
   def block_of(p):
-    return run_block(config, p, h_in, layer, inputs, attention=settings.impl, act_sharding=settings.act_sharding)
+    return run_block(config, p, h_in, layer, inputs, attention=settings.attention, act_sharding=settings.act_sharding)
 
   return jax.vjp(block_of, lp)[1](jax.lax.dynamic_index_in_dim(output_grads, row, keepdims=False))[0]
 

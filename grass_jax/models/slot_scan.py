@@ -163,7 +163,7 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, setting
     sink = measurement = None
 
   def run(layers: Params, h: jax.Array, inputs: LayerInputs) -> jax.Array:
-    return _slot_scan(config, settings, slots, jax.lax.stop_gradient(layers), slot_of, h, inputs, sink, measurement)
+    return _slot_scan(config, settings, slots, jax.lax.stop_gradient(layers), h, sink, (slot_of, inputs, measurement))
 
   return run
 
@@ -180,9 +180,12 @@ def squared_norm(tree: Any) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _slot_scan(config, settings, slots, frozen, slot_of, h, inputs, sink, measurement):
-  """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (and ``sink``)."""
-  return _slot_scan_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, measurement)[0]
+def _slot_scan(config, settings, slots, frozen, h, sink, given):
+  """The layer stack ``frozen`` applied to ``h``; differentiable in ``slots`` (and ``sink``).
+
+  ``given``: ``(slot_of, inputs, measurement)``, the step's inputs that take no gradient.
+  """
+  return _slot_scan_fwd(config, settings, slots, frozen, h, sink, given)[0]
 
 
 def _frozen_vjp(config, settings, lp, h, idx, inputs):
@@ -213,7 +216,9 @@ def _forward_unrolled(config, settings, frozen, h, inputs) -> tuple[jax.Array, j
   return h, hs
 
 
-def _slot_scan_fwd(config, settings, slots, frozen, slot_of, h, inputs, sink, measurement):
+def _slot_scan_fwd(config, settings, slots, frozen, h, sink, given):
+  del sink  # only its gradient is written
+  slot_of, inputs, measurement = given
   # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
   marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
   if settings.unroll_forward:
@@ -368,7 +373,7 @@ def _slot_scan_bwd(config, settings, res, d_out):
   dh, sink = bw.frozen_run(dh, sink, _lowest_needed(settings, measurement, hi), hi)
   if not settings.input_grad:
     dh = jnp.zeros_like(dh)  # the caller does not use it (ScanSettings.input_grad)
-  return grads, None, None, dh, None, sink, None
+  return grads, None, dh, sink, None
 
 
 def _frozen_measured(settings: ScanSettings, measurement: Measurement | None) -> bool | jax.Array:
