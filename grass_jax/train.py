@@ -118,6 +118,14 @@ class Trainer:
     self.progress = progress
     self.out = Path(cfg.train.output_dir)
     self.mesh = self._prepare_run(resume)
+    try:
+      self._set_up(resume)
+    except BaseException:
+      self.close()  # the checkpointer's threads; nothing else is open yet
+      raise
+
+  def _set_up(self, resume: bool) -> None:
+    cfg = self.cfg
     if cfg.train.compilation_cache:
       use_compilation_cache(self.out / "compilation_cache")
     self.mcfg = model_config(cfg.model)
@@ -360,13 +368,32 @@ class Trainer:
 
   # -- export ------------------------------------------------------------------------------------
 
+  def close(self) -> None:
+    """Closes the checkpointer (waiting for a save in flight) and the metrics writer; safe to call twice.
+
+    A Trainer is also a context manager that closes itself::
+
+      with Trainer(cfg) as trainer:
+        trainer.train()
+        summary = trainer.finish()
+    """
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
+    for part in ("train_step_fn", "ckpt", "writer"):  # (a Trainer that failed to set up has only some)
+      if getattr(self, part, None) is not None:
+        getattr(self, part).close()  # the step's: background compilations nobody will use
+
+  def __enter__(self) -> "Trainer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
   def finish(self, *, return_state: bool = False) -> dict[str, Any]:
     """Closes the checkpointer and writer, exports ``hf_model/`` and writes ``summary.json``."""
     s, out = self.state, self.out
-    self.train_step_fn.close()  # background compilations nobody will use
-    self.ckpt.close()
-    if self.writer is not None:
-      self.writer.close()
+    self.close()
     summary = {"steps": s.step, "final_loss": s.last.get("mean_loss"), "skipped_steps": s.skipped,
                "output_dir": str(out), "heatmap": str(out / "layer_probabilities.png"),
                **{k: v for k, v in s.last.items() if k.startswith("eval/")}}
@@ -446,13 +473,6 @@ def run(cfg: Config, *, resume: bool = False, progress: bool = True, stop_at: in
   Raises:
     Interrupted: on SIGINT or SIGTERM, once the step in flight is checkpointed.
   """
-  trainer = Trainer(cfg, resume=resume, progress=progress)
-  try:
+  with Trainer(cfg, resume=resume, progress=progress) as trainer:
     trainer.train(stop_at=stop_at)
-  except Interrupted:
-    trainer.train_step_fn.close()
-    trainer.ckpt.close()
-    if trainer.writer is not None:
-      trainer.writer.close()
-    raise
-  return trainer.finish(return_state=return_state)
+    return trainer.finish(return_state=return_state)

@@ -70,7 +70,8 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
   trainer.train()
   trainer.finish()
   assert trainer.train_step_fn.step._cache_size() == 0  # no step compiled with the weights on the device
-  assert Trainer(_cfg(tmp_path, *extra), resume=True, progress=False).state.offloader.prefetch is False
+  with Trainer(_cfg(tmp_path, *extra), resume=True, progress=False) as resumed:
+    assert resumed.state.offloader.prefetch is False
 
 
 @pytest.mark.parametrize("override, message", [
@@ -434,7 +435,11 @@ def test_a_batch_larger_than_the_dataset_is_named(tmp_path, capsys):
   data = tmp_path / "three.jsonl"
   data.write_text("".join(json.dumps({"instruction": f"What is {i} + 1?", "input": "", "output": str(i + 1)}) + "\n"
                           for i in range(3)))
-  Trainer(_cfg(tmp_path / "run", f"data.train={data}", "train.batch_size=4", "train.max_steps=1"), progress=False)
+  with Trainer(_cfg(tmp_path / "run", f"data.train={data}", "train.batch_size=4", "train.max_steps=1"),
+               progress=False) as trainer:
+    pass
+  assert trainer.writer._file.closed  # a Trainer is a context manager that closes its files
+  trainer.close()  # and closing twice is harmless
   err = capsys.readouterr().err
   assert "warning: a step takes train.batch_size x train.grad_accum = 4 sequences, more than the 3 training " \
          "examples" in err, err
