@@ -43,8 +43,10 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q6_K")
 # GGUF architecture -> the HF model_type it is read as. llama.cpp permutes q/k rows for llama only (its
 # "normal" RoPE); qwen2/qwen3 use NEOX RoPE, HF's own layout.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
 PERMUTED_QK = ("llama",)
+# llama.cpp stores Gemma's RMSNorm weights as 1 + weight (its norm multiplies by the weight alone).
+NORM_SHIFT = {"gemma3_text": 1.0}
 
 # GGUF tensor name -> Hugging Face name (`{i}`: the layer index).
 GGUF_NAMES: dict[str, str] = {
@@ -66,6 +68,14 @@ GGUF_NAMES: dict[str, str] = {
     "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
     "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
 }
+# Gemma's names where they differ: llama.cpp's ffn_norm is Gemma's norm before the MLP, and Gemma adds
+# norms after attention and after the MLP.
+GEMMA_NAMES = {
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+NAMES_BY_TYPE = {"gemma3_text": {**GGUF_NAMES, **GEMMA_NAMES}}
 # Tensors llama.cpp stores for its own use: Llama 3.1's RoPE factors, read into the config instead
 # (rope_scaling, by :func:`rope_scaling`).
 IGNORED = ("rope_freqs.weight",)
@@ -152,9 +162,12 @@ def hf_config(reader: Any) -> dict[str, Any]:
   hidden = int(_field(reader, a + "embedding_length"))
   names = {t.name for t in reader.tensors}
   tokens = reader.fields.get("tokenizer.ggml.tokens")
-  vocab = int(_field(reader, a + "vocab_size", len(tokens.data) if tokens is not None else 0)) or None
+  embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+  vocab = int(_field(reader, a + "vocab_size", len(tokens.data) if tokens is not None else
+                     int(embed.shape[-1]) if embed is not None else 0)) or None  # (ggml's shape: [hidden, vocab])
   if vocab is None:
-    raise GGUFError("GGUF metadata gives no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)")
+    raise GGUFError(f"GGUF metadata gives no vocabulary size ({a}vocab_size, tokenizer.ggml.tokens or a "
+                    "token_embd.weight tensor)")
   model_type = ARCHITECTURES[arch]
   head_dim = (_field(reader, a + "attention.key_length", 0)
               or _field(reader, a + "rope.dimension_count", hidden // heads))
@@ -172,12 +185,26 @@ def hf_config(reader: Any) -> dict[str, Any]:
   scaling = rope_scaling(reader, a, d["rope_theta"], d["head_dim"])
   if scaling:
     d["rope_scaling"] = scaling
+  if model_type == "gemma3_text":
+    d.update(_gemma3_fixed(reader, a, d))
   for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("padding_token_id", "pad_token_id")):
     field = reader.fields.get(f"tokenizer.ggml.{key}")
     if field is not None:
       d[hf_key] = int(field.contents())
   return d
+
+
+def _gemma3_fixed(reader: Any, a: str, d: dict[str, Any]) -> dict[str, Any]:
+  """What llama.cpp fixes for Gemma 3 instead of storing it (``llama-model.cpp``): every sixth layer attends
+  globally, the sliding-window layers' RoPE base is 10,000, and queries are scaled by ``head_dim ** -0.5``
+  except in the 27B model (62 layers), which uses ``(hidden / heads) ** -0.5``."""
+  layers = d["num_hidden_layers"]
+  return {"hidden_activation": "gelu_pytorch_tanh",
+          "sliding_window": int(_field(reader, a + "attention.sliding_window")),
+          "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
+          "rope_local_base_freq": 10_000.0,
+          "query_pre_attn_scalar": d["hidden_size"] // d["num_attention_heads"] if layers == 62 else d["head_dim"]}
 
 
 def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float,
@@ -222,14 +249,15 @@ def read_config(reader: Any) -> DecoderConfig:
   return models.config_from_hf(hf_config(reader))
 
 
-def _hf_name(name: str) -> str | None:
-  if name in GGUF_NAMES:
-    return GGUF_NAMES[name]
+def _hf_name(name: str, model_type: str) -> str | None:
+  names = NAMES_BY_TYPE.get(model_type, GGUF_NAMES)
+  if name in names:
+    return names[name]
   parts = name.split(".")
   if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit():
     pattern = ".".join(["blk", "{i}", *parts[2:]])
-    if pattern in GGUF_NAMES:
-      return GGUF_NAMES[pattern].format(i=int(parts[1]))
+    if pattern in names:
+      return names[pattern].format(i=int(parts[1]))
   return None
 
 
@@ -259,11 +287,13 @@ def iter_tensors(reader: Any, config: DecoderConfig) -> Iterator[tuple[str, np.n
   for tensor in reader.tensors:
     if tensor.name in IGNORED:
       continue
-    name = _hf_name(tensor.name)
+    name = _hf_name(tensor.name, config.model_type)
     if name is None:
       raise GGUFError(f"GGUF tensor {tensor.name!r} ({tensor.tensor_type.name}) is not part of a "
                       f"{config.model_type} model")
     w = dequantize(tensor)
+    if tensor.name.endswith("norm.weight") and config.model_type in NORM_SHIFT:
+      w = w - np.float32(NORM_SHIFT[config.model_type])
     if config.model_type in PERMUTED_QK and name.endswith("q_proj.weight"):
       w = unpermute_rotary(w, config.num_heads)
     elif config.model_type in PERMUTED_QK and name.endswith("k_proj.weight"):
