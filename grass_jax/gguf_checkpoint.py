@@ -43,10 +43,11 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1",
                    "Q6_K")
 # GGUF architecture -> the HF model_type it is read as. llama.cpp permutes q/k rows for llama only (its
 # "normal" RoPE); qwen2/qwen3 use NEOX RoPE, HF's own layout.
-ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+ARCHITECTURES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma", "gemma2": "gemma2",
+                 "gemma3": "gemma3_text"}
 PERMUTED_QK = ("llama",)
 # llama.cpp stores Gemma's RMSNorm weights as 1 + weight (its norm multiplies by the weight alone).
-NORM_SHIFT = {"gemma3_text": 1.0}
+NORM_SHIFT = {"gemma": 1.0, "gemma2": 1.0, "gemma3_text": 1.0}
 
 # GGUF tensor name -> Hugging Face name (`{i}`: the layer index).
 GGUF_NAMES: dict[str, str] = {
@@ -75,7 +76,7 @@ GEMMA_NAMES = {
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
-NAMES_BY_TYPE = {"gemma3_text": {**GGUF_NAMES, **GEMMA_NAMES}}
+NAMES_BY_TYPE = {"gemma2": {**GGUF_NAMES, **GEMMA_NAMES}, "gemma3_text": {**GGUF_NAMES, **GEMMA_NAMES}}
 # Tensors llama.cpp stores for its own use: Llama 3.1's RoPE factors, read into the config instead
 # (rope_scaling, by :func:`rope_scaling`).
 IGNORED = ("rope_freqs.weight",)
@@ -185,8 +186,8 @@ def hf_config(reader: Any) -> dict[str, Any]:
   scaling = rope_scaling(reader, a, d["rope_theta"], d["head_dim"])
   if scaling:
     d["rope_scaling"] = scaling
-  if model_type == "gemma3_text":
-    d.update(_gemma3_fixed(reader, a, d))
+  if model_type in ("gemma2", "gemma3_text"):
+    d.update(_gemma_fixed(reader, a, d))
   for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("padding_token_id", "pad_token_id")):
     field = reader.fields.get(f"tokenizer.ggml.{key}")
@@ -195,16 +196,24 @@ def hf_config(reader: Any) -> dict[str, Any]:
   return d
 
 
-def _gemma3_fixed(reader: Any, a: str, d: dict[str, Any]) -> dict[str, Any]:
-  """What llama.cpp fixes for Gemma 3 instead of storing it (``llama-model.cpp``): every sixth layer attends
-  globally, the sliding-window layers' RoPE base is 10,000, and queries are scaled by ``head_dim ** -0.5``
-  except in the 27B model (62 layers), which uses ``(hidden / heads) ** -0.5``."""
-  layers = d["num_hidden_layers"]
-  return {"hidden_activation": "gelu_pytorch_tanh",
-          "sliding_window": int(_field(reader, a + "attention.sliding_window")),
-          "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)],
-          "rope_local_base_freq": 10_000.0,
-          "query_pre_attn_scalar": d["hidden_size"] // d["num_attention_heads"] if layers == 62 else d["head_dim"]}
+def _gemma_fixed(reader: Any, a: str, d: dict[str, Any]) -> dict[str, Any]:
+  """What llama.cpp fixes for Gemma 2 and 3 instead of storing it (``llama-model.cpp``): which layers
+  attend globally (Gemma 2: the odd ones; Gemma 3: every sixth), Gemma 3's local RoPE base (10,000), Gemma
+  2's soft-capping when the file has none (50 and 30), and the query scale ``head_dim ** -0.5`` except in
+  the 27B models (46 and 62 layers), which use ``(hidden / heads) ** -0.5``."""
+  layers, gemma3 = d["num_hidden_layers"], d["model_type"] == "gemma3_text"
+  every = 6 if gemma3 else 2
+  out = {"hidden_activation": "gelu_pytorch_tanh",
+         "sliding_window": int(_field(reader, a + "attention.sliding_window")),
+         "layer_types": ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)],
+         "query_pre_attn_scalar": (d["hidden_size"] // d["num_attention_heads"] if layers == (62 if gemma3 else 46)
+                                   else d["head_dim"])}
+  if gemma3:
+    out["rope_local_base_freq"] = 10_000.0
+  else:
+    out["attn_logit_softcapping"] = float(_field(reader, a + "attn_logit_softcapping", 50.0))
+    out["final_logit_softcapping"] = float(_field(reader, a + "final_logit_softcapping", 30.0))
+  return out
 
 
 def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float,

@@ -1,5 +1,6 @@
 """GGUF checkpoints: dequantization, the rotary un-permutation, metadata, errors (synthetic files)."""
 
+import dataclasses
 import sys
 
 import gguf
@@ -247,16 +248,25 @@ def test_block_types_equal_a_hand_written_dequantizer(tmp_path, name):
   np.testing.assert_array_equal(gguf_checkpoint.dequantize(tensor), _hand_dequantize(raw, name))
 
 
-GEMMA3 = dict(model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
-              num_attention_heads=2, num_key_value_heads=1, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e6,
-              sliding_window=4, query_pre_attn_scalar=16, rope_local_base_freq=10_000.0, tie_word_embeddings=True,
-              layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(6)])
+GEMMA = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=2,
+             num_key_value_heads=1, head_dim=8, rms_norm_eps=1e-6, tie_word_embeddings=True)  # head_dim != 32 / 2
+# Each as llama.cpp reads it back (what it fixes rather than stores: the layer pattern, Gemma 3's local RoPE
+# base, the query scale for sizes other than 27B, Gemma 2's soft-capping defaults).
+GEMMAS = {
+    "gemma": dict(GEMMA, model_type="gemma", rope_theta=10_000.0),
+    "gemma2": dict(GEMMA, model_type="gemma2", rope_theta=10_000.0, sliding_window=4, query_pre_attn_scalar=8,
+                   attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                   layer_types=["full_attention" if i % 2 else "sliding_attention" for i in range(6)]),
+    "gemma3": dict(GEMMA, model_type="gemma3_text", rope_theta=1e6, sliding_window=4, query_pre_attn_scalar=8,
+                   rope_local_base_freq=10_000.0,
+                   layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(6)]),
+}
 
 
-def write_tiny_gemma3(path, params, config):
-  """A Gemma 3 GGUF as llama.cpp's converter writes it: norms stored as 1 + weight, no q/k permutation, the
+def write_tiny_gemma(path, params, config, arch):
+  """A Gemma GGUF as llama.cpp's converter writes it: norms stored as 1 + weight, no q/k permutation, the
   output tied to the embedding; the layer pattern, local RoPE base and query scale are not stored."""
-  w = gguf.GGUFWriter(str(path), "gemma3")
+  w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(config.num_layers)
   w.add_context_length(128)
   w.add_embedding_length(config.hidden_size)
@@ -267,16 +277,21 @@ def write_tiny_gemma3(path, params, config):
   w.add_value_length(config.head_dim)
   w.add_layer_norm_rms_eps(config.rms_norm_eps)
   w.add_rope_freq_base(config.rope_theta)
-  w.add_sliding_window(config.sliding_window)
   w.add_vocab_size(config.vocab_size)
+  if config.sliding_window:
+    w.add_sliding_window(config.sliding_window)
+  if arch == "gemma2":
+    w.add_attn_logit_softcapping(config.attn_softcap)
+    w.add_final_logit_softcapping(config.final_softcap)
   add = lambda name, arr: w.add_tensor(name, np.ascontiguousarray(arr, np.float32))
   add("token_embd.weight", np.asarray(params["embed"]))
   add("output_norm.weight", np.asarray(params["final_norm"]) + 1)
   lp = {k: np.asarray(v) for k, v in params["layers"].items()}
+  norms = [("attn_norm", "input_norm"), ("ffn_norm", "pre_mlp_norm")]
+  norms += [("post_attention_norm", "post_attn_norm"), ("post_ffw_norm", "post_mlp_norm")] if config.post_norms else []
+  norms += [("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")] if config.qk_norm else []
   for i in range(config.num_layers):
-    for gguf_name, ours in (("attn_norm", "input_norm"), ("post_attention_norm", "post_attn_norm"),
-                            ("ffn_norm", "pre_mlp_norm"), ("post_ffw_norm", "post_mlp_norm"),
-                            ("attn_q_norm", "q_norm"), ("attn_k_norm", "k_norm")):
+    for gguf_name, ours in norms:
       add(f"blk.{i}.{gguf_name}.weight", lp[ours][i] + 1)
     for gguf_name, ours in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"),
                             ("attn_output", "o_proj"), ("ffn_gate", "gate_proj"), ("ffn_up", "up_proj"),
@@ -289,24 +304,30 @@ def write_tiny_gemma3(path, params, config):
   return path
 
 
-def test_gemma3_file_loads_as_transformers_loads_it(tmp_path):
+@pytest.mark.parametrize("arch", sorted(GEMMAS))
+def test_gemma_file_loads_as_llama_cpp_and_transformers_read_it(tmp_path, arch):
   import torch
   from transformers import AutoModelForCausalLM
-  config = models.config_from_hf(GEMMA3)
+  config = models.config_from_hf(GEMMAS[arch])
   params = models.init_params(config, jax.random.PRNGKey(3))
   keys = iter(jax.random.split(jax.random.PRNGKey(4), 16))
   for name in ("input_norm", "post_attn_norm", "pre_mlp_norm", "post_mlp_norm", "q_norm", "k_norm"):
-    # norms away from zero, so that a missing or doubled shift by 1 changes every logit
-    params["layers"][name] = 0.5 * jax.random.normal(next(keys), params["layers"][name].shape)
-  path = write_tiny_gemma3(tmp_path / "g3.gguf", params, config)
+    if name in params["layers"]:  # norms away from zero, so that a missing or doubled shift changes every logit
+      params["layers"][name] = 0.5 * jax.random.normal(next(keys), params["layers"][name].shape)
+  path = write_tiny_gemma(tmp_path / "g.gguf", params, config, arch)
   loaded, cfg = grass_jax.load_pretrained(path)
-  assert cfg.model_type == "gemma3_text" and cfg.sliding_layers == config.sliding_layers
-  assert (cfg.sliding_window, cfg.rope_local_theta, cfg.query_scale) == (4, 10_000.0, 16 ** -0.5)
+  # the architecture, the layer pattern, the scales, the soft-capping (the file holds eps in float32, and the
+  # context length the writer set)
+  assert cfg.rms_norm_eps == np.float32(config.rms_norm_eps) and cfg.max_position_embeddings == 128
+  same = dict(rms_norm_eps=config.rms_norm_eps, max_position_embeddings=config.max_position_embeddings)
+  assert dataclasses.replace(cfg, **same, hf_config=config.hf_config) == config
   # (w + 1) - 1 in float32 moves w by at most half an ulp of |w + 1| < 4: 2.4e-7
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=2.4e-7), loaded, params)
-  # transformers reads the same file (its Gemma 3 defaults: the layer pattern, the local RoPE base; the query
-  # scale as llama.cpp sets it for this size) and computes the same logits.
-  hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g3.gguf", query_pre_attn_scalar=16,
+  if arch == "gemma":
+    return  # transformers reads no Gemma 1 GGUF
+  # transformers reads the same file (its defaults for what the file does not store; the query scale as
+  # llama.cpp sets it for this size) and computes the same logits.
+  hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="g.gguf", query_pre_attn_scalar=8,
                                             torch_dtype=torch.float32).eval()
   tokens = np.random.default_rng(0).integers(0, 64, (2, 12))
   with torch.no_grad():
