@@ -25,6 +25,19 @@ def permute(w, n_head):
   return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def add_sizes(w, config):
+  """The metadata every architecture's file has (llama.cpp's converter writes it alike)."""
+  w.add_block_count(config.num_layers)
+  w.add_context_length(128)
+  w.add_embedding_length(config.hidden_size)
+  w.add_feed_forward_length(config.intermediate_size)
+  w.add_head_count(config.num_heads)
+  w.add_head_count_kv(config.num_kv_heads)
+  w.add_layer_norm_rms_eps(config.rms_norm_eps)
+  w.add_rope_freq_base(config.rope_theta)
+  w.add_vocab_size(config.vocab_size)
+
+
 def write_tiny_llama(path, params, config, qtype=Q.F32, arch="llama", extra_tensor=None, rope=None):
   """A GGUF file as llama.cpp's converter writes it (q/k rows permuted for llama only; qwen3's q/k norms)."""
   w = gguf.GGUFWriter(str(path), arch)
@@ -37,16 +50,8 @@ def write_tiny_llama(path, params, config, qtype=Q.F32, arch="llama", extra_tens
     else:
       w.add_rope_scaling_type(rope[1])
       w.add_rope_scaling_factor(rope[2])
-  w.add_block_count(config.num_layers)
-  w.add_context_length(128)
-  w.add_embedding_length(config.hidden_size)
-  w.add_feed_forward_length(config.intermediate_size)
-  w.add_head_count(config.num_heads)
-  w.add_head_count_kv(config.num_kv_heads)
-  w.add_layer_norm_rms_eps(config.rms_norm_eps)
-  w.add_rope_freq_base(config.rope_theta)
+  add_sizes(w, config)
   w.add_rope_dimension_count(config.head_dim)
-  w.add_vocab_size(config.vocab_size)
 
   def add(name, arr, quantize=True):
     arr = np.ascontiguousarray(arr, np.float32)
@@ -267,17 +272,9 @@ def write_tiny_gemma(path, params, config, arch):
   """A Gemma GGUF as llama.cpp's converter writes it: norms stored as 1 + weight, no q/k permutation, the
   output tied to the embedding; the layer pattern, local RoPE base and query scale are not stored."""
   w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(config.num_layers)
-  w.add_context_length(128)
-  w.add_embedding_length(config.hidden_size)
-  w.add_feed_forward_length(config.intermediate_size)
-  w.add_head_count(config.num_heads)
-  w.add_head_count_kv(config.num_kv_heads)
+  add_sizes(w, config)
   w.add_key_length(config.head_dim)
   w.add_value_length(config.head_dim)
-  w.add_layer_norm_rms_eps(config.rms_norm_eps)
-  w.add_rope_freq_base(config.rope_theta)
-  w.add_vocab_size(config.vocab_size)
   if config.sliding_window:
     w.add_sliding_window(config.sliding_window)
   if arch == "gemma2":
