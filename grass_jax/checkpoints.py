@@ -25,7 +25,7 @@ import shutil
 
 import orbax.checkpoint as ocp
 
-from grass_jax.pretrained import CheckpointError
+from grass_jax.errors import CheckpointError
 
 
 @contextlib.contextmanager

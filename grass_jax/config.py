@@ -31,10 +31,7 @@ from typing import Any
 import yaml
 
 from grass_jax.data import FORMATS, shown as _shown
-
-
-class ConfigError(ValueError):
-  """A bad configuration key or value; the message names the key."""
+from grass_jax.errors import ConfigError
 
 
 def _key_name(key: Any) -> str:

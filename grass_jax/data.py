@@ -25,6 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from grass_jax.errors import DataError
 from grass_jax.local_paths import looks_local
 
 PROMPT_WITH_INPUT = (
@@ -34,10 +35,6 @@ PROMPT_WITH_INPUT = (
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     "\n\n### Instruction:\n{instruction}\n\n### Response:\n")
-
-
-class DataError(ValueError):
-  """Missing, empty or malformed data (the message names the file and record)."""
 
 
 def shown(value: Any, limit: int = 60) -> str:

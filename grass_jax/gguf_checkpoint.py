@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from grass_jax import models, tokenizer_cache
+from grass_jax.errors import GGUFError
 from grass_jax.models.decoder import DecoderConfig
 
 PACKAGE_PREFIX = "package:"
@@ -80,10 +81,6 @@ NAMES_BY_TYPE = {"gemma2": {**GGUF_NAMES, **GEMMA_NAMES}, "gemma3_text": {**GGUF
 # Tensors llama.cpp stores for its own use: Llama 3.1's RoPE factors, read into the config instead
 # (rope_scaling, by :func:`rope_scaling`).
 IGNORED = ("rope_freqs.weight",)
-
-
-class GGUFError(ValueError):
-  """A GGUF file that cannot be loaded (the message names the tensor or key and the fix)."""
 
 
 def is_gguf(path: str | os.PathLike) -> bool:

@@ -32,15 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from grass_jax import gguf_checkpoint, models
+from grass_jax.errors import CheckpointError
 from grass_jax.local_paths import looks_local
 from grass_jax.models.decoder import DecoderConfig, Params
 
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "flax_model.msgpack", "tokenizer*", "*.model", "*.txt"]
 IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attention\.masked_bias|\.attention\.bias)$")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be loaded as the config says (the message names the fix)."""
 
 
 def resolve(path_or_hub_id: str | os.PathLike) -> Path:

@@ -25,15 +25,13 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from grass_jax.errors import MeshError
+
 DATA, FSDP = "data", "fsdp"
 # A dimension is split only if every device keeps at least this many rows of it: smaller arrays
 # (norms, GRASS statistics) stay replicated. The rule looks at one dimension, never at the
 # total size, so a stacked [L, ...] leaf and one layer's [...] slot always decide alike.
 MIN_ROWS_PER_DEVICE = 64
-
-
-class MeshError(ValueError):
-  """A mesh that does not fit the devices or the batch; the message names the config key."""
 
 
 def make_mesh(data: int | None = None, fsdp: int = 1, devices: list[jax.Device] | None = None) -> Mesh:

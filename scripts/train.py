@@ -11,10 +11,7 @@ import json
 import sys
 
 from grass_jax import config as config_lib
-from grass_jax.data import DataError
-from grass_jax.gguf_checkpoint import GGUFError
-from grass_jax.pretrained import CheckpointError
-from grass_jax.sharding import MeshError
+from grass_jax.errors import USER_ERRORS
 from grass_jax.train import Interrupted, run
 from grass_jax.xla_flags import use_deterministic_flags, use_recommended_flags
 
@@ -49,8 +46,7 @@ def main() -> int:
     use_deterministic_flags()  # still before JAX starts: loading the config runs no computation
   try:
     summary = run(cfg, resume=args.resume, progress=not args.no_progress)
-  except (config_lib.ConfigError, DataError, CheckpointError, GGUFError, MeshError, FileExistsError,
-          FileNotFoundError) as e:
+  except USER_ERRORS as e:
     if args.debug:
       raise
     print(f"error: {e}", file=sys.stderr)
