@@ -430,15 +430,15 @@ class ForwardOptions:
 def scan_stack(config: DecoderConfig, options: ForwardOptions = ForwardOptions(), *,
                layer_override: LayerOverride | None = None) -> LayerStack:
   """The model's own layer scan as a ``layer_stack``; ``layer_override(layer_params, index)`` may swap a
-  layer's weights inside the scan (e.g. for trainable slots). ``options.attention`` must be resolved."""
+  layer's weights inside the scan (e.g. for trainable slots)."""
+  attention = resolve_attention(config, options.attention, options.dtype)
 
   def run(layers: Params, h: jax.Array, inputs: LayerInputs) -> jax.Array:
     def body(h, xs):
       lp, idx = xs
       if layer_override is not None:
         lp = layer_override(lp, idx)
-      return run_block(config, lp, h, idx, inputs, attention=options.attention,
-                       act_sharding=options.act_sharding), None
+      return run_block(config, lp, h, idx, inputs, attention=attention, act_sharding=options.act_sharding), None
 
     return jax.lax.scan(with_remat(body, options.remat), h, (layers, jnp.arange(config.num_layers)))[0]
 
