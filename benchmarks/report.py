@@ -228,7 +228,7 @@ def streaming_docs(_: Any = None) -> str:
   probe = json.loads((ROOT / STREAM_PROBE).read_text())
   temps = {(r["change"], r["gamma"]): r["temps_gib"] for r in probe["step_temporaries_gib"]["rows"] if r["stream"]}
   late = {r["row"]: r for r in probe["peers_60_steps_one_invocation"]["rows"]}
-  name = STREAM_PEERS.split("/", 2)[2].replace("results/", "")
+  name = STREAM_PEERS.split("results/")[1]
   lines = ["| streaming | gamma 1 | gamma 4 | step temporaries (compiled), gamma 1 / 4 |", "|---|---|---|---|",
            *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in STREAM_LOST),
            f"| by matrix, updates over the gradients (`{name}`) | {cell(peers['7b-jax-grass-stream-g1'])} | "

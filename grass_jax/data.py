@@ -293,12 +293,14 @@ class Dataset:
     if not usable:
       raise DataError("no example has response tokens left after truncation; raise data.max_length")
     self.examples = usable
-    self.batching = batching
-    self.batch_size, self.grad_accum = batching.batch_size, batching.grad_accum
-    self.buckets = list(batching.buckets)
-    self.seed, self.pad_id, self.packing = batching.seed, pad_id, batching.packing
+    self.batching, self.pad_id = batching, pad_id
     self.lengths = np.array([len(e.tokens) for e in usable])
     self.bucket_of = np.searchsorted(self.buckets, self.lengths)
+
+  @property
+  def buckets(self) -> tuple[int, ...]:
+    """The padded lengths a batch may have, ascending (``Batching.buckets``)."""
+    return self.batching.buckets
 
   def __len__(self) -> int:
     return len(self.epoch_plan(0))
@@ -306,9 +308,10 @@ class Dataset:
   def epoch_plan(self, epoch: int) -> list[tuple[int, list]]:
     """``[(bucket_length, rows)]`` for one epoch, a function of (seed, epoch) only: a row is an example's
     index, or with packing the list of the examples it holds."""
-    rng = np.random.default_rng([self.seed, epoch])
-    per_batch = self.batch_size * self.grad_accum
-    if self.packing:
+    batching = self.batching
+    rng = np.random.default_rng([batching.seed, epoch])
+    per_batch = batching.batch_size * batching.grad_accum
+    if batching.packing:
       return self._packed_plan(rng.permutation(len(self.examples)), per_batch)
     pending: dict[int, list[int]] = {}
     plan = []
@@ -334,7 +337,7 @@ class Dataset:
     return [(length, rows[k:k + per_batch]) for k in range(0, len(rows), per_batch)]
 
   def make_batch(self, length: int, indices: list) -> dict[str, np.ndarray]:
-    n = self.batch_size * self.grad_accum
+    n = self.batching.batch_size * self.batching.grad_accum
     tokens = np.full((n, length), self.pad_id, np.int32)
     attn = np.zeros((n, length), np.int32)
     loss = np.zeros((n, length), np.int32)
@@ -349,7 +352,7 @@ class Dataset:
         if seg > 1:
           loss[row, at] = 0  # the previous sequence's last token does not predict this one
         at = end
-    shape = (self.grad_accum, self.batch_size, length)
+    shape = (self.batching.grad_accum, self.batching.batch_size, length)
     return {"tokens": tokens.reshape(shape), "attention_mask": attn.reshape(shape), "loss_mask": loss.reshape(shape)}
 
   def iterate(self, start_epoch: int = 0, start_batch: int = 0,

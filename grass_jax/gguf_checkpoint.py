@@ -72,12 +72,13 @@ GGUF_NAMES: dict[str, str] = {
 }
 # Gemma's names where they differ: llama.cpp's ffn_norm is Gemma's norm before the MLP, and Gemma adds
 # norms after attention and after the MLP.
-GEMMA_NAMES = {
+GEMMA2_NAMES = {
+    **GGUF_NAMES,
     "blk.{i}.ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "blk.{i}.post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
     "blk.{i}.post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
-NAMES_BY_TYPE = {"gemma2": {**GGUF_NAMES, **GEMMA_NAMES}, "gemma3_text": {**GGUF_NAMES, **GEMMA_NAMES}}
+NAMES_BY_TYPE = {"gemma2": GEMMA2_NAMES, "gemma3_text": GEMMA2_NAMES}
 # Tensors llama.cpp stores for its own use: Llama 3.1's RoPE factors, read into the config instead
 # (rope_scaling, by :func:`rope_scaling`).
 IGNORED = ("rope_freqs.weight",)

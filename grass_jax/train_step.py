@@ -189,8 +189,8 @@ def _pick_slots(slots: Params, slot_of: jax.Array) -> LayerOverride:
 
   def pick(lp: Params, idx: jax.Array) -> Params:
     slot = slot_of[idx]
-    pick = jnp.maximum(slot, 0)
-    return {k: jnp.where(slot >= 0, slots[k][pick].astype(v.dtype), v) for k, v in lp.items()}
+    row = jnp.maximum(slot, 0)
+    return {k: jnp.where(slot >= 0, slots[k][row].astype(v.dtype), v) for k, v in lp.items()}
 
   return pick
 

@@ -13,10 +13,11 @@ import sys
 import jax.numpy as jnp
 
 from grass_jax import gguf_checkpoint
-from grass_jax.data import DataError, load_tokenizer
+from grass_jax.data import load_tokenizer
+from grass_jax.errors import USER_ERRORS
 from grass_jax.evaluate import evaluate, load_task_records, write_results
 from grass_jax.tasks import TASKS, canonical_task
-from grass_jax.pretrained import CheckpointError, load_pretrained
+from grass_jax.pretrained import load_pretrained
 from grass_jax.xla_flags import use_recommended_flags
 
 
@@ -77,7 +78,7 @@ def main() -> int:
                                prompt_format=args.prompt_format)
       write_results(args.out or default_out(args.model), summary, rows)
       results.append(summary)
-  except (CheckpointError, DataError, gguf_checkpoint.GGUFError, ValueError, OSError) as e:
+  except (*USER_ERRORS, ValueError, OSError) as e:  # (a model's config may raise a plain ValueError too)
     if args.debug:
       raise
     print(f"error: {e}", file=sys.stderr)
