@@ -179,6 +179,45 @@ def study_goal_docs(result: dict) -> str:
   return "\n".join(lines)
 
 
+STUDY_750_TRACES = "benchmarks/results/accuracy/traces.jsonl"
+
+
+def _periods(trace: dict) -> list[list[int]]:
+  """The layers each logged period trained, probing periods left out (they train nothing)."""
+  return [e["active_layers"] for e in trace["log"] if not e["probing"]]
+
+
+def draws_docs(traces: list[dict], chosen: dict[tuple[str, str], float], methods: tuple[str, ...],
+               steps_per_entry_log: int | None = None) -> str:
+  """Where each sampler's draws went, per task over its seeds at the chosen learning rate: the share of
+  periods that trained layer 0 and the last layer, the layers a run never trained, the largest probability."""
+  lines = ["| task | method | seeds | periods with layer 0 | periods with the last layer | layers never trained "
+           "(per seed) | largest p in a run |", "|---|---|---|---|---|---|---|"]
+  for (task, method), lr in chosen.items():
+    if method not in methods:
+      continue
+    runs = sorted((t for t in traces if t["task"] == task and t["method"] == method and t["lr"] == lr
+                   and (steps_per_entry_log is None or len(t["log"]) == steps_per_entry_log)),
+                  key=lambda t: t["seed"])
+    if not runs:
+      continue
+    n_layers = len(runs[0]["log"][0]["probabilities"])
+    periods = [_periods(t) for t in runs]
+    total = sum(len(p) for p in periods)
+    share = lambda layer: sum(layer in a for p in periods for a in p) / total
+    never = [n_layers - len({l for a in p for l in a}) for p in periods]
+    p_max = [max(max(e["probabilities"]) for e in t["log"]) for t in runs]
+    lines.append(f"| {task} | `{method}` | {len(runs)} | {share(0):.0%} | {share(n_layers - 1):.0%} | "
+                 f"{' '.join(map(str, never))} | {min(p_max):.2f}-{max(p_max):.2f} |")
+  return "\n".join(lines)
+
+
+def study_750_draws_docs(traces: list[dict]) -> str:
+  """:func:`draws_docs` of the 750-step study (75 periods) at each method's chosen learning rate."""
+  chosen = {(t["task"], t["method"]): t["lr"] for t in json.loads((ROOT / STUDY_750).read_text())["table"]}
+  return draws_docs(traces, chosen, ("lisa", "grass", "grass_static", "grass_sketch"), steps_per_entry_log=75)
+
+
 ORACLE = "benchmarks/results/accuracy_smollm2_oracle.json"
 
 
@@ -325,7 +364,7 @@ PEERS_DOCS = {
 
 def sources() -> list[str]:
   """Every result file a table is made from."""
-  return [PAIRED, STUDY_750, STUDY_500, ORACLE, *SCALING.values(), STREAM_PEERS, STREAM_PROBE,
+  return [PAIRED, STUDY_750, STUDY_500, ORACLE, STUDY_750_TRACES, *SCALING.values(), STREAM_PEERS, STREAM_PROBE,
           *(path for path, _, _ in PEERS_README),
           *(spec[0] for spec in PEERS_DOCS.values())]
 
@@ -339,12 +378,20 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "study_750_goal_docs": (STUDY_750, study_goal_docs),
     "study_500_docs": (STUDY_500, lambda result: study_docs(result, with_cost=False)),
     "oracle_docs": (ORACLE, oracle_docs),
+    "study_750_draws_docs": (STUDY_750_TRACES, study_750_draws_docs),
     "scaling_docs": (None, scaling_docs),  # reads the files of SCALING
     "streaming_docs": (None, streaming_docs),  # reads STREAM_PEERS and STREAM_PROBE
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
 }
 PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md", "docs/multi-gpu.md", "docs/offloading.md"]
 MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)\n?(<!-- /report -->)", re.S)  # a new table's body is empty
+
+
+def _load(path: Path) -> Any:
+  """A result file: one JSON document, or a list of them, one per line (``.jsonl``)."""
+  if path.suffix == ".jsonl":
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+  return json.loads(path.read_text())
 
 
 def render(page: str) -> str:
@@ -354,7 +401,7 @@ def render(page: str) -> str:
     if name not in TABLES:
       raise KeyError(f"{page}: no table named {name!r} in benchmarks/report.py (known: {', '.join(TABLES)})")
     path, make = TABLES[name]
-    return m.group(1) + make(None if path is None else json.loads((ROOT / path).read_text())) + "\n" + m.group(4)
+    return m.group(1) + make(None if path is None else _load(ROOT / path)) + "\n" + m.group(4)
   return MARKER.sub(table, (ROOT / page).read_text())
 
 
