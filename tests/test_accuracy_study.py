@@ -204,3 +204,15 @@ def test_the_mean_over_tasks_covers_the_tasks_a_method_ran_on_the_seeds_that_ran
   mean = out[("mean", "x")]  # x never ran c: its mean is over a and b, not missing
   assert mean["tasks"] == ["a", "b"] and mean["seeds"] == 3 and abs(mean["mean_difference"] - 0.2) < 1e-12
   assert ("mean", "y") not in out  # one task is no mean
+
+
+def test_committed_traces_are_sorted_and_rounded_to_four_digits(tmp_path):
+  from benchmarks.accuracy.study import write_traces
+  traces = [{"task": "b", "method": "lisa", "seed": 1, "lr": 6e-4,
+             "log": [{"step": 20, "probabilities": [0.0333333351, 1 / 3], "active_layers": [3, 7], "probing": False}]},
+            {"task": "a", "method": "lisa", "seed": 0, "lr": 6e-4, "log": []}]
+  write_traces(traces, tmp_path / "t.jsonl")
+  back = [json.loads(line) for line in (tmp_path / "t.jsonl").read_text().splitlines()]
+  assert [t["task"] for t in back] == ["a", "b"]
+  assert back[1]["log"][0] == {"step": 20, "probabilities": [0.03333, 0.3333], "active_layers": [3, 7], "probing": False}
+  assert back[1]["lr"] == 6e-4

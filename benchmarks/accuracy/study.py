@@ -525,6 +525,23 @@ def report(args, scale: dict, work: Path) -> None:
   if traces:
     from benchmarks.accuracy.figures import plot_all
     plot_all(traces, rows, scale, out.with_suffix(""), oracle)
+    write_traces(traces, out.with_name(out.stem + "_traces.jsonl"))
+
+
+def write_traces(traces: list[dict], path: Path) -> None:
+  """The runs' per-period draws and importance beside the report, so that what the docs say about where
+  the draws went can be recomputed from committed files (probabilities and importance to 4 significant
+  digits: a trace of full floats is 2-3 times larger and no figure needs more)."""
+  def short(x):
+    if isinstance(x, float):
+      return float(f"{x:.4g}")
+    if isinstance(x, list):
+      return [short(v) for v in x]
+    if isinstance(x, dict):
+      return {k: short(v) for k, v in x.items()}
+    return x
+  order = sorted(traces, key=lambda t: (t["task"], t["method"], t["seed"], t["lr"]))
+  path.write_text("".join(json.dumps(short(t), separators=(",", ":")) + "\n" for t in order))
 
 
 def main() -> None:
