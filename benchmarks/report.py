@@ -182,27 +182,35 @@ def study_goal_docs(result: dict) -> str:
 STUDY_750_TRACES = "benchmarks/results/accuracy/traces.jsonl"
 
 
-def _periods(trace: dict) -> list[list[int]]:
-  """The layers each logged period trained, probing periods left out (they train nothing)."""
-  return [e["active_layers"] for e in trace["log"] if not e["probing"]]
+def _periods(trace: dict, period: int | None) -> list[list[int]]:
+  """The layers each period trained, probing periods left out (they train nothing). ``period``: steps per
+  period where a trace logs more often than once a period (its first entry in each period counts); None:
+  one entry per period."""
+  entries = [e for e in trace["log"] if not e["probing"]]
+  if period is None:
+    return [e["active_layers"] for e in entries]
+  first: dict[int, list[int]] = {}
+  for e in entries:
+    first.setdefault((e["step"] - 1) // period, e["active_layers"])
+  return list(first.values())
 
 
-def draws_docs(traces: list[dict], chosen: dict[tuple[str, str], float], methods: tuple[str, ...],
-               steps_per_entry_log: int | None = None) -> str:
+def draws_docs(traces: list[dict], chosen: dict[tuple[str, str], float], methods: tuple[str, ...], *,
+               log_entries: int | None = None, period: int | None = None) -> str:
   """Where each sampler's draws went, per task over its seeds at the chosen learning rate: the share of
-  periods that trained layer 0 and the last layer, the layers a run never trained, the largest probability."""
+  periods that trained layer 0 and the last layer, the layers a run never trained, the largest probability.
+  ``log_entries``: only traces of this many entries (a file holding runs of several lengths)."""
   lines = ["| task | method | seeds | periods with layer 0 | periods with the last layer | layers never trained "
            "(per seed) | largest p in a run |", "|---|---|---|---|---|---|---|"]
   for (task, method), lr in chosen.items():
     if method not in methods:
       continue
     runs = sorted((t for t in traces if t["task"] == task and t["method"] == method and t["lr"] == lr
-                   and (steps_per_entry_log is None or len(t["log"]) == steps_per_entry_log)),
-                  key=lambda t: t["seed"])
+                   and (log_entries is None or len(t["log"]) == log_entries)), key=lambda t: t["seed"])
     if not runs:
       continue
     n_layers = len(runs[0]["log"][0]["probabilities"])
-    periods = [_periods(t) for t in runs]
+    periods = [_periods(t, period) for t in runs]
     total = sum(len(p) for p in periods)
     share = lambda layer: sum(layer in a for p in periods for a in p) / total
     never = [n_layers - len({l for a in p for l in a}) for p in periods]
@@ -215,7 +223,17 @@ def draws_docs(traces: list[dict], chosen: dict[tuple[str, str], float], methods
 def study_750_draws_docs(traces: list[dict]) -> str:
   """:func:`draws_docs` of the 750-step study (75 periods) at each method's chosen learning rate."""
   chosen = {(t["task"], t["method"]): t["lr"] for t in json.loads((ROOT / STUDY_750).read_text())["table"]}
-  return draws_docs(traces, chosen, ("lisa", "grass", "grass_static", "grass_sketch"), steps_per_entry_log=75)
+  return draws_docs(traces, chosen, ("lisa", "grass", "grass_static", "grass_sketch"), log_entries=75)
+
+
+PAIRED_TRACES = "benchmarks/results/accuracy_paired_traces.jsonl"
+
+
+def paired_draws_docs(traces: list[dict]) -> str:
+  """:func:`draws_docs` of the paired study's committed traces (19 periods of 20 steps, logged every 4)."""
+  scale = json.loads((ROOT / PAIRED).read_text())
+  chosen = {(t["task"], t["method"]): t["lr"] for t in scale["table"] if t["method"] != "pretrained"}
+  return draws_docs(traces, chosen, tuple(PAIRED_METHODS), period=scale["config"]["period"])
 
 
 ORACLE = "benchmarks/results/accuracy_smollm2_oracle.json"
@@ -364,7 +382,7 @@ PEERS_DOCS = {
 
 def sources() -> list[str]:
   """Every result file a table is made from."""
-  return [PAIRED, STUDY_750, STUDY_500, ORACLE, STUDY_750_TRACES, *SCALING.values(), STREAM_PEERS, STREAM_PROBE,
+  return [PAIRED, STUDY_750, STUDY_500, ORACLE, STUDY_750_TRACES, PAIRED_TRACES, *SCALING.values(), STREAM_PEERS, STREAM_PROBE,
           *(path for path, _, _ in PEERS_README),
           *(spec[0] for spec in PEERS_DOCS.values())]
 
@@ -379,6 +397,7 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "study_500_docs": (STUDY_500, lambda result: study_docs(result, with_cost=False)),
     "oracle_docs": (ORACLE, oracle_docs),
     "study_750_draws_docs": (STUDY_750_TRACES, study_750_draws_docs),
+    "paired_draws_docs": (PAIRED_TRACES, paired_draws_docs),
     "scaling_docs": (None, scaling_docs),  # reads the files of SCALING
     "streaming_docs": (None, streaming_docs),  # reads STREAM_PEERS and STREAM_PROBE
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},

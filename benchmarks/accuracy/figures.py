@@ -97,6 +97,8 @@ def plot_all(traces: list[dict], rows: list[dict], scale: dict, prefix: Path, or
     return [plot_oracle(o, Path(f"{prefix}_{o['task']}.png")) for o in oracle]
   out = [plot_mgn_per_task(traces, scale["tasks"], Path(f"{prefix}_mgn.png"))]
   for task in scale["tasks"]:
+    if not any(t["task"] == task and t["method"] in VARIANTS for t in traces):
+      continue  # no GRASS run of this task left a trace: no figure rather than an empty one
     lrs = {m: chosen_lr(rows, task, m, scale) for m in VARIANTS if m in scale["lrs"]}
     out.append(plot_heatmaps(traces, task, lrs, Path(f"{prefix}_heatmap_{task}.png")))
   return out
