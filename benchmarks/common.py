@@ -32,7 +32,8 @@ def provenance(device: str | None = None) -> dict[str, Any]:
 
   ``GRASS_BENCH_COMMIT`` names the commit instead of git: a copy of the working tree whose ``.git`` is not
   that of the tree (the lent GPU machine's copy reported an older base as ``+dirty``) is run with it set to
-  the commit the tree was copied from."""
+  the commit the tree was copied from. Told the stale ``.git``'s own HEAD, it still adds ``+dirty`` where git
+  sees changes: compute the commit where the tree came from, not on the machine."""
   import datetime
   from pathlib import Path
   root = Path(__file__).resolve().parents[1]
@@ -43,8 +44,12 @@ def provenance(device: str | None = None) -> dict[str, Any]:
     except (OSError, subprocess.SubprocessError):
       return ""
   told = os.environ.get("GRASS_BENCH_COMMIT")
-  commit = told or git("rev-parse", "HEAD") or None
-  if commit and not told and git("status", "--porcelain", "--untracked-files=no"):
+  head = git("rev-parse", "HEAD")
+  commit = told or head or None
+  # Told the copied .git's own HEAD (computed on the machine, not where the tree came from): the tree is
+  # not that commit when git sees changes, so it says so as it does untold.
+  vouched = told and not (head and head.startswith(told))
+  if commit and not vouched and git("status", "--porcelain", "--untracked-files=no"):
     commit += "+dirty"
   os.environ.setdefault("GRASS_BENCH_INVOCATION", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
   return {**({"device": device} if device else {}), "commit": commit,

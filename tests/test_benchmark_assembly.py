@@ -35,3 +35,21 @@ def test_provenance_names_the_commit_git_gives_or_the_one_it_is_told(monkeypatch
   assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", row["time"]) and row["invocation"]
   monkeypatch.setenv("GRASS_BENCH_COMMIT", "21ae5d9")  # a copied tree whose .git is stale: told, never '+dirty'
   assert provenance()["commit"] == "21ae5d9"
+
+
+def test_provenance_told_the_stale_head_itself_still_says_dirty(monkeypatch):
+  # The mistake it guards against: GRASS_BENCH_COMMIT=$(git rev-parse --short HEAD) run on the lent machine,
+  # whose copied .git is older than the tree.
+  import subprocess
+
+  from benchmarks import common
+  answers = {"rev-parse": "75b20a0cd273d7edaff5bc76526c57f860bde012", "status": " M grass_jax/train.py"}
+  monkeypatch.setattr(common.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(
+      args, 0, stdout=answers[args[1]] + "\n", stderr=""))
+  monkeypatch.setenv("GRASS_BENCH_COMMIT", "75b20a0")
+  assert common.provenance()["commit"] == "75b20a0+dirty"
+  monkeypatch.setenv("GRASS_BENCH_COMMIT", "800d9ae")  # the commit the tree was copied from
+  assert common.provenance()["commit"] == "800d9ae"
+  answers["status"] = ""
+  monkeypatch.setenv("GRASS_BENCH_COMMIT", "75b20a0")  # the .git is the tree's: nothing to flag
+  assert common.provenance()["commit"] == "75b20a0"
