@@ -182,6 +182,24 @@ def test_chat_records_in_smollm2s_own_template_learn_the_assistant_turns_only(sm
   assert tokenizer.decode(ex.tokens) == tokenizer.apply_chat_template(messages, tokenize=False)
 
 
+def test_the_chat_config_trains_its_records_in_smollm2s_template_on_the_answers_only(smol):
+  # configs/smollm2-135m-chat.yaml: its data file is read as chat records, and a record learns exactly its
+  # assistant turn (the worked answer), <|im_end|> and the newline, in the template the file ships.
+  from grass_jax import chat
+  from grass_jax import config as config_lib
+  from grass_jax import data as data_lib
+  tokenizer = smol[2]
+  cfg = config_lib.load(Path(__file__).resolve().parents[1] / "configs" / "smollm2-135m-chat.yaml")
+  records = data_lib.load_records(cfg.data.train)
+  assert cfg.data.format == chat.detect_format(records, cfg.data.train) == "messages" and len(records) == 4000
+  r = records[0]
+  ex = chat.encode_record(r, "messages", tokenizer, cfg.data.max_length, "r")
+  learned = [t for t, m in zip(ex.tokens, ex.loss_mask) if m]
+  answer = r["messages"][-1]["content"]
+  assert tokenizer.decode(learned) == answer + "<|im_end|>\n"
+  assert tokenizer.decode(ex.tokens) == tokenizer.apply_chat_template(r["messages"], tokenize=False)
+
+
 def test_tokenization_gives_the_ids_written_here_and_the_files_own_vocabulary_spells_them(smol):
   # Token ids written in the test, not computed by any tokenizer: the file's vocabulary (its GGUF metadata,
   # read by gguf, not by transformers) must spell each prompt from them. 'Ġ' is byte-level BPE's space.

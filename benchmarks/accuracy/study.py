@@ -152,7 +152,7 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
 
   import jax
 
-  from benchmarks.accuracy.tasks import TASKS, write_splits
+  from benchmarks.accuracy.tasks import TASKS, as_messages, write_splits
   from grass_jax import config as config_lib
   from grass_jax.data import load_records
   from grass_jax.evaluate import evaluate
@@ -192,20 +192,6 @@ def finetune_and_eval(scale: dict, model: str, task: str, method: str, seed: int
   trace["log"] = [{k: l[k] for k in ("step", "importance", "probabilities", "active_layers", "probing")
                    if k in l} for l in lines if "importance" in l]
   return row, trace
-
-
-def as_messages(path: Path) -> Path:
-  """An Alpaca records file as chat records (user: the instruction and input, assistant: the output), beside it."""
-  from grass_jax.data import question_text
-  out = path.with_name(path.stem + "_messages.jsonl")
-  if not out.exists():
-    lines = []
-    for line in path.read_text().splitlines():
-      r = json.loads(line)
-      lines.append(json.dumps({"messages": [{"role": "user", "content": question_text(r)},
-                                            {"role": "assistant", "content": r["output"]}]}))
-    out.write_text("\n".join(lines) + "\n")
-  return out
 
 
 def provenance() -> dict:

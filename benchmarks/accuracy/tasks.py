@@ -283,9 +283,29 @@ def write_splits(task: str, directory, *, n_train: int, n_val: int, n_test: int)
   return paths
 
 
+def as_messages(path):
+  """An Alpaca records file as chat records (user: the instruction and input, assistant: the output), beside
+  it as ``<name>_messages.jsonl``; an existing one is kept. Returns its path."""
+  import json
+  from pathlib import Path
+
+  from grass_jax.data import question_text
+  path = Path(path)
+  out = path.with_name(path.stem + "_messages.jsonl")
+  if not out.exists():
+    lines = []
+    for line in path.read_text().splitlines():
+      r = json.loads(line)
+      lines.append(json.dumps({"messages": [{"role": "user", "content": question_text(r)},
+                                            {"role": "assistant", "content": r["output"]}]}))
+    out.write_text("\n".join(lines) + "\n")
+  return out
+
+
 if __name__ == "__main__":  # python benchmarks/accuracy/tasks.py data/ : the files configs/*.yaml read
   import sys
   out = sys.argv[1] if len(sys.argv) > 1 else "data"
   for name in ("arith", "weekday", "dates", "dates_direct"):
     write_splits(name, out, n_train=4000, n_val=200, n_test=500)
+  as_messages(f"{out}/arith_train.jsonl")  # configs/smollm2-135m-chat.yaml: the same problems as chat turns
   parity_demo(out)
