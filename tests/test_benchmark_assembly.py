@@ -1,5 +1,7 @@
 """The benchmarks build their runs as the Trainer does (grass_jax.assembly): a spec's knobs reach the run."""
 
+import pytest
+
 from benchmarks.common import run_config, spec_config
 from grass_jax.assembly import measure_mode
 
@@ -53,3 +55,13 @@ def test_provenance_told_the_stale_head_itself_still_says_dirty(monkeypatch):
   answers["status"] = ""
   monkeypatch.setenv("GRASS_BENCH_COMMIT", "75b20a0")  # the .git is the tree's: nothing to flag
   assert common.provenance()["commit"] == "75b20a0"
+
+
+def test_packing_benchmark_takes_the_median_of_the_windows_after_warm_up():
+  from benchmarks.packing import VARIANTS, steady
+  lines = [{"step": 10 * i, "tokens_per_s": v} for i, v in enumerate([5.0, 90.0, 95.0, 100.0, 300.0, 102.0], 1)]
+  lines.insert(2, {"step": 15, "eval/gsm8k_accuracy": 0.5})  # lines without a window do not count
+  assert steady(lines) == {"loss_tokens_per_s": 102.0, "windows": 3}
+  assert VARIANTS["packed"] == ["data.packing=true"] and VARIANTS["padded"] == []
+  with pytest.raises(ValueError, match="run more steps"):
+    steady(lines[:3])
