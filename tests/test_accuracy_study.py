@@ -99,7 +99,7 @@ def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
            f"print('RESULT' + json.dumps({{'row': {row!r}, 'trace': {{**{row!r}, 'log': ['x' * 300_000]}}}}))")
   monkeypatch.setattr(study, "job_command", lambda args, work, job: [sys.executable, "-c", child])
   args = argparse.Namespace(parallel=2, budget_s=None, scale="tiny", methods=None, seeds=None, tasks=None,
-                            compile_cache=False)
+                            compile_cache=False, oom_retry_until_s=None)
   signal.alarm(60)  # a blocked run fails the test instead of hanging it
   try:
     study.run_pool(args, scale, tmp_path)
@@ -109,6 +109,44 @@ def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
   assert rows[-1] == row
   assert len(json.loads((tmp_path / "traces.jsonl").read_text())["log"][0]) == 300_000
   assert (tmp_path / "logs" / "arith-lisa-0-0.0001.log").stat().st_size > 500_000
+
+
+def test_pool_runs_a_run_that_ran_out_of_memory_once_more_when_half_the_gpu_is_free(tmp_path, monkeypatch):
+  # At 20 runs on one H100, 3 ran out of device memory while scoring; each costs a call to re-run.
+  import argparse
+  import signal
+
+  from benchmarks.accuracy import study
+  scale = {"tasks": ["arith"], "methods": ["lisa", "grass"], "seeds": [0], "lrs": {"lisa": [1e-4], "grass": [1e-4]}}
+  base = {"task": "arith", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.0, "seconds": 0.0}
+  (tmp_path / "rows.jsonl").write_text(json.dumps(base) + "\n")
+
+  def command(args, work, job):
+    row = {**{k: job[k] for k in ("task", "method", "seed", "lr")}, "accuracy": 0.5, "seconds": 1.0}
+    marker = work / f"tried-{job['method']}"
+    # lisa runs out of memory the first time, grass every time
+    child = (f"import json, pathlib, sys; m = pathlib.Path({str(marker)!r}); first = not m.exists(); m.touch()\n"
+             f"if first or {job['method'] == 'grass'}: print('RESOURCE_EXHAUSTED: Out of memory'); sys.exit(1)\n"
+             f"print('RESULT' + json.dumps({{'row': {row!r}}}))")
+    return [sys.executable, "-c", child]
+
+  monkeypatch.setattr(study, "job_command", command)
+  args = argparse.Namespace(parallel=2, budget_s=0.5, scale="tiny", methods=None, seeds=None, tasks=None,
+                            compile_cache=False, oom_retry_until_s=60.0)
+  signal.alarm(60)
+  try:
+    study.run_pool(args, scale, tmp_path)
+  finally:
+    signal.alarm(0)
+  rows = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
+  assert [r["method"] for r in rows] == ["pretrained", "lisa"]  # lisa again, past --budget-s; grass only once more
+  assert (tmp_path / "tried-grass").exists()
+  args.oom_retry_until_s = None  # without it, nothing runs again
+  (tmp_path / "tried-lisa").unlink()
+  (tmp_path / "rows.jsonl").write_text(json.dumps(base) + "\n")
+  args.budget_s = None
+  study.run_pool(args, scale, tmp_path)
+  assert [json.loads(l)["method"] for l in (tmp_path / "rows.jsonl").read_text().splitlines()] == ["pretrained"]
 
 
 def test_dates_task_answers_are_the_calendar_and_options_distinct():

@@ -326,25 +326,37 @@ def run_pool(args, scale: dict, work: Path) -> None:
              XLA_FLAGS=with_recommended_flags(os.environ.get("XLA_FLAGS", ""), {**RECOMMENDED, **DETERMINISTIC}))
   running: list[tuple[subprocess.Popen, dict, Path]] = []
   failed: set[str] = set()  # not retried in this invocation (a re-run tries again)
+  retry: list[dict] = []  # ran out of device memory (scoring needs 3.7 GiB): once more, when half the GPU is free
+  retried: set[str] = set()
   logs = work / "logs"
   logs.mkdir(exist_ok=True)
+  key = lambda job: json.dumps(job, sort_keys=True)
+
+  def start(job: dict) -> None:
+    # Each run writes to its own log file, never to a pipe: a pipe read only at exit fills up (64 KiB of
+    # warnings) and blocks the run for ever; that was the 'stall' of earlier parallel GPU studies.
+    log = logs / ("-".join(str(job.get(k, "")) for k in ("task", "method", "seed", "lr")) + ".log")
+    with log.open("w") as f:
+      proc = subprocess.Popen(job_command(args, work, job), stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+    running.append((proc, job, log))
+    print(f"{time.perf_counter() - t_start:7.0f}s started {job['task']} {job.get('method', 'pretrained')} "
+          f"s{job.get('seed', 0)}{' (again)' if key(job) in retried else ''} (log: {log})", flush=True)
+
   while True:
     rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
-    busy = {json.dumps(j, sort_keys=True) for _, j, _ in running} | failed
-    todo = [j for j in jobs(scale, rows) if json.dumps(j, sort_keys=True) not in busy]
-    out_of_time = args.budget_s is not None and time.perf_counter() - t_start > args.budget_s
+    busy = {key(j) for _, j, _ in running} | failed | {key(j) for j in retry}
+    todo = [j for j in jobs(scale, rows) if key(j) not in busy]
+    elapsed = time.perf_counter() - t_start
+    out_of_time = args.budget_s is not None and elapsed > args.budget_s
     while todo and len(running) < args.parallel and not out_of_time:
-      job = todo.pop(0)
-      cmd = job_command(args, work, job)
-      # Each run writes to its own log file, never to a pipe: a pipe read only at exit fills up (64 KiB of
-      # warnings) and blocks the run for ever; that was the 'stall' of earlier parallel GPU studies.
-      log = logs / ("-".join(str(job.get(k, "")) for k in ("task", "method", "seed", "lr")) + ".log")
-      with log.open("w") as f:
-        running.append((subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env), job, log))
-      print(f"{time.perf_counter() - t_start:7.0f}s started {job['task']} {job.get('method', 'pretrained')} "
-            f"s{job.get('seed', 0)} (log: {log})", flush=True)
+      start(todo.pop(0))
+    may_retry = args.oom_retry_until_s is not None and elapsed < args.oom_retry_until_s
+    while retry and may_retry and len(running) <= args.parallel // 2:
+      job = retry.pop(0)
+      retried.add(key(job))
+      start(job)
     if not running:
-      print(f"{'budget spent' if out_of_time else 'all runs done'}; {len(todo)} runs left", flush=True)
+      print(f"{'budget spent' if out_of_time else 'all runs done'}; {len(todo) + len(retry)} runs left", flush=True)
       return
     time.sleep(1.0)
     for proc, job, log in list(running):
@@ -353,11 +365,16 @@ def run_pool(args, scale: dict, work: Path) -> None:
       running.remove((proc, job, log))
       text = log.read_text()
       result = next((json.loads(l[6:]) for l in text.splitlines() if l.startswith("RESULT")), None)
-      if result is None:
-        failed.add(json.dumps(job, sort_keys=True))
-        print(f"FAILED {job} (exit {proc.returncode}, log {log}):\n{text[-2000:]}", flush=True)
+      if result is not None:
+        record(result, work, t_start)
         continue
-      record(result, work, t_start)
+      if "RESOURCE_EXHAUSTED" in text and key(job) not in retried and args.oom_retry_until_s is not None:
+        retry.append(job)
+        print(f"OUT OF DEVICE MEMORY {job} (log {log}): runs again when at most {args.parallel // 2} others run",
+              flush=True)
+        continue
+      failed.add(key(job))
+      print(f"FAILED {job} (exit {proc.returncode}, log {log}):\n{text[-2000:]}", flush=True)
 
 
 def summarize(rows: list[dict], scale: dict) -> list[dict]:
@@ -539,6 +556,10 @@ def main() -> None:
   ap.add_argument("--parallel", type=int, default=1,
                   help="runs at a time, each in a fresh process (one GPU holds several small ones); 0: all in "
                        "this process, one after another")
+  ap.add_argument("--oom-retry-until-s", type=float, default=None,
+                  help="a run that ran out of device memory (RESOURCE_EXHAUSTED; scoring needs 3.7 GiB) starts once "
+                       "more when at most half of --parallel runs are running, until this many seconds after the "
+                       "start (--budget-s does not stop it; set it to what your call has left for one run)")
   ap.add_argument("--budget-s", type=float, default=None,
                   help="start no new run after this many seconds (re-run to continue)")
   ap.add_argument("--report", action="store_true", help="only summarise rows.jsonl: table, JSON, figures")
