@@ -37,3 +37,15 @@ def test_readme_is_a_short_front_page_whose_test_command_is_what_ci_runs():
   ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
   assert f"```bash\n{ci}\n```" in text, "the README's test command differs from .ci/run's"
   assert "```bash\npython -m pip install -e . && python scripts/train.py\n```" in text
+
+
+def test_the_readmes_times_are_those_of_its_committed_measurement():
+  # benchmarks/readme_times.py writes the file from a fresh clone; the README states what it holds.
+  import json
+  t = json.loads((ROOT / "benchmarks/results/readme_times_cpu.json").read_text())
+  text = (ROOT / "README.md").read_text()
+  passed, skipped = re.search(r"(\d+) passed, (\d+) skipped", t["pytest_summary"]).groups()
+  assert f"({round(t['pytest_s'])} s of pytest on two cores, {passed} tests and {skipped} skipped, " \
+         f"{round(t['tests_s'])} s with the install)" in text
+  assert f"a tiny CPU demo ({round(t['demo_run_s'])} s, install {round(t['demo_install_s'])} s)" in text
+  assert t["cpus"] == 2 and t["demo_accuracy_line"].endswith("100.0%") and "**100%**" in text
