@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from benchmarks.accuracy.tasks import DAYS, arith, extract, pattern, units, weekday, write_splits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,3 +256,17 @@ def test_committed_traces_are_sorted_and_rounded_to_four_digits(tmp_path):
   assert [t["task"] for t in back] == ["a", "b"]
   assert back[1]["log"][0] == {"step": 20, "probabilities": [0.03333, 0.3333], "active_layers": [3, 7], "probing": False}
   assert back[1]["lr"] == 6e-4
+
+
+def test_a_study_continues_from_its_committed_report(tmp_path):
+  from benchmarks.accuracy.study import SCALES, jobs, seed_work
+  report = ROOT / "benchmarks/results/accuracy_paired.json"
+  committed = json.loads(report.read_text())["rows"]
+  assert seed_work(report, tmp_path) == len(committed)
+  rows = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
+  assert rows == committed
+  assert (tmp_path / "traces.jsonl").read_text() == report.with_name("accuracy_paired_traces.jsonl").read_text()
+  left = jobs(dict(SCALES["paired"], tasks=["units"], methods=["lisa", "grass_sketch"]), rows)
+  assert left == []  # units ran all 8 seeds of both: nothing to run again
+  with pytest.raises(SystemExit, match="fills an empty work dir only"):
+    seed_work(report, tmp_path)

@@ -17,7 +17,7 @@ sketched importance of every layer (``grass_sketch``).
 
 Runs go in fresh processes, ``--parallel`` at a time on one GPU (a 135M model leaves most of
 an H100 idle); finished runs are recorded in ``rows.jsonl`` and skipped on a re-run, so the
-study resumes. ``--report`` writes ``benchmarks/results/accuracy_smollm2.json`` (one row per
+study resumes. ``--report`` writes ``benchmarks/results/accuracy_<scale>.json`` (one row per
 run: task, method, seed, lr, accuracy, peak_bytes, seconds), the table, and the figures.
 """
 
@@ -547,12 +547,28 @@ def write_traces(traces: list[dict], path: Path) -> None:
   path.write_text("".join(json.dumps(short(t), separators=(",", ":")) + "\n" for t in order))
 
 
+def seed_work(report_file: Path, work: Path) -> int:
+  """An empty work dir given the rows of a committed report (and its ``_traces.jsonl`` beside it), so that a
+  study continues on a fresh machine and skips what ran; returns how many rows it wrote."""
+  rows_file = work / "rows.jsonl"
+  if rows_file.exists():
+    raise SystemExit(f"{rows_file} exists: --from-report fills an empty work dir only (use another --work)")
+  if not report_file.exists():
+    raise SystemExit(f"--from-report {report_file}: no such file (a report written by --report --out)")
+  rows = json.loads(report_file.read_text())["rows"]
+  rows_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  traces = report_file.with_name(report_file.stem + "_traces.jsonl")
+  if traces.exists():
+    (work / "traces.jsonl").write_text(traces.read_text())
+  return len(rows)
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--scale", choices=sorted(SCALES), default="smollm2")
   ap.add_argument("--work", default="runs/accuracy-smollm2",
                   help="work dir; finished runs are recorded in rows.jsonl there and skipped on a re-run")
-  ap.add_argument("--out", default="benchmarks/results/accuracy_smollm2.json")
+  ap.add_argument("--out", help="the report (default: benchmarks/results/accuracy_<scale>.json, the committed one)")
   ap.add_argument("--parallel", type=int, default=1,
                   help="runs at a time, each in a fresh process (one GPU holds several small ones); 0: all in "
                        "this process, one after another")
@@ -569,8 +585,13 @@ def main() -> None:
   ap.add_argument("--methods", nargs="+", choices=sorted(ALL_METHODS), help="run only these methods")
   ap.add_argument("--seeds", nargs="+", type=int, help="run only these seeds")
   ap.add_argument("--tasks", nargs="+", help="run only these tasks")
+  ap.add_argument("--from-report", metavar="JSON",
+                  help="first fill the (empty) work dir with the rows of this committed report and the traces "
+                       "beside it, e.g. benchmarks/results/accuracy_paired.json: the study continues where it stands")
   ap.add_argument("--one", help=argparse.SUPPRESS)
   args = ap.parse_args()
+  # Each scale's own report: one default for every scale overwrote the 750-step study's with another's.
+  args.out = args.out or f"benchmarks/results/accuracy_{args.scale}.json"
   scale = dict(SCALES[args.scale])
   if args.methods:
     scale["methods"] = args.methods
@@ -580,6 +601,8 @@ def main() -> None:
     scale["tasks"] = args.tasks
   work = Path(args.work)
   work.mkdir(parents=True, exist_ok=True)
+  if args.from_report:
+    print(f"{seed_work(Path(args.from_report), work)} rows from {args.from_report} in {work}", flush=True)
   if args.report:
     return report(args, scale, work)
   import jax
