@@ -382,7 +382,8 @@ PEERS_DOCS = {
 
 def sources() -> list[str]:
   """Every result file a table is made from."""
-  return [PAIRED, STUDY_750, STUDY_500, ORACLE, STUDY_750_TRACES, PAIRED_TRACES, *SCALING.values(), STREAM_PEERS, STREAM_PROBE,
+  return [PAIRED, PAIRED_TRACES, STUDY_750, STUDY_750_TRACES, STUDY_500, ORACLE, *SCALING.values(),
+          STREAM_PEERS, STREAM_PROBE,
           *(path for path, _, _ in PEERS_README),
           *(spec[0] for spec in PEERS_DOCS.values())]
 
