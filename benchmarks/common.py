@@ -57,6 +57,46 @@ def provenance(device: str | None = None) -> dict[str, Any]:
           "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
+def add_train_script_args(ap: Any) -> None:
+  """The arguments of a benchmark that runs ``scripts/train.py`` on a config: the config, the steps, random
+  weights instead of its checkpoint, more overrides, and the output file."""
+  ap.add_argument("--config", default="configs/smollm2-135m-math.yaml")
+  ap.add_argument("--steps", type=int, default=200)
+  ap.add_argument("--random-init", metavar="SIZE", help="random weights of a benchmarks.common.SIZES entry")
+  ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
+  ap.add_argument("--out", required=True)
+
+
+def train_script_overrides(args: Any) -> list[str]:
+  """The overrides :func:`add_train_script_args`' ``--random-init`` and ``--set`` ask for: random weights of a
+  benchmark size replace the config's checkpoint (no hub here), with the byte tokenizer."""
+  random = (["model.path=null", f"model.random_init={json.dumps(SIZES[args.random_init])}", "model.tokenizer=bytes"]
+            if args.random_init else [])
+  return [*random, *args.set]
+
+
+def run_train_script(config: str, steps: int, out: Any, *overrides: str) -> list[dict]:
+  """``scripts/train.py`` on a config for ``steps`` steps in a fresh process (no evaluation, export or compile
+  cache; a line every 10 steps); returns its ``metrics.jsonl`` lines."""
+  from pathlib import Path
+  root = Path(__file__).resolve().parents[1]
+  cmd = [sys.executable, str(root / "scripts" / "train.py"), "--no-progress", "--config", config,
+         f"train.max_steps={steps}", "train.log_every=10", "eval.tasks=[]", "train.export=false",
+         "train.compilation_cache=false", f"train.output_dir={out}", *overrides]
+  subprocess.run(cmd, check=True, cwd=root, stdout=subprocess.DEVNULL)
+  return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def steady_tokens_per_s(lines: list[dict], skip: int = 3) -> tuple[float, int]:
+  """Median tokens/s (the loss tokens a step trains on) over a run's logged windows after the first ``skip``
+  (compilation and warm-up), from its ``metrics.jsonl`` lines; and how many windows that is."""
+  windows = [l["tokens_per_s"] for l in lines if "tokens_per_s" in l][skip:]
+  if not windows:
+    raise ValueError(f"no logged window after the first {skip}: run more steps (or log more often)")
+  import statistics
+  return statistics.median(windows), len(windows)
+
+
 PEAK_FLOPS = 798e12  # bf16 matmul rate measured on the lent H100 (8192^3 products)
 
 

@@ -22,13 +22,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.common import (
+  add_train_script_args,
+  provenance,
+  run_train_script,
+  steady_tokens_per_s,
+  train_script_overrides,
+)
 
 # variant -> config overrides
 VARIANTS = {
@@ -38,38 +45,25 @@ VARIANTS = {
 }
 
 
-def steady(lines: list[dict], skip: int = 3) -> dict[str, float]:
-  """Median loss tokens/s over a run's logged windows after the first ``skip`` (compilation and warm-up),
-  from its ``metrics.jsonl`` lines."""
-  windows = [l["tokens_per_s"] for l in lines if "tokens_per_s" in l][skip:]
-  if not windows:
-    raise ValueError(f"no logged window after the first {skip}: run more steps (or log more often)")
-  return {"loss_tokens_per_s": statistics.median(windows), "windows": len(windows)}
-
-
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--config", default="configs/smollm2-135m-math.yaml")
-  ap.add_argument("--steps", type=int, default=200)
+  add_train_script_args(ap)
   ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-  ap.add_argument("--random-init", metavar="SIZE", help="random weights of a benchmarks.common.SIZES entry")
-  ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="more config overrides")
-  ap.add_argument("--out", required=True)
   args = ap.parse_args()
-  from benchmarks.determinism import random_init_overrides, train
-  extra = [*(random_init_overrides(args.random_init) if args.random_init else []), *args.set]
+  extra = train_script_overrides(args)
   import jax
   rows = []
   with tempfile.TemporaryDirectory() as tmp:
     for variant in args.variants:
-      lines = train(args.config, args.steps, Path(tmp) / variant, *VARIANTS[variant], *extra)
-      rows.append({"variant": variant, "overrides": VARIANTS[variant], **steady(lines)})
+      tokens_per_s, windows = steady_tokens_per_s(
+          run_train_script(args.config, args.steps, Path(tmp) / variant, *VARIANTS[variant], *extra))
+      rows.append({"variant": variant, "overrides": VARIANTS[variant], "loss_tokens_per_s": tokens_per_s,
+                   "windows": windows})
   base = next((r for r in rows if r["variant"] == "padded"), None)
   for r in rows:
     if base is not None:
       r["gain_over_padded"] = r["loss_tokens_per_s"] / base["loss_tokens_per_s"]
     print(json.dumps(r), flush=True)
-  from benchmarks.common import provenance
   Path(args.out).write_text(json.dumps({**provenance(jax.devices()[0].device_kind), "config": args.config,
                                         "overrides": extra, "steps": args.steps, "rows": rows}, indent=1))
 

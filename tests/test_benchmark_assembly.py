@@ -57,11 +57,13 @@ def test_provenance_told_the_stale_head_itself_still_says_dirty(monkeypatch):
   assert common.provenance()["commit"] == "75b20a0"
 
 
-def test_packing_benchmark_takes_the_median_of_the_windows_after_warm_up():
-  from benchmarks.packing import VARIANTS, steady
+def test_train_script_benchmarks_take_the_median_of_the_windows_after_warm_up():
+  # benchmarks/packing.py and benchmarks/determinism.py
+  from benchmarks.common import steady_tokens_per_s
+  from benchmarks.packing import VARIANTS
   lines = [{"step": 10 * i, "tokens_per_s": v} for i, v in enumerate([5.0, 90.0, 95.0, 100.0, 300.0, 102.0], 1)]
   lines.insert(2, {"step": 15, "eval/gsm8k_accuracy": 0.5})  # lines without a window do not count
-  assert steady(lines) == {"loss_tokens_per_s": 102.0, "windows": 3}
+  assert steady_tokens_per_s(lines) == (102.0, 3)
   assert VARIANTS["packed"] == ["data.packing=true"] and VARIANTS["padded"] == []
   with pytest.raises(ValueError, match="run more steps"):
-    steady(lines[:3])
+    steady_tokens_per_s(lines[:3])
