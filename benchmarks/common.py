@@ -27,7 +27,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 def provenance(device: str | None = None) -> dict[str, Any]:
   """Where and when a result row was measured: the device (when given), the code's commit (``+dirty`` with
-  uncommitted changes to tracked files), the invocation that ran it (``GRASS_BENCH_INVOCATION``, set once
+  uncommitted changes to tracked files outside ``benchmarks/results``), the invocation that ran it (``GRASS_BENCH_INVOCATION``, set once
   per command and inherited by the processes it starts) and the UTC time.
 
   ``GRASS_BENCH_COMMIT`` names the commit instead of git: a copy of the working tree whose ``.git`` is not
@@ -49,7 +49,9 @@ def provenance(device: str | None = None) -> dict[str, Any]:
   # Told the copied .git's own HEAD (computed on the machine, not where the tree came from): the tree is
   # not that commit when git sees changes, so it says so as it does untold.
   vouched = told and not (head and head.startswith(told))
-  if commit and not vouched and git("status", "--porcelain", "--untracked-files=no"):
+  # Result files are not code: a study writing its report while other runs start must not mark them dirty.
+  if commit and not vouched and git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                                    ":(exclude)benchmarks/results"):
     commit += "+dirty"
   os.environ.setdefault("GRASS_BENCH_INVOCATION", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
   return {**({"device": device} if device else {}), "commit": commit,

@@ -6,12 +6,13 @@
 problems are then about 200 tokens long, so two rarely fit a row and packing has little to gain (a check
 that the command runs, not a measurement).
 
-Runs ``configs/smollm2-135m-math.yaml`` (word problems of about 90 tokens in rows of 256; no evaluation, no
+Runs ``configs/smollm2-135m-math.yaml`` (word problems of 106 tokens on average in rows of 256; no evaluation, no
 export) through ``scripts/train.py`` once per variant, one run at a time in one invocation:
 
 * ``padded``: one example per row, padded to 256 (the config as shipped);
 * ``buckets``: one example per row, padded to the smallest of 128, 192 and 256 that holds it;
-* ``packed``: ``data.packing: true``, as many examples per row of 256 as fit.
+* ``packed``: ``data.packing: true``, as many examples per row of 256 as fit (two here: an epoch is half the
+  steps, so the run stops at the end of its one epoch, 125 steps).
 
 Reports per variant the median over the logged windows after the first three of the loss tokens trained per
 second (the response tokens, what a run learns from: padding and packing change how many a step holds, not

@@ -102,9 +102,9 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                               num_active=2)),
     ("7b-jax-default", dict(framework="jax", method="default", strategy="default", defaults=True, **SEVEN_B,
                             num_active=2)),
-    # A candidate default: the LM head and loss 2,048 tokens at a time (the whole-head logits set the peak).
-    ("tiny-jax-default-chunk2048", dict(framework="jax", method="default", strategy="default", defaults=True, **TINY,
-                                        num_active=2, loss_chunk=2048)),
+    # The defaults with the whole LM head at once (the default until 2026-12-07: faster, a higher peak).
+    ("tiny-jax-default-whole-loss", dict(framework="jax", method="default", strategy="default", defaults=True, **TINY,
+                                         num_active=2, loss_chunk=0)),
     ("tiny-jax-grass-offload-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, loss_chunk=2048)),
     ("tiny-torch-lisa-compile", _torch("lisa", True, **TINY, num_active=2)),
     # The incoming layers' states copied after the period's last step, not during it (one slot set less at the peak).

@@ -237,6 +237,33 @@ def paired_draws_docs(traces: list[dict]) -> str:
 
 
 ORACLE = "benchmarks/results/accuracy_smollm2_oracle.json"
+PAIRED_CHAT = "benchmarks/results/accuracy_paired_chat.json"
+
+
+def paired_chat_docs(result: dict) -> str:
+  """The chat-template runs against the Alpaca-prompt runs of the same task, method and seed."""
+  out = ["| task | method | Alpaca prompt | SmolLM2's chat template | difference, points [95% interval] | seeds |",
+         "|---|---|---|---|---|---|"]
+  for f in result["against_alpaca"]:
+    out.append(f"| {f['task']} | `{f['method']}` | {100 * f['alpaca_accuracy_mean']:.1f}% | "
+               f"{100 * f['chat_accuracy_mean']:.1f}% | {_interval(f)} | {f['seeds']} |")
+  return "\n".join(out)
+
+
+PACKING = "benchmarks/results/packing_h100.json"
+
+
+def packing_docs(result: dict) -> str:
+  """``benchmarks/packing.py``: loss tokens/s of each layout and its ratio to padded rows; its card and commit."""
+  out = ["| layout | loss tokens/s (median after warm-up) | against padded |", "|---|---|---|"]
+  for r in result["rows"]:
+    sets = ", ".join(f"`{o}`" for o in r["overrides"]) or "as shipped"
+    out.append(f"| {r['variant']} ({sets}) | {r['loss_tokens_per_s']:,.0f} | {r['gain_over_padded']:.2f}x |")
+  out.append(f"\n{result['device']}; commit {result['commit']}; {result['steps']} steps of `{result['config']}`; "
+             f"`{PACKING}`.")
+  return "\n".join(out)
+
+
 
 
 def oracle_docs(result: dict) -> str:
@@ -341,13 +368,34 @@ def peers_docs_table(path: str, shown: list[tuple[str, str]], lines: slice = sli
   return "\n".join(out)
 
 
+def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = slice(None)) -> str:
+  """One invocation's ``--profile`` rows: GPU time per step by kernel class, busy (the union of kernel
+  intervals), idle (the span's rest) and kernels per step."""
+  rows = _peers_rows(path, lines)
+  profiles = [(label, name, rows[name]["profile"]) for name, label in shown]
+  classes = sorted({c for _, _, p in profiles for c in p["class_ms"]}, key=lambda c: -profiles[0][2]["class_ms"].get(c, 0))
+  out = ["| row | step span | busy | idle | " + " | ".join(classes) + " | kernels per step |",
+         "|---" * (len(classes) + 5) + "|"]
+  for label, name, p in profiles:
+    cells = [f"{p['class_ms'].get(c, 0):.1f}" for c in classes]
+    out.append(f"| {label} (`{name}`) | {p['span_ms']:.1f} | {p['busy_ms']:.1f} | {p['span_ms'] - p['busy_ms']:.1f} | "
+               + " | ".join(cells) + f" | {p['kernels_per_step']:,.0f} |")
+  devices = sorted({rows[name].get("device", "?") for name, _ in shown})
+  commits = sorted({(rows[name].get("commit") or "not recorded")[:12] for name, _ in shown})
+  part = "" if lines == slice(None) else f" (lines {lines.start + 1}-{lines.stop}: one invocation)"
+  out.append(f"\nms per step; {', '.join(devices)}; commit {', '.join(commits)}; `{path}`{part}.")
+  return "\n".join(out)
+
+
 # The docs' speed tables: (peers file, rows shown with their labels[, the lines of one invocation]).
 PEERS_DOCS = {
     "peers_default_docs": ("benchmarks/results/peers/peers_h100_default.jsonl", [
-        ("tiny-jax-default", "TinyLlama: grass_jax, the config's defaults (LISA)"),
-        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed"),
+        ("tiny-jax-default-chunk2048", "TinyLlama: grass_jax, the defaults (LISA, loss 2,048 tokens at a time)"),
+        ("tiny-jax-default", "TinyLlama: the same, the whole LM head at once (the default until 2026-12-07)"),
+        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(2, 5)),
+    "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100_default.jsonl", [
         ("7b-jax-default", "7B: grass_jax, the config's defaults (LISA)"),
-        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")]),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(0, 2)),
     "peers_tiny_docs": ("benchmarks/results/peers/peers_h200_no_ckpt_tiny_remat_none.jsonl", [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
@@ -380,18 +428,26 @@ PEERS_DOCS = {
 }
 
 
+# The default's profile beside compiled LISA's (--profile 4), one invocation.
+PEERS_PROFILE = ("benchmarks/results/peers/peers_h100_default.jsonl", [
+    ("tiny-jax-default", "grass_jax, the defaults until 2026-12-07 (whole LM head)"),
+    ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed")], slice(5, 7))
+
+
 def sources() -> list[str]:
   """Every result file a table is made from."""
-  return [PAIRED, PAIRED_TRACES, STUDY_750, STUDY_750_TRACES, STUDY_500, ORACLE, *SCALING.values(),
+  return [PAIRED, PAIRED_TRACES, PAIRED_CHAT, PACKING, STUDY_750, STUDY_750_TRACES, STUDY_500, ORACLE, *SCALING.values(),
           STREAM_PEERS, STREAM_PROBE,
           *(path for path, _, _ in PEERS_README),
-          *(spec[0] for spec in PEERS_DOCS.values())]
+          *(spec[0] for spec in PEERS_DOCS.values()), PEERS_PROFILE[0]]
 
 
 # name -> (result file, function making the markdown table from its JSON)
 TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "paired_accuracy_readme": (PAIRED, paired_accuracy_readme),
     "paired_accuracy_docs": (PAIRED, paired_accuracy_docs),
+    "paired_chat_docs": (PAIRED_CHAT, paired_chat_docs),
+    "packing_docs": (PACKING, packing_docs),
     "peers_speed_readme": (None, peers_speed_readme),  # reads the peers files of PEERS_README
     "study_750_docs": (STUDY_750, study_docs),
     "study_750_goal_docs": (STUDY_750, study_goal_docs),
@@ -402,8 +458,10 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "scaling_docs": (None, scaling_docs),  # reads the files of SCALING
     "streaming_docs": (None, streaming_docs),  # reads STREAM_PEERS and STREAM_PROBE
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
+    "peers_default_profile_docs": (None, lambda _: peers_profile_docs(*PEERS_PROFILE)),
 }
-PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md", "docs/multi-gpu.md", "docs/offloading.md"]
+PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md", "docs/multi-gpu.md", "docs/offloading.md",
+         "docs/training.md"]
 MARKER = re.compile(r"(<!-- report: (\w+) -->\n)(.*?)\n?(<!-- /report -->)", re.S)  # a new table's body is empty
 
 

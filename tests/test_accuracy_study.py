@@ -270,3 +270,21 @@ def test_a_study_continues_from_its_committed_report(tmp_path):
   assert left == []  # units ran all 8 seeds of both: nothing to run again
   with pytest.raises(SystemExit, match="fills an empty work dir only"):
     seed_work(report, tmp_path)
+
+
+def test_chat_runs_pair_with_the_alpaca_runs_of_the_same_task_method_and_seed(tmp_path, monkeypatch):
+  from benchmarks.accuracy import study
+  alpaca = [{"task": "a", "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": acc}
+            for s, acc in enumerate([0.80, 0.70, 0.75])]
+  alpaca += [{"task": "a", "method": "lisa", "seed": 0, "lr": 3e-4, "accuracy": 0.0}]  # another lr: not a pair
+  (tmp_path / "alpaca.json").write_text(json.dumps({"rows": alpaca}))
+  monkeypatch.setattr(study, "ROOT", tmp_path)
+  scale = {"tasks": ["a"], "methods": ["lisa"], "lrs": {"lisa": [1e-3]}, "alpaca_report": "alpaca.json"}
+  chat = [{"task": "a", "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": acc}
+          for s, acc in enumerate([0.81, 0.72, 0.78, 0.5])]  # seed 3 has no Alpaca run: left out
+  (out,) = study.against_alpaca(chat, scale)
+  # differences 0.01, 0.02, 0.03: mean 0.02, sample std 0.01, t(0.975, 2) = 4.303
+  assert out["seeds"] == 3 and abs(out["mean_difference"] - 0.02) < 1e-12
+  half = 4.302652729911275 * 0.01 / 3 ** 0.5
+  assert all(abs(x - y) < 1e-9 for x, y in zip(out["ci95"], [0.02 - half, 0.02 + half]))
+  assert abs(out["alpaca_accuracy_mean"] - 0.75) < 1e-12 and abs(out["chat_accuracy_mean"] - 0.77) < 1e-12

