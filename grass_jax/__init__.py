@@ -14,7 +14,8 @@ from grass_jax.layers import (NOT_A_LAYER, STACKED, LayerLayout, build_layout, i
 from grass_jax.pretrained import load_pretrained, save_pretrained
 from grass_jax.sampling import draw, probabilities
 from grass_jax.transform import (STRATEGIES, GrassSettings, GrassState, apply_slot_updates, diagnostics, find_state,
-                                 fixed, full, gather_active, lisa, replace_state, strategy, transform)
+                                 fixed, full, gather_active, lisa, replace_state, strategy, strategy_settings,
+                                 transform)
 from grass_jax.xla_flags import use_deterministic_flags, use_recommended_flags
 
 __version__ = "0.1.0"
@@ -23,5 +24,5 @@ __all__ = [
     "NOT_A_LAYER", "STACKED", "STRATEGIES", "GrassSettings", "GrassState", "LayerLayout", "apply_slot_updates",
     "build_layout", "diagnostics", "draw", "find_state", "fixed", "full", "gather_active", "indexed_layers",
     "layer_grad_norms", "lisa", "load_pretrained", "probabilities", "save_pretrained", "replace_state", "stacked_layers", "strategy",
-    "transform", "update_importance", "use_deterministic_flags", "use_recommended_flags",
+    "strategy_settings", "transform", "update_importance", "use_deterministic_flags", "use_recommended_flags",
 ]

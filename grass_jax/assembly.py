@@ -36,9 +36,9 @@ from grass_jax.models.decoder import DecoderConfig, resolve_attention
 from grass_jax.offload import Offloader, host_slot_shardings, host_slot_states
 from grass_jax.pretrained import read_model_config
 from grass_jax.train_step import StepOptions, make_train_step
-from grass_jax.transform import strategy
+from grass_jax.transform import GrassSettings, strategy_settings, transform
 
-__all__ = ["Assembly", "assemble", "build_optimizer", "check_layers_fit", "dtype_of", "measure_mode", "model_config", "step_attention",
+__all__ = ["Assembly", "assemble", "build_optimizer", "check_layers_fit", "dtype_of", "grass_settings", "measure_mode", "model_config", "step_attention",
            "step_options"]
 
 
@@ -53,13 +53,14 @@ def model_config(m: ModelConfig) -> DecoderConfig:
   return read_model_config(m.path)
 
 
-def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
-                    seed: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """``clip -> GRASS/LISA/full(adamw(1.0)) -> scale_by_schedule``: a global LR schedule, per-layer moments.
+def build_optimizer(o: OptimConfig, grass: GrassSettings,
+                    total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """``clip -> GRASS/LISA/full(adamw(1.0)) -> scale_by_schedule``: a global LR schedule, per-layer moments;
+  ``grass``: the strategy's settings (:func:`grass_settings`).
 
   The schedule counts optimizer updates after probing: probing steps update nothing.
   """
-  probe = o.probing_steps()
+  probe = grass.probe_steps
   train_steps = max(total_steps - probe, 1)
   warmup = int(o.warmup_ratio * train_steps)
   decay_steps = max(train_steps - warmup, 1)
@@ -74,16 +75,20 @@ def build_optimizer(o: OptimConfig, num_layers: int, total_steps: int,
   if probe:
     schedule = optax.join_schedules([optax.constant_schedule(0.0), schedule], [probe])
   inner = optax.adamw(1.0, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  importance_args = dict(probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
-                         probe_steps=probe, refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
-                         reset_on_switch=o.reset_on_switch, coverage=o.coverage,
-                         importance_from=o.importance if o.importance_from_training() else "grad")
-  grass = strategy(o.strategy, inner, layers=LAYERS,
-                   num_active=None if o.strategy == "full" else min(o.num_active, num_layers), period=o.period,
-                   seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state, fixed_layers=o.fixed_layers,
-                   **importance_args)
   parts = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
-  return optax.chain(*parts, grass, optax.scale_by_schedule(schedule)), schedule
+  return optax.chain(*parts, transform(inner, grass), optax.scale_by_schedule(schedule)), schedule
+
+
+def grass_settings(o: OptimConfig, num_layers: int, seed: int) -> GrassSettings:
+  """The strategy's settings: what the transform is built from and what the train step reads
+  (``StepOptions(grass=...)``), one object for both."""
+  return strategy_settings(
+      o.strategy, layers=LAYERS, num_active=None if o.strategy == "full" else min(o.num_active, num_layers),
+      period=o.period, seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state,
+      fixed_layers=o.fixed_layers, probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
+      probe_steps=o.probing_steps(), refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
+      reset_on_switch=o.reset_on_switch, coverage=o.coverage,
+      importance_from=o.importance if o.importance_from_training() else "grad")
 
 
 def measure_mode(o: OptimConfig) -> str:
@@ -120,14 +125,14 @@ def check_layers_fit(o: OptimConfig, model: DecoderConfig) -> None:
                       f"use at most {model.num_layers} (or optim.strategy: full)")
 
 
-def step_options(cfg: Config, model: DecoderConfig) -> StepOptions:
-  """The train step's settings a config implies (the model's, the optimizer's and the run's keys)."""
+def step_options(cfg: Config, model: DecoderConfig, grass: GrassSettings) -> StepOptions:
+  """The train step's settings a config implies (the model's, the optimizer's and the run's keys);
+  ``grass``: the settings its transform was built from."""
   o, m = cfg.optim, cfg.model
   return StepOptions(dtype=dtype_of(m.compute_dtype), remat=m.remat, frozen_grads=o.frozen_grads,
                      attention=step_attention(cfg, model), loss_chunk=m.loss_chunk_tokens,
                      unroll_forward=m.unroll_forward, measure=measure_mode(o), sketch_size=o.sketch_size,
-                     sketch_every=o.sketch_every, probe_steps=o.probing_steps(), always_on=o.always_on,
-                     stream_states=o.stream_active_states)
+                     sketch_every=o.sketch_every, grass=grass, stream_states=o.stream_active_states)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +231,8 @@ def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers
     model = model_config(cfg.model)
     check_layers_fit(o, model)
   mesh = sharding_lib.make_mesh() if mesh is None else mesh
-  tx, schedule = build_optimizer(o, model.num_layers, total_steps, cfg.train.seed)
+  grass = grass_settings(o, model.num_layers, cfg.train.seed)
+  tx, schedule = build_optimizer(o, grass, total_steps)
   dtype = dtype_of(cfg.model.dtype)
   param_shapes = jax.eval_shape(lambda: init_params(model, jax.random.PRNGKey(0), dtype))
   state_shapes = jax.eval_shape(tx.init, param_shapes)
@@ -236,10 +242,10 @@ def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers
   measure = measure_mode(o)
   if compile_workers is None:
     compile_workers = min(2, os.cpu_count() or 1) if cfg.model.backward_bucket else 1
-  step = CompiledStep(make_train_step(model, tx, step_options(cfg, model), shardings=shardings),
+  step = CompiledStep(make_train_step(model, tx, step_options(cfg, model, grass), shardings=shardings),
                       workers=compile_workers)
   buckets = BackwardBuckets(cfg.model.backward_bucket, period=o.period, measure=measure,
-                            probe_steps=o.probing_steps(), sketch_every=o.sketch_every) \
+                            probe_steps=grass.probe_steps, sketch_every=o.sketch_every) \
       if cfg.model.backward_bucket else None
   return Assembly(cfg=cfg, model=model, tx=tx, schedule=schedule, step=step, param_shapes=param_shapes,
                   state_shapes=state_shapes, shardings=shardings, state_device_shardings=state_device,

@@ -12,7 +12,8 @@ slot scan.
 Example::
 
   buckets = BackwardBuckets(4, period=20, measure="none")
-  step = CompiledStep(make_train_step(config, tx, StepOptions(always_on=False)))
+  step = CompiledStep(make_train_step(config, tx, StepOptions(grass=settings)))  # tx built from settings,
+                                                                                # always_on=False
   for batch in batches:
     start = buckets.start(count, opt_state, offloader)
     params, opt_state, metrics = step(params, opt_state, batch, backward_start=start)

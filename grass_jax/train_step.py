@@ -14,7 +14,9 @@ gradient RMS, NaN where a layer was not measured).
 
 Example::
 
-  step = make_train_step(config, tx, StepOptions(always_on=always_on, loss_chunk=2048))
+  settings = grass_jax.strategy_settings("lisa", layers=LAYERS, num_active=2, always_on=always_on)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), grass_jax.transform(optax.adamw(1e-4), settings))
+  step = make_train_step(config, tx, StepOptions(grass=settings, loss_chunk=2048))
   params, opt_state, metrics = step(params, opt_state, batch)
   # batch: tokens / attention_mask / loss_mask, each [grad_accum, B, T]
 """
@@ -40,7 +42,7 @@ from grass_jax.models.decoder import (DecoderConfig, ForwardOptions, LayerOverri
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
-from grass_jax.transform import GrassState, apply_slot_updates, find_state
+from grass_jax.transform import GrassSettings, GrassState, apply_slot_updates, find_state
 
 Batch = dict[str, jax.Array]
 
@@ -71,10 +73,11 @@ class StepOptions:
     sketch_size: k, random projections per linear map for measure 'sketch'.
     sketch_every: n > 1 sketches frozen layers only on every n-th step, ending with the step that
       refreshes the transform's importance (n must divide its ``refresh_every``).
-    probe_steps: the transform's ``probe_steps`` (the step measures every layer while it probes).
-    always_on: the transform's ``always_on`` (which leaves outside the layers train). The step then
-      differentiates only the layers and that group; with embeddings frozen the backward pass stops at
-      the lowest trained layer. None: every leaf gets a gradient, the transform keeps what it trains.
+    grass: the settings the GRASS transform in ``tx`` was built from (:func:`grass_jax.strategy_settings`),
+      the same object, so that the two cannot disagree. The step reads ``probe_steps`` from it (it
+      measures every layer while the transform probes) and ``always_on`` (it differentiates only the
+      layers and that group; with embeddings frozen the backward pass stops at the lowest trained
+      layer). None: no probing, and every leaf gets a gradient (the transform keeps what it trains).
     stream_states: the active layers' optimizer states are in host memory (the step's ``shardings``
       from :func:`grass_jax.offload.host_slot_states`); each is copied to the device for its update and
       back, one weight matrix at a time (``stream_by_leaf``; the inner optimizer must act leaf by leaf,
@@ -91,8 +94,7 @@ class StepOptions:
   measure: str = "none"
   sketch_size: int = 4
   sketch_every: int = 1
-  probe_steps: int = 0
-  always_on: AlwaysOn | None = None
+  grass: GrassSettings | None = None
   stream_states: bool = False
   stream_by_leaf: bool = True
   donate: bool = True
@@ -106,6 +108,19 @@ class StepOptions:
       raise ValueError(f"unroll_forward needs remat='full' (other policies keep the layer scan); "
                        f"got remat={self.remat!r}")
     Schedule(period=1, probe_steps=self.probe_steps, sketch_every=self.sketch_every)  # validates both
+    if self.grass is not None and self.sketch_every > 1 and self.grass.refresh_interval % self.sketch_every:
+      raise ValueError(f"sketch_every={self.sketch_every} must divide the transform's refresh interval "
+                       f"({self.grass.refresh_interval} steps), so that every refresh sees a sketch")
+
+  @property
+  def probe_steps(self) -> int:
+    """The transform's probing steps (0 without ``grass``)."""
+    return 0 if self.grass is None else self.grass.probe_steps
+
+  @property
+  def always_on(self) -> AlwaysOn | None:
+    """The transform's always-on group (None without ``grass``: every leaf gets a gradient)."""
+    return None if self.grass is None else self.grass.always_on
 
 
 class Backward(NamedTuple):
@@ -140,7 +155,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     active: int32 ``[gamma]`` layer index of each slot.
     options: how it computes (:class:`StepOptions`); ``frozen_grads`` 'cond' reads the active layers'
       weights from ``frozen_layers``, not the values of ``trainable['layers']`` (only their shapes).
-      ``always_on``, ``stream_*`` and ``donate`` are the step's, not the loss's.
+      ``grass``, ``stream_*`` and ``donate`` are the step's, not the loss's.
     backward: what the backward pass measures and where it stops (:class:`Backward`).
     act_sharding: the activations' sharding on a mesh of several devices.
 
@@ -198,7 +213,8 @@ def _pick_slots(slots: Params, slot_of: jax.Array) -> LayerOverride:
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:
   if input_grad:
     raise ValueError("a bucketed backward pass (backward_start) stops at the lowest trained layer, so the embeddings "
-                     "must be frozen: pass StepOptions(always_on=...) without 'embed' (optim.always_on)")
+                     "must be frozen: build the transform and StepOptions(grass=...) from settings whose "
+                     "always_on leaves out 'embed' (optim.always_on)")
   if measure == "sketch" and sketch_every == 1:
     raise ValueError("a bucketed backward pass (backward_start) cannot sketch frozen layers below the bucket, and "
                      "sketch_every=1 sketches at every step: use sketch_every > 1 (the steps between run the "
@@ -235,8 +251,8 @@ def _gradient_leaves(wrt: Params, always_on: AlwaysOn | None, state: GrassState,
   layout = build_layout(wrt, LAYERS, always_on, num_layers=num_layers)
   trained = {i for idx in layout.role_leaves for i in idx} | set(layout.always_on)
   if not layout.always_on and jax.tree.leaves(state.always_on_state):
-    raise ValueError("StepOptions(always_on=...) says no leaf outside the layers trains, but the GRASS "
-                     "transform has an always-on group: pass the transform's always_on to both")
+    raise ValueError("StepOptions(grass=...) says no leaf outside the layers trains, but the GRASS "
+                     "transform has an always-on group: give the step the settings the transform was built from")
   return [i in trained for i in range(len(leaves))]
 
 

@@ -549,8 +549,8 @@ def lisa(inner: optax.GradientTransformation, *, layers: LabelsFn, num_active: i
   Same API and state as :func:`transform`, for side-by-side comparisons. ``coverage``: uniform draws in
   cycles (a random order of the layers, ``num_active`` at a time: every layer trains once per cycle).
   """
-  return transform(inner, layers=layers, num_active=num_active, period=period, seed=seed,
-                   always_on=always_on, sampling_kind="uniform", reset_on_switch=True, coverage=coverage)
+  return transform(inner, strategy_settings("lisa", layers=layers, num_active=num_active, period=period, seed=seed,
+                                            always_on=always_on, coverage=coverage))
 
 
 def fixed(inner: optax.GradientTransformation, *, layers: LabelsFn, fixed_layers: Sequence[int],
@@ -561,8 +561,8 @@ def fixed(inner: optax.GradientTransformation, *, layers: LabelsFn, fixed_layers
 
     tx = grass_jax.fixed(optax.adamw(1e-4), layers=grass_jax.stacked_layers("layers"), fixed_layers=[12, 13])
   """
-  return transform(inner, layers=layers, num_active=len(fixed_layers), period=1, always_on=always_on,
-                   sampling_kind="fixed", fixed_layers=fixed_layers, offload=offload)
+  return transform(inner, strategy_settings("fixed", layers=layers, fixed_layers=fixed_layers, always_on=always_on,
+                                            offload=offload))
 
 
 def full(inner: optax.GradientTransformation, *, layers: LabelsFn,
@@ -571,37 +571,56 @@ def full(inner: optax.GradientTransformation, *, layers: LabelsFn,
 
   With ``always_on=True`` its updates equal the bare ``inner`` optimizer's.
   """
-  return transform(inner, layers=layers, num_active=None, period=1, always_on=always_on)
+  return transform(inner, strategy_settings("full", layers=layers, always_on=always_on))
 
 
 _LISA_FIELDS = ("layers", "num_active", "period", "seed", "always_on", "coverage")
 _FIXED_FIELDS = ("layers", "fixed_layers", "always_on", "offload")
 
 
-def strategy(name: str, inner: optax.GradientTransformation, /, **fields: Any) -> optax.GradientTransformationExtraArgs:
-  """Builds a strategy by name, as configs name them, from :class:`GrassSettings` fields.
+def strategy_settings(name: str, /, **fields: Any) -> GrassSettings:
+  """The :class:`GrassSettings` of a strategy named as configs name it, from :class:`GrassSettings` fields.
 
-  ``grass`` (:func:`transform`), ``grass_static`` (GRASS*: ``static=True``,
-  needs ``probe_steps``), ``lisa`` (:func:`lisa`: takes ``layers``, ``num_active``, ``period``, ``seed``,
-  ``always_on`` and ``coverage``), ``full`` (``layers``, ``always_on``) or ``fixed`` (``layers``,
+  ``grass`` (all fields), ``grass_static`` (GRASS*: ``static=True``, needs ``probe_steps``), ``lisa``
+  (uniform draws, moments reset at a switch: takes ``layers``, ``num_active``, ``period``, ``seed``,
+  ``always_on`` and ``coverage``), ``full`` (every layer: ``layers``, ``always_on``) or ``fixed`` (``layers``,
   ``fixed_layers``, ``always_on``, ``offload``). Fields a strategy does not take are ignored, so one set of
-  fields serves every strategy.
+  fields serves every strategy. The same object configures the transform (:func:`transform`) and the train
+  step (``StepOptions(grass=...)``), so the two cannot disagree.
+
+  Example::
+
+    >>> from grass_jax import stacked_layers
+    >>> s = strategy_settings("lisa", layers=stacked_layers("layers"), num_active=2, probe_steps=40)
+    >>> s.sampling_kind, s.reset_on_switch, s.probe_steps   # LISA does not probe
+    ('uniform', True, 0)
   """
   def pick(names: Sequence[str]) -> dict[str, Any]:
     return {k: fields[k] for k in names if k in fields}
   if name in ("grass", "grass_static"):
-    return transform(inner, static=name == "grass_static", **fields)
+    return GrassSettings(static=name == "grass_static", **fields)
   if name == "lisa":
     if fields.get("num_active") is None:
       raise ValueError("strategy 'lisa' needs num_active")
-    return lisa(inner, **pick(_LISA_FIELDS))
+    return GrassSettings(sampling_kind="uniform", reset_on_switch=True, **pick(_LISA_FIELDS))
   if name == "full":
-    return full(inner, **pick(("layers", "always_on")))
+    return GrassSettings(num_active=None, period=1, **pick(("layers", "always_on")))
   if name == "fixed":
     if not fields.get("fixed_layers"):
       raise ValueError("strategy 'fixed' needs fixed_layers")
-    return fixed(inner, **pick(_FIXED_FIELDS))
+    f = pick(_FIXED_FIELDS)
+    return GrassSettings(num_active=len(f["fixed_layers"]), period=1, sampling_kind="fixed", **f)
   raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+
+
+def strategy(name: str, inner: optax.GradientTransformation, /, **fields: Any) -> optax.GradientTransformationExtraArgs:
+  """:func:`transform` with :func:`strategy_settings` of ``name`` and ``fields``.
+
+  Example::
+
+    tx = grass_jax.strategy("lisa", optax.adamw(1e-4), layers=grass_jax.stacked_layers("layers"), num_active=2)
+  """
+  return transform(inner, strategy_settings(name, **fields))
 
 
 def find_state(opt_state: Any) -> GrassState:

@@ -120,11 +120,11 @@ def test_bucketed_stack_refuses_bad_settings():
 def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, steps=8, period=3):
   """Params after ``steps`` GRASS steps (SGD with momentum; embeddings frozen), with buckets of ``bucket``
   layers or the slot scan (0); and the step's runs per backward_start, the skipped steps and the draws."""
-  tx = grass_jax.transform(optax.sgd(0.5, momentum=0.5), layers=LAYERS, num_active=2, period=period,
-                           always_on=False, seed=3, offload=offload, probe_steps=probe_steps)
+  settings = grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=period, always_on=False, seed=3,
+                                     offload=offload, probe_steps=probe_steps)
+  tx = grass_jax.transform(optax.sgd(0.5, momentum=0.5), settings)
   step = CompiledStep(make_train_step(CFG, tx, StepOptions(
-      dtype=jnp.float32, always_on=False, donate=False, measure=measure, probe_steps=probe_steps,
-      sketch_every=sketch_every)), background=False)
+      dtype=jnp.float32, grass=settings, donate=False, measure=measure, sketch_every=sketch_every)), background=False)
   buckets = BackwardBuckets(bucket or 1, period=period, measure=measure, probe_steps=probe_steps,
                             sketch_every=sketch_every)
   params = PARAMS
@@ -142,15 +142,15 @@ def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, ste
   return params, dict(step.runs), skipped, draws
 
 
-@pytest.mark.parametrize("measure,probe_steps,sketch_every,offload", [
-    ("exact", 3, 1, True), ("sketch", 0, 2, False)])
-def test_a_bucketed_run_trains_what_the_slot_scan_trains(measure, probe_steps, sketch_every, offload):
+@pytest.mark.parametrize("measure,probe_steps,sketch_every,offload,period", [
+    ("exact", 3, 1, True, 3), ("sketch", 0, 2, False, 2)])  # sketch_every divides the refresh interval (period)
+def test_a_bucketed_run_trains_what_the_slot_scan_trains(measure, probe_steps, sketch_every, offload, period):
   # The host picks each step's bucket (after every switch; probing and sketch steps run the scan):
   # no step is skipped for a wrong bucket, and the parameters equal the scan's run.
   ref, _, ref_skipped, draws = _train(0, measure=measure, probe_steps=probe_steps, sketch_every=sketch_every,
-                                      offload=offload)
+                                      offload=offload, period=period)
   got, runs, skipped, _ = _train(2, measure=measure, probe_steps=probe_steps, sketch_every=sketch_every,
-                                 offload=offload)
+                                 offload=offload, period=period)
   assert skipped == ref_skipped == 0 and len(draws) > 2
   assert set(runs) - {None} and runs.get(None, 0) == (probe_steps or (8 // sketch_every if sketch_every > 1 else 0))
   for k in ref["layers"]:

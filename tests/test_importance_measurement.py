@@ -29,7 +29,9 @@ def _sink_grad(params, mb, active, *, measure, probing, key, sketch_size=4):
   trainable = {**params, "layers": {k: jnp.zeros_like(v[active]) for k, v in params["layers"].items()}}
 
   def f(sink):
-    options = StepOptions(dtype=jnp.float32, measure=measure, sketch_size=sketch_size, probe_steps=int(probing))
+    # the step knows probing from the transform's settings: any whose probe_steps > 0
+    grass = grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=1, probe_steps=1) if probing else None
+    options = StepOptions(dtype=jnp.float32, measure=measure, sketch_size=sketch_size, grass=grass)
     return slot_loss(trainable, params["layers"], active, CFG, mb, options,
                      backward=Backward(sink, Measurement(jnp.asarray(probing), key)))[0]
   return jax.grad(f)(jnp.zeros((CFG.num_layers,), jnp.float32))
@@ -86,9 +88,9 @@ def test_sketch_spread_falls_as_one_over_sqrt_k(sketches):
 def test_train_step_probing_updates_nothing_then_trains():
   params = models.init_params(CFG, jax.random.PRNGKey(2))
   period = 2
-  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=period, probe_steps=2 * period,
-                           seed=0)
-  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False, measure="exact", probe_steps=2 * period))
+  settings = grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=period, probe_steps=2 * period, seed=0)
+  tx = grass_jax.transform(optax.adam(1e-2), settings)
+  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False, measure="exact", grass=settings))
   state = tx.init(params)
   p, s = params, state
   for i in range(2 * period):

@@ -173,6 +173,24 @@ def _count_block_runs(monkeypatch):
   return runs
 
 
+def _probing_settings(probing, sketch_every):
+  """Settings whose schedule probes (or not) and refreshes every ``sketch_every`` steps."""
+  return grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=sketch_every,
+                                 probe_steps=sketch_every if probing else 0)
+
+
+def test_the_step_reads_probing_and_the_always_on_group_from_the_transforms_settings():
+  settings = grass_jax.strategy_settings("grass", layers=LAYERS, num_active=2, period=4, probe_steps=8,
+                                         always_on="embed")
+  o = StepOptions(grass=settings, measure="sketch", sketch_every=2)
+  assert (o.probe_steps, o.always_on) == (8, "embed")
+  assert (StepOptions().probe_steps, StepOptions().always_on) == (0, None)
+  lisa = grass_jax.strategy_settings("lisa", layers=LAYERS, num_active=2, period=4, probe_steps=8)
+  assert StepOptions(grass=lisa).probe_steps == 0  # LISA never probes, whatever the fields said
+  with pytest.raises(ValueError, match="sketch_every=3 must divide the transform's refresh interval"):
+    StepOptions(grass=settings, measure="sketch", sketch_every=3)
+
+
 @pytest.mark.parametrize("measure,probing,sketch_every,sketchings",
                          # (sketch every step: the sketch step of sketch_every 3 is compared with it below;
                          # a sketch step and a step between run the same compiled programs)
@@ -192,8 +210,8 @@ def test_frozen_embeddings_stop_the_backward_at_the_lowest_trained_layer(monkeyp
   def grads(input_grad, sketching, every=sketch_every):
     if (input_grad, every) not in compiled:  # the measurement is an argument: one program for both kinds of step
       layers_only = lambda sl, sk, m: slot_loss({**params, "layers": sl}, params["layers"], active, CFG, mb,
-                                                StepOptions(dtype=jnp.float32, measure=measure,
-                                                            probe_steps=int(probing), sketch_every=every),
+                                                StepOptions(dtype=jnp.float32, measure=measure, sketch_every=every,
+                                                            grass=_probing_settings(probing, every)),
                                                 backward=Backward(sk, m, input_grad=input_grad))[0]
       compiled[input_grad, every] = jax.jit(jax.grad(layers_only, argnums=(0, 1)))
     runs.clear()
@@ -266,10 +284,12 @@ def test_train_step_with_frozen_embeddings_matches_full_gradients():
   # every leaf's gradient, and the non-layer leaves do not move.
   params = models.init_params(CFG, jax.random.PRNGKey(1))
   batch = _batch(accum=2)
-  tx = grass_jax.transform(optax.adam(1e-2, eps=0.1), layers=LAYERS, num_active=2, period=3, always_on=False)
+  settings = grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=3, always_on=False)
+  tx = grass_jax.transform(optax.adam(1e-2, eps=0.1), settings)
   out = {}
-  for always_on in (None, False):
-    step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, always_on=always_on, donate=False))
+  for always_on in (None, False):  # None: a step not told the settings differentiates every leaf
+    step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, grass=None if always_on is None else settings,
+                                                donate=False))
     p, s = params, tx.init(params)
     norms = []
     for _ in range(4):
@@ -287,8 +307,9 @@ def test_train_step_with_frozen_embeddings_matches_full_gradients():
 def test_train_step_refuses_an_always_on_mismatch():
   params = models.init_params(CFG, jax.random.PRNGKey(1))
   tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=3, always_on=True)
-  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, always_on=False, donate=False))
-  with pytest.raises(ValueError, match="pass the transform's always_on"):
+  other = grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=3, always_on=False)
+  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, grass=other, donate=False))
+  with pytest.raises(ValueError, match="give the step the settings the transform was built from"):
     step(params, tx.init(params), _batch(accum=1))
 
 
@@ -300,7 +321,7 @@ def test_chunked_loss_train_step_matches_the_whole_loss():
                            always_on=always_on is None)
   out = {}
   for chunk in (0, 5):
-    step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, always_on=always_on, donate=False, loss_chunk=chunk))
+    step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False, loss_chunk=chunk))
     p, s = params, tx.init(params)
     losses = []
     for i in range(3):

@@ -247,6 +247,29 @@ def test_toy_mlp_stack_loss_falls():
   np.testing.assert_allclose(d["current_probabilities"].sum(), 1.0, rtol=1e-6)
 
 
+def test_each_strategy_is_one_settings_object_the_step_can_share():
+  layers = grass_jax.stacked_layers()
+  common = dict(layers=layers, num_active=2, period=4, seed=5, always_on=False, probe_steps=8, coverage=True,
+                fixed_layers=[1, 3], offload=True, temperature=2.0)
+  lisa = grass_jax.strategy_settings("lisa", **common)
+  assert (lisa.sampling_kind, lisa.reset_on_switch, lisa.probe_steps, lisa.coverage, lisa.seed) == \
+      ("uniform", True, 0, True, 5)
+  assert not lisa.offload and lisa.temperature == 0.5  # fields LISA does not take keep their defaults
+  full = grass_jax.strategy_settings("full", **common)
+  assert (full.num_active, full.period, full.probe_steps, full.always_on) == (None, 1, 0, False)
+  fixed = grass_jax.strategy_settings("fixed", **common)
+  assert (fixed.sampling_kind, fixed.fixed_layers, fixed.num_active, fixed.offload) == ("fixed", (1, 3), 2, True)
+  static = grass_jax.strategy_settings("grass_static", **common)
+  assert static.static and static.probe_steps == 8 and static.temperature == 2.0
+  # the by-name transform is the transform of those settings: the same states and updates
+  params = stacked_params()
+  g = jax.tree.map(jnp.ones_like, params)
+  a, b = grass_jax.lisa(optax.sgd(1.0), layers=layers, num_active=2, seed=5), grass_jax.transform(
+      optax.sgd(1.0), grass_jax.strategy_settings("lisa", layers=layers, num_active=2, seed=5))
+  (ua, sa), (ub, sb) = (t.update(g, t.init(params), params) for t in (a, b))
+  jax.tree.map(np.testing.assert_array_equal, (ua, sa), (ub, sb))
+
+
 def test_strategy_by_name_and_bad_arguments():
   layers = grass_jax.stacked_layers()
   params = stacked_params()

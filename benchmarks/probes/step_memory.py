@@ -56,9 +56,8 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
   always_on = "frozen-head" not in variant
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
   inner = optax.sgd(1e-4) if variant.endswith("-sgd") else optax.adamw(1e-5, weight_decay=0.0)
-  tx = optax.chain(optax.clip_by_global_norm(1.0),
-                   grass_jax.transform(inner, layers=LAYERS, num_active=gamma, period=20, offload=True,
-                                       always_on=always_on, probe_steps=0))
+  settings = grass_jax.GrassSettings(layers=LAYERS, num_active=gamma, period=20, offload=True, always_on=always_on)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), grass_jax.transform(inner, settings))
   state = jax.eval_shape(tx.init, params)
   attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
   stream = "-stream" in variant
@@ -69,7 +68,7 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
     mesh = sharding.make_mesh(data=1, fsdp=1)
     shardings = (sharding.tree_shardings(params, mesh),
                  host_slot_shardings(sharding.tree_shardings(state, mesh)), sharding.batch_sharding(mesh))
-  options = StepOptions(dtype=jnp.bfloat16, attention=attention, always_on=always_on, loss_chunk=chunk,
+  options = StepOptions(dtype=jnp.bfloat16, attention=attention, grass=settings, loss_chunk=chunk,
                         unroll_forward="-unrolled" in variant, stream_states=stream,
                         stream_by_leaf="-stream-layer" not in variant)
   step = make_train_step(cfg, tx, options, shardings=shardings)
