@@ -39,3 +39,14 @@ def test_a_new_empty_table_is_filled_without_swallowing_the_next(tmp_path, monke
   page.write_text(emptied)
   monkeypatch.setattr(report, "ROOT", tmp_path)
   assert report.render("docs/performance.md") == text
+
+
+def test_the_performance_page_states_the_present_in_at_most_200_lines():
+  # issue 41: how we got there belongs to performance-history.md
+  assert len((report.ROOT / "docs/performance.md").read_text().splitlines()) <= 200
+
+
+def test_the_profile_table_splits_each_rows_step_by_kernel_class():
+  table = report.peers_profile_docs(*report.PEERS_PROFILE)
+  assert "| 116.1 | 110.1 | 6.0 | 63.1 |" in table and "| 110.9 | 108.3 | 2.7 | 65.2 |" in table
+  assert "lines 6-7: one invocation" in table
