@@ -1,4 +1,4 @@
-"""Host-offloaded per-layer optimizer state, with copies overlapped with compute.
+"""Host-offloaded per-layer optimizer state, swapped at layer switches.
 
 With ``grass_jax.transform(..., offload=True)`` the optimizer state on the
 device holds the inner states of the ``gamma`` active layers only (plus the
@@ -7,21 +7,19 @@ always-on group). :class:`Offloader` keeps every other layer's state in
 
 * the set of the next period is drawn one step before the switch
   (``GrassState.next_active``). The offloader reads it only after the *next*
-  step has been dispatched, so the read never stalls the device, and issues
-  the host->device copies of the incoming layers right away: they run while
-  that step computes;
-* at the switch, outgoing layers' states are copied device->host
-  asynchronously and the incoming (prefetched) ones take their slots.
-  Layers that stay active do not move.
+  step has been dispatched, so the read never stalls the device;
+* at the switch, outgoing layers' states are copied device->host and the
+  incoming ones host->device into their slots. Layers that stay active do
+  not move.
 
-The prefetch costs memory: during the last step of a period the device holds
-the incoming layers' states beside that step's own (one slot set: ``gamma``
-layers' moments).
-``Offloader(..., prefetch=False)`` swaps only once that step has finished and
-waits for the copies, so the device never holds both, for one pause of the
-copy time per period (the device idles while the host copies).
+By default the swap waits for the period's last step to finish, and for its
+copies, so the device never holds the incoming layers' states beside that
+step's own (one slot set: ``gamma`` layers' moments), for one pause of the
+copy time per period; it measured no slower than overlapping the copies.
+``Offloader(..., prefetch=True)`` issues the incoming copies while that step
+computes instead.
 
-Nothing on the hot path waits on the device except that one small read of
+Between switches nothing waits on the device except that one small read of
 ``next_active`` from the step before, which has finished by then or is about to.
 
 The few lines a user adds to a training loop::
@@ -128,7 +126,7 @@ class Offloader:
 
   def __init__(self, opt_state: Any, *, period: int, host_memory_kind: str = "pinned_host",
                bank: dict[int, Any] | None = None, fresh: Any = None, preallocate: bool = True,
-               stream: bool = False, prefetch: bool = True):
+               stream: bool = False, prefetch: bool = False):
     """Args:
       opt_state: the optimizer state right after ``init`` (or restored, with
         ``bank`` and ``fresh``; see :meth:`restore`).
@@ -141,7 +139,7 @@ class Offloader:
       stream: the active layers' states are in host memory too
         (:func:`host_slot_states`); a switch then moves no data.
       prefetch: copy the incoming layers' states while the period's last
-        step computes (fastest); False: after it, at the cost of a pause, so
+        step computes; False (default): after it, at the cost of a pause, so
         that they never share the device with that step (less peak memory).
         No effect with ``stream`` (a switch moves no data).
     """
@@ -238,7 +236,7 @@ class Offloader:
 
   @classmethod
   def restore(cls, opt_state: Any, tree: dict[str, Any], *, period: int,
-              host_memory_kind: str = "pinned_host", stream: bool = False, prefetch: bool = True) -> Offloader:
+              host_memory_kind: str = "pinned_host", stream: bool = False, prefetch: bool = False) -> Offloader:
     """Rebuilds the offloader of a restored ``opt_state`` from its :meth:`checkpoint_tree`."""
     active = set(np.asarray(find_state(opt_state).active).tolist())
     bank = {int(l): v for l, v in tree["layers"].items() if int(l) not in active}

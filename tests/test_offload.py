@@ -13,7 +13,7 @@ from tests.float_bounds import assert_adam_runs_agree, assert_moments_agree
 from tests.test_transform import random_grads, stacked_params
 
 
-def _run(offload, period, steps=14, seed=2, stream=False, prefetch=True, by_leaf=True):
+def _run(offload, period, steps=14, seed=2, stream=False, prefetch=False, by_leaf=True):
   params = stacked_params()
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), layers=grass_jax.stacked_layers(),
@@ -62,13 +62,13 @@ def test_params_identical_with_and_without_offload(period, stream, prefetch, by_
 
 
 def test_late_swap_copies_only_after_the_step_and_waits_for_its_copies(monkeypatch):
-  """prefetch=False: at a switch that moves layers, wait for the step, then copy, then wait for the copies;
-  no waiting at steps without a switch or with the default prefetch."""
+  """The default (prefetch=False): at a switch that moves layers, wait for the step, then copy, then wait for the
+  copies; no waiting at steps without a switch, nor with prefetch=True."""
   events = []
   block, put = jax.block_until_ready, jax.device_put
   monkeypatch.setattr(jax, "block_until_ready", lambda x: (events.append("wait"), block(x))[1])
   monkeypatch.setattr(jax, "device_put", lambda *a, **k: (events.append("copy"), put(*a, **k))[1])
-  _, _, off, seen = _run(True, 3, steps=12, prefetch=False)
+  _, _, off, seen = _run(True, 3, steps=12)
   periods = [seen[0], *seen[2::3]]  # the first set, then the sets after the switches at steps 3, 6, 9, 12
   moves = sum(set(a) != set(b) for a, b in zip(periods, periods[1:]))
   swaps = "".join("w" if e == "wait" else "c" for e in events)
@@ -77,8 +77,8 @@ def test_late_swap_copies_only_after_the_step_and_waits_for_its_copies(monkeypat
   for chunk in swaps.split("w")[1::2]:  # between the two waits: the copies of that switch
     assert chunk and set(chunk) == {"c"}
   events.clear()
-  _run(True, 3, steps=12)
-  assert "wait" not in events  # the default prefetches while the step computes
+  _run(True, 3, steps=12, prefetch=True)
+  assert "wait" not in events  # prefetching copies while the step computes
 
 
 def test_memory_kinds_after_switch():

@@ -84,7 +84,6 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
     ("optim.strategy=lisa", "offload_optimizer_state needs optim.strategy: grass"),
     ("data.buckets=[64]", "largest of data.buckets"),
     ("optim.stream_active_states=true", "needs optim.offload_optimizer_state: true"),
-    ("optim.offload_prefetch=false", "offload_prefetch: false says when offloaded states are copied"),
     ("model.path=foo", "exactly one of model.path"),
     ("nonsense.key=1", "unknown section"),
     ("optim.num_active", "must look like section.key=value"),
