@@ -361,11 +361,16 @@ def peers_docs_table(path: str, shown: list[tuple[str, str]], lines: slice = sli
     mean = f"{r['mean_tokens_per_s']:,.0f}" if r.get("mean_tokens_per_s") else "not recorded"
     out.append(f"| {label} (`{name}`) | {mean} | {r['tokens_per_s']:,.0f} | {r['run_tokens_per_s']:,.0f} | "
                  f"{r['peak_gib']:.2f} |")
+  out.append(f"\n{_invocation_note(rows, shown, path, lines)}")
+  return "\n".join(out)
+
+
+def _invocation_note(rows: dict[str, dict], shown: list[tuple[str, str]], path: str, lines: slice) -> str:
+  """The card(s), commit(s) and file (with the invocation's lines) of a table's rows."""
   devices = sorted({rows[name].get("device", "?") for name, _ in shown})
   commits = sorted({(rows[name].get("commit") or "not recorded")[:12] for name, _ in shown})
   part = "" if lines == slice(None) else f" (lines {lines.start + 1}-{lines.stop}: one invocation)"
-  out.append(f"\n{', '.join(devices)}; commit {', '.join(commits)}; `{path}`{part}.")
-  return "\n".join(out)
+  return f"{', '.join(devices)}; commit {', '.join(commits)}; `{path}`{part}."
 
 
 def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = slice(None)) -> str:
@@ -380,10 +385,7 @@ def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = s
     cells = [f"{p['class_ms'].get(c, 0):.1f}" for c in classes]
     out.append(f"| {label} (`{name}`) | {p['span_ms']:.1f} | {p['busy_ms']:.1f} | {p['span_ms'] - p['busy_ms']:.1f} | "
                + " | ".join(cells) + f" | {p['kernels_per_step']:,.0f} |")
-  devices = sorted({rows[name].get("device", "?") for name, _ in shown})
-  commits = sorted({(rows[name].get("commit") or "not recorded")[:12] for name, _ in shown})
-  part = "" if lines == slice(None) else f" (lines {lines.start + 1}-{lines.stop}: one invocation)"
-  out.append(f"\nms per step; {', '.join(devices)}; commit {', '.join(commits)}; `{path}`{part}.")
+  out.append(f"\nms per step; {_invocation_note(rows, shown, path, lines)}")
   return "\n".join(out)
 
 
