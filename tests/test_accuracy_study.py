@@ -151,6 +151,23 @@ def test_pool_runs_a_run_that_ran_out_of_memory_once_more_when_half_the_gpu_is_f
   assert [json.loads(l)["method"] for l in (tmp_path / "rows.jsonl").read_text().splitlines()] == ["pretrained"]
 
 
+def test_pool_says_when_more_runs_wait_than_run_before_the_budget_ends(tmp_path, monkeypatch, capsys):
+  import argparse
+
+  from benchmarks.accuracy import study
+  scale = {"tasks": ["arith"], "methods": ["lisa", "grass", "full"], "seeds": [0],
+           "lrs": {"lisa": [1e-4], "grass": [1e-4], "full": [1e-4]}}
+  base = {"task": "arith", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.0, "seconds": 0.0}
+  (tmp_path / "rows.jsonl").write_text(json.dumps(base) + "\n")
+  monkeypatch.setattr(study, "job_command", lambda args, work, job: [sys.executable, "-c", "pass"])
+  args = argparse.Namespace(parallel=2, budget_s=0.0, scale="tiny", methods=None, seeds=None, tasks=None,
+                            compile_cache=False, oom_retry_until_s=None)
+  study.run_pool(args, scale, tmp_path)
+  out = capsys.readouterr().out
+  assert "note: 3 runs to start (a pretrained baseline counts as one), --parallel 2" in out
+  assert "budget spent; 3 runs left" in out  # a budget of 0 starts none
+
+
 def test_dates_task_answers_are_the_calendar_and_options_distinct():
   import datetime
 

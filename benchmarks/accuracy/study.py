@@ -347,11 +347,17 @@ def run_pool(args, scale: dict, work: Path) -> None:
     print(f"{time.perf_counter() - t_start:7.0f}s started {job['task']} {job.get('method', 'pretrained')} "
           f"s{job.get('seed', 0)}{' (again)' if key(job) in retried else ''} (log: {log})", flush=True)
 
+  warned = False
   while True:
     rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
     busy = {key(j) for _, j, _ in running} | failed | {key(j) for j in retry}
     todo = [j for j in jobs(scale, rows) if key(j) not in busy]
     elapsed = time.perf_counter() - t_start
+    if not warned and args.budget_s is not None and len(todo) > args.parallel:
+      # 2026-12-07: a 17th run (16 and the baseline) waited for a slot past a 30 s budget and never started.
+      print(f"note: {len(todo)} runs to start (a pretrained baseline counts as one), --parallel {args.parallel}: "
+            f"the rest start as others finish, and none after --budget-s {args.budget_s:g}", flush=True)
+    warned = True
     out_of_time = args.budget_s is not None and elapsed > args.budget_s
     while todo and len(running) < args.parallel and not out_of_time:
       start(todo.pop(0))
@@ -558,7 +564,11 @@ def report(args, scale: dict, work: Path) -> None:
   out = Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
   # What a person wrote into the file (how the rows were made, repeats run elsewhere) outlives a new report.
-  kept = {k: v for k, v in (json.loads(out.read_text()) if out.exists() else {}).items() if k in HAND_WRITTEN_KEYS}
+  try:
+    before = json.loads(out.read_text()) if out.exists() else {}
+  except json.JSONDecodeError as e:
+    raise SystemExit(f"{out} is not a report ({e}): move it away or pass another --out") from None
+  kept = {k: v for k, v in before.items() if k in HAND_WRITTEN_KEYS}
   out.write_text(json.dumps({**kept, "scale": args.scale, "config": {k: v for k, v in scale.items() if k != "lrs"},
                              "lr_grid": scale["lrs"], "methods": {m: ALL_METHODS[m] for m in scale["methods"]},
                              "rows": rows, "table": table, **({"paired": paired} if paired else {}),
