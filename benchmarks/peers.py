@@ -17,7 +17,7 @@ Every configuration runs in a fresh process (a clean peak-memory counter) for ``
   region the BFC allocator splits to the size asked for). Earlier rows ran with preallocation off: the
   allocator then grows region by region and hands out free chunks up to 128 MiB larger than asked,
   unsplit, and its peak counts them (TinyLlama: 5.28 against 5.09 GiB for the same program;
-  ``peers_h200_allocator_prealloc.jsonl``). ``preallocate: False`` runs a row that way. PyTorch rows
+  ``peers_h200.jsonl`` lines 17-20). ``preallocate: False`` runs a row that way. PyTorch rows
   also record ``peak_reserved_bytes`` (what its caching allocator took from the device).
 
 The PyTorch peers: a ``transformers`` Llama with SDPA attention, gradient checkpointing

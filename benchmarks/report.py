@@ -110,15 +110,18 @@ def paired_accuracy_docs(result: dict) -> str:
   return "\n".join(lines)
 
 
-# The README's speed table: per model, one peers file (one invocation) and the rows shown from it.
+# Every H200 peers invocation, one after another; a table names its invocation's lines.
+PEERS_H200 = "benchmarks/results/peers/peers_h200.jsonl"
+
+# The README's speed table: per model, the peers file, the rows shown from it and their invocation's lines.
 PEERS_README = [
-    ("benchmarks/results/peers/peers_h200_no_ckpt_tiny_remat_none.jsonl",
+    (PEERS_H200,
      "TinyLlama-1.1B, b16 x 512, embeddings trained",
      [("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax, offload, `importance: grad`"),
-      ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")]),
-    ("benchmarks/results/peers/peers_h200_buckets.jsonl", "Llama-2-7B, b2 x 512, embeddings frozen",
+      ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], slice(43, 47)),
+    (PEERS_H200, "Llama-2-7B, b2 x 512, embeddings frozen",
      [("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax, offload, `model.backward_bucket: 4`"),
-      ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")]),
+      ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], slice(20, 23)),
 ]
 
 
@@ -294,7 +297,8 @@ def scaling_docs(_: Any = None) -> str:
   return "\n".join(lines)
 
 
-STREAM_PEERS = "benchmarks/results/peers/peers_h200_stream_overwrite.jsonl"
+STREAM_PEERS = "benchmarks/results/peers/peers_h200.jsonl"
+STREAM_PEERS_LINES = slice(66, 69)  # one invocation
 STREAM_PROBE = "benchmarks/results/probes/stream_barrier_wait_stored_h200.json"
 # The first two lines' session lost its raw rows (2026-12-03); what its notes printed is kept, marked as lost.
 STREAM_LOST = [("by layer (rows lost)", "14.47, 10,581", "16.73, 5,198", "1.84 / 4.11 GiB"),
@@ -308,14 +312,14 @@ def streaming_docs(_: Any = None) -> str:
   def cell(r):
     return f"{r['peak_gib']:.2f}, {r['tokens_per_s']:,.0f}"
 
-  peers = _peers_rows(STREAM_PEERS)
+  peers = _peers_rows(STREAM_PEERS, STREAM_PEERS_LINES)
   probe = json.loads((ROOT / STREAM_PROBE).read_text())
   temps = {(r["change"], r["gamma"]): r["temps_gib"] for r in probe["step_temporaries_gib"]["rows"] if r["stream"]}
   late = {r["row"]: r for r in probe["peers_60_steps_one_invocation"]["rows"]}
-  name = STREAM_PEERS.split("results/")[1]
+  name = f"`{STREAM_PEERS.split('results/')[1]}`, lines {STREAM_PEERS_LINES.start + 1}-{STREAM_PEERS_LINES.stop}"
   lines = ["| streaming | gamma 1 | gamma 4 | step temporaries (compiled), gamma 1 / 4 |", "|---|---|---|---|",
            *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in STREAM_LOST),
-           f"| by matrix, updates over the gradients (`{name}`) | {cell(peers['7b-jax-grass-stream-g1'])} | "
+           f"| by matrix, updates over the gradients ({name}) | {cell(peers['7b-jax-grass-stream-g1'])} | "
            f"{cell(peers['7b-jax-grass-stream-g4'])} | {temps['none (55e9ee2)', 1]:.2f} / {temps['none (55e9ee2)', 4]:.2f} |",
            f"| plain offload (prefetch), same invocation, for the speed ratio | {cell(peers['7b-jax-grass-offload-g1'])} | | |",
            f"| **+ weights sliced at their turn, fetch waits for the state back (the default; transcribed: "
@@ -331,8 +335,8 @@ def streaming_docs(_: Any = None) -> str:
 def peers_speed_readme(_: Any = None) -> str:
   """Mean tokens/s after compilation and peak GiB; the better of each model's rows in bold."""
   lines = ["| model | setup | tokens/s | peak GiB |", "|---|---|---|---|"]
-  for path, model, shown in PEERS_README:
-    rows = _peers_rows(path)
+  for path, model, shown, invocation in PEERS_README:
+    rows = _peers_rows(path, invocation)
     picked = [(rows[name], label) for name, label in shown]
     best_tps = max(r["mean_tokens_per_s"] for r, _ in picked)
     best_peak = min(r["peak_gib"] for r, _ in picked)
@@ -391,26 +395,26 @@ def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = s
 
 # The docs' speed tables: (peers file, rows shown with their labels[, the lines of one invocation]).
 PEERS_DOCS = {
-    "peers_default_docs": ("benchmarks/results/peers/peers_h100_default.jsonl", [
+    "peers_default_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
         ("tiny-jax-default-chunk2048", "TinyLlama: grass_jax, the defaults (LISA, loss 2,048 tokens at a time)"),
         ("tiny-jax-default", "TinyLlama: the same, the whole LM head at once (the default until 2026-12-07)"),
         ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(2, 5)),
-    "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100_default.jsonl", [
+    "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
         ("7b-jax-default", "7B: grass_jax, the config's defaults (LISA)"),
         ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(0, 2)),
-    "peers_tiny_docs": ("benchmarks/results/peers/peers_h200_no_ckpt_tiny_remat_none.jsonl", [
+    "peers_tiny_docs": (PEERS_H200, [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
-        ("tiny-torch-lisa-compile-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing")]),
-    "peers_7b_docs": ("benchmarks/results/peers/peers_h200_buckets.jsonl", [
+        ("tiny-torch-lisa-compile-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing")], slice(43, 47)),
+    "peers_7b_docs": (PEERS_H200, [
         ("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax GRASS + offload, `model.backward_bucket: 4`"),
         ("7b-jax-grass-offload-late-g2-nomerge-unrolled", "grass_jax GRASS + offload, slot scan, unrolled forward"),
-        ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, compiled, checkpointed, same layers")], slice(0, 3)),
-    "peers_7b_no_ckpt_docs": ("benchmarks/results/peers/peers_h200_buckets.jsonl", [
+        ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, compiled, checkpointed, same layers")], slice(20, 23)),
+    "peers_7b_no_ckpt_docs": (PEERS_H200, [
         ("7b-jax-grass-offload-late-g2-nomerge-bucket4-background", "grass_jax, buckets compiled in the background"),
         ("7b-torch-lisa-compile-g2-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing, same layers"),
-        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")], slice(3, 6)),
-    "peers_importance_docs": ("benchmarks/results/peers/peers_h200_profiled.jsonl", [
+        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")], slice(23, 26)),
+    "peers_importance_docs": (PEERS_H200, [
         ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled"),
         ("tiny-jax-grass-offload-late-chunk2048", "TinyLlama: GRASS, `importance: grad`"),
         ("tiny-jax-grass-offload-late-sketch-chunk2048", "TinyLlama: GRASS, `importance: sketch`"),
@@ -418,20 +422,20 @@ PEERS_DOCS = {
         ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled"),
         ("7b-jax-grass-offload-late-g2", "7B: GRASS, `importance: grad`"),
         ("7b-jax-grass-offload-late-sketch-g2", "7B: GRASS, `importance: sketch`"),
-        ("7b-jax-grass-offload-late-sketch4-g2", "7B: the same, `sketch_every: 4`")], slice(0, 8)),
-    "peers_memory_docs": ("benchmarks/results/peers/peers_h200_allocator_prealloc.jsonl", [
+        ("7b-jax-grass-offload-late-sketch4-g2", "7B: the same, `sketch_every: 4`")], slice(47, 55)),
+    "peers_memory_docs": (PEERS_H200, [
         ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed"),
         ("tiny-jax-grass-offload-late-chunk2048-nomerge-prealloc", "grass_jax GRASS + offload, JAX's default preallocation"),
-        ("tiny-jax-grass-offload-late-chunk2048-nomerge", "the same, preallocation off")]),
-    "peers_whole_run_docs": ("benchmarks/results/peers/peers_h200_eager_no_ckpt.jsonl", [
+        ("tiny-jax-grass-offload-late-chunk2048-nomerge", "the same, preallocation off")], slice(16, 20)),
+    "peers_whole_run_docs": (PEERS_H200, [
         ("7b-jax-grass-offload-late-g2-nomerge", "grass_jax GRASS + offload, slot scan"),
         ("7b-torch-lisa-eager-g2", "PyTorch LISA, eager, checkpointed"),
-        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")]),
+        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")], slice(29, 33)),
 }
 
 
 # The default's profile beside compiled LISA's (--profile 4), one invocation.
-PEERS_PROFILE = ("benchmarks/results/peers/peers_h100_default.jsonl", [
+PEERS_PROFILE = ("benchmarks/results/peers/peers_h100.jsonl", [
     ("tiny-jax-default", "grass_jax, the defaults until 2026-12-07 (whole LM head)"),
     ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed")], slice(5, 7))
 
@@ -440,7 +444,7 @@ def sources() -> list[str]:
   """Every result file a table is made from."""
   return [PAIRED, PAIRED_TRACES, PAIRED_CHAT, PACKING, STUDY_750, STUDY_750_TRACES, STUDY_500, ORACLE, *SCALING.values(),
           STREAM_PEERS, STREAM_PROBE,
-          *(path for path, _, _ in PEERS_README),
+          *(path for path, _, _, _ in PEERS_README),
           *(spec[0] for spec in PEERS_DOCS.values()), PEERS_PROFILE[0]]
 
 
