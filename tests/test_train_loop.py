@@ -208,6 +208,29 @@ def test_advanced_keys_go_under_advanced_and_old_files_still_load(tmp_path):
       {f"{section}.{key}" for section, keys in config_lib.CORE.items() for key in keys}
 
 
+def test_the_documented_defaults_are_the_configs():
+  # a default changed in code (loss_chunk_tokens, offload_prefetch on 2026-12-07) must change in the docs too
+  import yaml
+  doc = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+  defaults = config_lib.Config()
+  checked = 0
+  for key, cell in re.findall(r"^\| `(\w+\.\w+)` \| ([^|]+?) \|", doc, flags=re.M):
+    section, name = key.split(".")
+    if not hasattr(getattr(defaults, section, None), name):
+      continue
+    try:
+      documented = yaml.safe_load(cell)
+    except yaml.YAMLError:
+      continue
+    want = getattr(getattr(defaults, section), name)
+    if isinstance(want, float) and isinstance(documented, str):  # YAML 1.1 reads `1e-5` as a string
+      documented = float(documented)
+    if isinstance(documented, (bool, int, float, type(None))) or (isinstance(documented, str) and re.fullmatch(r"\w+", documented)):
+      assert documented == want, f"{key}: docs say {cell}, the config {want!r}"
+      checked += 1
+  assert checked >= 30
+
+
 def test_cli_reports_config_errors(tmp_path):
   proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(DEMO),
                          "optim.num_activ=3"], capture_output=True, text=True, cwd=ROOT, timeout=600)
