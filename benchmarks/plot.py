@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 GiB = 2**30
-FINAL = "sweep_h100_final.jsonl"  # the last side-by-side run (cuDNN attention, current slot scan)
 # The figure's files, all measured on one H100 (a file added to the folder changes nothing here).
-FILES = ["memory_throughput_tinyllama.json", "sweep/sweep_h100.jsonl", f"sweep/{FINAL}"]
+FILES = ["memory_throughput_tinyllama.json", "sweep/sweep_h100.jsonl"]
+FINAL = slice(17, 30)  # sweep_h100.jsonl's lines of the last side-by-side run (cuDNN attention, current slot scan)
 
 
 def load_rows(results: Path) -> list[dict[str, Any]]:
-  """The measured rows of ``FILES`` under ``results`` ({"rows": [...]} JSON or JSONL), tagged with their file."""
+  """The measured rows of ``FILES`` under ``results`` ({"rows": [...]} JSON or JSONL), tagged with their file
+  (and ``final``: one of the sweep's ``FINAL`` lines)."""
   rows = []
   for name in FILES:
     f = results / name
@@ -26,7 +27,8 @@ def load_rows(results: Path) -> list[dict[str, Any]]:
       data = json.loads(f.read_text())
       rows += [{**r, "file": f.name} for r in data["rows"] if "size" in r]
     else:
-      rows += [{**json.loads(l), "file": f.name} for l in f.read_text().splitlines() if l.strip()]
+      lines = [l for l in f.read_text().splitlines() if l.strip()]
+      rows += [{**json.loads(l), "file": f.name, "final": FINAL.start <= i < FINAL.stop} for i, l in enumerate(lines)]
   return [r for r in rows if "size" in r and "error" not in r and r.get("tokens_per_s")]
 
 
@@ -53,7 +55,7 @@ def method_rows(rows: list[dict]) -> dict[str, list[tuple[str, dict]]]:
       if cands:  # the first file in name order: the side-by-side memory_throughput runs come first
         out.setdefault(size, []).append((label, cands[0]))
   # TinyLlama: the final side-by-side run (cuDNN attention, current slot scan) replaces the older rows.
-  final = {r["name"]: r for r in rows if r.get("file") == FINAL}
+  final = {r["name"]: r for r in rows if r.get("final")}
   names = [("full FT", "cudnn-full"), ("LISA", "cudnn-lisa"), ("GRASS", "cudnn-grass"),
            ("GRASS+offload", "cudnn-grass-offload")]
   if all(n in final for _, n in names):
@@ -89,9 +91,9 @@ def main() -> None:
   series = [("tinyllama-1.1b (batch 16, einsum)", "o-",
              lambda r: r["size"] == "tinyllama-1.1b" and r["name"].startswith("gamma") and r.get("offload")),
             ("llama2-7b (batch 2) offload", "s-",
-             lambda r: r.get("file") == FINAL and r["name"].startswith("7b-gamma") and "-offload-" in r["name"]),
+             lambda r: r.get("final") and r["name"].startswith("7b-gamma") and "-offload-" in r["name"]),
             ("llama2-7b (batch 2) offload + stream", "^-",
-             lambda r: r.get("file") == FINAL and r["name"].startswith("7b-gamma") and "-stream-" in r["name"])]
+             lambda r: r.get("final") and r["name"].startswith("7b-gamma") and "-stream-" in r["name"])]
   for label, style, ok in series:
     pts = sorted((r["num_active"], r["peak_bytes"] / GiB) for r in sweep if ok(r))
     if pts:
