@@ -494,6 +494,9 @@ def main() -> None:
                        "their per-step GPU time by kernel class to the row ('profile')")
   ap.add_argument("--dump-hlo", type=Path, metavar="DIR",
                   help="XLA dumps each JAX row's training step under DIR/<row name> (to name a profile's fusions)")
+  ap.add_argument("--append-to", type=Path, metavar="FILE",
+                  help="at the end, append this invocation's rows to FILE (the card's one file, e.g. "
+                       "benchmarks/results/peers/peers_h100.jsonl) and print their lines, for benchmarks/report.py")
   ap.add_argument("--report", type=Path, help="print the table of a peers.jsonl and exit")
   ap.add_argument("--figure", type=Path, help="with --report: also draw its bar charts here (PNG)")
   args = ap.parse_args()
@@ -505,6 +508,7 @@ def main() -> None:
   out = Path(args.out_dir)
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
+  measured = []
   for name, spec in PLAN:
     if (args.only and name not in args.only) or (args.group and not name.startswith(args.group + "-")):
       continue
@@ -525,6 +529,7 @@ def main() -> None:
     row.update(provenance(row.get("device")))  # one invocation id for every row of this command
     with (out / "peers.jsonl").open("a") as f:
       f.write(json.dumps(row) + "\n")
+    measured.append(row)
     if "error" in row:
       print(f"{name:<40} ERROR {row['error'][-300:]}", flush=True)
     else:
@@ -532,6 +537,21 @@ def main() -> None:
             f"{row['run_tokens_per_s']:>8,.0f} whole "
             f"{row['peak_gib']:>6.2f} GiB first step {row['first_step_s']:.1f}s slow steps {row['slow_steps']}",
             flush=True)
+  if args.append_to and measured:
+    first, last = append_rows(measured, args.append_to)
+    print(f"appended as lines {first}-{last} of {args.append_to}: name them in benchmarks/report.py", flush=True)
+
+
+def append_rows(rows: list[dict], path: Path) -> tuple[int, int]:
+  """Appends one invocation's rows to a card's result file (a profile's trace path, local to this machine,
+  left out); returns their first and last line, counted from 1."""
+  before = len([l for l in path.read_text().splitlines() if l.strip()]) if path.exists() else 0
+  with path.open("a") as f:
+    for row in rows:
+      if isinstance(row.get("profile"), dict):
+        row = {**row, "profile": {k: v for k, v in row["profile"].items() if k != "trace"}}
+      f.write(json.dumps(row) + "\n")
+  return before + 1, before + len(rows)
 
 
 if __name__ == "__main__":

@@ -96,3 +96,14 @@ def test_profile_summary_reports_host_copies_and_their_overlap():
   copies = summarize_kernels(kernels, steps=2)["host_copies"]
   assert copies == {"h2d_ms": 0.005, "d2h_ms": 0.005, "h2d_beside_d2h_ms": 0.0025,
                     "copies_beside_compute_ms": 0.0015}
+
+
+def test_an_invocation_is_appended_to_the_cards_file_and_its_lines_named(tmp_path):
+  from benchmarks.peers import append_rows
+  card = tmp_path / "peers_h100.jsonl"
+  card.write_text('{"name": "old"}\n')
+  rows = [{"name": "a", "profile": {"trace": "/tmp/x", "span_ms": 1.0}}, {"name": "b"}]
+  assert append_rows(rows, card) == (2, 3)
+  back = [json.loads(l) for l in card.read_text().splitlines()]
+  assert [r["name"] for r in back] == ["old", "a", "b"] and back[1]["profile"] == {"span_ms": 1.0}
+  assert append_rows([{"name": "c"}], tmp_path / "new.jsonl") == (1, 1)
