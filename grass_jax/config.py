@@ -56,9 +56,9 @@ class ModelConfig:
     (``jax.nn.dot_product_attention``; no Gemma 2 soft-capping).
   loss_chunk_tokens: the LM head and the loss run this many tokens at a time,
     so the float32 ``[tokens, vocab]`` logits and their gradient never exist
-    whole (``grass_jax.loss``); 0 computes them whole. The default keeps a
-    batch's peak below the whole head's for a small speed cost
-    (docs/performance.md).
+    whole (``grass_jax.loss``); 0, or a micro-batch predicting at most this
+    many tokens, computes them whole. The default keeps a large batch's peak
+    below the whole head's for a small speed cost (docs/performance.md).
   unroll_forward: run the forward pass as a Python loop over static slices of
     the layer stack instead of a scan, so that XLA:GPU reads each layer's
     weights in place instead of copying them (``remat: full`` only; more

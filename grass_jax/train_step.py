@@ -62,7 +62,7 @@ class StepOptions:
       :mod:`grass_jax.models.slot_scan`: no dW for frozen layers) or 'select' (dW for every layer, dropped).
     attention: 'auto', 'cudnn', 'xla' or 'einsum' (:func:`grass_jax.models.decoder.resolve_attention`).
     loss_chunk: > 0: the LM head and the loss over this many tokens at a time (the float32 logits and
-      their gradient never exist whole); 0: whole.
+      their gradient never exist whole), where a micro-batch predicts more tokens than that; 0: whole.
     unroll_forward: the forward pass as a Python loop over static slices of the layer stack, so that
       XLA:GPU reads each layer's weights in place instead of copying them (``remat='full'`` only). More
       compile time: compile it ahead (:class:`grass_jax.ahead_of_time.CompiledStep`).
@@ -192,9 +192,11 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     if backward_start is not None:
       raise ValueError("a bucketed backward pass (backward_start) needs frozen_grads='cond'")
     stack = scan_stack(config, fwd, layer_override=_pick_slots(trainable["layers"], _slot_of(active, num_layers)))
-  out, _ = (hidden_states if o.loss_chunk > 0 else forward)(params, config, batch["tokens"], batch["attention_mask"],
-                                                            options=fwd, layer_stack=stack)
-  if o.loss_chunk > 0:
+  # A batch of at most one chunk's tokens takes the whole-loss path: the same memory, no custom VJP.
+  chunked = 0 < o.loss_chunk < batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
+  out, _ = (hidden_states if chunked else forward)(params, config, batch["tokens"], batch["attention_mask"],
+                                                   options=fwd, layer_stack=stack)
+  if chunked:
     return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], o.loss_chunk)
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
 

@@ -332,3 +332,18 @@ def test_chunked_loss_train_step_matches_the_whole_loss():
   np.testing.assert_allclose(out[5][1], out[0][1], rtol=1e-6)
   # Adam divides by sqrt(v): where a gradient is ~0, summation order moves a weight by ~1e-5.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5), out[5][0], out[0][0])
+
+
+def test_a_batch_of_one_chunk_or_less_takes_the_whole_loss_path(monkeypatch):
+  from grass_jax import train_step
+  monkeypatch.setattr(train_step, "chunked_cross_entropy", lambda *a, **k: (_ for _ in ()).throw(
+      AssertionError("the chunked path ran")))
+  params = models.init_params(CFG, jax.random.PRNGKey(2))
+  tx = grass_jax.transform(optax.adam(1e-2), layers=LAYERS, num_active=2, period=2, seed=1)
+  batch = _batch(seed=0)
+  predicted = batch["tokens"].shape[1] * (batch["tokens"].shape[2] - 1)  # a micro-batch's predicted tokens
+  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False, loss_chunk=predicted))
+  step(params, tx.init(params), batch)  # exactly one chunk: the whole loss
+  with pytest.raises(AssertionError, match="the chunked path ran"):
+    make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, donate=False, loss_chunk=predicted - 1))(
+        params, tx.init(params), batch)
