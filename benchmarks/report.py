@@ -112,16 +112,18 @@ def paired_accuracy_docs(result: dict) -> str:
 
 # Every H200 peers invocation, one after another; a table names its invocation's lines.
 PEERS_H200 = "benchmarks/results/peers/peers_h200.jsonl"
+H200_TINY_SAME_DRAWS = slice(43, 47)  # TinyLlama against compiled LISA on the same layers, with and without ckpt
+H200_BUCKETS = slice(20, 23)  # Llama-2-7B: the bucketed backward, the slot scan, compiled LISA on the same layers
 
 # The README's speed table: per model, the peers file, the rows shown from it and their invocation's lines.
 PEERS_README = [
     (PEERS_H200,
      "TinyLlama-1.1B, b16 x 512, embeddings trained",
      [("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax, offload, `importance: grad`"),
-      ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], slice(43, 47)),
+      ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], H200_TINY_SAME_DRAWS),
     (PEERS_H200, "Llama-2-7B, b2 x 512, embeddings frozen",
      [("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax, offload, `model.backward_bucket: 4`"),
-      ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], slice(20, 23)),
+      ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], H200_BUCKETS),
 ]
 
 
@@ -267,8 +269,6 @@ def packing_docs(result: dict) -> str:
   return "\n".join(out)
 
 
-
-
 def oracle_docs(result: dict) -> str:
   """Each pair of layers trained alone: test accuracy and the pair's MGN over the mean (best of each bold)."""
   pairs = result["oracle"][0]["pairs"]
@@ -405,11 +405,11 @@ PEERS_DOCS = {
     "peers_tiny_docs": (PEERS_H200, [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
-        ("tiny-torch-lisa-compile-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing")], slice(43, 47)),
+        ("tiny-torch-lisa-compile-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing")], H200_TINY_SAME_DRAWS),
     "peers_7b_docs": (PEERS_H200, [
         ("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax GRASS + offload, `model.backward_bucket: 4`"),
         ("7b-jax-grass-offload-late-g2-nomerge-unrolled", "grass_jax GRASS + offload, slot scan, unrolled forward"),
-        ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, compiled, checkpointed, same layers")], slice(20, 23)),
+        ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, compiled, checkpointed, same layers")], H200_BUCKETS),
     "peers_7b_no_ckpt_docs": (PEERS_H200, [
         ("7b-jax-grass-offload-late-g2-nomerge-bucket4-background", "grass_jax, buckets compiled in the background"),
         ("7b-torch-lisa-compile-g2-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing, same layers"),
