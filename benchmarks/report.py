@@ -255,6 +255,23 @@ def paired_chat_docs(result: dict) -> str:
   return "\n".join(out)
 
 
+PAIRED_CHAT_GRID = "benchmarks/results/accuracy_paired_chat_grid.json"
+
+
+def paired_chat_grid_docs(result: dict) -> str:
+  """The chat form's learning-rate grid at seed 0: validation accuracy (what chooses) and test accuracy."""
+  out = ["| method | learning rate | validation | test | card | commit |", "|---|---|---|---|---|---|"]
+  grid = sorted((r for r in result["rows"] if r["seed"] == 0 and "val_accuracy" in r), key=lambda r: r["lr"])
+  best = max(grid, key=lambda r: (r["val_accuracy"], -r["lr"]))
+  for r in grid:
+    val = f"{100 * r['val_accuracy']:.1f}%"
+    out.append(f"| `{r['method']}` | {r['lr']:g} | {f'**{val}**' if r is best else val} | {100 * r['accuracy']:.1f}% | "
+               f"{r['device']} | {r['commit']} |")
+  out.append(f"\n{result['config']['steps']} steps, {len(result['config']['tasks'])} task "
+             f"({', '.join(result['config']['tasks'])}); `{PAIRED_CHAT_GRID}`.")
+  return "\n".join(out)
+
+
 PACKING = "benchmarks/results/packing_h100.json"
 
 
@@ -401,7 +418,7 @@ PEERS_DOCS = {
         ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(2, 5)),
     "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
         ("7b-jax-default", "7B: grass_jax, the config's defaults (LISA)"),
-        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(0, 2)),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(7, 9)),
     "peers_tiny_docs": (PEERS_H200, [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
@@ -438,6 +455,9 @@ PEERS_DOCS = {
 PEERS_PROFILE = ("benchmarks/results/peers/peers_h100.jsonl", [
     ("tiny-jax-default", "grass_jax, the defaults until 2026-12-07 (whole LM head)"),
     ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed")], slice(5, 7))
+PEERS_PROFILE_7B = ("benchmarks/results/peers/peers_h100.jsonl", [
+    ("7b-jax-default", "grass_jax, the defaults (LISA)"),
+    ("7b-torch-lisa-compile-g2", "PyTorch LISA, compiled, checkpointed")], slice(9, 11))
 
 
 def sources() -> list[str]:
@@ -445,7 +465,8 @@ def sources() -> list[str]:
   return [PAIRED, PAIRED_TRACES, PAIRED_CHAT, PACKING, STUDY_750, STUDY_750_TRACES, STUDY_500, ORACLE, *SCALING.values(),
           STREAM_PEERS, STREAM_PROBE,
           *(path for path, _, _, _ in PEERS_README),
-          *(spec[0] for spec in PEERS_DOCS.values()), PEERS_PROFILE[0]]
+          *(spec[0] for spec in PEERS_DOCS.values()), PEERS_PROFILE[0], PEERS_PROFILE_7B[0],
+          PAIRED_CHAT_GRID]
 
 
 # name -> (result file, function making the markdown table from its JSON)
@@ -465,6 +486,8 @@ TABLES: dict[str, tuple[str | None, Callable[[Any], str]]] = {
     "streaming_docs": (None, streaming_docs),  # reads STREAM_PEERS and STREAM_PROBE
     **{name: (None, lambda _, spec=spec: peers_docs_table(*spec)) for name, spec in PEERS_DOCS.items()},
     "peers_default_profile_docs": (None, lambda _: peers_profile_docs(*PEERS_PROFILE)),
+    "peers_default_7b_profile_docs": (None, lambda _: peers_profile_docs(*PEERS_PROFILE_7B)),
+    "paired_chat_grid_docs": (PAIRED_CHAT_GRID, paired_chat_grid_docs),
 }
 PAGES = ["README.md", "docs/accuracy.md", "docs/performance.md", "docs/multi-gpu.md", "docs/offloading.md",
          "docs/training.md"]
