@@ -121,7 +121,7 @@ def required_flops(cfg: Any, batch: int, seq: int, num_active: int | None) -> fl
 def spec_config(spec: dict[str, Any]) -> Any:
   """The training config a benchmark spec describes (random weights of a ``SIZES`` entry, no data).
 
-  spec keys: size, strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
+  spec keys: size (or model: a Hugging Face config dict of its own), strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
   host too), prefetch, always_on, measure ('none': importance from the trained layers, 'sketch': live
   importance), probe_steps, sketch_size, sketch_every, frozen_grads, remat, attention, loss_chunk,
   unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead),
@@ -130,7 +130,7 @@ def spec_config(spec: dict[str, Any]) -> Any:
   config's defaults.
   """
   from grass_jax import config as config_lib
-  model = {"random_init": SIZES[spec["size"]], "tokenizer": "bytes"}
+  model = {"random_init": spec.get("model") or SIZES[spec["size"]], "tokenizer": "bytes"}
   if spec.get("defaults"):  # what a user gets who sets only the model, the batch and the embeddings' training
     if "loss_chunk" in spec:  # a candidate default
       model["loss_chunk_tokens"] = spec["loss_chunk"]

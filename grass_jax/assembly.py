@@ -244,9 +244,8 @@ def assemble(cfg: Config, *, total_steps: int, mesh: Any = None, compile_workers
     compile_workers = min(2, os.cpu_count() or 1) if cfg.model.backward_bucket else 1
   step = CompiledStep(make_train_step(model, tx, step_options(cfg, model, grass), shardings=shardings),
                       workers=compile_workers)
-  buckets = BackwardBuckets(cfg.model.backward_bucket, period=o.period, measure=measure,
-                            probe_steps=grass.probe_steps, sketch_every=o.sketch_every) \
-      if cfg.model.backward_bucket else None
+  buckets = BackwardBuckets(cfg.model.backward_bucket, dataclasses.replace(grass.schedule, sketch_every=o.sketch_every),
+                            measure) if cfg.model.backward_bucket else None
   return Assembly(cfg=cfg, model=model, tx=tx, schedule=schedule, step=step, param_shapes=param_shapes,
                   state_shapes=state_shapes, shardings=shardings, state_device_shardings=state_device,
                   backward_buckets=buckets)

@@ -11,7 +11,7 @@ slot scan.
 
 Example::
 
-  buckets = BackwardBuckets(4, period=20, measure="none")
+  buckets = BackwardBuckets(4, settings.schedule, measure="none")
   step = CompiledStep(make_train_step(config, tx, StepOptions(grass=settings)))  # tx built from settings,
                                                                                 # always_on=False
   for batch in batches:
@@ -31,14 +31,14 @@ from grass_jax.schedule import Schedule
 from grass_jax.transform import find_state
 
 
-def measures_frozen_layers(count: int, *, measure: str, probe_steps: int, sketch_every: int) -> bool:
+def measures_frozen_layers(count: int, schedule: Schedule, measure: str) -> bool:
   """Whether the step at optimizer count ``count`` measures frozen layers (probing, or a sketch step).
 
-  The train step's own rule (``metrics['probing']``, ``metrics['sketching']``), on the host.
+  The train step's own rule (``metrics['probing']``, ``metrics['sketching']``), on the host, from the
+  run's one :class:`~grass_jax.schedule.Schedule`.
   """
   if measure == "none":
     return False
-  schedule = Schedule(period=1, probe_steps=probe_steps, sketch_every=sketch_every)
   return bool(schedule.probing(count)) or (measure == "sketch" and bool(schedule.sketching(count)))
 
 
@@ -47,18 +47,15 @@ class BackwardBuckets:
 
   Attributes:
     bucket: layers per bucket (> 0).
-    period: the transform's ``period`` (the active layers change only at multiples of it).
-    measure, probe_steps, sketch_every: the train step's (``make_train_step``).
+    schedule: the run's :class:`~grass_jax.schedule.Schedule` (``GrassSettings.schedule``, with the
+      step's ``sketch_every``): when the layers switch and which steps probe or sketch.
+    measure: the train step's measure mode ('none', 'exact', 'sketch').
   """
 
-  def __init__(self, bucket: int, *, period: int, measure: str = "none", probe_steps: int = 0,
-               sketch_every: int = 1):
+  def __init__(self, bucket: int, schedule: Schedule, measure: str = "none"):
     if bucket < 1:
       raise ValueError(f"bucket must be >= 1; got {bucket}")
-    if period < 1:
-      raise ValueError(f"period must be >= 1; got {period}")
-    self.bucket, self.period = bucket, period
-    self.measure, self.probe_steps, self.sketch_every = measure, probe_steps, sketch_every
+    self.bucket, self.schedule, self.measure = bucket, schedule, measure
     self._layers: list[int] | None = None
     self._read_at: int | None = None
 
@@ -68,8 +65,7 @@ class BackwardBuckets:
 
   def start(self, count: int, opt_state: Any, offloader: Any = None) -> int | None:
     """``backward_start`` for the step at optimizer count ``count`` (None: the slot scan)."""
-    if measures_frozen_layers(count, measure=self.measure, probe_steps=self.probe_steps,
-                              sketch_every=self.sketch_every):
+    if measures_frozen_layers(count, self.schedule, self.measure):
       return None
     return backward_start(self.active_layers(count, opt_state, offloader), self.bucket)
 
@@ -77,7 +73,7 @@ class BackwardBuckets:
     """The layers the step at ``count`` trains, read from the device once per period at most."""
     if offloader is not None:
       return list(offloader.slot_layers)
-    period_of = count // self.period
+    period_of = count // self.schedule.period
     if self._layers is None or self._read_at != period_of:
       self._layers = [int(x) for x in np.asarray(find_state(opt_state).active)]
       self._read_at = period_of

@@ -1,5 +1,7 @@
 """The bucketed backward pass: the slot scan's gradients, one executable per bucket, NaN below it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -125,8 +127,7 @@ def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, ste
   tx = grass_jax.transform(optax.sgd(0.5, momentum=0.5), settings)
   step = CompiledStep(make_train_step(CFG, tx, StepOptions(
       dtype=jnp.float32, grass=settings, donate=False, measure=measure, sketch_every=sketch_every)), background=False)
-  buckets = BackwardBuckets(bucket or 1, period=period, measure=measure, probe_steps=probe_steps,
-                            sketch_every=sketch_every)
+  buckets = BackwardBuckets(bucket or 1, dataclasses.replace(settings.schedule, sketch_every=sketch_every), measure)
   params = PARAMS
   state = tx.init(params)
   if offload:

@@ -183,3 +183,19 @@ def test_step_memory_probe_accounts_for_the_always_on_state():
   moments = rows["chunk16"]["argument_bytes"] - rows["chunk16-frozen-head"]["argument_bytes"]
   assert moments >= 2 * head_bytes  # Adam's two moments of the embeddings and head
   assert all(r["temp_bytes"] > 0 for r in rows.values())
+
+
+def test_step_memory_probe_keeps_one_file_per_card(tmp_path):
+  # A probe run replaces its own rows (same size, variant and flags) and keeps the file's others.
+  import sys
+  from pathlib import Path
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+  from benchmarks.probes.step_memory import write_rows
+  path = tmp_path / "step_memory_h200.json"
+  old = [{"size": "a", "variant": "whole", "xla_flags": "", "temp_bytes": 1},
+         {"size": "a", "variant": "whole", "xla_flags": "--f", "temp_bytes": 2},
+         {"size": "b", "variant": "whole", "xla_flags": "", "temp_bytes": 3}]
+  write_rows(path, old)
+  write_rows(path, [{"size": "a", "variant": "whole", "xla_flags": "", "temp_bytes": 9}])
+  import json
+  assert [r["temp_bytes"] for r in json.loads(path.read_text())] == [2, 3, 9]

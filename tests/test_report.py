@@ -50,3 +50,29 @@ def test_the_profile_table_splits_each_rows_step_by_kernel_class():
   table = report.peers_profile_docs(*report.PEERS_PROFILE)
   assert "| 116.1 | 110.1 | 6.0 | 63.1 |" in table and "| 110.9 | 108.3 | 2.7 | 65.2 |" in table
   assert "lines 6-7: one invocation" in table
+
+
+def test_every_result_file_is_named_by_a_page_script_or_test():
+  # issue 41: nothing unreferenced in benchmarks/results (history lives in git, not in the folder).
+  import subprocess
+  tracked = subprocess.run(["git", "ls-files"], cwd=report.ROOT, capture_output=True, text=True).stdout.split()
+  if not tracked:  # not a git checkout (an sdist): nothing to check against
+    return
+  results = [p for p in tracked if p.startswith("benchmarks/results/") and not p.endswith("README.md")]
+  text = "\n".join((report.ROOT / p).read_text(errors="ignore") for p in tracked
+                   if p.endswith((".py", ".md", ".yaml")) and p not in results)
+  assert results and [p for p in results if p.split("/")[-1] not in text] == []
+
+
+def test_every_benchmark_script_is_named_outside_itself():
+  # issue 41: one script per question, and no probe left that nothing names.
+  import subprocess
+  tracked = subprocess.run(["git", "ls-files"], cwd=report.ROOT, capture_output=True, text=True).stdout.split()
+  scripts = [p for p in tracked if p.startswith("benchmarks/") and p.endswith(".py") and "/results/" not in p
+             and not p.endswith("__init__.py")]
+  if not scripts:  # not a git checkout
+    return
+  texts = {p: (report.ROOT / p).read_text(errors="ignore") for p in tracked if p.endswith((".py", ".md", ".yaml"))}
+  unnamed = [s for s in scripts
+             if not any(s.split("/")[-1][:-3] in text for p, text in texts.items() if p != s)]
+  assert unnamed == []

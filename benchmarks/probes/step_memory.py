@@ -1,21 +1,22 @@
 """Compiled memory of the GRASS train step, variant by variant, without running it.
 
   python benchmarks/probes/step_memory.py --size tinyllama-1.1b --batch 16 --seq 512 \\
-      --variants whole chunk2048 chunk2048-frozen-head chunk2048-sgd [--json OUT] [--buffers DIR]
+      --variants whole chunk2048 chunk2048-frozen-head chunk2048-unrolled \\
+      [--json benchmarks/results/probes/step_memory_h200.json] [--buffers DIR]
 
-Lowers and compiles the step of the peers benchmark's GRASS + offload row (gamma 2, bf16 weights
-and moments, full remat) with abstract inputs on the default backend, and prints XLA's
+Builds the peers benchmark's GRASS + offload row (gamma 2, bf16 weights and moments, full remat, the
+late swap) with ``grass_jax.assembly.assemble``, as the Trainer builds a run, compiles its step from
+abstract inputs on the default backend, and prints XLA's
 ``memory_analysis()``: arguments (weights, device-resident optimizer state, batch), outputs, and
 the temporaries the step needs on top (``temp``). A variant changes one thing:
 
 * ``whole`` / ``chunkN``: the loss over all tokens at once, or N tokens at a time;
 * ``-frozen-head``: embeddings and head frozen (no always-on optimizer step, no head gradient);
-* ``-sgd``: plain SGD instead of AdamW (no moments, no Adam temporaries);
-* ``-unrolled``: the forward pass over static slices of the stack (``StepOptions(unroll_forward=True)``);
+* ``-unrolled``: the forward pass over static slices of the stack (``model.unroll_forward``);
 * ``-stream``: the active layers' optimizer states in host memory, streamed one weight matrix at a time
-  (``StepOptions(stream_states=True)``); ``-stream-layer``: one layer at a time (``stream_by_leaf=False``).
+  (``optim.stream_active_states``).
 
-The differences in ``temp`` say what the loss, the always-on group and the optimizer cost. On a CPU
+The differences in ``temp`` say what the loss and the always-on group cost. On a CPU
 the attention is einsum (its scores add to ``temp``); run it on the GPU for cuDNN's numbers.
 
 ``--buffers DIR`` also writes, per variant, XLA's buffer assignment of the compiled step and its
@@ -42,38 +43,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
 def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict:
+  """XLA's ``memory_analysis()`` of the train step ``variant`` describes (module docstring), compiled from shapes."""
   import jax
   import jax.numpy as jnp
-  import optax
 
-  import grass_jax
-  from grass_jax.models import config_from_hf, init_params
-  from grass_jax.train_step import LAYERS, StepOptions, make_train_step
+  from benchmarks.common import spec_config
+  from grass_jax.assembly import assemble
 
-  cfg = config_from_hf(model)
   base = variant.split("-")[0]
-  chunk = int(base[len("chunk"):]) if base.startswith("chunk") else 0
-  always_on = "frozen-head" not in variant
-  params = jax.eval_shape(lambda: init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16))
-  inner = optax.sgd(1e-4) if variant.endswith("-sgd") else optax.adamw(1e-5, weight_decay=0.0)
-  settings = grass_jax.GrassSettings(layers=LAYERS, num_active=gamma, period=20, offload=True, always_on=always_on)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), grass_jax.transform(inner, settings))
-  state = jax.eval_shape(tx.init, params)
+  if not (base == "whole" or (base.startswith("chunk") and base[len("chunk"):].isdigit())):
+    raise SystemExit(f"unknown variant {variant!r}: it starts with whole or chunkN (e.g. chunk2048-frozen-head)")
   attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
-  stream = "-stream" in variant
-  shardings = None
-  if stream:  # the state's shardings put the active layers' states in host memory
-    from grass_jax import sharding
-    from grass_jax.offload import host_slot_shardings
-    mesh = sharding.make_mesh(data=1, fsdp=1)
-    shardings = (sharding.tree_shardings(params, mesh),
-                 host_slot_shardings(sharding.tree_shardings(state, mesh)), sharding.batch_sharding(mesh))
-  options = StepOptions(dtype=jnp.bfloat16, attention=attention, grass=settings, loss_chunk=chunk,
-                        unroll_forward="-unrolled" in variant, stream_states=stream,
-                        stream_by_leaf="-stream-layer" not in variant)
-  step = make_train_step(cfg, tx, options, shardings=shardings)
-  tok = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
-  compiled = step.lower(params, state, {"tokens": tok, "attention_mask": tok, "loss_mask": tok}).compile()
+  # The peers benchmark's GRASS + offload row, built as the Trainer builds a run (grass_jax.assembly).
+  parts = assemble(spec_config(dict(
+      model=model, strategy="grass", num_active=gamma, period=20, offload=True, prefetch=False,
+      always_on="frozen-head" not in variant, attention=attention,
+      loss_chunk=int(base[len("chunk"):]) if base.startswith("chunk") else 0,
+      unroll_forward="-unrolled" in variant, stream="-stream" in variant, batch=batch)), total_steps=1000)
+  tokens = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)
+  batch_shapes = {"tokens": tokens, "attention_mask": tokens, "loss_mask": tokens}
+  compiled = parts.step.step.lower(parts.param_shapes, parts.state_shapes, batch_shapes).compile()
   mem = compiled.memory_analysis()
   # Nothing is on the device here, so the peak so far is what compiling itself allocated (autotuning
   # runs candidate kernels on buffers the size of their operands). None on a CPU.
@@ -82,6 +71,23 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
           "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
           "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
           "compile_peak_bytes": stats.get("peak_bytes_in_use")}
+
+
+def jax_device_kind() -> str:
+  import jax
+  return jax.devices()[0].device_kind
+
+
+def row_key(row: dict) -> tuple:
+  return row.get("size"), row["variant"], row.get("xla_flags", "")
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+  """Merges ``rows`` into the card's result file: each replaces the kept row of the same :func:`row_key`."""
+  new = {row_key(r) for r in rows}
+  kept = [r for r in (json.loads(path.read_text()) if path.exists() else []) if row_key(r) not in new]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(kept + rows, indent=2) + "\n")
 
 
 def _keep_buffer_reports(new_files: list[Path], out: Path, name: str) -> None:
@@ -101,8 +107,11 @@ def main() -> None:
   ap.add_argument("--batch", type=int, default=16)
   ap.add_argument("--seq", type=int, default=512)
   ap.add_argument("--gamma", type=int, default=2)
-  ap.add_argument("--variants", nargs="+", default=["whole", "chunk2048", "chunk2048-frozen-head", "chunk2048-sgd"])
-  ap.add_argument("--json", default=None, help="also write the rows here")
+  ap.add_argument("--variants", nargs="+", default=["whole", "chunk2048", "chunk2048-frozen-head"])
+  ap.add_argument("--json", default=None,
+                  help="also write the rows into this file, the card's one file (e.g. "
+                       "benchmarks/results/probes/step_memory_h200.json): a row replaces the one of the same "
+                       "size, variant and XLA flags, the others stay")
   ap.add_argument("--buffers", type=Path, metavar="DIR", help="also write each variant's buffer assignment here")
   args = ap.parse_args()
   dump = None
@@ -115,6 +124,7 @@ def main() -> None:
   for variant in args.variants:
     before = set(dump.iterdir()) if dump else set()
     r = measure(SIZES[args.size], args.batch, args.seq, args.gamma, variant)
+    r.update(size=args.size, xla_flags=os.environ.get("XLA_FLAGS", ""), device=jax_device_kind())
     rows.append(r)
     if dump:
       _keep_buffer_reports(sorted(set(dump.iterdir()) - before), args.buffers, f"{args.size}_{variant}")
@@ -124,8 +134,7 @@ def main() -> None:
           + (f"  compiling peaked at {r['compile_peak_bytes'] / 2**30:.2f} GiB" if r["compile_peak_bytes"] else ""),
           flush=True)
   if args.json:
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_rows(Path(args.json), rows)
   if dump:
     shutil.rmtree(dump, ignore_errors=True)
 

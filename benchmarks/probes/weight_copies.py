@@ -45,9 +45,10 @@ Each row also records the compiled program's temporaries (``memory_analysis``) a
 ``conditional`` and ``copy`` instructions (optimised HLO). The draw and the cond's lowest layer are
 arguments of the compiled function. Before 2026-12-02 (fourth session) they were closed over: XLA then
 folded the conditionals away, and the ``unrolled-slices-cond`` and switch rows timed programs
-specialised to one draw (``weight_copies_7b_h200_cond.json``, ``weight_copies_7b_h200_switch.json``).
+specialised to one draw (``weight_copies_7b_h200_cond.json``, ``weight_copies_7b_h200_switch.json``, read
+with ``git show 3e843a2:benchmarks/results/probes/<name>``, as every result of this probe).
 A whole 7B step with the switch backward, its draw an argument, was slower than the scan
-(docs/performance.md): XLA copies the carried gradients in the branches that pass them through.
+(docs/performance-history.md): XLA copies the carried gradients in the branches that pass them through.
 
   python benchmarks/probes/weight_copies.py [--size llama2-7b] [--batch 2] [--seq 512] [--trained 6 13] \
       [--only VARIANT ...] [--out FILE]
