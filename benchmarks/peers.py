@@ -54,6 +54,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import SIZES, provenance, step_times_summary  # noqa: E402
+from grass_jax.xla_flags import RECOMMENDED as RECOMMENDED_XLA_FLAGS  # noqa: E402
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(size="tinyllama-1.1b", batch=16, seq=512, always_on=True)
@@ -67,6 +68,7 @@ CMDBUF = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUD
 # layer pass), and its dot merger concatenates k_proj and v_proj (same input) into one matrix per pass.
 NO_DOT_MERGER = "--xla_gpu_dot_merger_threshold_mb=0"
 DSFUSION = "--xla_gpu_enable_dynamic_slice_fusion=true"  # matmuls read a slice in place (legacy cuBLAS calls only)
+TRAIN_FLAGS = " ".join(f"--{k}={v}" for k, v in RECOMMENDED_XLA_FLAGS.items())  # what scripts/train.py adds
 LEGACY_DSFUSION = f"{DSFUSION} --xla_gpu_enable_cublaslt=false {NO_DOT_MERGER}"
 FLAG_VARIANTS = {
     "dsfusion": DSFUSION,
@@ -102,6 +104,11 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                               num_active=2)),
     ("7b-jax-default", dict(framework="jax", method="default", strategy="default", defaults=True, **SEVEN_B,
                             num_active=2)),
+    # The defaults with the XLA flags scripts/train.py sets (grass_jax.xla_flags.RECOMMENDED): what its user gets.
+    ("tiny-jax-default-train-flags", dict(framework="jax", method="default", strategy="default", defaults=True,
+                                          **TINY, num_active=2, xla_flags=TRAIN_FLAGS)),
+    ("7b-jax-default-train-flags", dict(framework="jax", method="default", strategy="default", defaults=True,
+                                        **SEVEN_B, num_active=2, xla_flags=TRAIN_FLAGS)),
     # The defaults with the whole LM head at once (the default until 2026-12-07: faster, a higher peak).
     ("tiny-jax-default-whole-loss", dict(framework="jax", method="default", strategy="default", defaults=True, **TINY,
                                          num_active=2, loss_chunk=0)),
