@@ -122,7 +122,7 @@ def spec_config(spec: dict[str, Any]) -> Any:
   """The training config a benchmark spec describes (random weights of a ``SIZES`` entry, no data).
 
   spec keys: size (or model: a Hugging Face config dict of its own), strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
-  host too), prefetch, always_on, measure ('none': importance from the trained layers, 'sketch': live
+  host too), always_on, measure ('none': importance from the trained layers, 'sketch': live
   importance), probe_steps, sketch_size, sketch_every, frozen_grads, remat, attention, loss_chunk,
   unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead),
   batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
@@ -146,7 +146,7 @@ def spec_config(spec: dict[str, Any]) -> Any:
       "data": {"train": "(synthetic tokens)"},
       "optim": {"strategy": spec["strategy"], "num_active": spec.get("num_active") or 1, "period": spec["period"],
                 "offload_optimizer_state": spec.get("offload", False), "stream_active_states": bool(spec.get("stream")),
-                "offload_prefetch": spec.get("prefetch", True), "always_on": spec.get("always_on", True),
+                "always_on": spec.get("always_on", True),
                 "importance": "sketch" if spec.get("measure", "none") == "sketch" else "grad",
                 "probe_steps": spec.get("probe_steps", 0), "sketch_size": spec.get("sketch_size", 4),
                 "sketch_every": spec.get("sketch_every", 1), "frozen_grads": spec.get("frozen_grads", "cond"),

@@ -211,7 +211,7 @@ class Assembly:
     o = self.cfg.optim
     if not o.offload_optimizer_state:
       return None
-    kw = dict(period=o.period, stream=o.stream_active_states, prefetch=o.offload_prefetch)
+    kw = dict(period=o.period, stream=o.stream_active_states)
     if layer_states is not None:
       return Offloader.restore(opt_state, layer_states, **kw)
     return Offloader(opt_state, **kw)

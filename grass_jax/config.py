@@ -163,10 +163,6 @@ class OptimConfig:
     state in host memory too and copy it to the device only for its update,
     one weight matrix at a time (no optimizer state per extra active layer on
     the device; costs host<->device copies every step, docs/offloading.md).
-  offload_prefetch: with offload_optimizer_state, copy the incoming layers'
-    states while the period's last step computes (true); false (default): only
-    after it, so the device never holds a second set of active layers' states
-    (less peak memory: gamma layers' moments; it measured no slower).
   frozen_grads: how frozen layers skip weight gradients: 'cond' (a hand-written
     backward pass of the layer scan: frozen layers compute input gradients
     only, no dW matmuls; the active layers' gradients are written into their
@@ -199,7 +195,6 @@ class OptimConfig:
   coverage: bool = False
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
-  offload_prefetch: bool = False
   frozen_grads: str = "cond"
   learning_rate: float = 1e-5
   schedule: str = "cosine"
@@ -326,21 +321,24 @@ CORE = {
 }
 
 
-# Keys that were removed: (the value whose behaviour stayed, what to do instead). An old config.yaml holding
-# the kept value still loads (a resume of a run started before the removal); another value is refused.
+# Keys that were removed: (the values an old config.yaml may still hold, what to do instead). Such a file still
+# loads (a resume of a run started before the removal); another value is refused.
 REMOVED = {
-    "model.backward_bucket_compile": ("ahead", "buckets always compile ahead now (compiled in the background, "
-                                               "none was ready within 1,000 steps of a 7B run): delete the key"),
+    "model.backward_bucket_compile": (("ahead",), "buckets always compile ahead now (compiled in the background, "
+                                                  "none was ready within 1,000 steps of a 7B run): delete the key"),
+    # Either value: when the swap copies changes no arithmetic, so an old run resumes as it would have.
+    "optim.offload_prefetch": ((False, True), "offloaded states are always swapped after a period's last step "
+                                              "(measured faster and leaner than prefetching): delete the key"),
 }
 
 
 def _drop_removed(data: dict) -> dict:
   data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
-  for key, (kept, instead) in REMOVED.items():
+  for key, (kept, instead) in REMOVED.items():  # kept: the values still accepted
     section, name = key.split(".")
     if isinstance(data.get(section), dict) and name in data[section]:
       value = data[section].pop(name)
-      if value != kept:
+      if not any(value == k and type(value) is type(k) for k in kept):
         raise ConfigError(f"{key} was removed; {instead} (got {_shown(value)})")
   return data
 

@@ -12,12 +12,11 @@ always-on group). :class:`Offloader` keeps every other layer's state in
   incoming ones host->device into their slots. Layers that stay active do
   not move.
 
-By default the swap waits for the period's last step to finish, and for its
-copies, so the device never holds the incoming layers' states beside that
-step's own (one slot set: ``gamma`` layers' moments), for one pause of the
-copy time per period; it measured no slower than overlapping the copies.
-``Offloader(..., prefetch=True)`` issues the incoming copies while that step
-computes instead.
+The swap waits for the period's last step to finish, and for its copies, so
+the device never holds the incoming layers' states beside that step's own (one
+slot set: ``gamma`` layers' moments), for one pause of the copy time per
+period. Issuing the copies while that step computes (a ``prefetch`` option
+until 2026-12-07) measured slower and used more memory (docs/offloading.md).
 
 Between switches nothing waits on the device except that one small read of
 ``next_active`` from the step before, which has finished by then or is about to.
@@ -126,7 +125,7 @@ class Offloader:
 
   def __init__(self, opt_state: Any, *, period: int, host_memory_kind: str = "pinned_host",
                bank: dict[int, Any] | None = None, fresh: Any = None, preallocate: bool = True,
-               stream: bool = False, prefetch: bool = False):
+               stream: bool = False):
     """Args:
       opt_state: the optimizer state right after ``init`` (or restored, with
         ``bank`` and ``fresh``; see :meth:`restore`).
@@ -138,16 +137,11 @@ class Offloader:
         pinning new host memory.
       stream: the active layers' states are in host memory too
         (:func:`host_slot_states`); a switch then moves no data.
-      prefetch: copy the incoming layers' states while the period's last
-        step computes; False (default): after it, at the cost of a pause, so
-        that they never share the device with that step (less peak memory).
-        No effect with ``stream`` (a switch moves no data).
     """
     if period < 1:
       raise ValueError(f"period must be >= 1; got {period}")
     self.period = period
     self.schedule = Schedule(period)  # when the incoming layers' states are swapped in (after a period's last step)
-    self.prefetch = prefetch
     s = find_state(opt_state)
     if s.bank is not None:
       raise ValueError("the optimizer state keeps its own bank; build the transform with offload=True")
@@ -200,10 +194,10 @@ class Offloader:
     # while the step just dispatched keeps the device busy.
     incoming = [int(x) for x in np.asarray(prev_next)]
     staying = {l: j for j, l in enumerate(self.slot_layers)}
-    late = not (self.prefetch or self.stream) and any(l not in staying for l in incoming)
+    late = not self.stream and any(l not in staying for l in incoming)
     if late:
       jax.block_until_ready(s.slot_states)  # the step just dispatched, whose temporaries the copies must not meet
-    prefetched = {l: self.bank.pop(l) if self.stream and l in self.bank else
+    incoming_states = {l: self.bank.pop(l) if self.stream and l in self.bank else
                   jax.device_put(self.bank.pop(l, self.fresh), self.on_device, may_alias=False)
                   for l in incoming if l not in staying}
     outgoing = [l for l in self.slot_layers if l not in incoming]
@@ -213,8 +207,8 @@ class Offloader:
     if late:
       # Done before the next step is dispatched: its temporaries then meet neither the incoming copies in
       # flight nor the outgoing states still on the device.
-      jax.block_until_ready((prefetched, [self.bank[l] for l in outgoing]))
-    slots = tuple(s.slot_states[staying[l]] if l in staying else prefetched[l] for l in incoming)
+      jax.block_until_ready((incoming_states, [self.bank[l] for l in outgoing]))
+    slots = tuple(s.slot_states[staying[l]] if l in staying else incoming_states[l] for l in incoming)
     self.slot_layers = incoming
     return replace_state(opt_state, s._replace(slot_states=slots, slot_layers=prev_next))
 
@@ -236,12 +230,12 @@ class Offloader:
 
   @classmethod
   def restore(cls, opt_state: Any, tree: dict[str, Any], *, period: int,
-              host_memory_kind: str = "pinned_host", stream: bool = False, prefetch: bool = False) -> Offloader:
+              host_memory_kind: str = "pinned_host", stream: bool = False) -> Offloader:
     """Rebuilds the offloader of a restored ``opt_state`` from its :meth:`checkpoint_tree`."""
     active = set(np.asarray(find_state(opt_state).active).tolist())
     bank = {int(l): v for l, v in tree["layers"].items() if int(l) not in active}
     return cls(opt_state, period=period, host_memory_kind=host_memory_kind, bank=bank, fresh=tree["fresh"],
-               preallocate=False, stream=stream, prefetch=prefetch)
+               preallocate=False, stream=stream)
 
   def full_bank(self, opt_state: Any) -> dict[int, Any]:
     """Every trained layer's current state (active ones from the device), for inspection."""

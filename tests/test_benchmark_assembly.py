@@ -10,10 +10,9 @@ SPEC = dict(size="tiny-test", strategy="grass", num_active=2, period=2, batch=2,
 
 
 def test_a_spec_is_a_training_config():
-  cfg = spec_config(dict(SPEC, offload=True, prefetch=False, measure="sketch", loss_chunk=16, always_on=False))
+  cfg = spec_config(dict(SPEC, offload=True, measure="sketch", loss_chunk=16, always_on=False))
   o = cfg.optim
-  assert (o.strategy, o.num_active, o.period, o.offload_optimizer_state, o.offload_prefetch, o.always_on) == \
-      ("grass", 2, 2, True, False, False)
+  assert (o.strategy, o.num_active, o.period, o.offload_optimizer_state, o.always_on) == ("grass", 2, 2, True, False)
   assert measure_mode(o) == "sketch" and cfg.model.loss_chunk_tokens == 16 and cfg.model.attention == "einsum"
   assert measure_mode(spec_config(SPEC).optim) == "none"  # importance from the trained layers, no probing
 

@@ -13,7 +13,7 @@ from tests.float_bounds import assert_adam_runs_agree, assert_moments_agree
 from tests.test_transform import random_grads, stacked_params
 
 
-def _run(offload, period, steps=14, seed=2, stream=False, prefetch=False, by_leaf=True):
+def _run(offload, period, steps=14, seed=2, stream=False, by_leaf=True):
   params = stacked_params()
   tx = optax.chain(optax.clip_by_global_norm(1.0),
                    grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), layers=grass_jax.stacked_layers(),
@@ -24,7 +24,7 @@ def _run(offload, period, steps=14, seed=2, stream=False, prefetch=False, by_lea
     state = jax.device_put(state, jax.devices()[0])
     state, shardings = host_slot_states(state, jax.tree.map(lambda x: x.sharding, state))
     extra = {"state_stream": state_stream(grass_jax.find_state(shardings).slot_states[0], by_leaf=by_leaf)}
-  off = Offloader(state, period=period, stream=stream, prefetch=prefetch) if offload else None
+  off = Offloader(state, period=period, stream=stream) if offload else None
 
   @jax.jit
   def step(p, s, g):
@@ -41,11 +41,10 @@ def _run(offload, period, steps=14, seed=2, stream=False, prefetch=False, by_lea
 
 
 @pytest.mark.default_flags
-@pytest.mark.parametrize("period,stream,prefetch,by_leaf", [(1, False, True, True), (3, False, True, True),
-                                                             (1, True, True, False), (3, True, True, False),
-                                                             (3, True, True, True), (3, False, False, True)])
-def test_params_identical_with_and_without_offload(period, stream, prefetch, by_leaf):
-  p_on, s_on, off, seq_on = _run(True, period, stream=stream, prefetch=prefetch, by_leaf=by_leaf)
+@pytest.mark.parametrize("period,stream,by_leaf", [(1, False, True), (3, False, True), (1, True, False),
+                                                   (3, True, False), (3, True, True)])
+def test_params_identical_with_and_without_offload(period, stream, by_leaf):
+  p_on, s_on, off, seq_on = _run(True, period, stream=stream, by_leaf=by_leaf)
   p_off, s_off, _, seq_off = _run(False, period)
   assert seq_on == seq_off
   assert len({tuple(a) for a in seq_on}) > 2
@@ -62,8 +61,8 @@ def test_params_identical_with_and_without_offload(period, stream, prefetch, by_
 
 
 def test_late_swap_copies_only_after_the_step_and_waits_for_its_copies(monkeypatch):
-  """The default (prefetch=False): at a switch that moves layers, wait for the step, then copy, then wait for the
-  copies; no waiting at steps without a switch, nor with prefetch=True."""
+  """At a switch that moves layers, wait for the step, then copy, then wait for the copies; no waiting at steps
+  without a switch, nor when streaming (a switch moves no data)."""
   events = []
   block, put = jax.block_until_ready, jax.device_put
   monkeypatch.setattr(jax, "block_until_ready", lambda x: (events.append("wait"), block(x))[1])
@@ -77,8 +76,8 @@ def test_late_swap_copies_only_after_the_step_and_waits_for_its_copies(monkeypat
   for chunk in swaps.split("w")[1::2]:  # between the two waits: the copies of that switch
     assert chunk and set(chunk) == {"c"}
   events.clear()
-  _run(True, 3, steps=12, prefetch=True)
-  assert "wait" not in events  # prefetching copies while the step computes
+  _run(True, 3, steps=12, stream=True)
+  assert "wait" not in events
 
 
 def test_memory_kinds_after_switch():

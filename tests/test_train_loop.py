@@ -60,18 +60,17 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
   compile_, load = CompiledStep.compile, train_lib.load_model
   monkeypatch.setattr(CompiledStep, "compile", lambda self, *a: (events.append("compile"), compile_(self, *a))[1])
   monkeypatch.setattr(train_lib, "load_model", lambda *a: (events.append("load"), load(*a))[1])
-  extra = ["train.max_steps=4", "optim.period=2", "optim.offload_optimizer_state=true", "optim.offload_prefetch=false",
+  extra = ["train.max_steps=4", "optim.period=2", "optim.offload_optimizer_state=true",
            "data.max_length=192", "data.buckets=[188, 192]"]
   trainer = Trainer(_cfg(tmp_path, *extra), progress=False)
   lengths = [b["tokens"].shape[-1] for _, _, b in trainer.dataset.iterate()][:4]
   assert set(lengths) == {188, 192}, "the run no longer fills both buckets: the test would not test two shapes"
   assert events == ["compile", "compile", "load"]
-  assert trainer.state.offloader.prefetch is False
   trainer.train()
   trainer.finish()
   assert trainer.train_step_fn.step._cache_size() == 0  # no step compiled with the weights on the device
   with Trainer(_cfg(tmp_path, *extra), resume=True, progress=False) as resumed:
-    assert resumed.state.offloader.prefetch is False
+    assert resumed.state.offloader is not None
 
 
 @pytest.mark.parametrize("override, message", [
@@ -193,6 +192,11 @@ def test_advanced_keys_go_under_advanced_and_old_files_still_load(tmp_path):
   with pytest.raises(config_lib.ConfigError, match="model.backward_bucket_compile was removed; buckets always "
                                                    "compile ahead now .*: delete the key \\(got 'background'\\)"):
     config_lib.load(tmp_path / "old.yaml", ["model.backward_bucket_compile=background"])
+  for held in ("true", "false"):  # optim.offload_prefetch (removed 2026-12-07): either value an old run wrote
+    assert config_lib.load(tmp_path / "old.yaml", [f"optim.offload_prefetch={held}"]) == cfg
+  with pytest.raises(config_lib.ConfigError, match="optim.offload_prefetch was removed; offloaded states are always "
+                                                   "swapped .*: delete the key \\(got 2\\)"):
+    config_lib.load(tmp_path / "old.yaml", ["optim.offload_prefetch=2"])
   for advanced, message in [({"optim": {"strategy": "grass"}}, "advanced.optim.strategy: optim.strategy is a core "
                                                                 "key; set it under optim:, not under advanced:"),
                             ({"optim": {"temperature": 1.0}}, "optim.temperature is set twice"),
