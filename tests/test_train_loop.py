@@ -51,9 +51,9 @@ def test_resume_equals_straight_run(tmp_path, offload, stream, sketch_every):
     assert {x.sharding.memory_kind for x in jax.tree.leaves(s.slot_states)} == {"pinned_host"}
 
 
-def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypatch):
-  # Also: the Trainer compiles the step for every batch length of the run before it loads the model
-  # (grass_jax.ahead_of_time), and no step compiles later. The buckets split this data in two.
+def test_the_trainer_compiles_every_batch_length_before_it_loads_the_model(tmp_path, monkeypatch):
+  # grass_jax.ahead_of_time, with offloaded states: no step compiles later. The buckets split this data in two.
+  # (Resuming an offloaded run: tests/test_crash.py.)
   import grass_jax.train as train_lib
   from grass_jax.ahead_of_time import CompiledStep
   events = []
@@ -69,8 +69,7 @@ def test_late_swap_reaches_the_offloader_on_start_and_resume(tmp_path, monkeypat
   trainer.train()
   trainer.finish()
   assert trainer.train_step_fn.step._cache_size() == 0  # no step compiled with the weights on the device
-  with Trainer(_cfg(tmp_path, *extra), resume=True, progress=False) as resumed:
-    assert resumed.state.offloader is not None
+  assert trainer.state.offloader is not None
 
 
 @pytest.mark.parametrize("override, message", [
