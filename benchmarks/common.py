@@ -123,7 +123,7 @@ def spec_config(spec: dict[str, Any]) -> Any:
 
   spec keys: size (or model: a Hugging Face config dict of its own), strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
   host too), always_on, measure ('none': importance from the trained layers, 'sketch': live
-  importance), probe_steps, sketch_size, sketch_every, frozen_grads, remat, attention, loss_chunk,
+  importance), probe_steps, sketch_size, sketch_every, remat, attention, loss_chunk,
   unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead),
   batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
   ``defaults``: true takes every setting but size, batch, always_on, num_active and period from the
@@ -149,7 +149,7 @@ def spec_config(spec: dict[str, Any]) -> Any:
                 "always_on": spec.get("always_on", True),
                 "importance": "sketch" if spec.get("measure", "none") == "sketch" else "grad",
                 "probe_steps": spec.get("probe_steps", 0), "sketch_size": spec.get("sketch_size", 4),
-                "sketch_every": spec.get("sketch_every", 1), "frozen_grads": spec.get("frozen_grads", "cond"),
+                "sketch_every": spec.get("sketch_every", 1),
                 "learning_rate": 1e-5, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
                 "max_grad_norm": 1.0},
       "train": {"batch_size": spec["batch"], "seed": 0},

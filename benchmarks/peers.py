@@ -59,7 +59,7 @@ from grass_jax.xla_flags import RECOMMENDED as RECOMMENDED_XLA_FLAGS  # noqa: E4
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TINY = dict(size="tinyllama-1.1b", batch=16, seq=512, always_on=True)
 SEVEN_B = dict(size="llama2-7b", batch=2, seq=512, always_on=False)
-JAX = dict(framework="jax", compile=True, attention="cudnn", remat="full", frozen_grads="cond")
+JAX = dict(framework="jax", compile=True, attention="cudnn", remat="full")
 # XLA:GPU runs a while loop (our layer scans) and a conditional from the host, one sync per iteration;
 # these command-buffer kinds record them as CUDA graph conditional nodes instead.
 CMDBUF = "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,CONDITIONAL,WHILE"

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import run_isolated  # noqa: E402
 
 TINY = dict(size="tinyllama-1.1b", batch=16, seq=512, steps=10, remat="full", attention="einsum")
-GRASS = dict(strategy="grass", period=50, frozen_grads="cond", num_active=2)
+GRASS = dict(strategy="grass", period=50, num_active=2)
 OFFLOAD = dict(GRASS, offload=True)
 
 # (name, spec) in priority order: what the targets need first.
@@ -30,7 +30,6 @@ PLAN: list[tuple[str, dict]] = [
     ("cudnn-full", dict(TINY, strategy="full", period=1, num_active=0, attention="cudnn")),
     ("cudnn-grass", dict(TINY, **GRASS, attention="cudnn")),
     ("cudnn-lisa", dict(TINY, **dict(GRASS, strategy="lisa"), attention="cudnn")),
-    ("cudnn-grass-select", dict(TINY, **dict(GRASS, frozen_grads="select"), attention="cudnn")),
     ("profile-grass-cudnn", dict(TINY, **GRASS, attention="cudnn", profile_dir="/tmp/grass_cudnn_profile")),
     ("profile-full-cudnn", dict(TINY, strategy="full", period=1, num_active=0, attention="cudnn",
                                 profile_dir="/tmp/full_cudnn_profile")),

@@ -129,7 +129,7 @@ def step_options(cfg: Config, model: DecoderConfig, grass: GrassSettings) -> Ste
   """The train step's settings a config implies (the model's, the optimizer's and the run's keys);
   ``grass``: the settings its transform was built from."""
   o, m = cfg.optim, cfg.model
-  return StepOptions(dtype=dtype_of(m.compute_dtype), remat=m.remat, frozen_grads=o.frozen_grads,
+  return StepOptions(dtype=dtype_of(m.compute_dtype), remat=m.remat,
                      attention=step_attention(cfg, model), loss_chunk=m.loss_chunk_tokens,
                      unroll_forward=m.unroll_forward, measure=measure_mode(o), sketch_size=o.sketch_size,
                      sketch_every=o.sketch_every, grass=grass, stream_states=o.stream_active_states)

@@ -163,12 +163,6 @@ class OptimConfig:
     state in host memory too and copy it to the device only for its update,
     one weight matrix at a time (no optimizer state per extra active layer on
     the device; costs host<->device copies every step, docs/offloading.md).
-  frozen_grads: how frozen layers skip weight gradients: 'cond' (a hand-written
-    backward pass of the layer scan: frozen layers compute input gradients
-    only, no dW matmuls; the active layers' gradients are written into their
-    slots in place; model.remat says what frozen layers keep: 'full' their
-    inputs, 'none'/'dots' more, for speed) or 'select' (one code path, dW
-    computed for every layer and dropped).
   learning_rate: peak learning rate.
   schedule: 'cosine', 'linear' or 'constant' after warm-up.
   warmup_ratio: fraction of the steps spent warming up linearly from 0.
@@ -195,7 +189,6 @@ class OptimConfig:
   coverage: bool = False
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
-  frozen_grads: str = "cond"
   learning_rate: float = 1e-5
   schedule: str = "cosine"
   warmup_ratio: float = 0.03
@@ -329,6 +322,9 @@ REMOVED = {
     # Either value: when the swap copies changes no arithmetic, so an old run resumes as it would have.
     "optim.offload_prefetch": ((False, True), "offloaded states are always swapped after a period's last step "
                                               "(measured faster and leaner than prefetching): delete the key"),
+    "optim.frozen_grads": (("cond",), "frozen layers always skip their weight gradients in the slot scan ('select', "
+                                      "which computed and dropped them, was slower and could not measure): delete "
+                                      "the key"),
 }
 
 
@@ -395,7 +391,6 @@ CHOICES = {
     "optim.probability": ("softmax", "power"),
     "optim.importance": ("grad", "sketch", "gain", "adam"),
     "optim.schedule": ("cosine", "linear", "constant"),
-    "optim.frozen_grads": ("cond", "select"),
 }
 
 
@@ -448,8 +443,6 @@ def _check_backward_bucket(cfg: Config) -> None:
     raise ConfigError("model.backward_bucket stops the backward pass at the lowest trained layer, so it needs "
                       "layer-wise training with the embeddings frozen: set optim.always_on: false "
                       "(and a strategy other than full), or model.backward_bucket: 0")
-  if o.frozen_grads != "cond":
-    raise ConfigError("model.backward_bucket needs optim.frozen_grads: cond (or model.backward_bucket: 0)")
   if o.live_importance() and o.sketch_every == 1:
     raise ConfigError("model.backward_bucket cannot sketch layers below the bucket, and optim.sketch_every: 1 "
                       "sketches at every step: set optim.sketch_every > 1 (sketch steps run the slot scan, the "
@@ -525,9 +518,6 @@ def validate(cfg: Config) -> Config:
                       "set optim.probe_steps: 0 (or null)")
   if o.strategy == "grass_static" and o.probing_steps() == 0:
     raise ConfigError("optim.strategy grass_static takes its importance from probing: set optim.probe_steps > 0")
-  if o.strategy.startswith("grass") and o.frozen_grads == "select" and (o.probing_steps() or o.live_importance()):
-    raise ConfigError("probing and importance: sketch measure frozen layers in the slot scan: "
-                      "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0")
   if o.reset_on_switch and o.offload_optimizer_state:
     raise ConfigError("optim.reset_on_switch keeps no moments of inactive layers, so there is nothing to offload: "
                       "set optim.offload_optimizer_state: false")

@@ -37,8 +37,7 @@ from grass_jax.layers import AlwaysOn, build_layout
 from grass_jax.loss import chunked_cross_entropy, cross_entropy
 from grass_jax.models import LAYERS
 from grass_jax.models.bucketed_stack import bucketed_stack
-from grass_jax.models.decoder import (DecoderConfig, ForwardOptions, LayerOverride, Params, forward, hidden_states,
-                                      resolve_attention, scan_stack)
+from grass_jax.models.decoder import DecoderConfig, ForwardOptions, Params, forward, hidden_states, resolve_attention
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
@@ -46,9 +45,8 @@ from grass_jax.transform import GrassSettings, GrassState, apply_slot_updates, f
 
 Batch = dict[str, jax.Array]
 
-FROZEN_GRADS = ("cond", "select")
 
-__all__ = ["FROZEN_GRADS", "LAYERS", "MEASURES", "Backward", "StepOptions", "cross_entropy", "make_train_step", "slot_loss"]
+__all__ = ["LAYERS", "MEASURES", "Backward", "StepOptions", "cross_entropy", "make_train_step", "slot_loss"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +56,6 @@ class StepOptions:
   Attributes:
     dtype: compute dtype of the forward and backward passes.
     remat: what each block keeps for the backward pass: 'full' (its input; recomputed), 'dots', 'none'.
-    frozen_grads: how frozen layers skip weight gradients: 'cond' (the slot scan,
-      :mod:`grass_jax.models.slot_scan`: no dW for frozen layers) or 'select' (dW for every layer, dropped).
     attention: 'auto', 'cudnn', 'xla' or 'einsum' (:func:`grass_jax.models.decoder.resolve_attention`).
     loss_chunk: > 0: the LM head and the loss over this many tokens at a time (the float32 logits and
       their gradient never exist whole), where a micro-batch predicts more tokens than that; 0: whole.
@@ -87,7 +83,6 @@ class StepOptions:
 
   dtype: Any = jnp.bfloat16
   remat: str = "full"
-  frozen_grads: str = "cond"
   attention: str = "auto"
   loss_chunk: int = 0
   unroll_forward: bool = False
@@ -100,8 +95,6 @@ class StepOptions:
   donate: bool = True
 
   def __post_init__(self):
-    if self.frozen_grads not in FROZEN_GRADS:
-      raise ValueError(f"frozen_grads must be one of {FROZEN_GRADS}; got {self.frozen_grads!r}")
     if self.measure not in MEASURES:
       raise ValueError(f"measure must be one of {MEASURES}; got {self.measure!r}")
     if self.unroll_forward and self.remat != "full":
@@ -128,7 +121,7 @@ class Backward(NamedTuple):
 
   Attributes:
     sink: float32 ``[L]`` zeros whose gradient holds each layer's squared gradient norm (importance
-      measurement, frozen_grads 'cond' only; see :mod:`grass_jax.models.slot_scan`); None: no measurement.
+      measurement; see :mod:`grass_jax.models.slot_scan`); None: no measurement.
     measurement: this step's :class:`~grass_jax.models.slot_scan.Measurement` (with ``sink``).
     input_grad: False when the embeddings do not train: the backward pass then stops at the lowest
       trained layer ('cond' only).
@@ -153,8 +146,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
       layers, in the order of ``active``); other leaves are the always-on group.
     frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
-    options: how it computes (:class:`StepOptions`); ``frozen_grads`` 'cond' reads the active layers'
-      weights from ``frozen_layers``, not the values of ``trainable['layers']`` (only their shapes).
+    options: how it computes (:class:`StepOptions`). The active layers' weights are read from
+      ``frozen_layers``, not from the values of ``trainable['layers']`` (only their shapes).
       ``grass``, ``stream_*`` and ``donate`` are the step's, not the loss's.
     backward: what the backward pass measures and where it stops (:class:`Backward`).
     act_sharding: the activations' sharding on a mesh of several devices.
@@ -163,7 +156,7 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     ``(summed loss, number of loss tokens)``.
   """
   o = options
-  dtype, remat, frozen_grads, measure, may_probe = o.dtype, o.remat, o.frozen_grads, o.measure, o.probe_steps > 0
+  dtype, remat, measure, may_probe = o.dtype, o.remat, o.measure, o.probe_steps > 0
   sink, measurement, input_grad, backward_start = backward
   num_layers = config.num_layers
   gamma = active.shape[0]
@@ -174,24 +167,18 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   stack = None
   if gamma == num_layers:  # all layers train: the slots are the stack itself (active == arange)
     params = trainable
-  elif frozen_grads == "cond" and backward_start is not None:
+  elif backward_start is not None:
     _check_bucketable(input_grad, measure, o.sketch_every)
     # Steps that measure frozen layers (probing, a sketch step) are refused: their gradients come out NaN.
     refuse = frozen_layers_measured(measure, measurement, may_probe=may_probe, sketch_every=o.sketch_every)
     stack = bucketed_stack(config, trainable["layers"], _slot_of(active, num_layers), backward_start,
                            attention=impl, act_sharding=act_sharding,
                            measure="none" if measure == "none" else "exact", sink=sink, refuse=jnp.asarray(refuse))
-  elif frozen_grads == "cond":
+  else:
     stack = slot_stack(config, trainable["layers"], _slot_of(active, num_layers), attention=impl,
                        act_sharding=act_sharding, remat=remat, measure=measure, sketch_size=o.sketch_size, sink=sink,
                        measurement=measurement, may_probe=may_probe, input_grad=input_grad,
                        sketch_every=o.sketch_every, unroll_forward=o.unroll_forward)
-  else:
-    if measure != "none":
-      raise ValueError("importance measurement in the backward pass needs frozen_grads='cond'")
-    if backward_start is not None:
-      raise ValueError("a bucketed backward pass (backward_start) needs frozen_grads='cond'")
-    stack = scan_stack(config, fwd, layer_override=_pick_slots(trainable["layers"], _slot_of(active, num_layers)))
   # A batch of at most one chunk's tokens takes the whole-loss path: the same memory, no custom VJP.
   chunked = 0 < o.loss_chunk < batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
   out, _ = (hidden_states if chunked else forward)(params, config, batch["tokens"], batch["attention_mask"],
@@ -199,17 +186,6 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   if chunked:
     return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], o.loss_chunk)
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
-
-
-def _pick_slots(slots: Params, slot_of: jax.Array) -> LayerOverride:
-  """A scan's ``layer_override`` that reads a trained layer's weights from its slot (frozen_grads 'select')."""
-
-  def pick(lp: Params, idx: jax.Array) -> Params:
-    slot = slot_of[idx]
-    row = jnp.maximum(slot, 0)
-    return {k: jnp.where(slot >= 0, slots[k][row].astype(v.dtype), v) for k, v in lp.items()}
-
-  return pick
 
 
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:
@@ -311,9 +287,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
     measuring = o.measure != "none" and not all_layers
     trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
-    # 'cond' reads the active layers from the frozen stack and never the slot values, so the gradient
+    # The slot scan reads the active layers from the frozen stack and never the slot values, so the gradient
     # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
-    slot_handles = not all_layers and o.frozen_grads == "cond"
+    slot_handles = not all_layers
     wrt = ({**params, "layers": {k: jnp.zeros_like(v) for k, v in trainable["layers"].items()}}
            if slot_handles else trainable)
     sink = jnp.zeros((config.num_layers,), jnp.float32) if measuring else None

@@ -85,7 +85,7 @@ def test_the_trainer_compiles_every_batch_length_before_it_loads_the_model(tmp_p
     ("model.path=foo", "exactly one of model.path"),
     ("nonsense.key=1", "unknown section"),
     ("optim.num_active", "must look like section.key=value"),
-    ("optim.frozen_grads=select", "use optim.frozen_grads: cond, or optim.importance: grad with optim.probe_steps: 0"),
+    ("optim.frozen_grads=select", "optim.frozen_grads was removed; frozen layers always skip"),
     ("optim.reset_on_switch=true", "nothing to offload: set optim.offload_optimizer_state: false"),
     ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0; got -0.1"),
     ("optim.importance=gain optim.period=1", "optim.importance: gain compares each period's two halves"),

@@ -35,7 +35,6 @@ import numpy as np
 from flax import nnx
 
 Params = dict[str, Any]
-LayerOverride = Callable[[Params, jax.Array], Params]
 # Per linear map name, ``(A [d_in, k], Z [d_out, k])``: the block adds ``(x A) Z^T`` to ``x W``, so that the
 # gradient with respect to A is ``x^T dy Z``, a sketch of the weight gradient (grass_jax.models.slot_scan).
 Probes = dict[str, tuple[jax.Array, jax.Array]]
@@ -427,17 +426,13 @@ class ForwardOptions:
       raise ValueError(f"attention must be one of {ATTENTION}; got {self.attention!r}")
 
 
-def scan_stack(config: DecoderConfig, options: ForwardOptions = ForwardOptions(), *,
-               layer_override: LayerOverride | None = None) -> LayerStack:
-  """The model's own layer scan as a ``layer_stack``; ``layer_override(layer_params, index)`` may swap a
-  layer's weights inside the scan (e.g. for trainable slots)."""
+def scan_stack(config: DecoderConfig, options: ForwardOptions = ForwardOptions()) -> LayerStack:
+  """The model's own layer scan as a ``layer_stack``."""
   attention = resolve_attention(config, options.attention, options.dtype)
 
   def run(layers: Params, h: jax.Array, inputs: LayerInputs) -> jax.Array:
     def body(h, xs):
       lp, idx = xs
-      if layer_override is not None:
-        lp = layer_override(lp, idx)
       return run_block(config, lp, h, idx, inputs, attention=attention, act_sharding=options.act_sharding), None
 
     return jax.lax.scan(with_remat(body, options.remat), h, (layers, jnp.arange(config.num_layers)))[0]
