@@ -413,12 +413,13 @@ def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = s
 # The docs' speed tables: (peers file, rows shown with their labels[, the lines of one invocation]).
 PEERS_DOCS = {
     "peers_default_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
-        ("tiny-jax-default-chunk2048", "TinyLlama: grass_jax, the defaults (LISA, loss 2,048 tokens at a time)"),
-        ("tiny-jax-default", "TinyLlama: the same, the whole LM head at once (the default until 2026-12-07)"),
-        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(2, 5)),
+        ("tiny-jax-default", "TinyLlama: grass_jax, the defaults, XLA's flags"),
+        ("tiny-jax-default-train-flags", "TinyLlama: the same under the flags `scripts/train.py` sets"),
+        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(11, 17)),
     "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
-        ("7b-jax-default", "7B: grass_jax, the config's defaults (LISA)"),
-        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(7, 9)),
+        ("7b-jax-default", "7B: grass_jax, the defaults, XLA's flags"),
+        ("7b-jax-default-train-flags", "7B: the same under the flags `scripts/train.py` sets"),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(11, 17)),
     "peers_tiny_docs": (PEERS_H200, [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
