@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from grass_jax import chat
 from grass_jax import data as data_lib
 from grass_jax import sharding as sharding_lib
+from grass_jax import xla_flags
 from grass_jax.ahead_of_time import CompiledStep
 from grass_jax.assembly import assemble, build_optimizer, check_layers_fit, dtype_of, measure_mode, model_config
 from grass_jax.checkpoints import Checkpointer
@@ -110,6 +111,16 @@ class RunState:
   window_start: float = dataclasses.field(default_factory=time.perf_counter)
 
 
+def _note_missing_flags() -> None:
+  """On a GPU, one line when this process started without the recommended XLA flags (a program of the user's
+  own that did not call grass_jax.use_recommended_flags(); scripts/train.py sets them)."""
+  missing = xla_flags.missing_recommended_flags()
+  if missing and jax.default_backend() == "gpu":
+    print(f"note: XLA_FLAGS lacks {' '.join(missing)}, so steps run slower (docs/performance.md); call "
+          "grass_jax.use_recommended_flags() before the first jax computation, or run scripts/train.py",
+          file=sys.stderr)
+
+
 class Trainer:
   """Fine-tunes as a :class:`~grass_jax.config.Config` says (README 'Training' lists the outputs)."""
 
@@ -136,6 +147,7 @@ class Trainer:
     if cfg.train.max_steps is not None:
       self.total = min(self.total, cfg.train.max_steps)
     self.parts = assemble(cfg, total_steps=self.total, mesh=self.mesh, model=self.mcfg)
+    _note_missing_flags()
     self.train_step_fn = self._compile_step()  # before the weights are on the device
     self.state = self._place_and_restore(resume)
     # With several hosts, process 0 writes the files; every process takes part in checkpoints.

@@ -70,6 +70,13 @@ def missing_deterministic_flags(environ: MutableMapping[str, str] | None = None)
   return [f"--{k}={v}" for k, v in DETERMINISTIC.items() if present.get(k, "").lower() not in (v, "1")]
 
 
+def missing_recommended_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
+  """The flags of :data:`RECOMMENDED` that ``XLA_FLAGS`` does not name at all (a value of your own counts as set)."""
+  env = os.environ if environ is None else environ
+  present = {_flag_name(t) for t in env.get("XLA_FLAGS", "").split()}
+  return [f"--{k}={v}" for k, v in RECOMMENDED.items() if k not in present]
+
+
 def use_deterministic_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
   """:func:`use_recommended_flags` for :data:`DETERMINISTIC`: call it before JAX's first computation."""
   return use_recommended_flags(environ, DETERMINISTIC)

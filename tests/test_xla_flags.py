@@ -53,3 +53,18 @@ def test_deterministic_flags_are_set_once_and_reported_missing_until_then():
   # a user's explicit false is kept (theirs win) and still reported, so a deterministic run refuses to start
   off = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false"}
   assert use_deterministic_flags(off) == [] and missing_deterministic_flags(off) == ["--xla_gpu_deterministic_ops=true"]
+
+
+def test_a_gpu_run_without_the_recommended_flags_gets_one_note(monkeypatch, capsys):
+  from grass_jax import train as train_lib
+  from grass_jax.xla_flags import RECOMMENDED, missing_recommended_flags
+  mine = "--xla_gpu_dot_merger_threshold_mb=32"  # a value of the user's own counts as set
+  assert missing_recommended_flags({"XLA_FLAGS": mine}) == []
+  assert missing_recommended_flags({}) == [f"--{k}={v}" for k, v in RECOMMENDED.items()]
+  monkeypatch.setattr(train_lib.jax, "default_backend", lambda: "gpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1")
+  train_lib._note_missing_flags()
+  assert capsys.readouterr().err.count("note: XLA_FLAGS lacks --xla_gpu_dot_merger_threshold_mb=0") == 1
+  monkeypatch.setenv("XLA_FLAGS", mine)
+  train_lib._note_missing_flags()
+  assert capsys.readouterr().err == ""
