@@ -492,6 +492,7 @@ def main() -> None:
   ap.add_argument("--out-dir", default="benchmarks/results/peers")
   ap.add_argument("--only", nargs="+", help="run only these PLAN names")
   ap.add_argument("--group", choices=["tiny", "7b"], help="run only the rows of one model")
+  ap.add_argument("--as-given", action="store_true", help="run the --only rows in the order given (default: PLAN's)")
   ap.add_argument("--steps", type=int, default=200)
   ap.add_argument("--period", type=int, default=20)
   ap.add_argument("--deadline-s", type=float, default=None, help="start no row after this many seconds")
@@ -516,7 +517,13 @@ def main() -> None:
   out.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   measured = []
-  for name, spec in PLAN:
+  plan = PLAN
+  if args.only and args.as_given:  # the order of --only (a row's place in an invocation can change its whole run)
+    unknown = [n for n in args.only if n not in dict(PLAN)]
+    if unknown:
+      raise SystemExit(f"unknown rows {', '.join(unknown)}: see PLAN in benchmarks/peers.py")
+    plan = [(n, dict(PLAN)[n]) for n in args.only]
+  for name, spec in plan:
     if (args.only and name not in args.only) or (args.group and not name.startswith(args.group + "-")):
       continue
     if args.deadline_s is not None and time.perf_counter() - t0 > args.deadline_s:
