@@ -57,10 +57,13 @@ def with_recommended_flags(xla_flags: str, recommended: dict[str, str] | None = 
     with_recommended_flags("--xla_gpu_autotune_level=2")
     # '--xla_gpu_autotune_level=2 --xla_gpu_dot_merger_threshold_mb=0'
   """
-  recommended = RECOMMENDED if recommended is None else recommended
+  return " ".join([xla_flags.strip(), *_unset(xla_flags, RECOMMENDED if recommended is None else recommended)]).strip()
+
+
+def _unset(xla_flags: str, flags: dict[str, str]) -> list[str]:
+  """``--name=value`` for each of ``flags`` that ``xla_flags`` does not name (a value of yours counts as set)."""
   present = {_flag_name(t) for t in xla_flags.split()}
-  added = [f"--{name}={value}" for name, value in recommended.items() if name not in present]
-  return " ".join([xla_flags.strip(), *added]).strip()
+  return [f"--{name}={value}" for name, value in flags.items() if name not in present]
 
 
 def missing_deterministic_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
@@ -73,8 +76,7 @@ def missing_deterministic_flags(environ: MutableMapping[str, str] | None = None)
 def missing_recommended_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:
   """The flags of :data:`RECOMMENDED` that ``XLA_FLAGS`` does not name at all (a value of your own counts as set)."""
   env = os.environ if environ is None else environ
-  present = {_flag_name(t) for t in env.get("XLA_FLAGS", "").split()}
-  return [f"--{k}={v}" for k, v in RECOMMENDED.items() if k not in present]
+  return _unset(env.get("XLA_FLAGS", ""), RECOMMENDED)
 
 
 def use_deterministic_flags(environ: MutableMapping[str, str] | None = None) -> list[str]:

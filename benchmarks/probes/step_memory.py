@@ -56,7 +56,7 @@ def measure(model: dict, batch: int, seq: int, gamma: int, variant: str) -> dict
   attention = "cudnn" if jax.default_backend() == "gpu" else "einsum"
   # The peers benchmark's GRASS + offload row, built as the Trainer builds a run (grass_jax.assembly).
   parts = assemble(spec_config(dict(
-      model=model, strategy="grass", num_active=gamma, period=20, offload=True, prefetch=False,
+      model=model, strategy="grass", num_active=gamma, period=20, offload=True,
       always_on="frozen-head" not in variant, attention=attention,
       loss_chunk=int(base[len("chunk"):]) if base.startswith("chunk") else 0,
       unroll_forward="-unrolled" in variant, stream="-stream" in variant, batch=batch)), total_steps=1000)
