@@ -25,7 +25,7 @@ if _OWN_TOKENIZER_CACHE:
   os.environ["GRASS_JAX_CACHE"] = tempfile.mkdtemp(prefix="grass_jax_test_cache_")
 
 # LLVM's expensive optimisation passes cost compile time that the suite's small programs never win back
-# (test_train_step.py: 104 -> 93 s on 2 cores; the demo's 189 training steps run as fast, 49 s, and still
+# (test_train_step.py: 104 -> 93 s on 2 cores; the demo's training steps run as fast, and still
 # reach 100%). Set before jax is imported; workers and subprocesses inherit it. A flag you set yourself wins.
 LLVM_FLAG = "--xla_llvm_disable_expensive_passes=true"
 if (os.environ.get("GRASS_TEST_DEFAULT_FLAGS") != "1"
