@@ -48,7 +48,7 @@ def test_resume_with_a_changed_schedule_is_refused_naming_the_key(tmp_path, stop
 
 
 # A value other than the run's for each key the schedule and the layer sequence depend on.
-CHANGED = {"train.max_steps": "7", "train.epochs": "2", "train.batch_size": "4", "train.grad_accum": "2",
+CHANGED = {"train.max_steps": "7", "train.epochs": "5", "train.batch_size": "4", "train.grad_accum": "2",
            "train.seed": "1", "optim.strategy": "lisa", "optim.learning_rate": "0.5", "optim.schedule": "linear",
            "optim.warmup_ratio": "0.2", "optim.period": "1", "optim.probe_steps": "0", "optim.importance": "sketch",
            "optim.sketch_every": "5", "optim.num_active": "1", "optim.fixed_layers": "[0, 1]",
