@@ -134,6 +134,8 @@ def spec_config(spec: dict[str, Any]) -> Any:
   if spec.get("defaults"):  # what a user gets who sets only the model, the batch and the embeddings' training
     if "loss_chunk" in spec:  # a candidate default
       model["loss_chunk_tokens"] = spec["loss_chunk"]
+    if spec.get("unroll_forward"):  # a candidate default: no weight copies out of the stack, longer compiles
+      model["unroll_forward"] = True
     return config_lib.from_dict({"model": model, "data": {"train": "(synthetic tokens)"},
                                  "optim": {"always_on": spec.get("always_on", True),  # and the protocol's:
                                            "num_active": spec["num_active"], "period": spec["period"]},

@@ -111,6 +111,12 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
                                           **TINY, num_active=2, xla_flags=TRAIN_FLAGS)),
     ("7b-jax-default-train-flags", dict(framework="jax", method="default", strategy="default", defaults=True,
                                         **SEVEN_B, num_active=2, xla_flags=TRAIN_FLAGS)),
+    # The defaults with the forward unrolled (model.unroll_forward): the forward reads each layer's weights in
+    # place instead of copying them out of the [L, ...] stack, at a longer compilation.
+    ("tiny-jax-default-unrolled", dict(framework="jax", method="default", strategy="default", defaults=True,
+                                       **TINY, num_active=2, unroll_forward=True)),
+    ("7b-jax-default-unrolled", dict(framework="jax", method="default", strategy="default", defaults=True,
+                                     **SEVEN_B, num_active=2, unroll_forward=True)),
     # The defaults with the whole LM head at once (the default until 2026-12-07: faster, a higher peak).
     ("tiny-jax-default-whole-loss", dict(framework="jax", method="default", strategy="default", defaults=True, **TINY,
                                          num_active=2, loss_chunk=0)),
