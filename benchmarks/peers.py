@@ -99,27 +99,24 @@ def _jax(method: str, **kw) -> dict[str, Any]:
   return dict(JAX, method=method, strategy=strategy, **kw)
 
 
+def _default(**kw) -> dict[str, Any]:
+  """What a user gets: the config's defaults (grass_jax.config), only the model, batch and embeddings set."""
+  return dict(framework="jax", method="default", strategy="default", defaults=True, num_active=2, **kw)
+
+
 # (name, spec) in priority order; group = the model the row belongs to.
 PLAN: list[tuple[str, dict[str, Any]]] = [
-    # What a user gets: the config's defaults (grass_jax.config), only the model, batch and embeddings set.
-    ("tiny-jax-default", dict(framework="jax", method="default", strategy="default", defaults=True, **TINY,
-                              num_active=2)),
-    ("7b-jax-default", dict(framework="jax", method="default", strategy="default", defaults=True, **SEVEN_B,
-                            num_active=2)),
+    ("tiny-jax-default", _default(**TINY)),
+    ("7b-jax-default", _default(**SEVEN_B)),
     # The defaults with the XLA flags scripts/train.py sets (grass_jax.xla_flags.RECOMMENDED): what its user gets.
-    ("tiny-jax-default-train-flags", dict(framework="jax", method="default", strategy="default", defaults=True,
-                                          **TINY, num_active=2, xla_flags=TRAIN_FLAGS)),
-    ("7b-jax-default-train-flags", dict(framework="jax", method="default", strategy="default", defaults=True,
-                                        **SEVEN_B, num_active=2, xla_flags=TRAIN_FLAGS)),
+    ("tiny-jax-default-train-flags", _default(**TINY, xla_flags=TRAIN_FLAGS)),
+    ("7b-jax-default-train-flags", _default(**SEVEN_B, xla_flags=TRAIN_FLAGS)),
     # The defaults with the forward unrolled (model.unroll_forward): the forward reads each layer's weights in
     # place instead of copying them out of the [L, ...] stack, at a longer compilation.
-    ("tiny-jax-default-unrolled", dict(framework="jax", method="default", strategy="default", defaults=True,
-                                       **TINY, num_active=2, unroll_forward=True)),
-    ("7b-jax-default-unrolled", dict(framework="jax", method="default", strategy="default", defaults=True,
-                                     **SEVEN_B, num_active=2, unroll_forward=True)),
+    ("tiny-jax-default-unrolled", _default(**TINY, unroll_forward=True)),
+    ("7b-jax-default-unrolled", _default(**SEVEN_B, unroll_forward=True)),
     # The defaults with the whole LM head at once (the default until 2026-12-07: faster, a higher peak).
-    ("tiny-jax-default-whole-loss", dict(framework="jax", method="default", strategy="default", defaults=True, **TINY,
-                                         num_active=2, loss_chunk=0)),
+    ("tiny-jax-default-whole-loss", _default(**TINY, loss_chunk=0)),
     ("tiny-jax-grass-offload-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, loss_chunk=2048)),
     ("tiny-torch-lisa-compile", _torch("lisa", True, **TINY, num_active=2)),
     # The incoming layers' states copied after the period's last step, not during it (one slot set less at the peak).

@@ -198,8 +198,8 @@ class Offloader:
     if late:
       jax.block_until_ready(s.slot_states)  # the step just dispatched, whose temporaries the copies must not meet
     incoming_states = {l: self.bank.pop(l) if self.stream and l in self.bank else
-                  jax.device_put(self.bank.pop(l, self.fresh), self.on_device, may_alias=False)
-                  for l in incoming if l not in staying}
+                       jax.device_put(self.bank.pop(l, self.fresh), self.on_device, may_alias=False)
+                       for l in incoming if l not in staying}
     outgoing = [l for l in self.slot_layers if l not in incoming]
     for j, l in enumerate(self.slot_layers):
       if l in outgoing:
