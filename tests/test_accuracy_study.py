@@ -86,6 +86,19 @@ def test_study_picks_the_best_validation_lr_then_runs_the_other_seeds():
   assert [j["seed"] for j in jobs({**scale, "seeds": [2, 6]}, [base, *grid])] == [2, 6]
 
 
+def test_a_method_with_one_lr_runs_only_its_own_seeds():
+  from benchmarks.accuracy.study import jobs
+  base = {"task": "arith", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.0}
+  scale = {"tasks": ["arith"], "methods": ["lisa", "grass"], "seeds": [0, 1], "lrs": {"lisa": [6e-4], "grass": [6e-4]},
+           "seeds_by_method": {"lisa": [0, 1, 2, 3]}}
+  todo = [(j["method"], j["seed"], j["splits"]) for j in jobs(scale, [base])]
+  assert todo == [("lisa", 0, ["val", "test"]), ("grass", 0, ["val", "test"]), ("lisa", 1, ["test"]),
+                  ("lisa", 2, ["test"]), ("lisa", 3, ["test"]), ("grass", 1, ["test"])]
+  # Seeds 8-15 of a study whose seeds 0-7 ran elsewhere: no seed 0 (there is no learning rate to choose).
+  later = {**scale, "seeds": [8, 9], "seeds_by_method": {}}
+  assert [(j["method"], j["seed"]) for j in jobs(later, [base])] == [("lisa", 8), ("lisa", 9), ("grass", 8), ("grass", 9)]
+
+
 def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
   # A run's RESULT line with a long importance trace is over 64 KiB (71 KB for the probing variants
   # on SmolLM2); read only at exit through a pipe, it blocked the run for ever.
@@ -305,3 +318,17 @@ def test_chat_runs_pair_with_the_alpaca_runs_of_the_same_task_method_and_seed(tm
   half = 4.302652729911275 * 0.01 / 3 ** 0.5
   assert all(abs(x - y) < 1e-9 for x, y in zip(out["ci95"], [0.02 - half, 0.02 + half]))
   assert abs(out["alpaca_accuracy_mean"] - 0.75) < 1e-12 and abs(out["chat_accuracy_mean"] - 0.77) < 1e-12
+
+
+def test_chat_runs_pair_across_several_alpaca_reports_and_refuse_a_run_in_two(tmp_path, monkeypatch):
+  from benchmarks.accuracy import study
+  row = lambda s, acc: {"task": "a", "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": acc}
+  (tmp_path / "first.json").write_text(json.dumps({"rows": [row(0, 0.80), row(1, 0.70)]}))
+  (tmp_path / "more.json").write_text(json.dumps({"rows": [row(8, 0.75)]}))
+  monkeypatch.setattr(study, "ROOT", tmp_path)
+  scale = {"tasks": ["a"], "methods": ["lisa"], "lrs": {"lisa": [1e-3]}, "alpaca_report": ["first.json", "more.json"]}
+  (out,) = study.against_alpaca([row(0, 0.81), row(1, 0.72), row(8, 0.78)], scale)
+  assert out["seeds"] == 3 and abs(out["mean_difference"] - 0.02) < 1e-12  # 0.01, 0.02, 0.03
+  (tmp_path / "more.json").write_text(json.dumps({"rows": [row(1, 0.75)]}))  # seed 1 in both files
+  with pytest.raises(SystemExit, match=r"\('a', 'lisa', 1, 0.001\)\] are in it twice"):
+    study.against_alpaca([row(0, 0.81)], scale)
