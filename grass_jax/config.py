@@ -472,6 +472,25 @@ def validate(cfg: Config) -> Config:
       raise ConfigError(f"{key} must be >= 1; got {value}")
   if t.max_steps is not None and t.max_steps < 1:
     raise ConfigError(f"train.max_steps must be >= 1 or null; got {t.max_steps}")
+  _check_optim_ranges(o)
+  if m.loss_chunk_tokens < 0:
+    raise ConfigError(f"model.loss_chunk_tokens must be >= 0 (0: the whole loss at once); "
+                      f"got {m.loss_chunk_tokens}")
+  if m.unroll_forward and m.remat != "full":
+    raise ConfigError(f"model.unroll_forward needs model.remat: full (other policies keep the layer scan); "
+                      f"got model.remat: {m.remat}. Set model.remat: full or model.unroll_forward: false")
+  _check_backward_bucket(cfg)
+  _check_strategy(o)
+  _check_eval(cfg.eval)
+  if d.buckets is not None:
+    if not d.buckets or any(not isinstance(b, int) or b < 2 for b in d.buckets):
+      raise ConfigError(f"data.buckets must be a list of ints >= 2; got {d.buckets}")
+    if max(d.buckets) < d.max_length:
+      raise ConfigError(f"the largest of data.buckets ({max(d.buckets)}) must be >= data.max_length ({d.max_length})")
+  return cfg
+
+
+def _check_optim_ranges(o: OptimConfig) -> None:
   if not 0 <= o.epsilon <= 1:
     raise ConfigError(f"optim.epsilon must be in [0, 1]; got {o.epsilon}")
   if o.temperature <= 0:
@@ -495,13 +514,10 @@ def validate(cfg: Config) -> Config:
     raise ConfigError(f"optim.sketch_every must be >= 1 and divide the refresh interval (optim.refresh_every, "
                       f"or optim.period when null: {refresh}), so every refresh sees a sketch; "
                       f"got {o.sketch_every}")
-  if cfg.model.loss_chunk_tokens < 0:
-    raise ConfigError(f"model.loss_chunk_tokens must be >= 0 (0: the whole loss at once); "
-                      f"got {cfg.model.loss_chunk_tokens}")
-  if m.unroll_forward and m.remat != "full":
-    raise ConfigError(f"model.unroll_forward needs model.remat: full (other policies keep the layer scan); "
-                      f"got model.remat: {m.remat}. Set model.remat: full or model.unroll_forward: false")
-  _check_backward_bucket(cfg)
+
+
+def _check_strategy(o: OptimConfig) -> None:
+  """The cross-field rules of the strategy, its importance and where its moments live."""
   if o.strategy == "fixed":
     layers = o.fixed_layers or []
     if (len(layers) != o.num_active or len(set(layers)) != len(layers)
@@ -526,22 +542,20 @@ def validate(cfg: Config) -> Config:
                       "fine-tuning has no inactive layers)")
   if o.stream_active_states and not o.offload_optimizer_state:
     raise ConfigError("optim.stream_active_states needs optim.offload_optimizer_state: true")
-  if cfg.eval.tasks:
+
+
+def _check_eval(e: EvalConfig) -> None:
+  """Normalises ``e.tasks`` to their canonical names (in place)."""
+  if e.tasks:
     from grass_jax.tasks import canonical_task
     try:
-      cfg.eval.tasks = [canonical_task(str(t)) for t in cfg.eval.tasks]
-    except ValueError as e:
-      raise ConfigError(f"eval.tasks: {e}") from e
-    if cfg.eval.data and len(cfg.eval.tasks) > 1:
+      e.tasks = [canonical_task(str(t)) for t in e.tasks]
+    except ValueError as err:
+      raise ConfigError(f"eval.tasks: {err}") from err
+    if e.data and len(e.tasks) > 1:
       raise ConfigError("eval.data names one test set: give a single task in eval.tasks")
-  if cfg.eval.batch_size < 1 or (cfg.eval.limit is not None and cfg.eval.limit < 1):
+  if e.batch_size < 1 or (e.limit is not None and e.limit < 1):
     raise ConfigError("eval.batch_size and eval.limit must be >= 1")
-  if d.buckets is not None:
-    if not d.buckets or any(not isinstance(b, int) or b < 2 for b in d.buckets):
-      raise ConfigError(f"data.buckets must be a list of ints >= 2; got {d.buckets}")
-    if max(d.buckets) < d.max_length:
-      raise ConfigError(f"the largest of data.buckets ({max(d.buckets)}) must be >= data.max_length ({d.max_length})")
-  return cfg
 
 
 def _require_mapping(data: Any, where: str) -> None:
