@@ -234,6 +234,26 @@ def _gradient_leaves(wrt: Params, always_on: AlwaysOn | None, state: GrassState,
   return [i in trained for i in range(len(leaves))]
 
 
+def _summed_gradients(grad_of: Callable, batch: Batch, wrt: Any) -> tuple[jax.Array, jax.Array, Any]:
+  """``(summed loss, loss tokens, summed gradients)`` over the batch's leading micro-batch axis.
+
+  ``grad_of(micro_batch) -> ((loss_sum, count), grads)``, ``grads`` shaped like ``wrt``.
+  """
+  if batch["tokens"].shape[0] == 1:
+    # No accumulation: skip the float32 accumulators (a copy of the trained parameters' size).
+    (loss_sum, count), grads = grad_of(jax.tree.map(lambda x: x[0], batch))
+    return loss_sum, count, grads
+
+  def micro(acc, mb):
+    (loss_sum, count), g = grad_of(mb)
+    acc_g, acc_l, acc_n = acc
+    return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss_sum, acc_n + count), None
+
+  zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), wrt)
+  (grads, loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+  return loss_sum, count, grads
+
+
 def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, options: StepOptions = StepOptions(), *,
                     shardings: tuple[Any, Any, Any] | None = None) -> Callable:
   """Builds ``step(params, opt_state, batch, backward_start=None) -> (params, opt_state, metrics)``, jitted.
@@ -315,19 +335,8 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
 
     grad_fn = jax.value_and_grad(loss_of, argnums=(0, 1), has_aux=True)
     diff_wrt = [leaves[i] for i in ids]
-
-    def micro(acc, mb):
-      (loss_sum, count), g = grad_fn(diff_wrt, sink, params["layers"], active, mb)
-      acc_g, acc_l, acc_n = acc
-      return (jax.tree.map(jnp.add, acc_g, g), acc_l + loss_sum, acc_n + count), None
-
-    if batch["tokens"].shape[0] == 1:
-      # No accumulation: skip the float32 accumulators (a copy of the trained parameters' size).
-      (loss_sum, count), (diff_grads, sink_grad) = grad_fn(diff_wrt, sink, params["layers"], active,
-                                                           jax.tree.map(lambda x: x[0], batch))
-    else:
-      zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), (diff_wrt, sink))
-      ((diff_grads, sink_grad), loss_sum, count), _ = jax.lax.scan(micro, (zeros, 0.0, 0.0), batch)
+    loss_sum, count, (diff_grads, sink_grad) = _summed_gradients(
+        lambda mb: grad_fn(diff_wrt, sink, params["layers"], active, mb), batch, (diff_wrt, sink))
     grad_leaves = [jnp.zeros_like(x) for x in leaves]
     for i, g in zip(ids, diff_grads):
       grad_leaves[i] = g
