@@ -323,8 +323,9 @@ def test_chat_runs_pair_with_the_alpaca_runs_of_the_same_task_method_and_seed(tm
 def test_chat_runs_pair_across_several_alpaca_reports_and_refuse_a_run_in_two(tmp_path, monkeypatch):
   from benchmarks.accuracy import study
   row = lambda s, acc: {"task": "a", "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": acc}
-  (tmp_path / "first.json").write_text(json.dumps({"rows": [row(0, 0.80), row(1, 0.70)]}))
-  (tmp_path / "more.json").write_text(json.dumps({"rows": [row(8, 0.75)]}))
+  base = {"task": "a", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.1}  # in each report: allowed
+  (tmp_path / "first.json").write_text(json.dumps({"rows": [base, row(0, 0.80), row(1, 0.70)]}))
+  (tmp_path / "more.json").write_text(json.dumps({"rows": [base, row(8, 0.75)]}))
   monkeypatch.setattr(study, "ROOT", tmp_path)
   scale = {"tasks": ["a"], "methods": ["lisa"], "lrs": {"lisa": [1e-3]}, "alpaca_report": ["first.json", "more.json"]}
   (out,) = study.against_alpaca([row(0, 0.81), row(1, 0.72), row(8, 0.78)], scale)

@@ -460,7 +460,9 @@ def against_alpaca(rows: list[dict], scale: dict) -> list[dict]:
     if not (ROOT / f).exists():
       raise SystemExit(f"alpaca_report: {f} is missing: run the study that writes it first (a --report of its scale)")
   alpaca = [r for f in files for r in json.loads((ROOT / f).read_text())["rows"]]
-  runs = [(r.get("task"), r.get("method"), r.get("seed"), r.get("lr")) for r in alpaca if r.get("accuracy") is not None]
+  # Each report scores the pretrained model once: only fine-tuning runs must not repeat.
+  runs = [(r.get("task"), r.get("method"), r.get("seed"), r.get("lr")) for r in alpaca
+          if r.get("accuracy") is not None and r.get("method") != "pretrained"]
   if len(runs) != len(set(runs)):
     twice = sorted({k for k in runs if runs.count(k) > 1}, key=str)
     raise SystemExit(f"alpaca_report {files}: the runs {twice} are in it twice; keep each run in one report")
