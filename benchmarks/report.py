@@ -414,12 +414,12 @@ def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = s
 PEERS_DOCS = {
     "peers_default_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
         ("tiny-jax-default", "TinyLlama: grass_jax, the defaults, XLA's flags"),
-        ("tiny-jax-default-train-flags", "TinyLlama: the same under the flags `scripts/train.py` sets"),
-        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(11, 17)),
+        ("tiny-jax-default-unrolled", "TinyLlama: the same with `model.unroll_forward`"),
+        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(21, 27)),
     "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
         ("7b-jax-default", "7B: grass_jax, the defaults, XLA's flags"),
-        ("7b-jax-default-train-flags", "7B: the same under the flags `scripts/train.py` sets"),
-        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(11, 17)),
+        ("7b-jax-default-unrolled", "7B: the same with `model.unroll_forward`"),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(21, 27)),
     "peers_tiny_docs": (PEERS_H200, [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
@@ -445,10 +445,6 @@ PEERS_DOCS = {
         ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed"),
         ("tiny-jax-grass-offload-late-chunk2048-nomerge-prealloc", "grass_jax GRASS + offload, JAX's default preallocation"),
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "the same, preallocation off")], slice(16, 20)),
-    "peers_whole_run_docs": (PEERS_H200, [
-        ("7b-jax-grass-offload-late-g2-nomerge", "grass_jax GRASS + offload, slot scan"),
-        ("7b-torch-lisa-eager-g2", "PyTorch LISA, eager, checkpointed"),
-        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")], slice(29, 33)),
 }
 
 
