@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from grass_jax import module_sampling
 from grass_jax import sharding as sharding_lib
 from grass_jax import xla_flags
 from grass_jax.ahead_of_time import CompiledStep
@@ -88,6 +89,7 @@ def grass_settings(o: OptimConfig, num_layers: int, seed: int) -> GrassSettings:
       fixed_layers=o.fixed_layers, probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
       probe_steps=o.probing_steps(), refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
       reset_on_switch=o.reset_on_switch, coverage=o.coverage,
+      modules=module_sampling.ATTENTION_MLP if o.granularity == "module" else None,
       importance_from=o.importance if o.importance_from_training() else "grad")
 
 

@@ -158,6 +158,10 @@ class OptimConfig:
   coverage: strategies grass and lisa: draw layers in cycles, so that no layer
     trains a second time before every layer has trained once (the
     probabilities then only order the layers within a cycle).
+  granularity: 'layer' (a drawn layer trains whole) or 'module' (strategy lisa:
+    each drawn layer trains its attention or its MLP, drawn uniformly per
+    period, as MISA samples modules; grass_jax.module_sampling). Not yet
+    measured against LISA in docs/accuracy.md.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy it to the device only for its update,
@@ -187,6 +191,7 @@ class OptimConfig:
   always_on: bool = True
   reset_on_switch: bool = False
   coverage: bool = False
+  granularity: str = "layer"
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
   learning_rate: float = 1e-5
@@ -390,6 +395,7 @@ CHOICES = {
     "optim.strategy": ("grass", "grass_static", "lisa", "full", "fixed"),
     "optim.probability": ("softmax", "power"),
     "optim.importance": ("grad", "sketch", "gain", "adam"),
+    "optim.granularity": ("layer", "module"),
     "optim.schedule": ("cosine", "linear", "constant"),
 }
 
@@ -540,6 +546,9 @@ def _check_strategy(o: OptimConfig) -> None:
   if o.offload_optimizer_state and not (o.strategy.startswith("grass") or o.strategy == "fixed"):
     raise ConfigError("optim.offload_optimizer_state needs optim.strategy: grass (LISA resets moments and full "
                       "fine-tuning has no inactive layers)")
+  if o.granularity == "module" and o.strategy != "lisa":
+    raise ConfigError(f"optim.granularity: module samples modules as LISA samples layers: set optim.strategy: lisa "
+                      f"(this run: {o.strategy}) or optim.granularity: layer")
   if o.stream_active_states and not o.offload_optimizer_state:
     raise ConfigError("optim.stream_active_states needs optim.offload_optimizer_state: true")
 

@@ -23,7 +23,9 @@ With ``importance_from='gain'`` steps 1-2 are :func:`credit_gain` instead: the
 loss decrease each period realises is credited to its layers (:mod:`grass_jax.gain`). With
 ``importance_from='adam'`` step 1 is :func:`measure_adam_gains`, after step 3: each trained layer's
 gradient along its own update (:func:`grass_jax.importance.adam_gains`).
-When each step is due is :class:`grass_jax.schedule.Schedule`'s answer.
+With ``modules`` (module granularity, :mod:`grass_jax.module_sampling`) each active layer trains one of
+its modules per period (:func:`trained_modules`). When each step is due is
+:class:`grass_jax.schedule.Schedule`'s answer.
 
 **Probing** (``probe_steps``, the paper's T_p): the first steps measure every
 layer and update nothing. **GRASS\\*** (``static=True``): the MGN of probing is
@@ -72,6 +74,7 @@ import optax
 
 from grass_jax import gain as gain_lib
 from grass_jax import importance as importance_lib
+from grass_jax import module_sampling
 from grass_jax import sampling
 from grass_jax.layer_updates import StateStream, guard, per_layer_update, take_layer
 from grass_jax.layers import AlwaysOn, LabelsFn, LayerLayout, build_layout
@@ -181,6 +184,9 @@ class GrassSettings:
       ``-<g, u> / n`` (:func:`grass_jax.importance.adam_gains`; give ``inner``
       a unit learning rate), what Adam's step buys rather than the gradient's
       size; no probing.
+    modules: module granularity (:mod:`grass_jax.module_sampling`): regexes on a layer leaf's name, one per
+      module, e.g. ``module_sampling.ATTENTION_MLP``; each active layer then trains one module per period,
+      drawn uniformly (the others' updates are zero). Uniform draws with moments reset (LISA) only.
   """
 
   layers: LabelsFn
@@ -202,10 +208,13 @@ class GrassSettings:
   fixed_layers: Sequence[int] | None = None
   coverage: bool = False
   importance_from: str = "grad"
+  modules: Sequence[str] | None = None
 
   def __post_init__(self):
     if self.fixed_layers is not None:
       object.__setattr__(self, "fixed_layers", tuple(int(i) for i in self.fixed_layers))
+    if self.modules is not None:
+      object.__setattr__(self, "modules", tuple(self.modules))
     _check_args(self)
 
   @property
@@ -244,6 +253,11 @@ def _check_args(s: GrassSettings) -> None:
   if s.importance_from == "adam" and (s.probe_steps or s.static):
     raise ValueError("importance_from='adam' measures the trained layers' own updates: no probing "
                      "(probe_steps=0), not static")
+  if s.modules is not None and (len(s.modules) < 2 or s.sampling_kind != "uniform" or not s.reset_on_switch
+                                or s.probe_steps or s.offload):
+    raise ValueError(f"modules (module granularity) needs two or more module patterns and uniform draws with "
+                     f"moments reset at a switch (strategy 'lisa'); got modules={s.modules!r}, "
+                     f"sampling_kind={s.sampling_kind!r}, reset_on_switch={s.reset_on_switch}")
   if s.importance_from == "gain" and (s.probe_steps or s.static or s.period < 2 or s.refresh_interval != s.period):
     raise ValueError("importance_from='gain' learns from training itself: no probing (probe_steps=0), not static, "
                      "a period of 2 steps or more (it compares the period's halves), refresh_every = period")
@@ -460,6 +474,14 @@ def draw_next_layers(s: GrassSettings, state: GrassState, importance: jax.Array,
           undrawn)
 
 
+def trained_modules(s: GrassSettings, count: jax.Array, num_slots: int) -> jax.Array | None:
+  """With ``modules``: int32 ``[num_slots]``, the module each active layer trains at step ``count``
+  (:mod:`grass_jax.module_sampling`); None without."""
+  if s.modules is None:
+    return None
+  return module_sampling.trained_modules(s.seed, len(s.modules), s.schedule.period_of(count), num_slots)
+
+
 def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, state: GrassState, params: Any = None,
            **extra_args: Any) -> tuple[Any, GrassState]:
   """One GRASS step (the module docstring lists its steps). ``extra_args``: the update's optional
@@ -471,6 +493,9 @@ def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, 
   layout = build_layout(updates, s.layers, s.always_on, num_layers=num_layers)
   slot_g, always_g, full_form = _to_slots(layout, updates, state.active, gamma)
   slot_p, always_p, _ = (None, None, None) if params is None else _to_slots(layout, params, state.active, gamma)
+  modules = trained_modules(s, state.count, gamma) if gamma < num_layers else None
+  if modules is not None:  # the modules a layer does not train this period get no gradient and no update
+    slot_g = module_sampling.mask_modules(s.modules, slot_g, modules)
   if state_stream is not None and (gamma == num_layers or state.bank is not None or s.reset_on_switch):
     raise ValueError("state_stream needs offload=True with num_active < L and reset_on_switch=False")
   probing = state.count < s.probe_steps
@@ -491,6 +516,8 @@ def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, 
     ok = ~probing if ok is None else ok & ~probing
   slot_u, slot_states, always_u, always_state = update_active_layers(
       inner, state, slot_g, always_g, slot_p, always_p, ok, state_stream)
+  if modules is not None:  # weight decay would move them
+    slot_u = module_sampling.mask_modules(s.modules, slot_u, modules)
   if measuring and s.importance_from == "adam":
     window_sum, window_count = accumulate_window(s, state, measure_adam_gains(state, layout, slot_g, slot_u),
                                                  probing)
@@ -574,7 +601,7 @@ def full(inner: optax.GradientTransformation, *, layers: LabelsFn,
   return transform(inner, strategy_settings("full", layers=layers, always_on=always_on))
 
 
-_LISA_FIELDS = ("layers", "num_active", "period", "seed", "always_on", "coverage")
+_LISA_FIELDS = ("layers", "num_active", "period", "seed", "always_on", "coverage", "modules")
 _FIXED_FIELDS = ("layers", "fixed_layers", "always_on", "offload")
 
 

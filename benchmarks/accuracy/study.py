@@ -80,6 +80,10 @@ METHODS |= {
     # Importance from the gain Adam's own step buys (gradient along the update), not the gradient's norm.
     "grass_adam": {"strategy": "grass", "importance": "adam", "probability": "softmax", "temperature": 0.5,
                    "probe_steps": 0, "mgn_ema": 0.5},
+    # Module granularity (MISA's idea, with LISA's uniform draws): 4 layers drawn, each training its attention or
+    # its MLP for the period: on average the parameters of LISA's 2 whole layers (SmolLM2: attention 0.89M and
+    # MLP 2.65M of a layer's 3.54M). Built 2026-12-07; it holds 4 layers' moments, where MISA would hold 2.
+    "lisa_modules": {"strategy": "lisa", "granularity": "module", "num_active": 4},
 }
 
 # The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
@@ -116,7 +120,8 @@ SCALES = {
     "paired": dict(model=SMOLLM2, steps=376, batch=16, period=20, max_length=256, n_train=4000, n_val=200,
                    n_test=500, tasks=["arith", "dates_direct", "extract", "pattern", "units"],
                    methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset", "lisa_coverage",
-                            "grass_sketch_coverage", "grass_gain", "grass", "grass_static", "grass_adam"],
+                            "grass_sketch_coverage", "grass_gain", "grass", "grass_static", "grass_adam",
+                            "lisa_modules"],
                    seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}),
     # The same problems as chat turns in SmolLM2's own template (issue 42: does the chat form score at least what
     # the Alpaca prompt does?), paired with the Alpaca runs of `paired` by seed. LISA's seeds 8-15 (in both formats;

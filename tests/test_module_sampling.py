@@ -1,0 +1,127 @@
+"""Module granularity (optim.granularity: module): each active layer trains its attention or its MLP."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import grass_jax
+from grass_jax import config as config_lib
+from grass_jax import models
+from grass_jax.models import llama
+from grass_jax.module_sampling import ATTENTION_MLP, mask_modules, module_index
+from grass_jax.train_step import LAYERS, StepOptions, make_train_step
+from grass_jax.transform import strategy, strategy_settings, trained_modules
+
+CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
+                            "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2})
+ATTENTION = {"input_norm", "q_proj", "k_proj", "v_proj", "o_proj"}
+
+
+def test_every_layer_leaf_of_every_family_is_in_exactly_one_module():
+  names = {"input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm",
+           "k_norm", "post_attn_norm", "pre_mlp_norm", "gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias",
+           "down_bias", "post_mlp_norm"}
+  attention = {n for n in names if module_index(ATTENTION_MLP, n) == 0}
+  assert attention == ATTENTION | {"q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm", "post_attn_norm"}
+  assert module_index(ATTENTION_MLP, "layers/down_proj") == 1  # a path as the transform's layout names it
+  with pytest.raises(ValueError, match="'layers/lora_a' matches 0 of the modules"):
+    module_index(ATTENTION_MLP, "layers/lora_a")
+
+
+def _step_and_state(period=3, seed=0):
+  params = models.init_params(CFG, jax.random.PRNGKey(1))
+  settings = strategy_settings("lisa", layers=LAYERS, num_active=2, period=period, seed=seed, modules=ATTENTION_MLP)
+  # Weight decay: an update that is not masked moves a weight even where the gradient is zero.
+  tx = optax.chain(optax.clip_by_global_norm(1.0), grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), settings))
+  step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, grass=settings, donate=False))
+  return params, tx.init(params), step, settings
+
+
+def _batch(seed):
+  tokens = np.random.default_rng(seed).integers(1, 50, size=(1, 2, 9)).astype(np.int32)
+  ones = jnp.ones(tokens.shape, jnp.int32)
+  return {"tokens": jnp.asarray(tokens), "attention_mask": ones, "loss_mask": ones}
+
+
+def test_the_train_step_moves_only_the_drawn_module_of_each_active_layer_and_compiles_once():
+  params, opt_state, step, settings = _step_and_state()
+  seen = set()
+  for t in range(9):  # three periods
+    state = grass_jax.find_state(opt_state)
+    active = np.asarray(state.active)
+    chosen = np.asarray(trained_modules(settings, state.count, 2))
+    new_params, opt_state, _ = step(params, opt_state, _batch(t))
+    for name, before in params["layers"].items():
+      moved = np.any(np.asarray(new_params["layers"][name] != before).reshape(CFG.num_layers, -1), axis=1)
+      module = 0 if name in ATTENTION else 1
+      expect = np.zeros(CFG.num_layers, bool)
+      expect[active[chosen == module]] = True
+      np.testing.assert_array_equal(moved, expect, err_msg=f"step {t}, {name}")  # exact: others bitwise unchanged
+    seen.update((int(l), int(m)) for l, m in zip(active, chosen))
+    params = new_params
+  assert {m for _, m in seen} == {0, 1}  # both modules trained within the three periods
+  assert step._cache_size() == 1  # new layers and new modules: the same executable
+
+
+def test_module_draws_leave_the_layer_draws_as_lisa_makes_them_and_repeat_from_the_seed():
+  params = {"embed": jnp.ones((8, 4)), "layers": {"q_proj": jnp.ones((6, 4, 4)), "up_proj": jnp.ones((6, 4, 8))}}
+  grads = jax.tree.map(jnp.ones_like, params)
+
+  def run(**fields):
+    tx = strategy("lisa", optax.adamw(1e-2), layers=grass_jax.stacked_layers("layers"), num_active=2, period=2,
+                  seed=3, **fields)
+    state, out = tx.init(params), []
+    for _ in range(12):
+      _, state = jax.jit(tx.update)(grads, state, params)
+      out.append(tuple(np.asarray(grass_jax.find_state(state).active)))
+    return out
+
+  assert run(modules=ATTENTION_MLP) == run()
+  settings = strategy_settings("lisa", layers=LAYERS, num_active=2, period=2, seed=3, modules=ATTENTION_MLP)
+  picks = [tuple(np.asarray(trained_modules(settings, jnp.int32(t), 2))) for t in range(40)]
+  assert picks == [tuple(np.asarray(trained_modules(settings, jnp.int32(t), 2))) for t in range(40)]
+  assert all(picks[t] == picks[t + 1] for t in range(0, 40, 2))  # fixed within a period
+  assert len(set(picks)) == 4  # every combination of two slots' modules comes up in 20 periods
+
+
+def test_mask_modules_zeroes_exactly_the_untrained_module():
+  slots = {"q_proj": jnp.arange(12.0).reshape(3, 2, 2), "gate_proj": jnp.arange(6.0).reshape(3, 2) + 1}
+  out = mask_modules(ATTENTION_MLP, slots, jnp.array([0, 1, 0]))
+  np.testing.assert_array_equal(out["q_proj"], slots["q_proj"] * jnp.array([1, 0, 1])[:, None, None])
+  np.testing.assert_array_equal(out["gate_proj"], slots["gate_proj"] * jnp.array([0, 1, 0])[:, None])
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"strategy": "grass"}, "optim.granularity: module samples modules as LISA samples layers"),
+    ({"strategy": "lisa", "granularity": "modules"}, "optim.granularity must be one of layer, module"),
+])
+def test_config_errors_name_the_fix(fields, match):
+  raw = {"model": {"random_init": {"model_type": "llama"}}, "data": {"train": "data/tiny_parity_train.jsonl"},
+         "optim": {"strategy": fields["strategy"]}, "advanced": {"optim": {"granularity": "module", **fields}}}
+  raw["advanced"]["optim"].pop("strategy")
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.from_dict(raw)
+
+
+def test_the_transform_refuses_modules_without_lisa():
+  with pytest.raises(ValueError, match="modules \\(module granularity\\) needs"):
+    strategy_settings("grass", layers=LAYERS, num_active=2, modules=ATTENTION_MLP)
+
+
+def test_a_run_logs_the_module_each_active_layer_trains(tmp_path):
+  from grass_jax.assembly import grass_settings
+  from tests.test_train_loop import _cfg
+  from grass_jax.train import run
+  cfg = _cfg(tmp_path, "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=0", "train.export=false",
+             "optim.strategy=lisa", "optim.granularity=module", "optim.period=2")
+  run(cfg, progress=False)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  logged = [(l["step"], l["active_modules"]) for l in lines if "active_modules" in l]
+  settings = grass_settings(cfg.optim, 4, cfg.train.seed)
+  # After step t the state's count is t: the modules of the step to come.
+  assert logged == [(t, [("attention", "mlp")[int(m)] for m in np.asarray(trained_modules(settings, jnp.int32(t), 2))])
+                    for t in range(1, 5)]
