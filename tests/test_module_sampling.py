@@ -1,5 +1,6 @@
 """Module granularity (optim.granularity: module): each active layer trains its attention or its MLP."""
 
+import dataclasses
 import json
 
 import jax
@@ -22,9 +23,10 @@ ATTENTION = {"input_norm", "q_proj", "k_proj", "v_proj", "o_proj"}
 
 
 def test_every_layer_leaf_of_every_family_is_in_exactly_one_module():
-  names = {"input_norm", "q_proj", "k_proj", "v_proj", "o_proj", "q_bias", "k_bias", "v_bias", "o_bias", "q_norm",
-           "k_norm", "post_attn_norm", "pre_mlp_norm", "gate_proj", "up_proj", "down_proj", "gate_bias", "up_bias",
-           "down_bias", "post_mlp_norm"}
+  # Every option that adds a layer leaf (biases, Gemma's post-norms, Qwen3's q/k norms): a new leaf fails here.
+  everything = dataclasses.replace(CFG, attention_bias=True, o_bias=True, mlp_bias=True, post_norms=True, qk_norm=True)
+  names = set(everything.param_shapes()["layers"])
+  assert len(names) == 20
   attention = {n for n in names if module_index(ATTENTION_MLP, n) == 0}
   assert attention == ATTENTION | {"q_bias", "k_bias", "v_bias", "o_bias", "q_norm", "k_norm", "post_attn_norm"}
   assert module_index(ATTENTION_MLP, "layers/down_proj") == 1  # a path as the transform's layout names it
