@@ -159,9 +159,11 @@ class OptimConfig:
     trains a second time before every layer has trained once (the
     probabilities then only order the layers within a cycle).
   granularity: 'layer' (a drawn layer trains whole) or 'module' (strategy lisa:
-    each drawn layer trains its attention or its MLP, drawn uniformly per
-    period, as MISA samples modules; grass_jax.module_sampling). Not yet
-    measured against LISA in docs/accuracy.md.
+    num_active counts modules, half of them attention blocks and half MLP
+    blocks, each of its own drawn layer, as MISA samples modules;
+    grass_jax.module_sampling; num_active 4 trains the parameters and holds
+    the moments of 2 whole layers). Not yet measured against LISA in
+    docs/accuracy.md.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy it to the device only for its update,

@@ -87,8 +87,10 @@ def uniform(num_layers: int) -> jax.Array:
   return jnp.full((num_layers,), 1.0 / num_layers, jnp.float32)
 
 
-def draw(key: chex.PRNGKey, probs: jax.Array, num: int, first: jax.Array | None = None) -> jax.Array:
-  """Draws ``num`` distinct layer indices (sorted, int32) without replacement.
+def draw(key: chex.PRNGKey, probs: jax.Array, num: int, first: jax.Array | None = None, *,
+         sort: bool = True) -> jax.Array:
+  """Draws ``num`` distinct layer indices (int32) without replacement: sorted, or with ``sort=False`` in the
+  random order of the draw (the same layers).
 
   ``first``: bool ``[L]``; layers where it is True are drawn before any other (by ``probs`` among
   themselves), the others only to fill up when fewer than ``num`` are True. The same key gives the
@@ -104,7 +106,7 @@ def draw(key: chex.PRNGKey, probs: jax.Array, num: int, first: jax.Array | None 
     # log p >= log(tiny) = -87 and Gumbel noise is far below 1e4: a True layer outranks every False one.
     scores = jnp.where(first, jnp.maximum(scores, -1e3) + 1e4, scores)
   _, idx = jax.lax.top_k(scores, num)
-  return jnp.sort(idx).astype(jnp.int32)
+  return (jnp.sort(idx) if sort else idx).astype(jnp.int32)
 
 
 def next_cycle(undrawn: jax.Array, drawn: jax.Array) -> jax.Array:

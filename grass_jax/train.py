@@ -37,8 +37,7 @@ from grass_jax import data as data_lib
 from grass_jax import sharding as sharding_lib
 from grass_jax import xla_flags
 from grass_jax.ahead_of_time import CompiledStep
-from grass_jax.assembly import (assemble, build_optimizer, check_layers_fit, dtype_of, grass_settings, measure_mode,
-                                model_config)
+from grass_jax.assembly import assemble, build_optimizer, check_layers_fit, dtype_of, measure_mode, model_config
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.compile_cache import use_compilation_cache
 from grass_jax.config import Config, ConfigError, ModelConfig, merge_advanced, to_dict, to_file_dict
@@ -49,7 +48,8 @@ from grass_jax.models.decoder import DecoderConfig, Params
 from grass_jax.offload import Offloader
 from grass_jax.pretrained import CheckpointError, load_pretrained, save_pretrained
 from grass_jax.train_step import StepOptions, cross_entropy, make_train_step, slot_loss
-from grass_jax.transform import diagnostics, find_state, trained_modules
+from grass_jax.module_sampling import ATTENTION_MLP, MODULE_NAMES, slot_modules
+from grass_jax.transform import diagnostics
 
 __all__ = ["LAYERS", "RunState", "StepOptions", "Trainer", "build_optimizer", "cross_entropy", "load_model", "make_train_step",
            "measure_mode", "run", "slot_loss"]
@@ -336,10 +336,8 @@ class Trainer:
               "peak_memory_bytes": stats.get("peak_bytes_in_use"), "epoch": s.epoch, "probing": probing,
               "active_layers": d["active"], "importance": d["importance"],
               "probabilities": d["current_probabilities"]}
-    if self.cfg.optim.granularity == "module":  # the module each of active_layers trains next
-      settings = grass_settings(self.cfg.optim, self.mcfg.num_layers, self.cfg.train.seed)
-      chosen = trained_modules(settings, find_state(s.opt_state).count, len(d["active"]))
-      s.last["active_modules"] = [("attention", "mlp")[int(m)] for m in np.asarray(chosen)]
+    if self.cfg.optim.granularity == "module":  # the module each of active_layers trains
+      s.last["active_modules"] = [MODULE_NAMES[m] for m in slot_modules(ATTENTION_MLP, len(d["active"]))]
     if self.writer is not None:
       self.writer.write(s.step, s.last)
     if bar is not None:

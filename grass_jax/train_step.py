@@ -41,8 +41,8 @@ from grass_jax.models.decoder import DecoderConfig, ForwardOptions, Params, forw
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
-from grass_jax.module_sampling import mask_modules
-from grass_jax.transform import GrassSettings, GrassState, apply_slot_updates, find_state, trained_modules
+from grass_jax.module_sampling import mask_modules, slot_modules
+from grass_jax.transform import GrassSettings, GrassState, apply_slot_updates, find_state
 
 Batch = dict[str, jax.Array]
 
@@ -344,9 +344,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     grads = treedef.unflatten(grad_leaves)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
-    modules = None if o.grass is None or all_layers else trained_modules(o.grass, state.count, active.shape[0])
-    if modules is not None:  # before clipping, which must see only what trains
-      grads = {**grads, "layers": mask_modules(o.grass.modules, grads["layers"], modules)}
+    if o.grass is not None and o.grass.modules is not None and not all_layers:  # before clipping: only what trains
+      grads = {**grads, "layers": mask_modules(o.grass.modules, grads["layers"],
+                                               slot_modules(o.grass.modules, active.shape[0]))}
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)

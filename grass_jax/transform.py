@@ -23,8 +23,8 @@ With ``importance_from='gain'`` steps 1-2 are :func:`credit_gain` instead: the
 loss decrease each period realises is credited to its layers (:mod:`grass_jax.gain`). With
 ``importance_from='adam'`` step 1 is :func:`measure_adam_gains`, after step 3: each trained layer's
 gradient along its own update (:func:`grass_jax.importance.adam_gains`).
-With ``modules`` (module granularity, :mod:`grass_jax.module_sampling`) each active layer trains one of
-its modules per period (:func:`trained_modules`). When each step is due is
+With ``modules`` (module granularity, :mod:`grass_jax.module_sampling`) each slot trains one module
+of its layer (:func:`grass_jax.module_sampling.slot_modules`). When each step is due is
 :class:`grass_jax.schedule.Schedule`'s answer.
 
 **Probing** (``probe_steps``, the paper's T_p): the first steps measure every
@@ -97,7 +97,7 @@ class GrassState(NamedTuple):
     window_sum: float32 ``[L]``, sum of the measurements since the last refresh.
     window_count: int32 ``[L]``, how many steps ``window_sum`` holds.
     probabilities: float32 ``[L]``, the probabilities of the latest draw.
-    active: int32 ``[gamma]`` (sorted), the layers updated by the next step.
+    active: int32 ``[gamma]`` (sorted; with ``modules`` in the draw's order), the layers updated by the next step.
     next_active: int32 ``[gamma]``, the layers of the next period. It is drawn
       one step before the switch so offloading can prefetch their state.
     slot_layers: int32 ``[gamma]``, the layers whose inner states are in
@@ -185,8 +185,9 @@ class GrassSettings:
       a unit learning rate), what Adam's step buys rather than the gradient's
       size; no probing.
     modules: module granularity (:mod:`grass_jax.module_sampling`): regexes on a layer leaf's name, one per
-      module, e.g. ``module_sampling.ATTENTION_MLP``; each active layer then trains one module per period,
-      drawn uniformly (the others' updates are zero). Uniform draws with moments reset (LISA) only.
+      module, e.g. ``module_sampling.ATTENTION_MLP``; ``num_active`` then counts slots, each training one
+      module of a layer drawn for it (as many slots per module; each slot's state holds its module only).
+      Uniform draws with moments reset (LISA) only.
   """
 
   layers: LabelsFn
@@ -258,6 +259,10 @@ def _check_args(s: GrassSettings) -> None:
     raise ValueError(f"modules (module granularity) needs two or more module patterns and uniform draws with "
                      f"moments reset at a switch (strategy 'lisa'); got modules={s.modules!r}, "
                      f"sampling_kind={s.sampling_kind!r}, reset_on_switch={s.reset_on_switch}")
+  if s.modules is not None and (s.num_active is None or s.num_active % len(s.modules)):
+    raise ValueError(f"with modules, num_active counts slots, as many for each of the {len(s.modules)} modules: "
+                     f"give a multiple of {len(s.modules)} (e.g. {2 * len(s.modules)}: the parameters of 2 layers); "
+                     f"got {s.num_active}")
   if s.importance_from == "gain" and (s.probe_steps or s.static or s.period < 2 or s.refresh_interval != s.period):
     raise ValueError("importance_from='gain' learns from training itself: no probing (probe_steps=0), not static, "
                      "a period of 2 steps or more (it compares the period's halves), refresh_every = period")
@@ -284,13 +289,14 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
     probs = jnp.zeros((num_layers,), jnp.float32).at[active].set(1.0 / gamma)
     slot_states = tuple(inner.init(take_layer(stack, active[i])) for i in range(gamma))
   else:
-    active = sampling.draw(k0, probs, gamma, undrawn if s.coverage else None)
+    sort = s.modules is None  # with modules the draw's random order pairs layers with modules at random
+    active = sampling.draw(k0, probs, gamma, undrawn if s.coverage else None, sort=sort)
     undrawn = sampling.next_cycle(undrawn, active) if s.coverage else undrawn
     next_active = active
     if s.period == 1:
-      next_active = sampling.draw(k1, probs, gamma, undrawn if s.coverage else None)
+      next_active = sampling.draw(k1, probs, gamma, undrawn if s.coverage else None, sort=sort)
       undrawn = sampling.next_cycle(undrawn, next_active) if s.coverage else undrawn
-    slot_states = tuple(inner.init(take_layer(stack, active[i])) for i in range(gamma))
+    slot_states = _fresh_slot_states(inner, s, {r: x[active] for r, x in stack.items()})
   # Fixed layers never switch: no other layer's state is ever needed.
   keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload and s.sampling_kind != "fixed"
   return GrassState(
@@ -311,6 +317,17 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
       undrawn=undrawn,
       loss_trace=jnp.zeros((gain_lib.TRACE_SIZE,), jnp.float32),
   )
+
+
+def _fresh_slot_states(inner: optax.GradientTransformation, s: GrassSettings, slots: dict) -> tuple:
+  """Each slot's inner state at its start, over its layer (``slots``: role -> ``[gamma, ...]``), or over its
+  module's leaves only with ``modules``."""
+  gamma = next(iter(slots.values())).shape[0]
+  if s.modules is None:
+    return tuple(inner.init(take_layer(slots, i)) for i in range(gamma))
+  chosen = module_sampling.slot_modules(s.modules, gamma)
+  return tuple(inner.init(module_sampling.module_leaves(s.modules, take_layer(slots, i), chosen[i]))
+               for i in range(gamma))
 
 
 def _to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> tuple[dict, dict, bool]:
@@ -357,17 +374,21 @@ def accumulate_window(s: GrassSettings, state: GrassState, rms: jax.Array,
   return importance_lib.accumulate(state.window_sum, state.window_count, rms)
 
 
-def update_active_layers(inner: optax.GradientTransformation, state: GrassState, slot_g: dict, always_g: dict,
-                         slot_p: Any, always_p: Any, ok: jax.Array | None,
+def update_active_layers(inner: optax.GradientTransformation, s: GrassSettings, state: GrassState,
+                         grads: tuple[dict, dict], params: tuple[Any, Any], ok: jax.Array | None,
                          stream: StateStream | None) -> tuple[dict, Any, dict, Any]:
   """Step 3: the inner optimizer on the active layers and the always-on group.
 
-  Returns ``(slot updates, slot states, always-on updates, always-on state)``;
-  where ``ok`` is False the updates are zero and the states unchanged.
+  ``grads`` and ``params``: ``(slot tree, always-on tree)``. Returns ``(slot updates, slot states, always-on
+  updates, always-on state)``; where ``ok`` is False the updates are zero and the states unchanged.
   """
+  (slot_g, always_g), (slot_p, always_p) = grads, params
   num_layers, gamma = state.importance.shape[0], state.active.shape[0]
   if gamma == num_layers:  # one inner state for the whole stack: plain full fine-tuning
     slot_u, slot_states = guard(ok, *inner.update(slot_g, state.slot_states, slot_p), state.slot_states)
+  elif s.modules is not None:
+    slot_u, slot_states = module_sampling.per_slot_module_update(inner, s.modules, slot_g, state.slot_states,
+                                                                 slot_p, ok)
   else:
     slot_u, slot_states = per_layer_update(inner, slot_g, state.slot_states, slot_p, gamma, ok, stream)
   if not always_g:
@@ -435,7 +456,7 @@ def switch_layers(inner: optax.GradientTransformation, s: GrassSettings, state: 
   active = jnp.where(switch, state.next_active, state.active)
   slot_layers = state.slot_layers
   if s.reset_on_switch:
-    fresh = tuple(inner.init(jax.tree.map(jnp.zeros_like, take_layer(slot_g, i))) for i in range(gamma))
+    fresh = _fresh_slot_states(inner, s, jax.tree.map(jnp.zeros_like, slot_g))
     slot_states = jax.tree.map(lambda f, x: jnp.where(switch, f, x), fresh, slot_states)
     slot_layers = active
   elif bank is not None:
@@ -467,19 +488,11 @@ def draw_next_layers(s: GrassSettings, state: GrassState, importance: jax.Array,
   else:
     new_probs = sampling.layer_probabilities(s.probability, importance, num_measurements,
                                              temperature=s.temperature, epsilon=s.epsilon)
-  drawn = sampling.draw(sub, new_probs, gamma, state.undrawn if s.coverage else None)
+  drawn = sampling.draw(sub, new_probs, gamma, state.undrawn if s.coverage else None, sort=s.modules is None)
   undrawn = jnp.where(draw_due, sampling.next_cycle(state.undrawn, drawn), state.undrawn) if s.coverage \
       else state.undrawn
   return (jnp.where(draw_due, drawn, state.next_active), jnp.where(draw_due, new_probs, state.probabilities), key,
           undrawn)
-
-
-def trained_modules(s: GrassSettings, count: jax.Array, num_slots: int) -> jax.Array | None:
-  """With ``modules``: int32 ``[num_slots]``, the module each active layer trains at step ``count``
-  (:mod:`grass_jax.module_sampling`); None without."""
-  if s.modules is None:
-    return None
-  return module_sampling.trained_modules(s.seed, len(s.modules), s.schedule.period_of(count), num_slots)
 
 
 def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, state: GrassState, params: Any = None,
@@ -493,9 +506,8 @@ def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, 
   layout = build_layout(updates, s.layers, s.always_on, num_layers=num_layers)
   slot_g, always_g, full_form = _to_slots(layout, updates, state.active, gamma)
   slot_p, always_p, _ = (None, None, None) if params is None else _to_slots(layout, params, state.active, gamma)
-  modules = trained_modules(s, state.count, gamma) if gamma < num_layers else None
-  if modules is not None:  # the modules a layer does not train this period get no gradient and no update
-    slot_g = module_sampling.mask_modules(s.modules, slot_g, modules)
+  if s.modules is not None and gamma < num_layers:  # a slot's other modules get no gradient (nor clipping's)
+    slot_g = module_sampling.mask_modules(s.modules, slot_g, module_sampling.slot_modules(s.modules, gamma))
   if state_stream is not None and (gamma == num_layers or state.bank is not None or s.reset_on_switch):
     raise ValueError("state_stream needs offload=True with num_active < L and reset_on_switch=False")
   probing = state.count < s.probe_steps
@@ -515,9 +527,7 @@ def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, 
   if s.probe_steps:
     ok = ~probing if ok is None else ok & ~probing
   slot_u, slot_states, always_u, always_state = update_active_layers(
-      inner, state, slot_g, always_g, slot_p, always_p, ok, state_stream)
-  if modules is not None:  # weight decay would move them
-    slot_u = module_sampling.mask_modules(s.modules, slot_u, modules)
+      inner, s, state, (slot_g, always_g), (slot_p, always_p), ok, state_stream)
   if measuring and s.importance_from == "adam":
     window_sum, window_count = accumulate_window(s, state, measure_adam_gains(state, layout, slot_g, slot_u),
                                                  probing)

@@ -13,13 +13,14 @@ import grass_jax
 from grass_jax import config as config_lib
 from grass_jax import models
 from grass_jax.models import llama
-from grass_jax.module_sampling import ATTENTION_MLP, mask_modules, module_index
+from grass_jax.module_sampling import ATTENTION_MLP, mask_modules, module_index, slot_modules
 from grass_jax.train_step import LAYERS, StepOptions, make_train_step
-from grass_jax.transform import strategy, strategy_settings, trained_modules
+from grass_jax.transform import strategy, strategy_settings
 
 CFG = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 16, "intermediate_size": 24,
                             "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 2})
 ATTENTION = {"input_norm", "q_proj", "k_proj", "v_proj", "o_proj"}
+MLP = {"pre_mlp_norm", "gate_proj", "up_proj", "down_proj"}
 
 
 def test_every_layer_leaf_of_every_family_is_in_exactly_one_module():
@@ -36,11 +37,11 @@ def test_every_layer_leaf_of_every_family_is_in_exactly_one_module():
 
 def _step_and_state(period=3, seed=0):
   params = models.init_params(CFG, jax.random.PRNGKey(1))
-  settings = strategy_settings("lisa", layers=LAYERS, num_active=2, period=period, seed=seed, modules=ATTENTION_MLP)
+  settings = strategy_settings("lisa", layers=LAYERS, num_active=4, period=period, seed=seed, modules=ATTENTION_MLP)
   # Weight decay: an update that is not masked moves a weight even where the gradient is zero.
   tx = optax.chain(optax.clip_by_global_norm(1.0), grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), settings))
   step = make_train_step(CFG, tx, StepOptions(dtype=jnp.float32, grass=settings, donate=False))
-  return params, tx.init(params), step, settings
+  return params, tx.init(params), step
 
 
 def _batch(seed):
@@ -49,32 +50,41 @@ def _batch(seed):
   return {"tokens": jnp.asarray(tokens), "attention_mask": ones, "loss_mask": ones}
 
 
-def test_the_train_step_moves_only_the_drawn_module_of_each_active_layer_and_compiles_once():
-  params, opt_state, step, settings = _step_and_state()
-  seen = set()
-  for t in range(9):  # three periods
-    state = grass_jax.find_state(opt_state)
-    active = np.asarray(state.active)
-    chosen = np.asarray(trained_modules(settings, state.count, 2))
+def test_the_train_step_moves_only_each_slots_module_and_compiles_once():
+  params, opt_state, step = _step_and_state()
+  pairs = set()
+  for t in range(12):  # four periods
+    active = np.asarray(grass_jax.find_state(opt_state).active)
     new_params, opt_state, _ = step(params, opt_state, _batch(t))
     for name, before in params["layers"].items():
       moved = np.any(np.asarray(new_params["layers"][name] != before).reshape(CFG.num_layers, -1), axis=1)
-      module = 0 if name in ATTENTION else 1
       expect = np.zeros(CFG.num_layers, bool)
-      expect[active[chosen == module]] = True
+      expect[active[:2] if name in ATTENTION else active[2:]] = True  # slots 0-1 attention, 2-3 MLP
       np.testing.assert_array_equal(moved, expect, err_msg=f"step {t}, {name}")  # exact: others bitwise unchanged
-    seen.update((int(l), int(m)) for l, m in zip(active, chosen))
+    pairs.update((int(l), "attention") for l in active[:2])
+    pairs.update((int(l), "mlp") for l in active[2:])
     params = new_params
-  assert {m for _, m in seen} == {0, 1}  # both modules trained within the three periods
-  assert step._cache_size() == 1  # new layers and new modules: the same executable
+  # The draw's order pairs layers with modules at random: some layer trained each module within four periods.
+  assert {l for l, m in pairs if m == "attention"} & {l for l, m in pairs if m == "mlp"}
+  assert step._cache_size() == 1  # new layers: the same executable
 
 
-def test_module_draws_leave_the_layer_draws_as_lisa_makes_them_and_repeat_from_the_seed():
-  params = {"embed": jnp.ones((8, 4)), "layers": {"q_proj": jnp.ones((6, 4, 4)), "up_proj": jnp.ones((6, 4, 8))}}
+def test_each_slot_holds_the_moments_of_its_module_only():
+  # 2 attention and 2 MLP slots hold the parameters and the moments of 2 whole layers: LISA's at gamma 2.
+  params, opt_state, _ = _step_and_state()
+  states = grass_jax.find_state(opt_state).slot_states
+  mu = [s[0].mu for s in states]
+  assert [{k.split("/")[-1] for k in m} for m in mu] == [ATTENTION, ATTENTION, MLP, MLP]
+  layer = sum(x[0].size for x in params["layers"].values())
+  assert sum(x.size for m in mu for x in m.values()) == 2 * layer
+
+
+def test_module_draws_are_lisa_draws_in_the_draw_order_and_repeat_from_the_seed():
+  params = {"embed": jnp.ones((8, 4)), "layers": {"q_proj": jnp.ones((9, 4, 4)), "up_proj": jnp.ones((9, 4, 8))}}
   grads = jax.tree.map(jnp.ones_like, params)
 
   def run(**fields):
-    tx = strategy("lisa", optax.adamw(1e-2), layers=grass_jax.stacked_layers("layers"), num_active=2, period=2,
+    tx = strategy("lisa", optax.adamw(1e-2), layers=grass_jax.stacked_layers("layers"), num_active=4, period=2,
                   seed=3, **fields)
     state, out = tx.init(params), []
     for _ in range(12):
@@ -82,19 +92,18 @@ def test_module_draws_leave_the_layer_draws_as_lisa_makes_them_and_repeat_from_t
       out.append(tuple(np.asarray(grass_jax.find_state(state).active)))
     return out
 
-  assert run(modules=ATTENTION_MLP) == run()
-  settings = strategy_settings("lisa", layers=LAYERS, num_active=2, period=2, seed=3, modules=ATTENTION_MLP)
-  picks = [tuple(np.asarray(trained_modules(settings, jnp.int32(t), 2))) for t in range(40)]
-  assert picks == [tuple(np.asarray(trained_modules(settings, jnp.int32(t), 2))) for t in range(40)]
-  assert all(picks[t] == picks[t + 1] for t in range(0, 40, 2))  # fixed within a period
-  assert len(set(picks)) == 4  # every combination of two slots' modules comes up in 20 periods
+  with_modules = run(modules=ATTENTION_MLP)
+  assert [tuple(sorted(a)) for a in with_modules] == run()  # the same layers as LISA's, drawn from the same noise
+  assert with_modules == run(modules=ATTENTION_MLP)
+  assert any(list(a) != sorted(a) for a in with_modules)  # in the draw's order, not by depth
 
 
 def test_mask_modules_zeroes_exactly_the_untrained_module():
   slots = {"q_proj": jnp.arange(12.0).reshape(3, 2, 2), "gate_proj": jnp.arange(6.0).reshape(3, 2) + 1}
-  out = mask_modules(ATTENTION_MLP, slots, jnp.array([0, 1, 0]))
+  out = mask_modules(ATTENTION_MLP, slots, (0, 1, 0))
   np.testing.assert_array_equal(out["q_proj"], slots["q_proj"] * jnp.array([1, 0, 1])[:, None, None])
   np.testing.assert_array_equal(out["gate_proj"], slots["gate_proj"] * jnp.array([0, 1, 0])[:, None])
+  assert slot_modules(ATTENTION_MLP, 6) == (0, 0, 0, 1, 1, 1)
 
 
 @pytest.mark.parametrize("fields,match", [
@@ -109,21 +118,19 @@ def test_config_errors_name_the_fix(fields, match):
     config_lib.from_dict(raw)
 
 
-def test_the_transform_refuses_modules_without_lisa():
+def test_the_transform_refuses_modules_without_lisa_or_with_an_odd_count():
   with pytest.raises(ValueError, match="modules \\(module granularity\\) needs"):
     strategy_settings("grass", layers=LAYERS, num_active=2, modules=ATTENTION_MLP)
+  with pytest.raises(ValueError, match="give a multiple of 2 \\(e.g. 4: the parameters of 2 layers\\); got 3"):
+    strategy_settings("lisa", layers=LAYERS, num_active=3, modules=ATTENTION_MLP)
 
 
 def test_a_run_logs_the_module_each_active_layer_trains(tmp_path):
-  from grass_jax.assembly import grass_settings
   from tests.test_train_loop import _cfg
   from grass_jax.train import run
-  cfg = _cfg(tmp_path, "train.max_steps=4", "train.log_every=1", "train.checkpoint_every=0", "train.export=false",
-             "optim.strategy=lisa", "optim.granularity=module", "optim.period=2")
+  cfg = _cfg(tmp_path, "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0", "train.export=false",
+             "optim.strategy=lisa", "optim.granularity=module", "optim.num_active=4", "optim.period=2")
   run(cfg, progress=False)
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  logged = [(l["step"], l["active_modules"]) for l in lines if "active_modules" in l]
-  settings = grass_settings(cfg.optim, 4, cfg.train.seed)
-  # After step t the state's count is t: the modules of the step to come.
-  assert logged == [(t, [("attention", "mlp")[int(m)] for m in np.asarray(trained_modules(settings, jnp.int32(t), 2))])
-                    for t in range(1, 5)]
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "active_modules" in l]
+  assert len(lines) == 2 and all(l["active_modules"] == ["attention", "attention", "mlp", "mlp"] for l in lines)
+  assert all(len(set(l["active_layers"])) == 4 for l in lines)

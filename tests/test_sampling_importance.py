@@ -132,6 +132,19 @@ def test_draw_first_mask_all_true_is_the_plain_draw_and_false_layers_only_fill_u
     assert 4 in got and len(set(got)) == 2
 
 
+def test_an_unsorted_draw_is_the_same_layers_in_the_order_of_their_scores():
+  probs = jnp.full((30,), 1 / 30, jnp.float32)
+  in_depth_order = []
+  for i in range(20):
+    key = jax.random.PRNGKey(i)
+    got = sampling.draw(key, probs, 4, sort=False)
+    assert sorted(got.tolist()) == sampling.draw(key, probs, 4).tolist()
+    scores = jnp.log(probs) + jax.random.gumbel(key, probs.shape, jnp.float32)
+    assert np.all(np.diff(np.asarray(scores)[np.asarray(got)]) < 0)  # highest score first
+    in_depth_order.append(got.tolist() == sorted(got.tolist()))
+  assert sum(in_depth_order) < 20  # 1 in 24 draws of 4 is in depth order by chance
+
+
 def test_next_cycle_counts_fillers_for_the_next_cycle():
   undrawn = jnp.asarray([True, False, False, False, False])
   # layer 0 was owed a turn; layer 3 filled the draw: the next cycle owes every layer but 3.

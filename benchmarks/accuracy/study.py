@@ -80,9 +80,8 @@ METHODS |= {
     # Importance from the gain Adam's own step buys (gradient along the update), not the gradient's norm.
     "grass_adam": {"strategy": "grass", "importance": "adam", "probability": "softmax", "temperature": 0.5,
                    "probe_steps": 0, "mgn_ema": 0.5},
-    # Module granularity (MISA's idea, with LISA's uniform draws): 4 layers drawn, each training its attention or
-    # its MLP for the period: on average the parameters of LISA's 2 whole layers (SmolLM2: attention 0.89M and
-    # MLP 2.65M of a layer's 3.54M). Built 2026-12-07; it holds 4 layers' moments, where MISA would hold 2.
+    # Module granularity (MISA's idea, with LISA's uniform draws): 4 layers drawn, 2 training their attention and
+    # 2 their MLP for the period: the parameters and the moments of LISA's 2 whole layers. Built 2026-12-07.
     "lisa_modules": {"strategy": "lisa", "granularity": "module", "num_active": 4},
 }
 
