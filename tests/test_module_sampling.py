@@ -125,12 +125,18 @@ def test_the_transform_refuses_modules_without_lisa_or_with_an_odd_count():
     strategy_settings("lisa", layers=LAYERS, num_active=3, modules=ATTENTION_MLP)
 
 
-def test_a_run_logs_the_module_each_active_layer_trains(tmp_path):
+def test_a_run_logs_the_module_each_active_layer_trains_and_resumes_bitwise(tmp_path):
   from tests.test_train_loop import _cfg
   from grass_jax.train import run
-  cfg = _cfg(tmp_path, "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0", "train.export=false",
-             "optim.strategy=lisa", "optim.granularity=module", "optim.num_active=4", "optim.period=2")
-  run(cfg, progress=False)
-  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines() if "active_modules" in l]
+  extra = ["train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0", "train.export=false",
+           "optim.strategy=lisa", "optim.granularity=module", "optim.num_active=4", "optim.period=3"]
+  straight = run(_cfg(tmp_path / "a", *extra), progress=False, return_state=True)
+  lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "active_modules" in l]
   assert len(lines) == 2 and all(l["active_modules"] == ["attention", "attention", "mlp", "mlp"] for l in lines)
   assert all(len(set(l["active_layers"])) == 4 for l in lines)
+  # Stopped inside the first period and resumed across the switch: the draws' order (which layer trains
+  # which module) and the module-shaped states come back exactly.
+  run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=2)
+  resumed = run(_cfg(tmp_path / "b", *extra), resume=True, progress=False, return_state=True)
+  jax.tree.map(np.testing.assert_array_equal, (straight["params"], straight["opt_state"]),
+               (resumed["params"], resumed["opt_state"]))
