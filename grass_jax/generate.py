@@ -2,7 +2,7 @@
 
 Prompts are left-padded to one length (pick a few bucket lengths to keep the
 number of compilations small); the prompt is prefilled in one call, then
-``max_new_tokens`` decode steps run inside one ``lax.scan``.
+up to ``max_new_tokens`` decode steps run inside one loop (it stops once every row has ended).
 
 Example::
 
@@ -37,7 +37,8 @@ def greedy_generate(params: Params, config: DecoderConfig, tokens: jax.Array, ma
     tokens: int ``[B, T]`` left-padded prompts.
     mask: ``[B, T]`` 1 for prompt tokens, 0 for padding.
     max_new_tokens: number of tokens to generate.
-    eos_token_id: after it, a row keeps emitting it (so outputs stay rectangular).
+    eos_token_id: after it, a row keeps emitting it (so outputs stay rectangular); once every row has
+      emitted it, decoding stops.
 
   Returns:
     int32 ``[B, max_new_tokens]`` generated tokens.
@@ -67,7 +68,21 @@ def greedy_generate(params: Params, config: DecoderConfig, tokens: jax.Array, ma
     return (cache, nxt, pos + 1, done), token
 
   init = (cache, first, next_pos, jnp.zeros((b,), bool))
-  _, out = jax.lax.scan(step, init, jnp.arange(max_new_tokens))
+  if eos_token_id is None:
+    _, out = jax.lax.scan(step, init, jnp.arange(max_new_tokens))
+    return out.T
+  # With an end token, stop once every row has emitted it: the rest of the output is that token anyway.
+  def unfinished(carry):
+    i, (_, token, _, done), _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done | (token == eos_token_id))
+
+  def decode(carry):
+    i, inner, out = carry
+    inner, token = step(inner, i)
+    return i + 1, inner, out.at[i].set(token)
+
+  out = jnp.full((max_new_tokens, b), eos_token_id, jnp.int32)
+  _, _, out = jax.lax.while_loop(unfinished, decode, (jnp.int32(0), init, out))
   return out.T
 
 

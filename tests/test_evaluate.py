@@ -72,6 +72,31 @@ def test_batched_generation_equals_one_by_one(tmp_path, monkeypatch):
   assert batched == single
 
 
+def test_generation_stops_once_every_row_has_ended_and_gives_the_full_length_tokens():
+  # A 4-token vocabulary: every end token ends some rows early, and for some prompts every row. The output must be
+  # the full-length decode with each row's tokens after its first end token replaced by it (what the scan gave).
+  import jax.numpy as jnp
+  import numpy as np
+  from grass_jax.generate import greedy_generate
+  cfg = config_from_hf({"model_type": "llama", "vocab_size": 4, "hidden_size": 16, "intermediate_size": 32,
+                        "num_hidden_layers": 2, "num_attention_heads": 2})
+  stopped_early = 0
+  for seed in range(6):
+    params = init_params(cfg, jax.random.PRNGKey(seed))
+    tokens = jax.random.randint(jax.random.PRNGKey(seed + 10), (3, 5), 0, 4)
+    mask = jnp.ones_like(tokens).at[0, :2].set(0)
+    full = np.asarray(greedy_generate(params, cfg, tokens, mask, 12))  # no end token: all 12 steps
+    for eos in range(4):
+      want = full.copy()
+      for row in want:
+        hit = np.nonzero(row == eos)[0]
+        if len(hit):
+          row[hit[0]:] = eos
+      np.testing.assert_array_equal(greedy_generate(params, cfg, tokens, mask, 12, eos_token_id=eos), want)
+      stopped_early += bool((want == eos).all(axis=0).any())
+  assert stopped_early >= 6  # the early stop ran, not only the full-length path
+
+
 def test_evaluate_script_writes_predictions_and_summary(tmp_path):
   _tiny_model(tmp_path)
   data = tmp_path / "test.jsonl"
