@@ -124,8 +124,8 @@ def spec_config(spec: dict[str, Any]) -> Any:
   spec keys: size (or model: a Hugging Face config dict of its own), strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
   host too), always_on, measure ('none': importance from the trained layers, 'sketch': live
   importance), probe_steps, sketch_size, sketch_every, remat, attention, loss_chunk,
-  unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead),
-  batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
+  unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead), granularity ('module': with
+  ``defaults``, num_active counting modules), batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
   ``defaults``: true takes every setting but size, batch, always_on, num_active and period from the
   config's defaults.
   """
@@ -136,9 +136,11 @@ def spec_config(spec: dict[str, Any]) -> Any:
       model["loss_chunk_tokens"] = spec["loss_chunk"]
     if spec.get("unroll_forward"):  # a candidate default: no weight copies out of the stack, longer compiles
       model["unroll_forward"] = True
+    # A candidate default: modules sampled as LISA samples layers (its cost beside the LISA default's).
+    modules = {"granularity": "module"} if spec.get("granularity") == "module" else {}
     return config_lib.from_dict({"model": model, "data": {"train": "(synthetic tokens)"},
                                  "optim": {"always_on": spec.get("always_on", True),  # and the protocol's:
-                                           "num_active": spec["num_active"], "period": spec["period"]},
+                                           "num_active": spec["num_active"], "period": spec["period"], **modules},
                                  "train": {"batch_size": spec["batch"]}, "mesh": {"data": 1}})
   return config_lib.from_dict({
       "model": {**model, "dtype": "bfloat16", "compute_dtype": "bfloat16",

@@ -101,7 +101,7 @@ def _jax(method: str, **kw) -> dict[str, Any]:
 
 def _default(**kw) -> dict[str, Any]:
   """What a user gets: the config's defaults (grass_jax.config), only the model, batch and embeddings set."""
-  return dict(framework="jax", method="default", strategy="default", defaults=True, num_active=2, **kw)
+  return dict(framework="jax", method="default", strategy="default", defaults=True, **{"num_active": 2, **kw})
 
 
 # (name, spec) in priority order; group = the model the row belongs to.
@@ -115,6 +115,10 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     # place instead of copying them out of the [L, ...] stack, at a longer compilation.
     ("tiny-jax-default-unrolled", _default(**TINY, unroll_forward=True)),
     ("7b-jax-default-unrolled", _default(**SEVEN_B, unroll_forward=True)),
+    # The defaults with module granularity (optim.granularity: module, issue 40's last lever): 4 modules, the
+    # parameters and moments of the default's 2 layers; the backward pass forms 4 layers' weight gradients.
+    ("tiny-jax-default-modules", _default(**TINY, granularity="module", num_active=4)),
+    ("7b-jax-default-modules", _default(**SEVEN_B, granularity="module", num_active=4)),
     # The defaults with the whole LM head at once (the default until 2026-12-07: faster, a higher peak).
     ("tiny-jax-default-whole-loss", _default(**TINY, loss_chunk=0)),
     ("tiny-jax-grass-offload-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, loss_chunk=2048)),

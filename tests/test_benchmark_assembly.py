@@ -17,6 +17,14 @@ def test_a_spec_is_a_training_config():
   assert measure_mode(spec_config(SPEC).optim) == "none"  # importance from the trained layers, no probing
 
 
+def test_every_peers_row_is_a_training_config():
+  from benchmarks.peers import PLAN
+  configs = {name: spec_config({"period": 20, **spec}) for name, spec in PLAN if spec.get("framework") == "jax"}
+  modules = configs["tiny-jax-default-modules"].optim
+  assert (modules.strategy, modules.granularity, modules.num_active) == ("lisa", "module", 4)
+  assert configs["tiny-jax-default"].optim.granularity == "layer"
+
+
 def test_a_benchmark_run_offloads_what_its_spec_says():
   on = run_config(dict(SPEC, offload=True))
   # tiny-test layer: q, o 256 x 256, k, v 256 x 128, MLP 3 x 256 x 512, 2 norms; Adam's two bf16 moments
