@@ -71,10 +71,6 @@ class Schedule:
     """The step is its period's last: after it, the layers drawn one step earlier are active."""
     return (count + 1) % self.period == 0
 
-  def period_of(self, count: Any) -> Any:
-    """Which period step ``count`` trains in (the active layers change after each period's last step)."""
-    return count // self.period
-
   def drawing(self, count: Any) -> Any:
     """The step draws the next period's layers (one step before the switch, so their state can be prefetched)."""
     return (count + 2) % self.period == 0

@@ -287,7 +287,7 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
       raise ValueError(f"fixed_layers {list(s.fixed_layers)} name a layer beyond the model's L={num_layers}")
     active = next_active = jnp.asarray(sorted(s.fixed_layers), jnp.int32)
     probs = jnp.zeros((num_layers,), jnp.float32).at[active].set(1.0 / gamma)
-    slot_states = tuple(inner.init(take_layer(stack, active[i])) for i in range(gamma))
+    slot_states = _fresh_slot_states(inner, s, {r: x[active] for r, x in stack.items()})
   else:
     sort = s.modules is None  # with modules the draw's random order pairs layers with modules at random
     active = sampling.draw(k0, probs, gamma, undrawn if s.coverage else None, sort=sort)
