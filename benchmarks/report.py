@@ -34,6 +34,7 @@ PAIRED_METHODS = {
     "grass": ("GRASS as the paper specifies it (`importance: grad`)", "importance (paper)", "kept"),
     "grass_static": ("GRASS\\* (static importance)", "importance (probing only)", "kept"),
     "grass_adam": ("GRASS, importance from Adam's own step (`importance: adam`)", "gain of Adam's step", "kept"),
+    "lisa_modules": ("LISA by modules (`optim.granularity: module`)", "uniform, by module", "reset"),
 }
 
 
@@ -102,11 +103,12 @@ def paired_accuracy_docs(result: dict) -> str:
     lines.append(f"| {task} | `{t['method']}` | {draws} | {moments} | {100 * t['accuracy_mean']:.1f} ± "
                  f"{100 * t['accuracy_std']:.1f} | {t['seeds']} | {' | '.join(cells)} |")
   for method in scale["methods"]:
-    p = paired.get(("mean", method))
-    if p is not None:
-      _, draws, moments = PAIRED_METHODS[method]
-      lines.append(f"| mean of {', '.join(p['tasks'])} | `{method}` | {draws} | {moments} |  | {p['seeds']} | "
-                   f"{_points(p['mean_difference'])} | [{_points(p['ci95'][0])}, {_points(p['ci95'][1])}] |  |")
+    for key, after in (("mean", ""), ("mean_chosen", " (the tasks chosen on)")):
+      p = paired.get((key, method))
+      if p is not None:
+        _, draws, moments = PAIRED_METHODS[method]
+        lines.append(f"| mean of {', '.join(p['tasks'])}{after} | `{method}` | {draws} | {moments} |  | {p['seeds']} | "
+                     f"{_points(p['mean_difference'])} | [{_points(p['ci95'][0])}, {_points(p['ci95'][1])}] |  |")
   return "\n".join(lines)
 
 
@@ -420,6 +422,13 @@ PEERS_DOCS = {
         ("7b-jax-default", "7B: grass_jax, the defaults, XLA's flags"),
         ("7b-jax-default-unrolled", "7B: the same with `model.unroll_forward`"),
         ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(21, 27)),
+    "peers_default_h200_docs": (PEERS_H200, [
+        ("tiny-jax-default", "TinyLlama: grass_jax, the defaults"),
+        ("tiny-jax-default-modules", "TinyLlama: the same by modules (`optim.granularity: module`, 4)"),
+        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed"),
+        ("7b-jax-default", "7B: grass_jax, the defaults"),
+        ("7b-jax-default-modules", "7B: the same by modules"),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(77, 83)),
     "peers_tiny_docs": (PEERS_H200, [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),
         ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, compiled, checkpointed, same layers"),
@@ -428,10 +437,6 @@ PEERS_DOCS = {
         ("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax GRASS + offload, `model.backward_bucket: 4`"),
         ("7b-jax-grass-offload-late-g2-nomerge-unrolled", "grass_jax GRASS + offload, slot scan, unrolled forward"),
         ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, compiled, checkpointed, same layers")], H200_BUCKETS),
-    "peers_7b_no_ckpt_docs": (PEERS_H200, [
-        ("7b-jax-grass-offload-late-g2-nomerge-bucket4-background", "grass_jax, buckets compiled in the background"),
-        ("7b-torch-lisa-compile-g2-same-draws-no-ckpt", "PyTorch LISA, compiled, no checkpointing, same layers"),
-        ("7b-torch-lisa-eager-g2-no-ckpt", "PyTorch LISA, eager, no checkpointing")], slice(23, 26)),
     "peers_importance_docs": (PEERS_H200, [
         ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled"),
         ("tiny-jax-grass-offload-late-chunk2048", "TinyLlama: GRASS, `importance: grad`"),

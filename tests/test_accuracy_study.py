@@ -274,6 +274,22 @@ def test_the_mean_over_tasks_covers_the_tasks_a_method_ran_on_the_seeds_that_ran
   mean = out[("mean", "x")]  # x never ran c: its mean is over a and b, not missing
   assert mean["tasks"] == ["a", "b"] and mean["seeds"] == 3 and abs(mean["mean_difference"] - 0.2) < 1e-12
   assert ("mean", "y") not in out  # one task is no mean
+  assert ("mean_chosen", "x") not in out  # no confirmation task in this scale
+
+
+def test_the_mean_over_the_tasks_chosen_on_leaves_the_confirmation_task_out():
+  from benchmarks.accuracy.study import paired_vs
+  scale = {"tasks": ["a", "b", "c"], "methods": ["lisa", "x"], "lrs": {m: [1e-3] for m in ("lisa", "x")},
+           "confirmation": ["c"]}
+  rows = [{"task": t, "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": 0.5, "tail_loss": 1.0}
+          for t in "abc" for s in range(3)]
+  rows += [{"task": t, "method": "x", "seed": s, "lr": 1e-3, "accuracy": 0.5 + d + 0.01 * s, "tail_loss": 1.0}
+           for t, d in (("a", 0.1), ("b", 0.3), ("c", -0.4)) for s in range(3)]
+  out = {(p["task"], p["method"]): p for p in paired_vs(rows, scale)}
+  # per seed over a, b, c: (0.1 + 0.3 - 0.4) / 3 + 0.01 s; over a and b: 0.2 + 0.01 s
+  assert abs(out[("mean", "x")]["mean_difference"] - 0.01) < 1e-12
+  chosen = out[("mean_chosen", "x")]
+  assert chosen["tasks"] == ["a", "b"] and chosen["seeds"] == 3 and abs(chosen["mean_difference"] - 0.21) < 1e-12
 
 
 def test_committed_traces_are_sorted_and_rounded_to_four_digits(tmp_path):

@@ -121,7 +121,8 @@ SCALES = {
                    methods=["lisa", "grass_sketch", "uniform_kept", "grass_sketch_reset", "lisa_coverage",
                             "grass_sketch_coverage", "grass_gain", "grass", "grass_static", "grass_adam",
                             "lisa_modules"],
-                   seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS}),
+                   seeds=list(range(8)), max_new_tokens=96, log_every=4, lrs={m: [6e-4] for m in METHODS},
+                   confirmation=["units"]),
     # The same problems as chat turns in SmolLM2's own template (issue 42: does the chat form score at least what
     # the Alpaca prompt does?), paired with the Alpaca runs of `paired` by seed. LISA's seeds 8-15 (in both formats;
     # the Alpaca ones are `paired_more`'s) were set on 2026-12-07 before they ran, after seeds 0-7 left the answer
@@ -524,10 +525,16 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
       tasks_run.append(task)
       for (a, _), x in zip(pairs, diffs):
         by_seed.setdefault(a["seed"], []).append(x)
-    # Over the tasks this method ran, on the seeds that ran all of them.
+    # Over the tasks this method ran, on the seeds that ran all of them; and, where it ran a confirmation task
+    # too, over the tasks choices were made on (the bar a method is chosen by, before it is confirmed).
     complete = [np.mean(v) for v in by_seed.values() if len(v) == len(tasks_run)]
     if len(tasks_run) > 1 and complete:
       out.append({**summary("mean", method, complete, []), "tasks": tasks_run})
+    chosen_on = [t for t in tasks_run if t not in scale.get("confirmation", [])]
+    if 1 < len(chosen_on) < len(tasks_run) and complete:
+      keep = [tasks_run.index(t) for t in chosen_on]
+      chosen = [np.mean([v[i] for i in keep]) for v in by_seed.values() if len(v) == len(tasks_run)]
+      out.append({**summary("mean_chosen", method, chosen, []), "tasks": chosen_on})
   return out
 
 
