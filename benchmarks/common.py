@@ -124,8 +124,8 @@ def spec_config(spec: dict[str, Any]) -> Any:
   spec keys: size (or model: a Hugging Face config dict of its own), strategy (grass|lisa|full), num_active, period, offload, stream (active states on the
   host too), always_on, measure ('none': importance from the trained layers, 'sketch': live
   importance), probe_steps, sketch_size, sketch_every, remat, attention, loss_chunk,
-  unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead), granularity ('module': with
-  ``defaults``, num_active counting modules), batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
+  unroll_forward, backward_bucket (0: the slot scan; the buckets compile ahead), granularity ('module' or
+  'layer': with ``defaults``; unset, the config's default), batch, devices, fsdp. Learning rate 1e-5, constant, clipping at 1.0: the speed does not depend on them.
   ``defaults``: true takes every setting but size, batch, always_on, num_active and period from the
   config's defaults.
   """
@@ -136,8 +136,8 @@ def spec_config(spec: dict[str, Any]) -> Any:
       model["loss_chunk_tokens"] = spec["loss_chunk"]
     if spec.get("unroll_forward"):  # a candidate default: no weight copies out of the stack, longer compiles
       model["unroll_forward"] = True
-    # A candidate default: modules sampled as LISA samples layers (its cost beside the LISA default's).
-    modules = {"granularity": "module"} if spec.get("granularity") == "module" else {}
+    # Modules or whole layers, where a row names one (the default changed on 2026-12-07).
+    modules = {"granularity": spec["granularity"]} if "granularity" in spec else {}
     return config_lib.from_dict({"model": model, "data": {"train": "(synthetic tokens)"},
                                  "optim": {"always_on": spec.get("always_on", True),  # and the protocol's:
                                            "num_active": spec["num_active"], "period": spec["period"], **modules},
@@ -155,7 +155,9 @@ def spec_config(spec: dict[str, Any]) -> Any:
                 "probe_steps": spec.get("probe_steps", 0), "sketch_size": spec.get("sketch_size", 4),
                 "sketch_every": spec.get("sketch_every", 1),
                 "learning_rate": 1e-5, "schedule": "constant", "warmup_ratio": 0.0, "weight_decay": 0.0,
-                "max_grad_norm": 1.0},
+                "max_grad_norm": 1.0,
+                # A `-lisa` row is LISA by whole layers, as its committed rows measured (unless it says otherwise).
+                "granularity": spec.get("granularity", "layer" if spec["strategy"] != "full" else None)},
       "train": {"batch_size": spec["batch"], "seed": 0},
       "mesh": {"data": spec.get("devices", 1), "fsdp": spec.get("fsdp", 1)},
   })

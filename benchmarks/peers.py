@@ -115,10 +115,13 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     # place instead of copying them out of the [L, ...] stack, at a longer compilation.
     ("tiny-jax-default-unrolled", _default(**TINY, unroll_forward=True)),
     ("7b-jax-default-unrolled", _default(**SEVEN_B, unroll_forward=True)),
-    # The defaults with module granularity (optim.granularity: module, issue 40's last lever): 4 modules, the
-    # parameters and moments of the default's 2 layers; the backward pass forms 4 layers' weight gradients.
-    ("tiny-jax-default-modules", _default(**TINY, granularity="module", num_active=4)),
-    ("7b-jax-default-modules", _default(**SEVEN_B, granularity="module", num_active=4)),
+    # Module granularity (optim.granularity: module; the default since 2026-12-07, so `-default` rows of later
+    # commits run it too): 2 attention and 2 MLP blocks, the parameters and moments of 2 layers; the backward
+    # pass forms 4 layers' weight gradients. `-layers`: LISA by whole layers, the default until then.
+    ("tiny-jax-default-modules", _default(**TINY, granularity="module")),
+    ("7b-jax-default-modules", _default(**SEVEN_B, granularity="module")),
+    ("tiny-jax-default-layers", _default(**TINY, granularity="layer")),
+    ("7b-jax-default-layers", _default(**SEVEN_B, granularity="layer")),
     # The defaults with the whole LM head at once (the default until 2026-12-07: faster, a higher peak).
     ("tiny-jax-default-whole-loss", _default(**TINY, loss_chunk=0)),
     ("tiny-jax-grass-offload-chunk2048", _jax("grass", **TINY, num_active=2, offload=True, loss_chunk=2048)),

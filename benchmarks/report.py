@@ -34,12 +34,12 @@ PAIRED_METHODS = {
     "grass": ("GRASS as the paper specifies it (`importance: grad`)", "importance (paper)", "kept"),
     "grass_static": ("GRASS\\* (static importance)", "importance (probing only)", "kept"),
     "grass_adam": ("GRASS, importance from Adam's own step (`importance: adam`)", "gain of Adam's step", "kept"),
-    "lisa_modules": ("LISA by modules (`optim.granularity: module`)", "uniform, by module", "reset"),
+    "lisa_modules": ("LISA by modules", "uniform, by module", "reset"),
 }
 
 
-# The GRASS method the README sets beside LISA on every task: grass's own default (`importance: sketch`).
-README_METHOD = "grass_sketch"
+# The method the README sets beside LISA on every task: the config's default (LISA's draws by modules).
+README_METHOD = "lisa_modules"
 
 
 def _points(x: float) -> str:
@@ -415,19 +415,19 @@ def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = s
 # The docs' speed tables: (peers file, rows shown with their labels[, the lines of one invocation]).
 PEERS_DOCS = {
     "peers_default_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
-        ("tiny-jax-default", "TinyLlama: grass_jax, the defaults, XLA's flags"),
+        ("tiny-jax-default", "TinyLlama: grass_jax, the defaults until 2026-12-07 (LISA by layers), XLA's flags"),
         ("tiny-jax-default-unrolled", "TinyLlama: the same with `model.unroll_forward`"),
         ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(21, 27)),
     "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
-        ("7b-jax-default", "7B: grass_jax, the defaults, XLA's flags"),
+        ("7b-jax-default", "7B: grass_jax, the defaults until 2026-12-07 (LISA by layers), XLA's flags"),
         ("7b-jax-default-unrolled", "7B: the same with `model.unroll_forward`"),
         ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(21, 27)),
     "peers_default_h200_docs": (PEERS_H200, [
-        ("tiny-jax-default", "TinyLlama: grass_jax, the defaults"),
-        ("tiny-jax-default-modules", "TinyLlama: the same by modules (`optim.granularity: module`, 4)"),
+        ("tiny-jax-default", "TinyLlama: grass_jax, LISA by layers (the default until 2026-12-07)"),
+        ("tiny-jax-default-modules", "TinyLlama: LISA by modules (the default since)"),
         ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed"),
-        ("7b-jax-default", "7B: grass_jax, the defaults"),
-        ("7b-jax-default-modules", "7B: the same by modules"),
+        ("7b-jax-default", "7B: grass_jax, LISA by layers (the default until 2026-12-07)"),
+        ("7b-jax-default-modules", "7B: LISA by modules (the default since)"),
         ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(77, 83)),
     "peers_tiny_docs": (PEERS_H200, [
         ("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax GRASS + offload, `importance: grad`"),

@@ -84,13 +84,23 @@ def grass_settings(o: OptimConfig, num_layers: int, seed: int) -> GrassSettings:
   """The strategy's settings: what the transform is built from and what the train step reads
   (``StepOptions(grass=...)``), one object for both."""
   return strategy_settings(
-      o.strategy, layers=LAYERS, num_active=None if o.strategy == "full" else min(o.num_active, num_layers),
+      o.strategy, layers=LAYERS, num_active=_slots(o, num_layers),
       period=o.period, seed=seed, always_on=o.always_on, offload=o.offload_optimizer_state,
       fixed_layers=o.fixed_layers, probability=o.probability, temperature=o.temperature, epsilon=o.epsilon,
       probe_steps=o.probing_steps(), refresh_every=o.refresh_every, mgn_ema=o.mgn_ema,
       reset_on_switch=o.reset_on_switch, coverage=o.coverage,
-      modules=module_sampling.ATTENTION_MLP if o.granularity == "module" else None,
+      modules=module_sampling.ATTENTION_MLP if o.module_granularity() else None,
       importance_from=o.importance if o.importance_from_training() else "grad")
+
+
+def _slots(o: OptimConfig, num_layers: int) -> int | None:
+  """The transform's active slots: ``num_active`` layers, or by modules one attention and one MLP slot per layer's
+  worth (:mod:`grass_jax.module_sampling` counts slots)."""
+  if o.strategy == "full":
+    return None
+  if o.module_granularity():
+    return 2 * min(o.num_active, num_layers // 2)
+  return min(o.num_active, num_layers)
 
 
 def measure_mode(o: OptimConfig) -> str:
@@ -122,6 +132,10 @@ def check_layers_fit(o: OptimConfig, model: DecoderConfig) -> None:
   if o.strategy == "fixed" and max(o.fixed_layers) >= model.num_layers:
     raise ConfigError(f"optim.fixed_layers={o.fixed_layers} names a layer beyond the model's "
                       f"{model.num_layers} (0 to {model.num_layers - 1})")
+  if o.strategy != "full" and o.module_granularity() and 2 * o.num_active > model.num_layers:
+    raise ConfigError(f"optim.num_active={o.num_active} by modules draws {2 * o.num_active} layers (one attention "
+                      f"and one MLP block per layer's worth), more than the model's {model.num_layers}; use at most "
+                      f"{model.num_layers // 2}, or optim.granularity: layer")
   if o.strategy != "full" and o.num_active > model.num_layers:
     raise ConfigError(f"optim.num_active={o.num_active} exceeds the model's {model.num_layers} layers; "
                       f"use at most {model.num_layers} (or optim.strategy: full)")

@@ -158,12 +158,12 @@ class OptimConfig:
   coverage: strategies grass and lisa: draw layers in cycles, so that no layer
     trains a second time before every layer has trained once (the
     probabilities then only order the layers within a cycle).
-  granularity: 'layer' (a drawn layer trains whole) or 'module' (strategy lisa:
-    num_active counts modules, half of them attention blocks and half MLP
-    blocks, each of its own drawn layer, as MISA samples modules;
-    grass_jax.module_sampling; num_active 4 trains the parameters and holds
-    the moments of 2 whole layers). Not yet measured against LISA in
-    docs/accuracy.md.
+  granularity: 'layer' (a drawn layer trains whole) or 'module' (strategy lisa
+    only: 2 x num_active layers are drawn, num_active of them train their
+    attention block and num_active their MLP block for the period, as MISA
+    samples modules; the parameters and moments of num_active whole layers;
+    grass_jax.module_sampling). null (default): 'module' for strategy lisa,
+    which beat LISA by layers in docs/accuracy.md, 'layer' for the others.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy it to the device only for its update,
@@ -193,7 +193,7 @@ class OptimConfig:
   always_on: bool = True
   reset_on_switch: bool = False
   coverage: bool = False
-  granularity: str = "layer"
+  granularity: str | None = None
   offload_optimizer_state: bool = False
   stream_active_states: bool = False
   learning_rate: float = 1e-5
@@ -220,6 +220,10 @@ class OptimConfig:
   def importance_from_training(self) -> bool:
     """Whether strategy grass learns importance from training itself ('gain', 'adam'): no probing."""
     return self.strategy == "grass" and self.importance in ("gain", "adam")
+
+  def module_granularity(self) -> bool:
+    """Whether drawn layers train one module each (``granularity``; null: strategy lisa does)."""
+    return (self.granularity or ("module" if self.strategy == "lisa" else "layer")) == "module"
 
   def live_importance(self) -> bool:
     """Whether the backward pass measures every layer at every step (strategy grass, importance sketch)."""
@@ -462,7 +466,7 @@ def validate(cfg: Config) -> Config:
   for key, allowed in CHOICES.items():
     section, name = key.split(".")
     value = getattr(getattr(cfg, section), name)
-    if value not in allowed:
+    if value is not None and value not in allowed:  # null where the type allows it (checked with the type)
       raise ConfigError(f"{key} must be one of {', '.join(allowed)}; got {_shown(value)}")
   m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
   if cfg.mesh.fsdp < 1 or (cfg.mesh.data is not None and cfg.mesh.data < 1):

@@ -7,7 +7,8 @@ them but left in the random order of the draw, so that which layer gets which mo
 same layer never fills two slots). With ``num_active = 2 * gamma`` the slots hold exactly the parameters
 and the moments of LISA's ``gamma`` whole layers: each slot's inner state covers its module's leaves only.
 A slot's other module gets no gradient and no update. ``GrassSettings(modules=ATTENTION_MLP)`` turns it
-on (config: ``optim.granularity: module``).
+on; the config does for strategy lisa by default (``optim.granularity``), where ``optim.num_active`` counts
+layers' worth: 2 gives ``num_active=4`` slots here.
 
 Example::
 

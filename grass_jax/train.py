@@ -74,13 +74,22 @@ def check_same_schedule(cfg: Config, saved: Path) -> None:
   if not saved.exists():
     return
   old, new = merge_advanced(yaml.safe_load(saved.read_text()) or {}), to_dict(cfg)  # files of either layout
-  for key in SCHEDULE_KEYS:
+  for key in SCHEDULE_KEYS + ("optim.granularity",):
     section, name = key.split(".")
     was, now = (old.get(section) or {}).get(name), new[section][name]
+    if key == "optim.granularity":  # compared as the runs used it: null is the strategy's own
+      was, now = _granularity_used(old.get("optim") or {}), _granularity_used(new["optim"])
     if was != now:
       raise ConfigError(f"--resume with {key}={now!r}, but the run in {saved.parent} was started with {was!r}: "
                         "the schedule and the layer sequence span the whole run. Set it back, or start a new run "
                         "in another train.output_dir")
+
+
+def _granularity_used(optim: dict) -> str:
+  """The granularity a run's optim section trains by; a file from before the key (2026-12-07) trained layers."""
+  if "granularity" not in optim:
+    return "layer"
+  return optim["granularity"] or ("module" if optim.get("strategy", "lisa") == "lisa" else "layer")
 
 
 @dataclasses.dataclass
@@ -336,7 +345,7 @@ class Trainer:
               "peak_memory_bytes": stats.get("peak_bytes_in_use"), "epoch": s.epoch, "probing": probing,
               "active_layers": d["active"], "importance": d["importance"],
               "probabilities": d["current_probabilities"]}
-    if self.cfg.optim.granularity == "module":  # the module each of active_layers trains
+    if self.cfg.optim.module_granularity():  # the module each of active_layers trains
       s.last["active_modules"] = [MODULE_NAMES[m] for m in slot_modules(ATTENTION_MLP, len(d["active"]))]
     if self.writer is not None:
       self.writer.write(s.step, s.last)

@@ -20,9 +20,12 @@ def test_a_spec_is_a_training_config():
 def test_every_peers_row_is_a_training_config():
   from benchmarks.peers import PLAN
   configs = {name: spec_config({"period": 20, **spec}) for name, spec in PLAN if spec.get("framework") == "jax"}
-  modules = configs["tiny-jax-default-modules"].optim
-  assert (modules.strategy, modules.granularity, modules.num_active) == ("lisa", "module", 4)
-  assert configs["tiny-jax-default"].optim.granularity == "layer"
+  modules, layers = configs["tiny-jax-default-modules"].optim, configs["tiny-jax-default-layers"].optim
+  assert (modules.strategy, modules.granularity, modules.num_active) == ("lisa", "module", 2)
+  assert (layers.strategy, layers.granularity) == ("lisa", "layer")
+  default = configs["tiny-jax-default"].optim  # the config's own default: LISA by modules
+  assert default.granularity is None and default.module_granularity()
+  assert not configs["tiny-jax-lisa-chunk2048"].optim.module_granularity()  # LISA rows: whole layers
 
 
 def test_a_benchmark_run_offloads_what_its_spec_says():

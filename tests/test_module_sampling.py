@@ -129,7 +129,7 @@ def test_a_run_logs_the_module_each_active_layer_trains_and_resumes_bitwise(tmp_
   from tests.test_train_loop import _cfg
   from grass_jax.train import run
   extra = ["train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0", "train.export=false",
-           "optim.strategy=lisa", "optim.granularity=module", "optim.num_active=4", "optim.period=3"]
+           "optim.strategy=lisa", "optim.granularity=module", "optim.num_active=2", "optim.period=3"]
   straight = run(_cfg(tmp_path / "a", *extra), progress=False, return_state=True)
   lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "active_modules" in l]
   assert len(lines) == 2 and all(l["active_modules"] == ["attention", "attention", "mlp", "mlp"] for l in lines)
@@ -140,3 +140,47 @@ def test_a_run_logs_the_module_each_active_layer_trains_and_resumes_bitwise(tmp_
   resumed = run(_cfg(tmp_path / "b", *extra), resume=True, progress=False, return_state=True)
   jax.tree.map(np.testing.assert_array_equal, (straight["params"], straight["opt_state"]),
                (resumed["params"], resumed["opt_state"]))
+
+
+def _optim(**optim):
+  raw = {"model": {"random_init": {"model_type": "llama"}}, "data": {"train": "data/tiny_parity_train.jsonl"},
+         "optim": {k: v for k, v in optim.items() if k != "granularity"},
+         "advanced": {"optim": {k: v for k, v in optim.items() if k == "granularity"}}}
+  return config_lib.from_dict(raw)
+
+
+def test_lisa_samples_modules_by_default_and_num_active_counts_layers_worth():
+  from grass_jax.assembly import grass_settings
+  default = _optim().optim  # strategy lisa, granularity null
+  assert default.strategy == "lisa" and default.granularity is None and default.module_granularity()
+  s = grass_settings(default, 6, 0)  # 2 layers' worth: 2 attention and 2 MLP slots
+  assert s.num_active == 4 and s.modules == ATTENTION_MLP
+  layers = grass_settings(_optim(granularity="layer").optim, 6, 0)
+  assert layers.num_active == 2 and layers.modules is None
+  grass = _optim(strategy="grass").optim  # the default is the strategy's own: grass draws whole layers
+  assert not grass.module_granularity() and grass_settings(grass, 6, 0).modules is None
+
+
+def test_more_layers_worth_than_half_the_model_by_modules_is_refused():
+  from grass_jax.assembly import check_layers_fit
+  import types
+  model = types.SimpleNamespace(num_layers=6)  # all that the check reads of a model
+  check_layers_fit(_optim(num_active=3).optim, model)
+  with pytest.raises(config_lib.ConfigError, match="optim.num_active=4 by modules draws 8 layers .* use at most 3, "
+                                                   "or optim.granularity: layer"):
+    check_layers_fit(_optim(num_active=4).optim, model)
+  check_layers_fit(_optim(num_active=4, granularity="layer").optim, model)
+
+
+def test_a_run_saved_before_the_granularity_key_resumes_by_layers_only(tmp_path):
+  import yaml
+
+  from grass_jax.train import check_same_schedule
+  saved = tmp_path / "config.yaml"
+  old = config_lib.to_dict(_optim(granularity="layer"))
+  old["optim"].pop("granularity")  # a file from before 2026-12-07: it trained whole layers
+  saved.write_text(yaml.safe_dump(old))
+  check_same_schedule(_optim(granularity="layer"), saved)
+  with pytest.raises(config_lib.ConfigError, match="--resume with optim.granularity='module', but the run in .* was "
+                                                   "started with 'layer'"):
+    check_same_schedule(_optim(), saved)  # the new default would switch a LISA run to modules

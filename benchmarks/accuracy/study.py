@@ -44,7 +44,7 @@ GRASS_SKETCH = {"strategy": "grass", "probability": "softmax", "temperature": 0.
                 "importance": "sketch"}
 METHODS = {
     "full": {"strategy": "full"},
-    "lisa": {"strategy": "lisa"},
+    "lisa": {"strategy": "lisa", "granularity": "layer"},  # LISA as published: whole layers
     "grass_power": {"strategy": "grass", "importance": "grad", "probability": "power", "temperature": 1.0,
                     "probe_steps": 0, "refresh_every": 1, "mgn_ema": None},
     "grass": {"strategy": "grass", "importance": "grad", "probability": "softmax", "temperature": 0.5,
@@ -72,7 +72,7 @@ METHODS |= {
     "uniform_kept": {"strategy": "grass", "importance": "grad", "epsilon": 1.0, "probe_steps": 0},
     "grass_sketch_reset": {**GRASS_SKETCH, "reset_on_switch": True},
     # Coverage (draws in cycles: every layer once before any twice), uniform and in importance order.
-    "lisa_coverage": {"strategy": "lisa", "coverage": True},
+    "lisa_coverage": {"strategy": "lisa", "granularity": "layer", "coverage": True},
     "grass_sketch_coverage": {**GRASS_SKETCH, "coverage": True},
     # Importance from what training gains: each period's loss decrease credited to its layers (a bandit).
     "grass_gain": {"strategy": "grass", "importance": "gain", "probability": "softmax", "temperature": 0.5,
@@ -81,8 +81,9 @@ METHODS |= {
     "grass_adam": {"strategy": "grass", "importance": "adam", "probability": "softmax", "temperature": 0.5,
                    "probe_steps": 0, "mgn_ema": 0.5},
     # Module granularity (MISA's idea, with LISA's uniform draws): 4 layers drawn, 2 training their attention and
-    # 2 their MLP for the period: the parameters and the moments of LISA's 2 whole layers. Built 2026-12-07.
-    "lisa_modules": {"strategy": "lisa", "granularity": "module", "num_active": 4},
+    # 2 their MLP for the period: the parameters and the moments of LISA's 2 whole layers (num_active 2 counts
+    # layers' worth; it counted modules, 4, when these rows ran: the same 4 slots). The default since 2026-12-07.
+    "lisa_modules": {"strategy": "lisa", "granularity": "module"},
 }
 
 # The oracle: each pair of neighbouring layers of SmolLM2's 30, trained alone for the whole run. Which
