@@ -117,7 +117,7 @@ PLAN: list[tuple[str, dict[str, Any]]] = [
     ("7b-jax-default-unrolled", _default(**SEVEN_B, unroll_forward=True)),
     # Module granularity (optim.granularity: module; the default since 2026-12-07, so `-default` rows of later
     # commits run it too): 2 attention and 2 MLP blocks, the parameters and moments of 2 layers; the backward
-    # pass forms 4 layers' weight gradients. `-layers`: LISA by whole layers, the default until then.
+    # pass reaches 4 drawn layers deep. `-layers`: LISA by whole layers, the default until then.
     ("tiny-jax-default-modules", _default(**TINY, granularity="module")),
     ("7b-jax-default-modules", _default(**SEVEN_B, granularity="module")),
     ("tiny-jax-default-layers", _default(**TINY, granularity="layer")),

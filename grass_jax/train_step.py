@@ -41,7 +41,7 @@ from grass_jax.models.decoder import DecoderConfig, ForwardOptions, Params, forw
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
-from grass_jax.module_sampling import mask_modules, slot_modules
+from grass_jax.module_sampling import mask_modules, module_leaves, slot_modules
 from grass_jax.transform import GrassSettings, GrassState, apply_slot_updates, find_state
 
 Batch = dict[str, jax.Array]
@@ -179,7 +179,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     stack = slot_stack(config, trainable["layers"], _slot_of(active, num_layers), attention=impl,
                        act_sharding=act_sharding, remat=remat, measure=measure, sketch_size=o.sketch_size, sink=sink,
                        measurement=measurement, may_probe=may_probe, input_grad=input_grad,
-                       sketch_every=o.sketch_every, unroll_forward=o.unroll_forward)
+                       sketch_every=o.sketch_every, unroll_forward=o.unroll_forward,
+                       slot_roles=_slot_roles(o, trainable["layers"], gamma))
   # A batch of at most one chunk's tokens takes the whole-loss path: the same memory, no custom VJP.
   chunked = 0 < o.loss_chunk < batch["tokens"].shape[0] * (batch["tokens"].shape[1] - 1)
   out, _ = (hidden_states if chunked else forward)(params, config, batch["tokens"], batch["attention_mask"],
@@ -187,6 +188,13 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   if chunked:
     return chunked_cross_entropy(params, config, out, batch["tokens"], batch["loss_mask"], o.loss_chunk)
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
+
+
+def _slot_roles(o: StepOptions, slots: Params, gamma: int) -> tuple[tuple[str, ...], ...] | None:
+  """Per slot, the layer leaves it trains (module granularity: its module's), or None (all of them)."""
+  if o.grass is None or o.grass.modules is None:
+    return None
+  return tuple(tuple(sorted(module_leaves(o.grass.modules, slots, m))) for m in slot_modules(o.grass.modules, gamma))
 
 
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:

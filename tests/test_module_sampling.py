@@ -69,6 +69,49 @@ def test_the_train_step_moves_only_each_slots_module_and_compiles_once():
   assert step._cache_size() == 1  # new layers: the same executable
 
 
+def test_the_backward_pass_forms_only_each_slots_module_and_trains_as_the_masked_one(monkeypatch):
+  # The backward pass takes each slot's module's weight gradient only (ScanSettings.slot_roles, a branch per
+  # module chosen by the slot); the whole layer's gradient, masked after (slot_roles None), is the reference.
+  # The same ops on the same inputs: equal to float32 rounding of a reordered sum at most.
+  import grass_jax.train_step as train_step_lib
+  from grass_jax.models.slot_scan import slot_stack
+  from grass_jax.models.decoder import forward
+
+  params = models.init_params(CFG, jax.random.PRNGKey(1))
+  active = jnp.array([4, 1, 0, 3])  # slots 0-1 attention, 2-3 MLP; the draw's (unsorted) order
+  slot_of = jnp.full((CFG.num_layers,), -1).at[active].set(jnp.arange(4))
+  zeros = {k: jnp.zeros((4,) + v.shape[1:], v.dtype) for k, v in params["layers"].items()}
+  roles = tuple(tuple(sorted(ATTENTION if m == 0 else MLP)) for m in slot_modules(ATTENTION_MLP, 4))
+  batch = _batch(0)
+
+  def grads(slot_roles):
+    def loss(slots):
+      stack = slot_stack(CFG, slots, slot_of, attention="einsum", slot_roles=slot_roles)
+      logits, _ = forward(params, CFG, batch["tokens"][0], batch["attention_mask"][0], layer_stack=stack)
+      return jnp.sum(logits.astype(jnp.float32) ** 2) * 1e-3
+    return jax.grad(loss)(zeros)
+
+  only, whole = grads(roles), grads(None)
+  for name, g in only.items():
+    trains = np.array([name in r for r in roles])
+    assert np.all(np.asarray(g)[~trains] == 0), name  # never formed: exact zeros
+    np.testing.assert_allclose(g[trains], whole[name][trains], rtol=1e-6, atol=1e-9, err_msg=name)
+    assert np.any(np.asarray(whole[name])[~trains] != 0), name  # the reference did form them
+
+  # Through the train step, three steps: the parameters as the masked whole-layer gradients give them.
+  def three_steps():  # traced here: _slot_roles is read when the step compiles
+    params, state, step = _step_and_state()
+    for t in range(3):
+      params, state, _ = step(params, state, _batch(t))
+    return params
+
+  by_module = three_steps()
+  monkeypatch.setattr(train_step_lib, "_slot_roles", lambda *a: None)
+  masked = three_steps()
+  # A gradient's last-bit difference moves Adam's step by about lr times it: the parameters agree to a few ulps.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), by_module, masked)
+
+
 def test_each_slot_holds_the_moments_of_its_module_only():
   # 2 attention and 2 MLP slots hold the parameters and the moments of 2 whole layers: LISA's at gamma 2.
   params, opt_state, _ = _step_and_state()

@@ -97,6 +97,9 @@ class ScanSettings(NamedTuple):
       layer (module docstring).
     unroll_forward: the forward pass as a Python loop over static slices of the
       stack instead of a scan (module docstring); with ``remat='full'`` only.
+    slot_roles: per slot, the layer leaves (roles) whose weight gradient it
+      takes (module granularity, :mod:`grass_jax.module_sampling`); the
+      others' come out zero and are never formed. None: every leaf.
   """
   attention: str
   act_sharding: Any = None
@@ -107,6 +110,7 @@ class ScanSettings(NamedTuple):
   input_grad: bool = True
   sketch_every: int = 1
   unroll_forward: bool = False
+  slot_roles: tuple[tuple[str, ...], ...] | None = None
 
 
 class Measurement(NamedTuple):
@@ -267,10 +271,31 @@ class _Backward(NamedTuple):
   def run(self, lp, x, layer, probes=None):
     return _run_block(self.config, self.settings, lp, x, layer, self.inputs, probes)
 
-  def weight_and_input_grad(self, layer, dh):
-    """``(weight gradient, input gradient)`` of a layer from one recomputation."""
-    _, vjp = jax.vjp(lambda p, x: self.run(p, x, layer), self.layer_params(layer), self.block_input(layer))
-    return vjp(dh)
+  def weight_and_input_grad(self, layer, dh, roles=None):
+    """``(weight gradient, input gradient)`` of a layer from one recomputation; with ``roles``, only those
+    leaves' weight gradients are formed (the others are zeros)."""
+    lp = self.layer_params(layer)
+    if roles is None:
+      _, vjp = jax.vjp(lambda p, x: self.run(p, x, layer), lp, self.block_input(layer))
+      return vjp(dh)
+    rest = {k: v for k, v in lp.items() if k not in roles}
+    _, vjp = jax.vjp(lambda p, x: self.run({**rest, **p}, x, layer), {k: lp[k] for k in roles},
+                     self.block_input(layer))
+    dp, dx = vjp(dh)
+    return {k: dp[k] if k in roles else jnp.zeros_like(v) for k, v in lp.items()}, dx
+
+  def slot_grads(self, slot, layer, dh):
+    """:meth:`weight_and_input_grad` of the layer in ``slot``, forming only the leaves the slot trains
+    (``settings.slot_roles``: one branch per distinct set, chosen by the slot; the slot is dynamic)."""
+    roles = self.settings.slot_roles
+    if roles is None:
+      return self.weight_and_input_grad(layer, dh)
+    kinds = sorted(set(roles))
+    if len(kinds) == 1:
+      return self.weight_and_input_grad(layer, dh, kinds[0])
+    kind_of_slot = jnp.asarray([kinds.index(r) for r in roles], jnp.int32)
+    branches = [functools.partial(self.weight_and_input_grad, roles=kind) for kind in kinds]
+    return jax.lax.switch(kind_of_slot[slot], branches, layer, dh)
 
   def exact_norm(self, layer, dh):
     """``(input gradient, squared weight-gradient norm)``; the gradient itself is dropped."""
@@ -365,7 +390,7 @@ def _slot_scan_bwd(config, settings, res, d_out):
     # comes: the draw is known from the start, and XLA would otherwise copy every trained layer's weights
     # early and hold them all through the backward pass.
     layer, dh = jax.lax.optimization_barrier((layer, dh))
-    dp, dh = bw.weight_and_input_grad(layer, dh)
+    dp, dh = bw.slot_grads(slot, layer, dh)
     grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
     if measuring:
       sink = sink.at[layer].set(squared_norm(dp))
