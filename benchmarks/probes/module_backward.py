@@ -1,0 +1,73 @@
+"""What module granularity's backward pass costs: LISA by layers, by modules forming each slot's module's
+weight gradients only (the default), and by modules forming whole layers' and masking them (before
+2026-12-07's change), on one random Llama, in one process, the same batch. A sanity check of the branch
+per module on whatever backend runs it; the GPU's answer is `benchmarks/peers.py`'s `-modules` rows.
+
+  python benchmarks/probes/module_backward.py --out benchmarks/results/probes/module_backward_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+
+def step_seconds(cfg, modules: bool, steps: int) -> float:
+  """Mean seconds of a train step after its compilation (embeddings trained: the backward reaches layer 0)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+
+  import grass_jax
+  from grass_jax import models
+  from grass_jax.module_sampling import ATTENTION_MLP
+  from grass_jax.train_step import LAYERS, StepOptions, make_train_step
+  from grass_jax.transform import strategy_settings
+  settings = strategy_settings("lisa", layers=LAYERS, num_active=4 if modules else 2, period=steps + 1, seed=0,
+                               modules=ATTENTION_MLP if modules else None)
+  tx = optax.chain(optax.clip_by_global_norm(1.0), grass_jax.transform(optax.adamw(1e-3), settings))
+  step = make_train_step(cfg, tx, StepOptions(dtype=jnp.float32, grass=settings, donate=False))
+  params = models.init_params(cfg, jax.random.PRNGKey(1))
+  state = tx.init(params)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, size=(1, 8, 257)).astype(np.int32))
+  batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
+  params, state, _ = step(params, state, batch)
+  jax.block_until_ready(params)
+  start = time.perf_counter()
+  for _ in range(steps):
+    params, state, _ = step(params, state, batch)
+  jax.block_until_ready(params)
+  return (time.perf_counter() - start) / steps
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--steps", type=int, default=4)
+  ap.add_argument("--out", type=Path)
+  args = ap.parse_args()
+  import jax
+
+  import grass_jax.train_step as train_step_lib
+  from benchmarks.common import provenance
+  from grass_jax.models import llama
+  cfg = llama.config_from_hf({"model_type": "llama", "vocab_size": 256, "hidden_size": 512,
+                              "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
+                              "num_key_value_heads": 8})
+  rows = {"layers": step_seconds(cfg, False, args.steps), "modules": step_seconds(cfg, True, args.steps)}
+  train_step_lib._slot_roles = lambda *a: None  # the whole layers' gradients, masked after
+  rows["modules_masked"] = step_seconds(cfg, True, args.steps)
+  for name, s in rows.items():
+    print(f"{name:15s} {s:.3f} s/step  {s / rows['layers']:.2f}x LISA by layers")
+  if args.out:
+    args.out.write_text(json.dumps({"backend": jax.default_backend(), "steps": args.steps, "seconds": rows,
+                                    "model": "llama 8 x 512, batch 8 x 256", **provenance()}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+  main()
