@@ -85,6 +85,13 @@ def check_same_schedule(cfg: Config, saved: Path) -> None:
                         "in another train.output_dir")
 
 
+def _active_label(layers: list[int], modules: list[str] | None) -> str:
+  """The progress bar's active layers: ``3,17``; by modules each with its block's initial (``3a,17m``)."""
+  if modules is None:
+    return ",".join(map(str, layers))
+  return ",".join(f"{l}{m[0]}" for l, m in zip(layers, modules))
+
+
 def _granularity_used(optim: dict) -> str:
   """The granularity a run's optim section trains by; a file from before the key (2026-12-07) trained layers."""
   if "granularity" not in optim:
@@ -351,7 +358,7 @@ class Trainer:
       self.writer.write(s.step, s.last)
     if bar is not None:
       bar.set_postfix(loss=f"{s.last['mean_loss']:.4f}", tok_s=f"{s.last['tokens_per_s']:.0f}",
-                      active="probing" if probing else ",".join(map(str, d["active"])))
+                      active="probing" if probing else _active_label(d["active"], s.last.get("active_modules")))
     s.window_tokens, s.window_start = 0.0, time.perf_counter()
 
   def checkpoint(self, *, evaluate: bool = True) -> None:

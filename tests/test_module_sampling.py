@@ -227,3 +227,9 @@ def test_a_run_saved_before_the_granularity_key_resumes_by_layers_only(tmp_path)
   with pytest.raises(config_lib.ConfigError, match="--resume with optim.granularity='module', but the run in .* was "
                                                    "started with 'layer'"):
     check_same_schedule(_optim(), saved)  # the new default would switch a LISA run to modules
+
+
+def test_the_progress_bar_names_each_active_layers_block():
+  from grass_jax.train import _active_label
+  assert _active_label([3, 17], None) == "3,17"
+  assert _active_label([4, 1, 0, 3], ["attention", "attention", "mlp", "mlp"]) == "4a,1a,0m,3m"
