@@ -99,7 +99,7 @@ def _slots(o: OptimConfig, num_layers: int) -> int | None:
   if o.strategy == "full":
     return None
   if o.module_granularity():
-    return 2 * min(o.num_active, num_layers // 2)
+    return 2 * min(o.num_active, (num_layers - 1) // 2)
   return min(o.num_active, num_layers)
 
 
@@ -132,10 +132,11 @@ def check_layers_fit(o: OptimConfig, model: DecoderConfig) -> None:
   if o.strategy == "fixed" and max(o.fixed_layers) >= model.num_layers:
     raise ConfigError(f"optim.fixed_layers={o.fixed_layers} names a layer beyond the model's "
                       f"{model.num_layers} (0 to {model.num_layers - 1})")
-  if o.strategy != "full" and o.module_granularity() and 2 * o.num_active > model.num_layers:
+  if o.strategy != "full" and o.module_granularity() and 2 * o.num_active >= model.num_layers:
+    # Drawing every layer would be full fine-tuning's path (every layer whole), not modules'.
     raise ConfigError(f"optim.num_active={o.num_active} by modules draws {2 * o.num_active} layers (one attention "
-                      f"and one MLP block per layer's worth), more than the model's {model.num_layers}; use at most "
-                      f"{model.num_layers // 2}, or optim.granularity: layer")
+                      f"and one MLP block per layer's worth), as many as or more than the model's "
+                      f"{model.num_layers}; use at most {(model.num_layers - 1) // 2}, or optim.granularity: layer")
   if o.strategy != "full" and o.num_active > model.num_layers:
     raise ConfigError(f"optim.num_active={o.num_active} exceeds the model's {model.num_layers} layers; "
                       f"use at most {model.num_layers} (or optim.strategy: full)")

@@ -275,6 +275,9 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
   gamma = num_layers if s.num_active is None else s.num_active
   if gamma > num_layers:
     raise ValueError(f"num_active={gamma} exceeds the number of layers L={num_layers}")
+  if s.modules is not None and gamma == num_layers:  # every layer a slot is full fine-tuning's path, not modules'
+    raise ValueError(f"modules with num_active={gamma} slots draws every one of the L={num_layers} layers: give "
+                     f"fewer slots than layers (at most {num_layers - 1})")
   stack, always = layout.split(params)
   key, k0, k1 = jax.random.split(jax.random.PRNGKey(s.seed), 3)
   probs = sampling.uniform(num_layers)

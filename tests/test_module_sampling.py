@@ -159,17 +159,22 @@ def test_the_transform_refuses_modules_without_lisa_or_with_an_odd_count():
     strategy_settings("grass", layers=LAYERS, num_active=2, modules=ATTENTION_MLP)
   with pytest.raises(ValueError, match="give a multiple of 2 \\(e.g. 4: the parameters of 2 layers\\); got 3"):
     strategy_settings("lisa", layers=LAYERS, num_active=3, modules=ATTENTION_MLP)
+  every_layer = grass_jax.transform(optax.sgd(1.0), strategy_settings("lisa", layers=LAYERS, num_active=6,
+                                                                      modules=ATTENTION_MLP))
+  with pytest.raises(ValueError, match="draws every one of the L=6 layers: give fewer slots than layers"):
+    every_layer.init(models.init_params(CFG, jax.random.PRNGKey(0)))
 
 
 def test_a_run_logs_the_module_each_active_layer_trains_and_resumes_bitwise(tmp_path):
   from tests.test_train_loop import _cfg
   from grass_jax.train import run
   extra = ["train.max_steps=4", "train.log_every=2", "train.checkpoint_every=0", "train.export=false",
-           "optim.strategy=lisa", "optim.granularity=module", "optim.num_active=2", "optim.period=3"]
+           "optim.strategy=lisa", "optim.granularity=module", "optim.num_active=1", "optim.period=3"]
+  # 4 layers: 1 layer's worth draws 2 of them (2 of 4 would draw all: refused, see below).
   straight = run(_cfg(tmp_path / "a", *extra), progress=False, return_state=True)
   lines = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines() if "active_modules" in l]
-  assert len(lines) == 2 and all(l["active_modules"] == ["attention", "attention", "mlp", "mlp"] for l in lines)
-  assert all(len(set(l["active_layers"])) == 4 for l in lines)
+  assert len(lines) == 2 and all(l["active_modules"] == ["attention", "mlp"] for l in lines)
+  assert all(len(set(l["active_layers"])) == 2 for l in lines)
   # Stopped inside the first period and resumed across the switch: the draws' order (which layer trains
   # which module) and the module-shaped states come back exactly.
   run(_cfg(tmp_path / "b", *extra), progress=False, stop_at=2)
@@ -201,11 +206,12 @@ def test_more_layers_worth_than_half_the_model_by_modules_is_refused():
   from grass_jax.assembly import check_layers_fit
   import types
   model = types.SimpleNamespace(num_layers=6)  # all that the check reads of a model
-  check_layers_fit(_optim(num_active=3).optim, model)
-  with pytest.raises(config_lib.ConfigError, match="optim.num_active=4 by modules draws 8 layers .* use at most 3, "
+  check_layers_fit(_optim(num_active=2).optim, model)
+  # 6 of 6 layers drawn would be full fine-tuning's path (every layer whole): refused too.
+  with pytest.raises(config_lib.ConfigError, match="optim.num_active=3 by modules draws 6 layers .* use at most 2, "
                                                    "or optim.granularity: layer"):
-    check_layers_fit(_optim(num_active=4).optim, model)
-  check_layers_fit(_optim(num_active=4, granularity="layer").optim, model)
+    check_layers_fit(_optim(num_active=3).optim, model)
+  check_layers_fit(_optim(num_active=3, granularity="layer").optim, model)
 
 
 def test_a_run_saved_before_the_granularity_key_resumes_by_layers_only(tmp_path):
