@@ -134,9 +134,11 @@ def check_layers_fit(o: OptimConfig, model: DecoderConfig) -> None:
                       f"{model.num_layers} (0 to {model.num_layers - 1})")
   if o.strategy != "full" and o.module_granularity() and 2 * o.num_active >= model.num_layers:
     # Drawing every layer would be full fine-tuning's path (every layer whole), not modules'.
+    most = (model.num_layers - 1) // 2
+    fix = f"use at most {most}, or optim.granularity: layer" if most else "set optim.granularity: layer"
     raise ConfigError(f"optim.num_active={o.num_active} by modules draws {2 * o.num_active} layers (one attention "
                       f"and one MLP block per layer's worth), as many as or more than the model's "
-                      f"{model.num_layers}; use at most {(model.num_layers - 1) // 2}, or optim.granularity: layer")
+                      f"{model.num_layers}; {fix}")
   if o.strategy != "full" and o.num_active > model.num_layers:
     raise ConfigError(f"optim.num_active={o.num_active} exceeds the model's {model.num_layers} layers; "
                       f"use at most {model.num_layers} (or optim.strategy: full)")

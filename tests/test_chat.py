@@ -107,7 +107,7 @@ def test_training_on_messages_through_the_trainer(tmp_path):
   data.write_text("".join(json.dumps({"messages": CONVERSATION}) + "\n" for _ in range(4)))
   cfg = config_lib.from_dict({
       "model": {"random_init": {"model_type": "llama", "vocab_size": len(WORDS) + 2, "hidden_size": 16,
-                                "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                                "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
                                 "num_key_value_heads": 1}, "tokenizer": str(tmp_path / "tok")},
       "data": {"train": str(data), "max_length": 64, "buckets": [64]},
       "optim": {"num_active": 1, "period": 1, "learning_rate": 1e-3},

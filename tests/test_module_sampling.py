@@ -212,6 +212,9 @@ def test_more_layers_worth_than_half_the_model_by_modules_is_refused():
                                                    "or optim.granularity: layer"):
     check_layers_fit(_optim(num_active=3).optim, model)
   check_layers_fit(_optim(num_active=3, granularity="layer").optim, model)
+  with pytest.raises(config_lib.ConfigError, match="as many as or more than the model's 2; set optim.granularity: "
+                                                   "layer$"):
+    check_layers_fit(_optim(num_active=1).optim, types.SimpleNamespace(num_layers=2))  # too few layers for modules
 
 
 def test_a_run_saved_before_the_granularity_key_resumes_by_layers_only(tmp_path):
