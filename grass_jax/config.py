@@ -223,11 +223,16 @@ class OptimConfig:
 
   def module_granularity(self) -> bool:
     """Whether drawn layers train one module each (``granularity``; null: strategy lisa does)."""
-    return (self.granularity or ("module" if self.strategy == "lisa" else "layer")) == "module"
+    return granularity_used(self.strategy, self.granularity) == "module"
 
   def live_importance(self) -> bool:
     """Whether the backward pass measures every layer at every step (strategy grass, importance sketch)."""
     return self.strategy == "grass" and self.importance == "sketch"
+
+
+def granularity_used(strategy: str, granularity: str | None) -> str:
+  """What ``optim.granularity`` trains by: null is the strategy's own ('module' for lisa, else 'layer')."""
+  return granularity or ("module" if strategy == "lisa" else "layer")
 
 
 @dataclasses.dataclass

@@ -40,7 +40,8 @@ from grass_jax.ahead_of_time import CompiledStep
 from grass_jax.assembly import assemble, build_optimizer, check_layers_fit, dtype_of, measure_mode, model_config
 from grass_jax.checkpoints import Checkpointer
 from grass_jax.compile_cache import use_compilation_cache
-from grass_jax.config import Config, ConfigError, ModelConfig, merge_advanced, to_dict, to_file_dict
+from grass_jax.config import (Config, ConfigError, ModelConfig, granularity_used, merge_advanced, to_dict,
+                               to_file_dict)
 from grass_jax.evaluate import EvalOptions, evaluate, load_task_records, write_results
 from grass_jax.metrics import MetricsWriter, plot_probability_heatmap
 from grass_jax.models import LAYERS, init_params
@@ -96,7 +97,7 @@ def _granularity_used(optim: dict) -> str:
   """The granularity a run's optim section trains by; a file from before the key (2026-12-07) trained layers."""
   if "granularity" not in optim:
     return "layer"
-  return optim["granularity"] or ("module" if optim.get("strategy", "lisa") == "lisa" else "layer")
+  return granularity_used(optim.get("strategy", "lisa"), optim["granularity"])
 
 
 @dataclasses.dataclass

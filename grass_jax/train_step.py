@@ -352,7 +352,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     grads = treedef.unflatten(grad_leaves)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
-    if o.grass is not None and o.grass.modules is not None and not all_layers:  # before clipping: only what trains
+    # Before clipping, only what trains: the slot scan forms only each slot's module's gradients (slot_roles),
+    # the bucketed backward pass whole layers'.
+    if o.grass is not None and o.grass.modules is not None and not all_layers and backward_start is not None:
       grads = {**grads, "layers": mask_modules(o.grass.modules, grads["layers"],
                                                slot_modules(o.grass.modules, active.shape[0]))}
     loss = loss_sum / denom

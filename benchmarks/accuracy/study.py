@@ -528,14 +528,13 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
         by_seed.setdefault(a["seed"], []).append(x)
     # Over the tasks this method ran, on the seeds that ran all of them; and, where it ran a confirmation task
     # too, over the tasks choices were made on (the bar a method is chosen by, before it is confirmed).
-    complete = [np.mean(v) for v in by_seed.values() if len(v) == len(tasks_run)]
+    complete = [v for v in by_seed.values() if len(v) == len(tasks_run)]  # per seed, in tasks_run's order
     if len(tasks_run) > 1 and complete:
-      out.append({**summary("mean", method, complete, []), "tasks": tasks_run})
-    chosen_on = [t for t in tasks_run if t not in scale.get("confirmation", [])]
+      out.append({**summary("mean", method, [np.mean(v) for v in complete], []), "tasks": tasks_run})
+    chosen_on = [i for i, t in enumerate(tasks_run) if t not in scale.get("confirmation", [])]
     if 1 < len(chosen_on) < len(tasks_run) and complete:
-      keep = [tasks_run.index(t) for t in chosen_on]
-      chosen = [np.mean([v[i] for i in keep]) for v in by_seed.values() if len(v) == len(tasks_run)]
-      out.append({**summary("mean_chosen", method, chosen, []), "tasks": chosen_on})
+      out.append({**summary("mean_chosen", method, [np.mean([v[i] for i in chosen_on]) for v in complete], []),
+                  "tasks": [tasks_run[i] for i in chosen_on]})
   return out
 
 
