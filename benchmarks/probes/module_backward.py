@@ -1,6 +1,7 @@
 """What module granularity's backward pass costs: LISA by layers, by modules forming each slot's module's
 weight gradients only (the default), and by modules forming whole layers' and masking them (before
-2026-12-07's change), on one random Llama, in one process, the same batch. A sanity check of the branch
+2026-12-07's change; the masking is now the transform's only, so this row runs one elementwise pass over the
+slot gradients fewer than that code did), on one random Llama, in one process, the same batch. A sanity check of the branch
 per module on whatever backend runs it; the GPU's answer is `benchmarks/peers.py`'s `-modules` rows.
 
   python benchmarks/probes/module_backward.py --out benchmarks/results/probes/module_backward_cpu.json
