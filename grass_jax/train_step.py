@@ -41,7 +41,7 @@ from grass_jax.models.decoder import DecoderConfig, ForwardOptions, Params, forw
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
-from grass_jax.module_sampling import mask_modules, module_leaves, slot_modules
+from grass_jax.module_sampling import from_module_form, module_layers, module_leaves, slot_modules
 from grass_jax.transform import GrassSettings, GrassState, apply_slot_updates, find_state
 
 Batch = dict[str, jax.Array]
@@ -144,7 +144,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
 
   Args:
     trainable: params whose ``layers`` leaves are ``[gamma, ...]`` (the active
-      layers, in the order of ``active``); other leaves are the always-on group.
+      layers, in the order of ``active``), in module form with module granularity
+      (``options.grass.modules``: :mod:`grass_jax.module_sampling`); other leaves are the always-on group.
     frozen_layers: the full ``[L, ...]`` layer stack (no gradient flows to it).
     active: int32 ``[gamma]`` layer index of each slot.
     options: how it computes (:class:`StepOptions`). The active layers' weights are read from
@@ -172,7 +173,10 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     _check_bucketable(input_grad, measure, o.sketch_every)
     # Steps that measure frozen layers (probing, a sketch step) are refused: their gradients come out NaN.
     refuse = frozen_layers_measured(measure, measurement, may_probe=may_probe, sketch_every=o.sketch_every)
-    stack = bucketed_stack(config, trainable["layers"], _slot_of(active, num_layers), backward_start,
+    slots = trainable["layers"]
+    if _modules(o) is not None:  # the bucketed pass forms whole layers: their other modules' rows are dropped
+      slots = from_module_form(_modules(o), slots, gamma)
+    stack = bucketed_stack(config, slots, _slot_of(active, num_layers), backward_start,
                            attention=impl, act_sharding=act_sharding,
                            measure="none" if measure == "none" else "exact", sink=sink, refuse=jnp.asarray(refuse))
   else:
@@ -190,11 +194,20 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
 
 
+def _modules(o: StepOptions) -> tuple[str, ...] | None:
+  return None if o.grass is None else o.grass.modules
+
+
 def _slot_roles(o: StepOptions, slots: Params, gamma: int) -> tuple[tuple[str, ...], ...] | None:
   """Per slot, the layer leaves it trains (module granularity: its module's), or None (all of them)."""
-  if o.grass is None or o.grass.modules is None:
+  if _modules(o) is None:
     return None
   return tuple(tuple(sorted(module_leaves(o.grass.modules, slots, m))) for m in slot_modules(o.grass.modules, gamma))
+
+
+def _rows_layers(o: StepOptions, roles: Any, active: jax.Array) -> jax.Array | dict[str, jax.Array]:
+  """The layers of the slot tree's rows: ``active``, or per role its module-form rows' layers."""
+  return active if _modules(o) is None else module_layers(_modules(o), list(roles), active)
 
 
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:
@@ -315,7 +328,11 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     probing = schedule.probing(state.count)
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
     measuring = o.measure != "none" and not all_layers
-    trainable = params if all_layers else {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
+    # The active layers' rows of the stack: whole layers, or with module granularity each leaf's rows of the
+    # slots that train it (module form): no buffer of the step holds what a slot does not train.
+    rows = None if all_layers else _rows_layers(o, params["layers"], active)
+    trainable = params if all_layers else {
+        **params, "layers": {k: v[rows[k] if isinstance(rows, dict) else rows] for k, v in params["layers"].items()}}
     # The slot scan reads the active layers from the frozen stack and never the slot values, so the gradient
     # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
     slot_handles = not all_layers
@@ -352,11 +369,6 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     grads = treedef.unflatten(grad_leaves)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
-    # Before clipping, only what trains: the slot scan forms only each slot's module's gradients (slot_roles),
-    # the bucketed backward pass whole layers'.
-    if o.grass is not None and o.grass.modules is not None and not all_layers and backward_start is not None:
-      grads = {**grads, "layers": mask_modules(o.grass.modules, grads["layers"],
-                                               slot_modules(o.grass.modules, active.shape[0]))}
     loss = loss_sum / denom
     grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -370,7 +382,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     if all_layers:
       new_params = optax.apply_updates(params, updates)
     else:
-      new_params = apply_slot_updates(params, updates, active, LAYERS)
+      new_params = apply_slot_updates(params, updates, active, LAYERS, modules=_modules(o))
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": (~ok).astype(jnp.int32),
                "probing": probing.astype(jnp.int32), "sketching": (measuring & sketching).astype(jnp.int32)}
     return new_params, new_opt_state, metrics

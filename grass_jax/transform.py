@@ -290,7 +290,7 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
       raise ValueError(f"fixed_layers {list(s.fixed_layers)} name a layer beyond the model's L={num_layers}")
     active = next_active = jnp.asarray(sorted(s.fixed_layers), jnp.int32)
     probs = jnp.zeros((num_layers,), jnp.float32).at[active].set(1.0 / gamma)
-    slot_states = _fresh_slot_states(inner, s, {r: x[active] for r, x in stack.items()})
+    slot_states = _fresh_slot_states(inner, s, _rows_of(s, stack, active))
   else:
     sort = s.modules is None  # with modules the draw's random order pairs layers with modules at random
     active = sampling.draw(k0, probs, gamma, undrawn if s.coverage else None, sort=sort)
@@ -299,7 +299,7 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
     if s.period == 1:
       next_active = sampling.draw(k1, probs, gamma, undrawn if s.coverage else None, sort=sort)
       undrawn = sampling.next_cycle(undrawn, next_active) if s.coverage else undrawn
-    slot_states = _fresh_slot_states(inner, s, {r: x[active] for r, x in stack.items()})
+    slot_states = _fresh_slot_states(inner, s, _rows_of(s, stack, active))
   # Fixed layers never switch: no other layer's state is ever needed.
   keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload and s.sampling_kind != "fixed"
   return GrassState(
@@ -322,28 +322,55 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
   )
 
 
-def _fresh_slot_states(inner: optax.GradientTransformation, s: GrassSettings, slots: dict) -> tuple:
-  """Each slot's inner state at its start, over its layer (``slots``: role -> ``[gamma, ...]``), or over its
-  module's leaves only with ``modules``."""
-  gamma = next(iter(slots.values())).shape[0]
+def _rows_of(s: GrassSettings, stack: dict, active: jax.Array) -> dict:
+  """The active layers' rows of a full-form stack (role -> ``[L, ...]``): slot form, or module form with
+  ``modules`` (:func:`grass_jax.module_sampling.to_module_form`)."""
   if s.modules is None:
+    return take_layer(stack, active)
+  at = module_sampling.module_layers(s.modules, list(stack), active)
+  return {r: x[at[r]] for r, x in stack.items()}
+
+
+def _fresh_slot_states(inner: optax.GradientTransformation, s: GrassSettings, slots: dict) -> tuple:
+  """Each slot's inner state at its start, over its layer (``slots``: role -> ``[gamma, ...]``), or, with
+  ``modules``, over its module's leaves only (``slots`` in module form)."""
+  if s.modules is None:
+    gamma = next(iter(slots.values())).shape[0]
     return tuple(inner.init(take_layer(slots, i)) for i in range(gamma))
-  chosen = module_sampling.slot_modules(s.modules, gamma)
-  return tuple(inner.init(module_sampling.module_leaves(s.modules, take_layer(slots, i), chosen[i]))
-               for i in range(gamma))
+  return tuple(inner.init(module_sampling.slot_module_leaves(s.modules, slots, i, s.num_active))
+               for i in range(s.num_active))
 
 
-def _to_slots(layout: LayerLayout, tree: Any, active: jax.Array, gamma: int) -> tuple[dict, dict, bool]:
-  """``(active layers' stack, always-on leaves, whether the tree came in full form)``."""
+FULL, SLOT, MODULE = "full", "slot", "module"  # the forms a layer stack comes in (_to_slots)
+
+
+def _to_slots(s: GrassSettings, layout: LayerLayout, tree: Any, active: jax.Array) -> tuple[dict, dict, str]:
+  """``(active layers' stack, always-on leaves, the form the tree came in)``: the stack in slot form, or in
+  module form with ``modules`` (:mod:`grass_jax.module_sampling`), whatever form the tree came in."""
   stack, always = layout.split(tree)
   n = layout.stack_size(layout.treedef.flatten_up_to(tree))
+  gamma = active.shape[0]
+  rows = None if s.modules is None or gamma == layout.num_layers else gamma // len(s.modules)
   if n == layout.num_layers:
-    if gamma < n:
-      stack = take_layer(stack, active)
-  elif n != gamma:
-    raise ValueError(f"layer leaves have a leading size {n}; expected L={layout.num_layers} (full form) "
-                     f"or num_active={gamma} (slot form)")
-  return stack, always, n == layout.num_layers
+    return (_rows_of(s, stack, active) if gamma < n else stack), always, FULL
+  if n == gamma:
+    return (stack if rows is None else module_sampling.to_module_form(s.modules, stack)), always, SLOT
+  if n == rows:
+    return stack, always, MODULE
+  raise ValueError(f"layer leaves have a leading size {n}; expected L={layout.num_layers} (full form) "
+                   f"or num_active={gamma} (slot form)" + (f" or {rows} (module form)" if rows else ""))
+
+
+def _from_slots(s: GrassSettings, slot_u: dict, form: str, active: jax.Array, num_layers: int) -> dict:
+  """The active layers' updates (slot or module form) in the form the gradients came in."""
+  gamma = active.shape[0]
+  if gamma == num_layers or form == MODULE or (form == SLOT and s.modules is None):
+    return slot_u
+  if form == SLOT:
+    return module_sampling.from_module_form(s.modules, slot_u, gamma)
+  at = ({r: active for r in slot_u} if s.modules is None
+        else module_sampling.module_layers(s.modules, list(slot_u), active))
+  return {r: jnp.zeros((num_layers,) + u.shape[1:], u.dtype).at[at[r]].set(u) for r, u in slot_u.items()}
 
 
 def measure_layers(s: GrassSettings, state: GrassState, layout: LayerLayout, grads: Any, slot_grads: dict,
@@ -507,10 +534,10 @@ def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, 
   loss: jax.Array | None = extra_args.get("loss")
   num_layers, gamma = state.importance.shape[0], state.active.shape[0]
   layout = build_layout(updates, s.layers, s.always_on, num_layers=num_layers)
-  slot_g, always_g, full_form = _to_slots(layout, updates, state.active, gamma)
-  slot_p, always_p, _ = (None, None, None) if params is None else _to_slots(layout, params, state.active, gamma)
-  if s.modules is not None and gamma < num_layers:  # a slot's other modules get no gradient (nor clipping's)
-    slot_g = module_sampling.mask_modules(s.modules, slot_g, module_sampling.slot_modules(s.modules, gamma))
+  # With modules the stack is in module form from here on: a slot's other modules get no gradient and no update.
+  slot_g, always_g, form = _to_slots(s, layout, updates, state.active)
+  slot_p, always_p, _ = (None, None, None) if params is None else _to_slots(s, layout, params, state.active)
+  full_form = form == FULL
   if state_stream is not None and (gamma == num_layers or state.bank is not None or s.reset_on_switch):
     raise ValueError("state_stream needs offload=True with num_active < L and reset_on_switch=False")
   probing = state.count < s.probe_steps
@@ -547,12 +574,7 @@ def update(inner: optax.GradientTransformation, s: GrassSettings, updates: Any, 
   else:
     key, _ = jax.random.split(state.key)
 
-  if full_form and gamma < num_layers:
-    stack_u = {r: jnp.zeros((num_layers,) + u.shape[1:], u.dtype).at[state.active].set(u)
-               for r, u in slot_u.items()}
-  else:
-    stack_u = slot_u
-  new_updates = layout.merge(stack_u, always_u, updates)
+  new_updates = layout.merge(_from_slots(s, slot_u, form, state.active, num_layers), always_u, updates)
   return new_updates, GrassState(count, key, imp, counts, window_sum, window_count, probs, active, next_active,
                                  slot_layers, slot_states, bank, always_state, undrawn, loss_trace)
 
@@ -709,12 +731,13 @@ def diagnostics(opt_state: Any, *, probability: str = "softmax", temperature: fl
   }
 
 
-def gather_active(tree: Any, opt_state: Any, layers: LabelsFn) -> Any:
+def gather_active(tree: Any, opt_state: Any, layers: LabelsFn, *, modules: Sequence[str] | None = None) -> Any:
   """Slot form of a stacked tree: layer leaves sliced to the active layers ``[gamma, ...]``.
 
   Differentiate the loss with respect to this (and the always-on leaves) to get
   slot-form gradients for :func:`transform` without ever forming the frozen
-  layers' gradients.
+  layers' gradients. ``modules`` (the transform's): module form instead, each leaf's rows of the slots that
+  train it (:func:`grass_jax.module_sampling.to_module_form`).
   """
   s = find_state(opt_state)
   layout = build_layout(tree, layers, True)
@@ -723,25 +746,35 @@ def gather_active(tree: Any, opt_state: Any, layers: LabelsFn) -> Any:
   chex.assert_equal(layout.num_layers, s.importance.shape[0])
   stack, _ = layout.split(tree)
   leaves = list(layout.treedef.flatten_up_to(tree))
+  at = (dict.fromkeys(layout.roles, s.active) if modules is None
+        else module_sampling.module_layers(modules, layout.roles, s.active))
   for (i,), r in zip(layout.role_leaves, layout.roles):
-    leaves[i] = stack[r][s.active]
+    leaves[i] = stack[r][at[r]]
   return layout.treedef.unflatten(leaves)
 
 
-def apply_slot_updates(params: Any, updates: Any, active: jax.Array, layers: LabelsFn) -> Any:
-  """``optax.apply_updates`` for slot-form updates: adds them to the active layers only."""
+def apply_slot_updates(params: Any, updates: Any, active: jax.Array, layers: LabelsFn, *,
+                       modules: Sequence[str] | None = None) -> Any:
+  """``optax.apply_updates`` for slot-form updates: adds them to the active layers only.
+
+  ``active``: int ``[gamma]``, each slot's layer. ``modules``: the updates are in module form
+  (:func:`grass_jax.module_sampling.to_module_form`), as the GRASS update gives them for module-form gradients.
+  """
   layout = build_layout(params, layers, True)
   p_leaves = layout.treedef.flatten_up_to(params)
   u_leaves = layout.treedef.flatten_up_to(updates)
-  layer_leaves = {i for (i,) in layout.role_leaves} if layout.kind == "stacked" else set()
+  role_of = {idx[0]: r for r, idx in zip(layout.roles, layout.role_leaves)} if layout.kind == "stacked" else {}
+  at = (dict.fromkeys(role_of.values(), active) if modules is None
+        else module_sampling.module_layers(modules, list(role_of.values()), active))
   out = []
   for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
-    if i in layer_leaves:
+    if i in role_of:
+      rows = at[role_of[i]]
       # One slot at a time, in place: each slot's update is a static slice of the stacked updates,
       # which XLA forwards from the per-layer results, so the stack need never exist.
       for j in range(u.shape[0]):
-        row = jax.lax.dynamic_index_in_dim(p, active[j], keepdims=False)
-        p = jax.lax.dynamic_update_index_in_dim(p, (row + u[j]).astype(p.dtype), active[j], 0)
+        row = jax.lax.dynamic_index_in_dim(p, rows[j], keepdims=False)
+        p = jax.lax.dynamic_update_index_in_dim(p, (row + u[j]).astype(p.dtype), rows[j], 0)
       out.append(p)
     else:
       out.append((p + u).astype(p.dtype))

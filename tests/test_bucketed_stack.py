@@ -119,11 +119,12 @@ def test_bucketed_stack_refuses_bad_settings():
   assert backward_start([13, 30], 4) == 12 and backward_start([30, 13], 8) == 8
 
 
-def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, steps=8, period=3):
+def _train(bucket, *, measure, probe_steps=0, sketch_every=1, offload=False, steps=8, period=3, settings=None):
   """Params after ``steps`` GRASS steps (SGD with momentum; embeddings frozen), with buckets of ``bucket``
-  layers or the slot scan (0); and the step's runs per backward_start, the skipped steps and the draws."""
-  settings = grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=period, always_on=False, seed=3,
-                                     offload=offload, probe_steps=probe_steps)
+  layers or the slot scan (0); and the step's runs per backward_start, the skipped steps and the draws.
+  ``settings``: other GRASS settings than these."""
+  settings = settings or grass_jax.GrassSettings(layers=LAYERS, num_active=2, period=period, always_on=False, seed=3,
+                                                 offload=offload, probe_steps=probe_steps)
   tx = grass_jax.transform(optax.sgd(0.5, momentum=0.5), settings)
   step = CompiledStep(make_train_step(CFG, tx, StepOptions(
       dtype=jnp.float32, grass=settings, donate=False, measure=measure, sketch_every=sketch_every)), background=False)
@@ -157,3 +158,17 @@ def test_a_bucketed_run_trains_what_the_slot_scan_trains(measure, probe_steps, s
   for k in ref["layers"]:
     np.testing.assert_allclose(got["layers"][k], ref["layers"][k], rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(got["embed"], PARAMS["embed"])
+
+
+def test_a_bucketed_run_by_modules_trains_what_the_slot_scan_trains():
+  # Module granularity: the bucketed pass forms whole layers' gradients and the step keeps each slot's module's
+  # rows (module form); the slot scan forms those rows only. The same run, as above.
+  from grass_jax.module_sampling import ATTENTION_MLP
+  settings = grass_jax.strategy_settings("lisa", layers=LAYERS, num_active=4, period=3, seed=3, always_on=False,
+                                         modules=ATTENTION_MLP)
+  ref, _, ref_skipped, draws = _train(0, measure="none", settings=settings)
+  got, runs, skipped, _ = _train(2, measure="none", settings=settings)
+  assert skipped == ref_skipped == 0 and len(draws) >= 2 and set(runs) - {None} and None not in runs
+  for k in ref["layers"]:
+    np.testing.assert_allclose(got["layers"][k], ref["layers"][k], rtol=1e-5, atol=1e-6)
+    assert np.any(np.asarray(got["layers"][k] != PARAMS["layers"][k])), k

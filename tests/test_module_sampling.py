@@ -13,7 +13,8 @@ import grass_jax
 from grass_jax import config as config_lib
 from grass_jax import models
 from grass_jax.models import llama
-from grass_jax.module_sampling import ATTENTION_MLP, mask_modules, module_index, slot_modules
+from grass_jax.module_sampling import (ATTENTION_MLP, from_module_form, mask_modules, module_index, slot_modules,
+                                       to_module_form)
 from grass_jax.train_step import LAYERS, StepOptions, make_train_step
 from grass_jax.transform import strategy, strategy_settings
 
@@ -86,12 +87,13 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
   roles = tuple(tuple(sorted(ATTENTION if m == 0 else MLP)) for m in slot_modules(ATTENTION_MLP, 4))
   batch = _batch(0)
 
+  def loss_of(slots, slot_roles):
+    stack = slot_stack(CFG, slots, slot_of, attention="einsum", slot_roles=slot_roles)
+    logits, _ = forward(params, CFG, batch["tokens"][0], batch["attention_mask"][0], layer_stack=stack)
+    return jnp.sum(logits.astype(jnp.float32) ** 2) * 1e-3
+
   def grads(slot_roles):
-    def loss(slots):
-      stack = slot_stack(CFG, slots, slot_of, attention="einsum", slot_roles=slot_roles)
-      logits, _ = forward(params, CFG, batch["tokens"][0], batch["attention_mask"][0], layer_stack=stack)
-      return jnp.sum(logits.astype(jnp.float32) ** 2) * 1e-3
-    return jax.grad(loss)(zeros)
+    return jax.grad(lambda slots: loss_of(slots, slot_roles))(zeros)
 
   only, whole = grads(roles), grads(None)
   for name, g in only.items():
@@ -100,10 +102,70 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
     np.testing.assert_allclose(g[trains], whole[name][trains], rtol=1e-6, atol=1e-9, err_msg=name)
     assert np.any(np.asarray(whole[name])[~trains] != 0), name  # the reference did form them
 
+  # Handles in module form (each leaf's rows of the slots that take it, as the train step passes them): the
+  # same rows, bitwise (the same ops; the rows of the other slots are simply not there).
+  compact = jax.grad(lambda slots: loss_of(slots, roles))(to_module_form(ATTENTION_MLP, zeros))
+  assert {k: v.shape[0] for k, v in compact.items()} == dict.fromkeys(zeros, 2)
+  jax.tree.map(np.testing.assert_array_equal, compact, to_module_form(ATTENTION_MLP, only))
+  with pytest.raises(ValueError, match="'q_proj' have 3 rows; expected 4 .one per slot. or 2"):
+    loss_of({**zeros, "q_proj": zeros["q_proj"][:3]}, roles)
+
   # The train step asks the scan for exactly these roles (the transform's slots, in its order).
   settings = strategy_settings("lisa", layers=LAYERS, num_active=4, modules=ATTENTION_MLP)
   assert train_step_lib._slot_roles(StepOptions(grass=settings), zeros, 4) == roles
   assert train_step_lib._slot_roles(StepOptions(), zeros, 4) is None
+
+
+def test_the_update_is_the_same_from_full_slot_and_module_form_gradients():
+  # The transform takes a module-form stack (the train step's) and gives its updates in it; full and slot form
+  # still work, and all three are one computation: the same numbers, bitwise, each in the form it came in.
+  params = models.init_params(CFG, jax.random.PRNGKey(1))
+  settings = strategy_settings("lisa", layers=LAYERS, num_active=4, period=2, seed=0, modules=ATTENTION_MLP)
+  tx = grass_jax.transform(optax.adamw(1e-2, weight_decay=0.1), settings)
+  state = tx.init(params)
+  active = grass_jax.find_state(state).active
+  full = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(2), x.shape), params)
+  slot = {**full, "layers": {k: v[active] for k, v in full["layers"].items()}}
+  rows = {**full, "layers": to_module_form(ATTENTION_MLP, slot["layers"])}
+  jax.tree.map(np.testing.assert_array_equal, rows,
+               grass_jax.gather_active(full, state, LAYERS, modules=ATTENTION_MLP))
+  slot_p = {**params, "layers": {k: v[active] for k, v in params["layers"].items()}}
+  rows_p = {**params, "layers": to_module_form(ATTENTION_MLP, slot_p["layers"])}
+  u_full, s_full = tx.update(full, state, params)
+  u_slot, s_slot = tx.update(slot, state, slot_p)
+  u_rows, s_rows = tx.update(rows, state, rows_p)
+  jax.tree.map(np.testing.assert_array_equal, s_full, s_rows)
+  jax.tree.map(np.testing.assert_array_equal, s_slot, s_rows)
+  assert {v.shape[0] for v in u_rows["layers"].values()} == {2}
+  jax.tree.map(np.testing.assert_array_equal, u_slot["layers"], from_module_form(ATTENTION_MLP, u_rows["layers"], 4))
+  jax.tree.map(np.testing.assert_array_equal, u_full["layers"], {
+      k: jnp.zeros_like(v).at[active].set(u_slot["layers"][k]) for k, v in params["layers"].items()})
+  with pytest.raises(ValueError, match="leading size 3; expected L=6 .full form. or num_active=4 .slot form. or 2"):
+    tx.update({**full, "layers": {k: v[:3] for k, v in full["layers"].items()}}, state, None)
+  new = grass_jax.apply_slot_updates(params, u_rows, active, LAYERS, modules=ATTENTION_MLP)
+  jax.tree.map(np.testing.assert_array_equal, new["layers"], optax.apply_updates(params, u_full)["layers"])
+
+
+def test_modules_hold_lisa_by_layers_memory_in_the_compiled_step():
+  # The step's buffers are in module form: by modules (4 slots) it needs what LISA by layers (2 slots) needs,
+  # within one layer's bytes (XLA's buffer assignment differs by the step's small buffers and its order). In slot
+  # form each buffer of the gradients, the gathered parameters and the updates held 4 whole layers: about a dozen
+  # layers more on this CPU (387.6 against 223.5 MiB at 8 layers of width 512, measured 2026-12-07).
+  cfg = llama.config_from_hf({"model_type": "llama", "vocab_size": 50, "hidden_size": 128, "intermediate_size": 384,
+                              "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2})
+  params = models.init_params(cfg, jax.random.PRNGKey(1))
+  layer_bytes = sum(v[0].nbytes for v in params["layers"].values())
+
+  def temp_bytes(modules):
+    settings = strategy_settings("lisa", layers=LAYERS, num_active=4 if modules else 2, period=3, seed=0,
+                                 modules=ATTENTION_MLP if modules else None)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), grass_jax.transform(optax.adamw(1e-2), settings))
+    step = make_train_step(cfg, tx, StepOptions(dtype=jnp.float32, grass=settings))
+    compiled = step.lower(params, tx.init(params), _batch(0)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  by_layers, by_modules = temp_bytes(False), temp_bytes(True)
+  assert by_modules <= by_layers + layer_bytes, (by_modules, by_layers, layer_bytes)
 
 
 def test_each_slot_holds_the_moments_of_its_module_only():

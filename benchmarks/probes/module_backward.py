@@ -1,8 +1,7 @@
-"""What module granularity's backward pass costs: LISA by layers, by modules forming each slot's module's
-weight gradients only (the default), and by modules forming whole layers' and masking them (before
-2026-12-07's change; the masking is now the transform's only, so this row runs one elementwise pass over the
-slot gradients fewer than that code did), on one random Llama, in one process, the same batch. A sanity check of the branch
-per module on whatever backend runs it; the GPU's answer is `benchmarks/peers.py`'s `-modules` rows.
+"""What module granularity costs against LISA by layers: step time and the compiled step's temporary memory, by
+layers (2 slots) and by modules (4 slots: each forming its module's weight gradients only, in module-form buffers
+that hold the leaves each slot trains and no others), on one random Llama, in one process, the same batch. A
+sanity check on whatever backend runs it; the GPU's answer is `benchmarks/peers.py`'s `-modules` rows.
 
   python benchmarks/probes/module_backward.py --out benchmarks/results/probes/module_backward_cpu.json
 """
@@ -11,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
-def step_seconds(cfg, modules: bool, steps: int) -> float:
-  """Mean seconds of a train step after its compilation (embeddings trained: the backward reaches layer 0)."""
+def measure(cfg, modules: bool, steps: int) -> dict:
+  """Mean seconds of a train step after its compilation (embeddings trained: the backward reaches layer 0), and
+  the compiled step's temporary bytes (XLA's buffer assignment)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -38,13 +39,14 @@ def step_seconds(cfg, modules: bool, steps: int) -> float:
   state = tx.init(params)
   tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, size=(1, 8, 257)).astype(np.int32))
   batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
+  temp = step.lower(params, state, batch).compile().memory_analysis().temp_size_in_bytes
   params, state, _ = step(params, state, batch)
   jax.block_until_ready(params)
   start = time.perf_counter()
   for _ in range(steps):
     params, state, _ = step(params, state, batch)
   jax.block_until_ready(params)
-  return (time.perf_counter() - start) / steps
+  return {"seconds": (time.perf_counter() - start) / steps, "temp_bytes": temp}
 
 
 def main() -> None:
@@ -54,20 +56,21 @@ def main() -> None:
   args = ap.parse_args()
   import jax
 
-  import grass_jax.train_step as train_step_lib
   from benchmarks.common import provenance
   from grass_jax.models import llama
   cfg = llama.config_from_hf({"model_type": "llama", "vocab_size": 256, "hidden_size": 512,
                               "intermediate_size": 1536, "num_hidden_layers": 8, "num_attention_heads": 8,
                               "num_key_value_heads": 8})
-  rows = {"layers": step_seconds(cfg, False, args.steps), "modules": step_seconds(cfg, True, args.steps)}
-  train_step_lib._slot_roles = lambda *a: None  # the whole layers' gradients, masked after
-  rows["modules_masked"] = step_seconds(cfg, True, args.steps)
-  for name, s in rows.items():
-    print(f"{name:15s} {s:.3f} s/step  {s / rows['layers']:.2f}x LISA by layers")
+  rows = {"layers": measure(cfg, False, args.steps), "modules": measure(cfg, True, args.steps)}
+  layer_bytes = 4 * sum(math.prod(shape[1:]) for shape in cfg.param_shapes()["layers"].values())
+  base = rows["layers"]
+  for name, r in rows.items():
+    print(f"{name:8s} {r['seconds']:.3f} s/step  {r['seconds'] / base['seconds']:.2f}x LISA by layers;  temporaries "
+          f"{r['temp_bytes'] / 2**20:.1f} MiB ({(r['temp_bytes'] - base['temp_bytes']) / layer_bytes:+.2f} layers)")
   if args.out:
-    args.out.write_text(json.dumps({"backend": jax.default_backend(), "steps": args.steps, "seconds": rows,
-                                    "model": "llama 8 x 512, batch 8 x 256", **provenance()}, indent=2) + "\n")
+    args.out.write_text(json.dumps({"backend": jax.default_backend(), "steps": args.steps, "rows": rows,
+                                    "layer_bytes": layer_bytes, "model": "llama 8 x 512, batch 8 x 256",
+                                    **provenance()}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,9 @@ class ScanSettings(NamedTuple):
       stack instead of a scan (module docstring); with ``remat='full'`` only.
     slot_roles: per slot, the layer leaves (roles) whose weight gradient it
       takes (module granularity, :mod:`grass_jax.module_sampling`); the
-      others' come out zero and are never formed. None: every leaf.
+      others' come out zero and are never formed. None: every leaf. With it a
+      leaf's handles may hold only the rows of the slots that take it (module
+      form, :func:`slot_stack`).
   """
   attention: str
   act_sharding: Any = None
@@ -136,7 +138,9 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, setting
     slots: ``[gamma, ...]`` handles for the trained layers' weights: their
       gradient is the weight gradient of layer ``i`` at slot ``slot_of[i]``;
       their values are never read (pass zeros: the weights are read from the
-      stack, so the trained layers need not be copied).
+      stack, so the trained layers need not be copied). With ``slot_roles`` a
+      leaf may instead hold one row per slot that takes it, in slot order
+      (module form): no gradient buffer then holds a leaf a slot does not train.
     slot_of: int ``[L]``, each layer's slot or -1.
     settings, fields: how it computes and measures, a :class:`ScanSettings` or its fields as keywords (which
       replace the settings' own): ``attention`` (required), ``remat`` (what frozen layers keep for the
@@ -161,6 +165,7 @@ def slot_stack(config: DecoderConfig, slots: Params, slot_of: jax.Array, setting
   if settings.sketch_every < 1:
     raise ValueError(f"sketch_every must be >= 1; got {settings.sketch_every}")
   chex.assert_shape(slot_of, (config.num_layers,))
+  _row_tables(settings, slots)  # checks the handles' rows against slot_roles
   remat = "full" if measure == "sketch" else settings.remat
   settings = settings._replace(remat=remat, unroll_forward=settings.unroll_forward and remat == "full")
   if measure == "none":
@@ -223,7 +228,7 @@ def _forward_unrolled(config, settings, frozen, h, inputs) -> tuple[jax.Array, j
 def _slot_scan_fwd(config, settings, slots, frozen, h, sink, given):
   del sink  # only its gradient is written
   slot_of, inputs, measurement = given
-  # The slots' values are never read; empty [gamma, 0] stand-ins carry gamma and dtype to the backward pass.
+  # The slots' values are never read; empty [rows, 0] stand-ins carry their rows and dtype to the backward pass.
   marks = jax.tree.map(lambda x: jnp.zeros((x.shape[0], 0), x.dtype), slots)
   if settings.unroll_forward:
     out, hs = _forward_unrolled(config, settings, frozen, h, inputs)
@@ -365,9 +370,38 @@ def _pullback_layout(config, settings, frozen, hs, stored, inputs) -> dict:
   return layout
 
 
+def _row_tables(settings: ScanSettings, slots: Params) -> dict[str, Any]:
+  """Per leaf, None (a row per slot) or, in module form, each slot's row of that leaf (-1: the slot does not
+  take it), an int ``[gamma]`` table."""
+  roles = settings.slot_roles
+  gamma = len(roles) if roles is not None else jax.tree.leaves(slots)[0].shape[0]
+  tables = {}
+  for k, x in slots.items():
+    takers = [j for j in range(gamma) if roles is None or k in roles[j]]
+    if x.shape[0] == gamma:
+      tables[k] = None
+    elif x.shape[0] == len(takers):
+      tables[k] = [takers.index(j) if j in takers else -1 for j in range(gamma)]
+    else:
+      raise ValueError(f"the slot handles of {k!r} have {x.shape[0]} rows; expected {gamma} (one per slot) or "
+                       f"{len(takers)} (one per slot whose slot_roles take it)")
+  return tables
+
+
+def _write_row(g: jax.Array, dp: jax.Array, slot: jax.Array, table: list[int] | None) -> jax.Array:
+  """``g`` with ``dp`` written in place at ``slot``'s row (``table``: see :func:`_row_tables`)."""
+  if table is None:
+    return jax.lax.dynamic_update_index_in_dim(g, dp.astype(g.dtype), slot, 0)
+  row = jnp.asarray(table, jnp.int32)[slot]
+  at = jnp.maximum(row, 0)
+  keep = jax.lax.dynamic_index_in_dim(g, at, keepdims=False)
+  return jax.lax.dynamic_update_index_in_dim(g, jnp.where(row >= 0, dp.astype(g.dtype), keep), at, 0)
+
+
 def _slot_scan_bwd(config, settings, res, d_out):
   marks, frozen, slot_of, hs, stored, inputs, measurement = res
-  gamma = jax.tree.leaves(marks)[0].shape[0]
+  tables = _row_tables(settings, marks)
+  gamma = len(settings.slot_roles) if settings.slot_roles is not None else jax.tree.leaves(marks)[0].shape[0]
   num_layers = slot_of.shape[0]
   bw = _Backward(config, settings, frozen, hs, stored, inputs, measurement,
                  _pullback_layout(config, settings, frozen, hs, stored, inputs))
@@ -380,7 +414,7 @@ def _slot_scan_bwd(config, settings, res, d_out):
   # latter into its slot in place. Nothing weight-sized is carried through a loop or a branch.
   layer_of = layers_of_slots(slot_of, gamma)
   order = jnp.argsort(-layer_of)  # slots, deepest layer first
-  grads = {k: jnp.zeros((gamma,) + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
+  grads = {k: jnp.zeros(m.shape[:1] + frozen[k].shape[1:], m.dtype) for k, m in marks.items()}
   dh, hi = d_out, jnp.asarray(num_layers, layer_of.dtype)
   for j in range(gamma):
     slot = order[j]
@@ -391,7 +425,7 @@ def _slot_scan_bwd(config, settings, res, d_out):
     # early and hold them all through the backward pass.
     layer, dh = jax.lax.optimization_barrier((layer, dh))
     dp, dh = bw.slot_grads(slot, layer, dh)
-    grads = {k: jax.lax.dynamic_update_index_in_dim(g, dp[k].astype(g.dtype), slot, 0) for k, g in grads.items()}
+    grads = {k: _write_row(g, dp[k], slot, tables[k]) for k, g in grads.items()}
     if measuring:
       sink = sink.at[layer].set(squared_norm(dp))
     hi = layer
