@@ -205,9 +205,13 @@ def _slot_roles(o: StepOptions, slots: Params, gamma: int) -> tuple[tuple[str, .
   return tuple(tuple(sorted(module_leaves(o.grass.modules, slots, m))) for m in slot_modules(o.grass.modules, gamma))
 
 
-def _rows_layers(o: StepOptions, roles: Any, active: jax.Array) -> jax.Array | dict[str, jax.Array]:
-  """The layers of the slot tree's rows: ``active``, or per role its module-form rows' layers."""
-  return active if _modules(o) is None else module_layers(_modules(o), list(roles), active)
+def _gather_rows(o: StepOptions, params: Params, active: jax.Array) -> Params:
+  """``params`` with the layer stack cut to the active layers' rows: whole layers (slot form), or with module
+  granularity each leaf's rows of the slots that train it (module form): no buffer of the step then holds
+  what a slot does not train."""
+  layers = params["layers"]
+  at = dict.fromkeys(layers, active) if _modules(o) is None else module_layers(_modules(o), list(layers), active)
+  return {**params, "layers": {k: v[at[k]] for k, v in layers.items()}}
 
 
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:
@@ -328,11 +332,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     probing = schedule.probing(state.count)
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
     measuring = o.measure != "none" and not all_layers
-    # The active layers' rows of the stack: whole layers, or with module granularity each leaf's rows of the
-    # slots that train it (module form): no buffer of the step holds what a slot does not train.
-    rows = None if all_layers else _rows_layers(o, params["layers"], active)
-    trainable = params if all_layers else {
-        **params, "layers": {k: v[rows[k] if isinstance(rows, dict) else rows] for k, v in params["layers"].items()}}
+    trainable = params if all_layers else _gather_rows(o, params, active)
     # The slot scan reads the active layers from the frozen stack and never the slot values, so the gradient
     # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
     slot_handles = not all_layers
