@@ -4,6 +4,10 @@ that hold the leaves each slot trains and no others), on one random Llama, in on
 sanity check on whatever backend runs it; the GPU's answer is `benchmarks/peers.py`'s `-modules` rows.
 
   python benchmarks/probes/module_backward.py --out benchmarks/results/probes/module_backward_cpu.json
+
+It also compiles (without running: the weights are abstract) the step of Llama-2-7B's shapes as the peers' 7B
+rows run it (bf16, batch 2 x 512, embeddings frozen) and records the compiled step's temporary bytes. XLA:CPU
+assigns buffers far less tightly than XLA:GPU (its absolute numbers are not the GPU's peak): compare rows.
 """
 
 from __future__ import annotations
@@ -49,6 +53,33 @@ def measure(cfg, modules: bool, steps: int) -> dict:
   return {"seconds": (time.perf_counter() - start) / steps, "temp_bytes": temp}
 
 
+def llama2_7b_temp_bytes(modules: bool) -> tuple[int, int]:
+  """The compiled 7B step's temporary bytes (compiled only, on abstract weights), and one layer's bytes."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  import grass_jax
+  from grass_jax import models
+  from grass_jax.models import llama
+  from grass_jax.module_sampling import ATTENTION_MLP
+  from grass_jax.train_step import LAYERS, StepOptions, make_train_step
+  from grass_jax.transform import strategy_settings
+  cfg = llama.config_from_hf({"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
+                              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
+                              "num_key_value_heads": 32})
+  params = jax.eval_shape(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16),
+                                               models.init_params(cfg, jax.random.PRNGKey(1))))
+  settings = strategy_settings("lisa", layers=LAYERS, num_active=4 if modules else 2, period=20, seed=0,
+                               modules=ATTENTION_MLP if modules else None, always_on=False)
+  tx = grass_jax.transform(optax.adamw(1e-5), settings)
+  step = make_train_step(cfg, tx, StepOptions(dtype=jnp.bfloat16, grass=settings))
+  tokens = jax.ShapeDtypeStruct((1, 2, 513), jnp.int32)
+  batch = {"tokens": tokens, "attention_mask": tokens, "loss_mask": tokens}
+  compiled = step.lower(params, jax.eval_shape(tx.init, params), batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in params["layers"].values())
+
+
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--steps", type=int, default=4)
@@ -67,9 +98,15 @@ def main() -> None:
   for name, r in rows.items():
     print(f"{name:8s} {r['seconds']:.3f} s/step  {r['seconds'] / base['seconds']:.2f}x LISA by layers;  temporaries "
           f"{r['temp_bytes'] / 2**20:.1f} MiB ({(r['temp_bytes'] - base['temp_bytes']) / layer_bytes:+.2f} layers)")
+  measured = {name: llama2_7b_temp_bytes(name == "modules") for name in rows}
+  seven_b, layer_7b = {name: b for name, (b, _) in measured.items()}, measured["layers"][1]
+  for name, b in seven_b.items():
+    print(f"7B {name:8s} compiled temporaries {b / 2**30:.2f} GiB "
+          f"({(b - seven_b['layers']) / layer_7b:+.2f} layers)")
   if args.out:
     args.out.write_text(json.dumps({"backend": jax.default_backend(), "steps": args.steps, "rows": rows,
                                     "layer_bytes": layer_bytes, "model": "llama 8 x 512, batch 8 x 256",
+                                    "llama2_7b_compiled_temp_bytes": seven_b, "llama2_7b_layer_bytes": layer_7b,
                                     **provenance()}, indent=2) + "\n")
 
 
