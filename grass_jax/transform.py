@@ -596,7 +596,10 @@ def transform(inner: optax.GradientTransformation, settings: GrassSettings | Non
     An optax ``GradientTransformationExtraArgs`` whose state is a :class:`GrassState`.
     Its update accepts ``layer_norms`` (float32 ``[L]`` gradient RMS, NaN where
     not measured), ``state_stream`` (:class:`StateStream`) and ``loss`` (the
-    step's training loss, for ``importance_from='gain'``) as extra arguments.
+    step's training loss, for ``importance_from='gain'``) as extra arguments. The layer leaves of its
+    ``updates`` and ``params`` may be in full form (``[L, ...]``), slot form (``[num_active, ...]``, in the
+    order of ``state.active``: :func:`gather_active`) or, with ``modules``, module form
+    (:func:`grass_jax.module_sampling.to_module_form`); the updates come back in the form given.
   """
   s = GrassSettings(**fields) if settings is None else dataclasses.replace(settings, **fields)
   return optax.GradientTransformationExtraArgs(
