@@ -41,7 +41,7 @@ def measure(cfg, modules: bool, steps: int) -> dict:
   step = make_train_step(cfg, tx, StepOptions(dtype=jnp.float32, grass=settings, donate=False))
   params = models.init_params(cfg, jax.random.PRNGKey(1))
   state = tx.init(params)
-  tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, size=(1, 8, 257)).astype(np.int32))
+  tokens = jnp.asarray(np.random.default_rng(0).integers(1, cfg.vocab_size, size=(1, 8, 256)).astype(np.int32))
   batch = {"tokens": tokens, "attention_mask": jnp.ones_like(tokens), "loss_mask": jnp.ones_like(tokens)}
   temp = step.lower(params, state, batch).compile().memory_analysis().temp_size_in_bytes
   params, state, _ = step(params, state, batch)
@@ -74,7 +74,7 @@ def llama2_7b_temp_bytes(modules: bool) -> tuple[int, int]:
                                modules=ATTENTION_MLP if modules else None, always_on=False)
   tx = grass_jax.transform(optax.adamw(1e-5), settings)
   step = make_train_step(cfg, tx, StepOptions(dtype=jnp.bfloat16, grass=settings))
-  tokens = jax.ShapeDtypeStruct((1, 2, 513), jnp.int32)
+  tokens = jax.ShapeDtypeStruct((1, 2, 512), jnp.int32)
   batch = {"tokens": tokens, "attention_mask": tokens, "loss_mask": tokens}
   compiled = step.lower(params, jax.eval_shape(tx.init, params), batch).compile()
   return compiled.memory_analysis().temp_size_in_bytes, sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in params["layers"].values())
