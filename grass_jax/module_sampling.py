@@ -106,8 +106,11 @@ def from_module_form(modules: Sequence[str], rows: Mapping[str, jax.Array], num_
   return out
 
 
-def module_layers(modules: Sequence[str], roles: Sequence[str], active: jax.Array) -> dict[str, jax.Array]:
-  """Per layer leaf, the layers its module-form rows belong to: ``active`` (int ``[num_slots]``) of its slots."""
+def module_layers(modules: Sequence[str] | None, roles: Sequence[str], active: jax.Array) -> dict[str, jax.Array]:
+  """Per layer leaf, the layers of its rows: ``active`` (int ``[num_slots]``) of the slots that train it (module
+  form), or, without ``modules`` (slot form), ``active`` itself."""
+  if modules is None:
+    return dict.fromkeys(roles, active)
   return {r: active[module_rows(modules, r, active.shape[0])] for r in roles}
 
 

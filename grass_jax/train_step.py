@@ -116,6 +116,11 @@ class StepOptions:
     """The transform's always-on group (None without ``grass``: every leaf gets a gradient)."""
     return None if self.grass is None else self.grass.always_on
 
+  @property
+  def modules(self) -> tuple[str, ...] | None:
+    """The transform's modules (module granularity: the slot tree in module form), or None."""
+    return None if self.grass is None else self.grass.modules
+
 
 class Backward(NamedTuple):
   """What the backward pass of :func:`slot_loss` measures and where it stops.
@@ -174,8 +179,8 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
     # Steps that measure frozen layers (probing, a sketch step) are refused: their gradients come out NaN.
     refuse = frozen_layers_measured(measure, measurement, may_probe=may_probe, sketch_every=o.sketch_every)
     slots = trainable["layers"]
-    if _modules(o) is not None:  # the bucketed pass forms whole layers: their other modules' rows are dropped
-      slots = from_module_form(_modules(o), slots, gamma)
+    if o.modules is not None:  # the bucketed pass forms whole layers: their other modules' rows are dropped
+      slots = from_module_form(o.modules, slots, gamma)
     stack = bucketed_stack(config, slots, _slot_of(active, num_layers), backward_start,
                            attention=impl, act_sharding=act_sharding,
                            measure="none" if measure == "none" else "exact", sink=sink, refuse=jnp.asarray(refuse))
@@ -194,15 +199,11 @@ def slot_loss(trainable: Params, frozen_layers: dict[str, jax.Array], active: ja
   return cross_entropy(out, batch["tokens"], batch["loss_mask"])
 
 
-def _modules(o: StepOptions) -> tuple[str, ...] | None:
-  return None if o.grass is None else o.grass.modules
-
-
 def _slot_roles(o: StepOptions, slots: Params, gamma: int) -> tuple[tuple[str, ...], ...] | None:
   """Per slot, the layer leaves it trains (module granularity: its module's), or None (all of them)."""
-  if _modules(o) is None:
+  if o.modules is None:
     return None
-  return tuple(tuple(sorted(module_leaves(o.grass.modules, slots, m))) for m in slot_modules(o.grass.modules, gamma))
+  return tuple(tuple(sorted(module_leaves(o.modules, slots, m))) for m in slot_modules(o.modules, gamma))
 
 
 def _gather_rows(o: StepOptions, params: Params, active: jax.Array) -> Params:
@@ -210,7 +211,7 @@ def _gather_rows(o: StepOptions, params: Params, active: jax.Array) -> Params:
   granularity each leaf's rows of the slots that train it (module form): no buffer of the step then holds
   what a slot does not train."""
   layers = params["layers"]
-  at = dict.fromkeys(layers, active) if _modules(o) is None else module_layers(_modules(o), list(layers), active)
+  at = module_layers(o.modules, list(layers), active)
   return {**params, "layers": {k: v[at[k]] for k, v in layers.items()}}
 
 
@@ -382,7 +383,7 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     if all_layers:
       new_params = optax.apply_updates(params, updates)
     else:
-      new_params = apply_slot_updates(params, updates, active, LAYERS, modules=_modules(o))
+      new_params = apply_slot_updates(params, updates, active, LAYERS, modules=o.modules)
     metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "skipped": (~ok).astype(jnp.int32),
                "probing": probing.astype(jnp.int32), "sketching": (measuring & sketching).astype(jnp.int32)}
     return new_params, new_opt_state, metrics

@@ -325,8 +325,6 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
 def _rows_of(s: GrassSettings, stack: dict, active: jax.Array) -> dict:
   """The active layers' rows of a full-form stack (role -> ``[L, ...]``): slot form, or module form with
   ``modules`` (:func:`grass_jax.module_sampling.to_module_form`)."""
-  if s.modules is None:
-    return take_layer(stack, active)
   at = module_sampling.module_layers(s.modules, list(stack), active)
   return {r: x[at[r]] for r, x in stack.items()}
 
@@ -368,8 +366,7 @@ def _from_slots(s: GrassSettings, slot_u: dict, form: str, active: jax.Array, nu
     return slot_u
   if form == SLOT:
     return module_sampling.from_module_form(s.modules, slot_u, gamma)
-  at = ({r: active for r in slot_u} if s.modules is None
-        else module_sampling.module_layers(s.modules, list(slot_u), active))
+  at = module_sampling.module_layers(s.modules, list(slot_u), active)
   return {r: jnp.zeros((num_layers,) + u.shape[1:], u.dtype).at[at[r]].set(u) for r, u in slot_u.items()}
 
 
@@ -749,8 +746,7 @@ def gather_active(tree: Any, opt_state: Any, layers: LabelsFn, *, modules: Seque
   chex.assert_equal(layout.num_layers, s.importance.shape[0])
   stack, _ = layout.split(tree)
   leaves = list(layout.treedef.flatten_up_to(tree))
-  at = (dict.fromkeys(layout.roles, s.active) if modules is None
-        else module_sampling.module_layers(modules, layout.roles, s.active))
+  at = module_sampling.module_layers(modules, layout.roles, s.active)
   for (i,), r in zip(layout.role_leaves, layout.roles):
     leaves[i] = stack[r][at[r]]
   return layout.treedef.unflatten(leaves)
@@ -767,8 +763,7 @@ def apply_slot_updates(params: Any, updates: Any, active: jax.Array, layers: Lab
   p_leaves = layout.treedef.flatten_up_to(params)
   u_leaves = layout.treedef.flatten_up_to(updates)
   role_of = {idx[0]: r for r, idx in zip(layout.roles, layout.role_leaves)} if layout.kind == "stacked" else {}
-  at = (dict.fromkeys(role_of.values(), active) if modules is None
-        else module_sampling.module_layers(modules, list(role_of.values()), active))
+  at = module_sampling.module_layers(modules, list(role_of.values()), active)
   out = []
   for i, (p, u) in enumerate(zip(p_leaves, u_leaves)):
     if i in role_of:

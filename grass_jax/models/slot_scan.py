@@ -370,11 +370,16 @@ def _pullback_layout(config, settings, frozen, hs, stored, inputs) -> dict:
   return layout
 
 
+def _num_slots(settings: ScanSettings, slots: Params) -> int:
+  """gamma: one per ``slot_roles`` entry, or the handles' rows (slot form)."""
+  return len(settings.slot_roles) if settings.slot_roles is not None else jax.tree.leaves(slots)[0].shape[0]
+
+
 def _row_tables(settings: ScanSettings, slots: Params) -> dict[str, Any]:
   """Per leaf, None (a row per slot) or, in module form, each slot's row of that leaf (-1: the slot does not
   take it), an int ``[gamma]`` table."""
   roles = settings.slot_roles
-  gamma = len(roles) if roles is not None else jax.tree.leaves(slots)[0].shape[0]
+  gamma = _num_slots(settings, slots)
   tables = {}
   for k, x in slots.items():
     takers = [j for j in range(gamma) if roles is None or k in roles[j]]
@@ -401,7 +406,7 @@ def _write_row(g: jax.Array, dp: jax.Array, slot: jax.Array, table: list[int] | 
 def _slot_scan_bwd(config, settings, res, d_out):
   marks, frozen, slot_of, hs, stored, inputs, measurement = res
   tables = _row_tables(settings, marks)
-  gamma = len(settings.slot_roles) if settings.slot_roles is not None else jax.tree.leaves(marks)[0].shape[0]
+  gamma = _num_slots(settings, marks)
   num_layers = slot_of.shape[0]
   bw = _Backward(config, settings, frozen, hs, stored, inputs, measurement,
                  _pullback_layout(config, settings, frozen, hs, stored, inputs))
