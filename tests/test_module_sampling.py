@@ -103,10 +103,13 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
     assert np.any(np.asarray(whole[name])[~trains] != 0), name  # the reference did form them
 
   # Handles in module form (each leaf's rows of the slots that take it, as the train step passes them): the
-  # same rows, bitwise (the same ops; the rows of the other slots are simply not there).
+  # same rows (the same ops; the rows of the other slots are simply not there). Bitwise under XLA:CPU's default
+  # flags; with the suite's cheaper LLVM passes the weight-gradient dot, written into a buffer of another shape,
+  # may sum in another order: the tolerance above.
   compact = jax.grad(lambda slots: loss_of(slots, roles))(to_module_form(ATTENTION_MLP, zeros))
   assert {k: v.shape[0] for k, v in compact.items()} == dict.fromkeys(zeros, 2)
-  jax.tree.map(np.testing.assert_array_equal, compact, to_module_form(ATTENTION_MLP, only))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), compact,
+               to_module_form(ATTENTION_MLP, only))
   with pytest.raises(ValueError, match="'q_proj' have 3 rows; expected 4 .one per slot. or 2"):
     loss_of({**zeros, "q_proj": zeros["q_proj"][:3]}, roles)
 

@@ -278,7 +278,7 @@ class _Backward(NamedTuple):
 
   def weight_and_input_grad(self, layer, dh, roles=None):
     """``(weight gradient, input gradient)`` of a layer from one recomputation; with ``roles``, only those
-    leaves' weight gradients are formed (the others are zeros)."""
+    leaves' weight gradients are formed and returned."""
     lp = self.layer_params(layer)
     if roles is None:
       _, vjp = jax.vjp(lambda p, x: self.run(p, x, layer), lp, self.block_input(layer))
@@ -286,21 +286,27 @@ class _Backward(NamedTuple):
     rest = {k: v for k, v in lp.items() if k not in roles}
     _, vjp = jax.vjp(lambda p, x: self.run({**rest, **p}, x, layer), {k: lp[k] for k in roles},
                      self.block_input(layer))
-    dp, dx = vjp(dh)
-    return {k: dp[k] if k in roles else jnp.zeros_like(v) for k, v in lp.items()}, dx
+    return vjp(dh)
 
-  def slot_grads(self, slot, layer, dh):
-    """:meth:`weight_and_input_grad` of the layer in ``slot``, forming only the leaves the slot trains
-    (``settings.slot_roles``: one branch per distinct set, chosen by the slot; the slot is dynamic)."""
+  def slot_grads(self, slot, layer, dh, grads, tables):
+    """The layer in ``slot`` from one recomputation: its input gradient, ``grads`` with the weight gradients
+    of the leaves the slot trains written into its rows (``tables``: :func:`_row_tables`), and their squared
+    norm. By modules (``settings.slot_roles``) one branch per distinct set of leaves, chosen by the (dynamic)
+    slot, forms and writes that set alone: no branch returns a whole layer's gradient."""
     roles = self.settings.slot_roles
+
+    def branch(kind, layer, dh, grads):
+      dp, dx = self.weight_and_input_grad(layer, dh, kind)
+      written = {k: _write_row(grads[k], dp[k], slot, tables[k], taker=True) for k in dp}
+      return dx, {**grads, **written}, squared_norm(dp) if self.settings.measure != "none" else jnp.float32(0)
+
     if roles is None:
-      return self.weight_and_input_grad(layer, dh)
+      return branch(None, layer, dh, grads)
     kinds = sorted(set(roles))
     if len(kinds) == 1:
-      return self.weight_and_input_grad(layer, dh, kinds[0])
+      return branch(kinds[0], layer, dh, grads)
     kind_of_slot = jnp.asarray([kinds.index(r) for r in roles], jnp.int32)
-    branches = [functools.partial(self.weight_and_input_grad, roles=kind) for kind in kinds]
-    return jax.lax.switch(kind_of_slot[slot], branches, layer, dh)
+    return jax.lax.switch(kind_of_slot[slot], [functools.partial(branch, kind) for kind in kinds], layer, dh, grads)
 
   def exact_norm(self, layer, dh):
     """``(input gradient, squared weight-gradient norm)``; the gradient itself is dropped."""
@@ -393,11 +399,15 @@ def _row_tables(settings: ScanSettings, slots: Params) -> dict[str, Any]:
   return tables
 
 
-def _write_row(g: jax.Array, dp: jax.Array, slot: jax.Array, table: list[int] | None) -> jax.Array:
-  """``g`` with ``dp`` written in place at ``slot``'s row (``table``: see :func:`_row_tables`)."""
+def _write_row(g: jax.Array, dp: jax.Array, slot: jax.Array, table: list[int] | None, *,
+               taker: bool = False) -> jax.Array:
+  """``g`` with ``dp`` written in place at ``slot``'s row (``table``: see :func:`_row_tables`); ``taker``: the
+  slot is known to take this leaf (its row is not -1), so no select is needed."""
   if table is None:
     return jax.lax.dynamic_update_index_in_dim(g, dp.astype(g.dtype), slot, 0)
   row = jnp.asarray(table, jnp.int32)[slot]
+  if taker:
+    return jax.lax.dynamic_update_index_in_dim(g, dp.astype(g.dtype), row, 0)
   at = jnp.maximum(row, 0)
   keep = jax.lax.dynamic_index_in_dim(g, at, keepdims=False)
   return jax.lax.dynamic_update_index_in_dim(g, jnp.where(row >= 0, dp.astype(g.dtype), keep), at, 0)
@@ -429,10 +439,9 @@ def _slot_scan_bwd(config, settings, res, d_out):
     # comes: the draw is known from the start, and XLA would otherwise copy every trained layer's weights
     # early and hold them all through the backward pass.
     layer, dh = jax.lax.optimization_barrier((layer, dh))
-    dp, dh = bw.slot_grads(slot, layer, dh)
-    grads = {k: _write_row(g, dp[k], slot, tables[k]) for k, g in grads.items()}
+    dh, grads, sq = bw.slot_grads(slot, layer, dh, grads, tables)
     if measuring:
-      sink = sink.at[layer].set(squared_norm(dp))
+      sink = sink.at[layer].set(sq)
     hi = layer
   dh, sink = bw.frozen_run(dh, sink, _lowest_needed(settings, measurement, hi), hi)
   if not settings.input_grad:
