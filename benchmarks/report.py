@@ -415,13 +415,13 @@ def peers_profile_docs(path: str, shown: list[tuple[str, str]], lines: slice = s
 # The docs' speed tables: (peers file, rows shown with their labels[, the lines of one invocation]).
 PEERS_DOCS = {
     "peers_default_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
-        ("tiny-jax-default", "TinyLlama: grass_jax, the defaults until 2026-12-07 (LISA by layers), XLA's flags"),
-        ("tiny-jax-default-unrolled", "TinyLlama: the same with `model.unroll_forward`"),
-        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(21, 27)),
+        ("tiny-jax-default-modules", "TinyLlama: grass_jax, the defaults (LISA by modules)"),
+        ("tiny-jax-default-layers", "TinyLlama: LISA by layers (`optim.granularity: layer`)"),
+        ("tiny-torch-lisa-compile", "TinyLlama: PyTorch LISA, compiled, checkpointed")], slice(36, 40)),
     "peers_default_7b_docs": ("benchmarks/results/peers/peers_h100.jsonl", [
-        ("7b-jax-default", "7B: grass_jax, the defaults until 2026-12-07 (LISA by layers), XLA's flags"),
-        ("7b-jax-default-unrolled", "7B: the same with `model.unroll_forward`"),
-        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(21, 27)),
+        ("7b-jax-default-modules", "7B: grass_jax, the defaults (LISA by modules)"),
+        ("7b-jax-default-layers", "7B: LISA by layers (`optim.granularity: layer`)"),
+        ("7b-torch-lisa-compile-g2", "7B: PyTorch LISA, compiled, checkpointed")], slice(33, 36)),
     "peers_default_h200_docs": (PEERS_H200, [
         ("tiny-jax-default", "TinyLlama: grass_jax, LISA by layers (the default until 2026-12-07)"),
         ("tiny-jax-default-modules", "TinyLlama: LISA by modules (the default since)"),
@@ -455,10 +455,11 @@ PEERS_DOCS = {
 
 # The default's profile beside compiled LISA's (--profile 4), one invocation.
 PEERS_PROFILE = ("benchmarks/results/peers/peers_h100.jsonl", [
-    ("tiny-jax-default", "grass_jax, the defaults until 2026-12-07 (whole LM head)"),
-    ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed")], slice(5, 7))
+    ("tiny-jax-default-modules", "grass_jax, the defaults (LISA by modules)"),
+    ("tiny-jax-default-layers", "LISA by layers"),
+    ("tiny-torch-lisa-compile", "PyTorch LISA, compiled, checkpointed")], slice(36, 40))
 PEERS_PROFILE_7B = ("benchmarks/results/peers/peers_h100.jsonl", [
-    ("7b-jax-default", "grass_jax, the defaults (LISA)"),
+    ("7b-jax-default", "grass_jax, LISA by layers (the default until 2026-12-07)"),
     ("7b-torch-lisa-compile-g2", "PyTorch LISA, compiled, checkpointed")], slice(9, 11))
 
 
