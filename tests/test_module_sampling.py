@@ -70,13 +70,9 @@ def test_the_train_step_moves_only_each_slots_module_and_compiles_once():
   assert step._cache_size() == 1  # new layers: the same executable
 
 
-def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does():
-  # The backward pass takes each slot's module's weight gradient only (ScanSettings.slot_roles, a branch per
-  # module chosen by the slot); the whole layer's gradient, masked after (slot_roles None), is the reference.
-  # The same ops on the same inputs: equal to float32 rounding of a reordered sum at most: rtol 1e-6 is 8 ulps
-  # of an entry, atol 1e-9 8 ulps of this model's largest gradient entries (about 1.3e-3, ulp 1.2e-10; the
-  # differences seen are 1-2 of them). (Through Adam the parameters then differ by a few ulps: docs/accuracy.md.)
-  import grass_jax.train_step as train_step_lib
+def _scan_gradients():
+  """The slot scan's gradients of a 4-slot draw by modules: ``(loss_of, zeros, roles)``, where ``loss_of(slots,
+  slot_roles)`` is a loss whose gradient with respect to the slot handles ``slots`` is the slots' weight gradient."""
   from grass_jax.models.slot_scan import slot_stack
   from grass_jax.models.decoder import forward
 
@@ -92,10 +88,19 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
     logits, _ = forward(params, CFG, batch["tokens"][0], batch["attention_mask"][0], layer_stack=stack)
     return jnp.sum(logits.astype(jnp.float32) ** 2) * 1e-3
 
-  def grads(slot_roles):
-    return jax.grad(lambda slots: loss_of(slots, slot_roles))(zeros)
+  return loss_of, zeros, roles
 
-  only, whole = grads(roles), grads(None)
+
+def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does():
+  # The backward pass takes each slot's module's weight gradient only (ScanSettings.slot_roles, a branch per
+  # module chosen by the slot); the whole layer's gradient, masked after (slot_roles None), is the reference.
+  # The same ops on the same inputs: equal to float32 rounding of a reordered sum at most: rtol 1e-6 is 8 ulps
+  # of an entry, atol 1e-9 8 ulps of this model's largest gradient entries (about 1.3e-3, ulp 1.2e-10; the
+  # differences seen are 1-2 of them). (Through Adam the parameters then differ by a few ulps: docs/accuracy.md.)
+  import grass_jax.train_step as train_step_lib
+
+  loss_of, zeros, roles = _scan_gradients()
+  only, whole = (jax.grad(lambda slots: loss_of(slots, r))(zeros) for r in (roles, None))
   for name, g in only.items():
     trains = np.array([name in r for r in roles])
     assert np.all(np.asarray(g)[~trains] == 0), name  # never formed: exact zeros
@@ -103,9 +108,8 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
     assert np.any(np.asarray(whole[name])[~trains] != 0), name  # the reference did form them
 
   # Handles in module form (each leaf's rows of the slots that take it, as the train step passes them): the
-  # same rows (the same ops; the rows of the other slots are simply not there). Bitwise under XLA:CPU's default
-  # flags; with the suite's cheaper LLVM passes the weight-gradient dot, written into a buffer of another shape,
-  # may sum in another order: the tolerance above.
+  # same rows. Bitwise at XLA's default flags (the next test); with this session's cheaper LLVM passes the
+  # weight-gradient dot, written into a buffer of another shape, may sum in another order: the tolerance above.
   compact = jax.grad(lambda slots: loss_of(slots, roles))(to_module_form(ATTENTION_MLP, zeros))
   assert {k: v.shape[0] for k, v in compact.items()} == dict.fromkeys(zeros, 2)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9), compact,
@@ -117,6 +121,15 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
   settings = strategy_settings("lisa", layers=LAYERS, num_active=4, modules=ATTENTION_MLP)
   assert train_step_lib._slot_roles(StepOptions(grass=settings), zeros, 4) == roles
   assert train_step_lib._slot_roles(StepOptions(), zeros, 4) is None
+
+
+@pytest.mark.default_flags
+def test_module_form_rows_are_the_slot_form_rows_bitwise():
+  # The same ops on the same inputs: the rows of the slots that do not take a leaf are simply not there.
+  loss_of, zeros, roles = _scan_gradients()
+  compact = jax.grad(lambda slots: loss_of(slots, roles))(to_module_form(ATTENTION_MLP, zeros))
+  slot_form = jax.grad(lambda slots: loss_of(slots, roles))(zeros)
+  jax.tree.map(np.testing.assert_array_equal, compact, to_module_form(ATTENTION_MLP, slot_form))
 
 
 def test_the_update_is_the_same_from_full_slot_and_module_form_gradients():
