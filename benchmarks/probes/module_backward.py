@@ -5,9 +5,10 @@ sanity check on whatever backend runs it; the GPU's answer is `benchmarks/peers.
 
   python benchmarks/probes/module_backward.py --out benchmarks/results/probes/module_backward_cpu.json
 
-It also compiles (without running: the weights are abstract) the step of Llama-2-7B's shapes as the peers' 7B
-rows run it (bf16, batch 2 x 512, embeddings frozen) and records the compiled step's temporary bytes. XLA:CPU
-assigns buffers far less tightly than XLA:GPU (its absolute numbers are not the GPU's peak): compare rows.
+It also compiles (without running: the weights are abstract) the step the peers' 7B default rows run, by modules
+and by layers (the same spec through the same assembly: Llama-2-7B's shapes, bf16, batch 2 x 512, embeddings
+frozen), and records the compiled step's temporary bytes. XLA:CPU assigns buffers far less tightly than XLA:GPU
+(its absolute numbers are not the GPU's peak): compare rows.
 """
 
 from __future__ import annotations
@@ -54,30 +55,23 @@ def measure(cfg, modules: bool, steps: int) -> dict:
 
 
 def llama2_7b_temp_bytes(modules: bool) -> tuple[int, int]:
-  """The compiled 7B step's temporary bytes (compiled only, on abstract weights), and one layer's bytes."""
+  """The temporary bytes of the step the peers' ``7b-jax-default-modules`` / ``-layers`` rows run (built by
+  :func:`grass_jax.assembly.assemble` from the same spec; compiled only, on abstract weights), and one layer's
+  bytes. On the GPU the row's peak is its arguments plus these temporaries (its ``memory_phases``)."""
   import jax
   import jax.numpy as jnp
-  import optax
 
-  import grass_jax
-  from grass_jax import models
-  from grass_jax.models import llama
-  from grass_jax.module_sampling import ATTENTION_MLP
-  from grass_jax.train_step import LAYERS, StepOptions, make_train_step
-  from grass_jax.transform import strategy_settings
-  cfg = llama.config_from_hf({"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096,
-                              "intermediate_size": 11008, "num_hidden_layers": 32, "num_attention_heads": 32,
-                              "num_key_value_heads": 32})
-  params = jax.eval_shape(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16),
-                                               models.init_params(cfg, jax.random.PRNGKey(1))))
-  settings = strategy_settings("lisa", layers=LAYERS, num_active=4 if modules else 2, period=20, seed=0,
-                               modules=ATTENTION_MLP if modules else None, always_on=False)
-  tx = grass_jax.transform(optax.adamw(1e-5), settings)
-  step = make_train_step(cfg, tx, StepOptions(dtype=jnp.bfloat16, grass=settings))
-  tokens = jax.ShapeDtypeStruct((1, 2, 512), jnp.int32)
+  from benchmarks.common import spec_config
+  from benchmarks.peers import PLAN
+  from grass_jax.ahead_of_time import abstract
+  from grass_jax.assembly import assemble
+  spec = dict(dict(PLAN)["7b-jax-default-modules" if modules else "7b-jax-default-layers"], period=20)  # peers --period
+  parts = assemble(spec_config(spec), total_steps=200)
+  tokens = jax.ShapeDtypeStruct((1, spec["batch"], spec["seq"]), jnp.int32)
   batch = {"tokens": tokens, "attention_mask": tokens, "loss_mask": tokens}
-  compiled = step.lower(params, jax.eval_shape(tx.init, params), batch).compile()
-  return compiled.memory_analysis().temp_size_in_bytes, sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in params["layers"].values())
+  compiled = parts.step.step.lower(abstract(parts.param_shapes), abstract(parts.state_shapes), batch).compile()
+  layers = parts.param_shapes["layers"].values()
+  return compiled.memory_analysis().temp_size_in_bytes, sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in layers)
 
 
 def main() -> None:
