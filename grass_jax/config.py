@@ -163,7 +163,8 @@ class OptimConfig:
     attention block and num_active their MLP block for the period, as MISA
     samples modules; the parameters and moments of num_active whole layers;
     grass_jax.module_sampling). null (default): 'module' for strategy lisa,
-    which beat LISA by layers in docs/accuracy.md, 'layer' for the others.
+    which scored above LISA by layers on each task of docs/accuracy.md (not
+    yet significantly), 'layer' for the others.
   offload_optimizer_state: keep inactive layers' optimizer state in pinned host memory.
   stream_active_states: with offload_optimizer_state, keep the active layers'
     state in host memory too and copy it to the device only for its update,
