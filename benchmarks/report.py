@@ -114,18 +114,21 @@ def paired_accuracy_docs(result: dict) -> str:
 
 # Every H200 peers invocation, one after another; a table names its invocation's lines.
 PEERS_H200 = "benchmarks/results/peers/peers_h200.jsonl"
+PEERS_H100 = "benchmarks/results/peers/peers_h100.jsonl"
 H200_TINY_SAME_DRAWS = slice(43, 47)  # TinyLlama against compiled LISA on the same layers, with and without ckpt
 H200_BUCKETS = slice(20, 23)  # Llama-2-7B: the bucketed backward, the slot scan, compiled LISA on the same layers
 
 # The README's speed table: per model, the peers file, the rows shown from it and their invocation's lines.
 PEERS_README = [
-    (PEERS_H200,
+    (PEERS_H100,
      "TinyLlama-1.1B, b16 x 512, embeddings trained",
-     [("tiny-jax-grass-offload-late-chunk2048-nomerge", "grass_jax, offload, `importance: grad`"),
-      ("tiny-torch-lisa-compile-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], H200_TINY_SAME_DRAWS),
-    (PEERS_H200, "Llama-2-7B, b2 x 512, embeddings frozen",
-     [("7b-jax-grass-offload-late-g2-nomerge-bucket4", "grass_jax, offload, `model.backward_bucket: 4`"),
-      ("7b-torch-lisa-compile-g2-same-draws", "PyTorch LISA, `torch.compile`, checkpointed")], H200_BUCKETS),
+     [("tiny-jax-default-modules", "grass_jax, the defaults (LISA by modules)"),
+      ("tiny-jax-default-layers", "grass_jax, LISA by layers"),
+      ("tiny-torch-lisa-compile", "PyTorch LISA, `torch.compile`, checkpointed")], slice(36, 40)),
+    (PEERS_H100, "Llama-2-7B, b2 x 512, embeddings frozen",
+     [("7b-jax-default-modules", "grass_jax, the defaults (LISA by modules)"),
+      ("7b-jax-default-layers", "grass_jax, LISA by layers"),
+      ("7b-torch-lisa-compile-g2", "PyTorch LISA, `torch.compile`, checkpointed")], slice(33, 36)),
 ]
 
 
