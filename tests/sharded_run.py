@@ -22,7 +22,7 @@ MODEL = ("model.random_init={model_type: llama, vocab_size: 259, hidden_size: 64
          "num_hidden_layers: 4, num_attention_heads: 4, num_key_value_heads: 2}")
 
 
-def cfg(out: Path, mesh: dict, offload: bool):
+def cfg(out: Path, mesh: dict, offload: bool, *extra: str):
   return config_lib.load(ROOT / "configs" / "tiny-demo.yaml", [
       MODEL, f"train.output_dir={out}", "train.batch_size=8", "train.max_steps=8", "train.checkpoint_every=0",
       # optim.eps: the scale on which the two runs are compared (test_sharding.py)
@@ -30,7 +30,33 @@ def cfg(out: Path, mesh: dict, offload: bool):
       "data.max_length=160",
       "data.buckets=[160]", "optim.period=2",
       "model.dtype=float32", "model.compute_dtype=float32", f"optim.offload_optimizer_state={str(offload).lower()}",
-      *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false"])
+      *[f"mesh.{k}={v}" for k, v in mesh.items()], "train.export=false", *extra])
+
+
+# The default strategy (LISA by modules: module-form slot buffers, a backward branch per module); one layer's
+# worth, so that its 2 drawn layers fit the 4-layer model.
+DEFAULT = ("optim.strategy=lisa", "optim.num_active=1")
+
+
+def compare(ref: dict, r: dict, ref_dir: Path, run_dir: Path) -> dict:
+  """What test_sharding.py checks of a mesh run against its single-device reference."""
+  diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+             for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(r["params"])))
+  scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(ref["params"]))
+  s_ref, s = find_state(ref["opt_state"]), find_state(r["opt_state"])
+  lines = lambda d: [{k: json.loads(l).get(k) for k in ("active_layers", "active_modules")}
+                     for l in (d / "metrics.jsonl").read_text().splitlines()]
+  return {
+      "max_param_diff": diff, "param_scale": scale,
+      "max_grad_norm": max(json.loads(l)["grad_norm"] for l in (ref_dir / "metrics.jsonl").read_text().splitlines()),
+      "same_layer_draws": lines(ref_dir) == lines(run_dir),
+      "same_final_active": np.asarray(s_ref.active).tolist() == np.asarray(s.active).tolist(),
+      "active_replicated": bool(s.active.sharding.is_fully_replicated),
+      "devices_used": len(jax.tree.leaves(r["params"])[0].sharding.device_set),
+      "fsdp_sharded_leaves": sum(FSDP in str(x.sharding.spec) for x in jax.tree.leaves(r["params"])),
+      "loss": [r["final_loss"], ref["final_loss"]],
+      "modules_logged": any(l["active_modules"] for l in lines(run_dir)),
+  }
 
 
 def main() -> None:
@@ -43,21 +69,8 @@ def main() -> None:
   ref = run(cfg(out / "single", {"data": 1, "fsdp": 1}, False), progress=False, return_state=True)
   for name, mesh, offload in [("data2_fsdp2", {"data": 2, "fsdp": 2}, True)]:
     r = run(cfg(out / f"{name}-{offload}", mesh, offload), progress=False, return_state=True)
-    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(ref["params"]), jax.tree.leaves(r["params"])))
-    scale = max(float(np.max(np.abs(np.asarray(a)))) for a in jax.tree.leaves(ref["params"]))
-    s_ref, s = find_state(ref["opt_state"]), find_state(r["opt_state"])
-    lines = lambda d: [json.loads(l)["active_layers"] for l in (d / "metrics.jsonl").read_text().splitlines()]
-    result[f"{name}-offload{offload}"] = {
-        "max_param_diff": diff, "param_scale": scale,
-        "max_grad_norm": max(json.loads(l)["grad_norm"] for l in (out / "single" / "metrics.jsonl").read_text().splitlines()),
-        "same_layer_draws": lines(out / "single") == lines(out / f"{name}-{offload}"),
-        "same_final_active": np.asarray(s_ref.active).tolist() == np.asarray(s.active).tolist(),
-        "active_replicated": bool(s.active.sharding.is_fully_replicated),
-        "devices_used": len(jax.tree.leaves(r["params"])[0].sharding.device_set),
-        "fsdp_sharded_leaves": sum(FSDP in str(x.sharding.spec) for x in jax.tree.leaves(r["params"])),
-        "loss": [r["final_loss"], ref["final_loss"]],
-    }
+    result[f"{name}-offload{offload}"] = compare(ref, r, out / "single", out / f"{name}-{offload}")
+    s = find_state(r["opt_state"])
     # Stopped after step 5 (inside a period) and resumed on the same mesh: the checkpoint's shards come back
     # where they were, host states included, and the run ends bitwise where the straight one did.
     stopped = out / f"{name}-{offload}-resumed"
@@ -77,6 +90,9 @@ def main() -> None:
       result[f"{name}-offload{offload}"].update(
           host_kinds=sorted({x.sharding.memory_kind for x in host}),
           host_fsdp_leaves=sum(FSDP in str(x.sharding.spec) for x in host))
+  ref = run(cfg(out / "single-default", {"data": 1, "fsdp": 1}, False, *DEFAULT), progress=False, return_state=True)
+  r = run(cfg(out / "mesh-default", {"data": 2, "fsdp": 2}, False, *DEFAULT), progress=False, return_state=True)
+  result["data2_fsdp2-default"] = compare(ref, r, out / "single-default", out / "mesh-default")
   print("RESULT" + json.dumps(result))
 
 

@@ -31,6 +31,18 @@ def sharded(tmp_path_factory):
   return json.loads(lines[0][len("RESULT"):])
 
 
+def test_the_default_strategy_sharded_equals_its_single_device_run(sharded):
+  # LISA by modules (the default): module-form slot buffers sharded like the stack, one backward branch per
+  # module. The same bound as above (same model, data, lr, eps and steps; a moment reset lowers no bound).
+  r = sharded["data2_fsdp2-default"]
+  assert r["devices_used"] == 4 and r["fsdp_sharded_leaves"] == 3
+  largest = min(1.0, r["max_grad_norm"])
+  atol = adam_atol_for_gradient_error(steps=8, lr=3e-3, eps=0.1, grad_error=summed_gradient_error(largest, 2000))
+  assert r["max_param_diff"] <= atol + 8 * U * r["param_scale"], (atol, r["max_param_diff"], r)
+  assert r["modules_logged"] and r["same_layer_draws"] and r["same_final_active"] and r["active_replicated"], r
+  assert abs(r["loss"][0] - r["loss"][1]) < 1e-4 * abs(r["loss"][1])
+
+
 # A fused attention kernel under FSDP (q, k, v sharded alike) is checked in the lowered step below, not by a run.
 def test_sharded_run_equals_single_device_run(sharded):
   name = "data2_fsdp2-offloadTrue"
