@@ -297,7 +297,7 @@ class _Backward(NamedTuple):
 
     def branch(kind, layer, dh, grads):
       dp, dx = self.weight_and_input_grad(layer, dh, kind)
-      written = {k: _write_row(grads[k], dp[k], slot, tables[k], taker=True) for k in dp}
+      written = {k: _write_row(grads[k], dp[k], slot, tables[k]) for k in dp}
       return dx, {**grads, **written}, squared_norm(dp) if self.settings.measure != "none" else jnp.float32(0)
 
     if roles is None:
@@ -399,18 +399,11 @@ def _row_tables(settings: ScanSettings, slots: Params) -> dict[str, Any]:
   return tables
 
 
-def _write_row(g: jax.Array, dp: jax.Array, slot: jax.Array, table: list[int] | None, *,
-               taker: bool = False) -> jax.Array:
-  """``g`` with ``dp`` written in place at ``slot``'s row (``table``: see :func:`_row_tables`); ``taker``: the
-  slot is known to take this leaf (its row is not -1), so no select is needed."""
-  if table is None:
-    return jax.lax.dynamic_update_index_in_dim(g, dp.astype(g.dtype), slot, 0)
-  row = jnp.asarray(table, jnp.int32)[slot]
-  if taker:
-    return jax.lax.dynamic_update_index_in_dim(g, dp.astype(g.dtype), row, 0)
-  at = jnp.maximum(row, 0)
-  keep = jax.lax.dynamic_index_in_dim(g, at, keepdims=False)
-  return jax.lax.dynamic_update_index_in_dim(g, jnp.where(row >= 0, dp.astype(g.dtype), keep), at, 0)
+def _write_row(g: jax.Array, dp: jax.Array, slot: jax.Array, table: list[int] | None) -> jax.Array:
+  """``g`` with ``dp`` written in place at ``slot``'s row (``table``: see :func:`_row_tables`); the slot takes
+  this leaf (its branch forms only the leaves it trains), so its row is never -1."""
+  row = slot if table is None else jnp.asarray(table, jnp.int32)[slot]
+  return jax.lax.dynamic_update_index_in_dim(g, dp.astype(g.dtype), row, 0)
 
 
 def _slot_scan_bwd(config, settings, res, d_out):
