@@ -44,7 +44,7 @@ import optax
 
 from grass_jax.layer_updates import guard
 
-__all__ = ["ATTENTION_MLP", "MODULE_NAMES", "from_module_form", "mask_modules", "module_index", "module_leaves",
+__all__ = ["ATTENTION_MLP", "MODULE_NAMES", "active_rows", "from_module_form", "mask_modules", "module_index", "module_leaves",
            "module_layers", "module_rows", "per_slot_module_update", "slot_module_leaves", "slot_modules",
            "to_module_form"]
 
@@ -112,6 +112,13 @@ def module_layers(modules: Sequence[str] | None, roles: Sequence[str], active: j
   if modules is None:
     return dict.fromkeys(roles, active)
   return {r: active[module_rows(modules, r, active.shape[0])] for r in roles}
+
+
+def active_rows(modules: Sequence[str] | None, stack: Mapping[str, jax.Array], active: jax.Array) -> dict[str, jax.Array]:
+  """The active layers' rows of a full-form stack (role -> ``[L, ...]``): slot form (each slot's whole layer),
+  or, with ``modules``, module form (each leaf's rows of the slots that train it)."""
+  at = module_layers(modules, list(stack), active)
+  return {r: x[at[r]] for r, x in stack.items()}
 
 
 def slot_module_leaves(modules: Sequence[str], rows: Mapping[str, Any], slot: int, num_slots: int) -> dict[str, Any]:

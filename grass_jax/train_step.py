@@ -41,7 +41,7 @@ from grass_jax.models.decoder import DecoderConfig, ForwardOptions, Params, forw
 from grass_jax.models.slot_scan import MEASURES, Measurement, frozen_layers_measured, slot_stack
 from grass_jax.schedule import Schedule
 from grass_jax.offload import state_stream
-from grass_jax.module_sampling import from_module_form, module_layers, module_leaves, slot_modules
+from grass_jax.module_sampling import active_rows, from_module_form, module_leaves, slot_modules
 from grass_jax.transform import GrassSettings, GrassState, apply_slot_updates, find_state
 
 Batch = dict[str, jax.Array]
@@ -206,15 +206,6 @@ def _slot_roles(o: StepOptions, slots: Params, gamma: int) -> tuple[tuple[str, .
   return tuple(tuple(sorted(module_leaves(o.modules, slots, m))) for m in slot_modules(o.modules, gamma))
 
 
-def _gather_rows(o: StepOptions, params: Params, active: jax.Array) -> Params:
-  """``params`` with the layer stack cut to the active layers' rows: whole layers (slot form), or with module
-  granularity each leaf's rows of the slots that train it (module form): no buffer of the step then holds
-  what a slot does not train."""
-  layers = params["layers"]
-  at = module_layers(o.modules, list(layers), active)
-  return {**params, "layers": {k: v[at[k]] for k, v in layers.items()}}
-
-
 def _check_bucketable(input_grad: bool, measure: str, sketch_every: int) -> None:
   if input_grad:
     raise ValueError("a bucketed backward pass (backward_start) stops at the lowest trained layer, so the embeddings "
@@ -333,7 +324,9 @@ def make_train_step(config: DecoderConfig, tx: optax.GradientTransformation, opt
     probing = schedule.probing(state.count)
     all_layers = active.shape[0] == config.num_layers  # full fine-tuning: no slot copies
     measuring = o.measure != "none" and not all_layers
-    trainable = params if all_layers else _gather_rows(o, params, active)
+    # Module granularity gathers each leaf's rows of the slots that train it (module form): no buffer of the
+    # step then holds what a slot does not train.
+    trainable = params if all_layers else {**params, "layers": active_rows(o.modules, params["layers"], active)}
     # The slot scan reads the active layers from the frozen stack and never the slot values, so the gradient
     # is taken at zeros: the gathered `trainable` then feeds only the elementwise optimizer update.
     slot_handles = not all_layers

@@ -290,7 +290,7 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
       raise ValueError(f"fixed_layers {list(s.fixed_layers)} name a layer beyond the model's L={num_layers}")
     active = next_active = jnp.asarray(sorted(s.fixed_layers), jnp.int32)
     probs = jnp.zeros((num_layers,), jnp.float32).at[active].set(1.0 / gamma)
-    slot_states = _fresh_slot_states(inner, s, _rows_of(s, stack, active))
+    slot_states = _fresh_slot_states(inner, s, module_sampling.active_rows(s.modules, stack, active))
   else:
     sort = s.modules is None  # with modules the draw's random order pairs layers with modules at random
     active = sampling.draw(k0, probs, gamma, undrawn if s.coverage else None, sort=sort)
@@ -299,7 +299,7 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
     if s.period == 1:
       next_active = sampling.draw(k1, probs, gamma, undrawn if s.coverage else None, sort=sort)
       undrawn = sampling.next_cycle(undrawn, next_active) if s.coverage else undrawn
-    slot_states = _fresh_slot_states(inner, s, _rows_of(s, stack, active))
+    slot_states = _fresh_slot_states(inner, s, module_sampling.active_rows(s.modules, stack, active))
   # Fixed layers never switch: no other layer's state is ever needed.
   keeps_bank = gamma < num_layers and not s.reset_on_switch and not s.offload and s.sampling_kind != "fixed"
   return GrassState(
@@ -320,13 +320,6 @@ def init(inner: optax.GradientTransformation, s: GrassSettings, params: Any) -> 
       undrawn=undrawn,
       loss_trace=jnp.zeros((gain_lib.TRACE_SIZE,), jnp.float32),
   )
-
-
-def _rows_of(s: GrassSettings, stack: dict, active: jax.Array) -> dict:
-  """The active layers' rows of a full-form stack (role -> ``[L, ...]``): slot form, or module form with
-  ``modules`` (:func:`grass_jax.module_sampling.to_module_form`)."""
-  at = module_sampling.module_layers(s.modules, list(stack), active)
-  return {r: x[at[r]] for r, x in stack.items()}
 
 
 def _fresh_slot_states(inner: optax.GradientTransformation, s: GrassSettings, slots: dict) -> tuple:
@@ -350,7 +343,7 @@ def _to_slots(s: GrassSettings, layout: LayerLayout, tree: Any, active: jax.Arra
   gamma = active.shape[0]
   rows = None if s.modules is None or gamma == layout.num_layers else gamma // len(s.modules)
   if n == layout.num_layers:
-    return (_rows_of(s, stack, active) if gamma < n else stack), always, FULL
+    return (module_sampling.active_rows(s.modules, stack, active) if gamma < n else stack), always, FULL
   if n == gamma:
     return (stack if rows is None else module_sampling.to_module_form(s.modules, stack)), always, SLOT
   if n == rows:
@@ -746,9 +739,9 @@ def gather_active(tree: Any, opt_state: Any, layers: LabelsFn, *, modules: Seque
   chex.assert_equal(layout.num_layers, s.importance.shape[0])
   stack, _ = layout.split(tree)
   leaves = list(layout.treedef.flatten_up_to(tree))
-  at = module_sampling.module_layers(modules, layout.roles, s.active)
+  rows = module_sampling.active_rows(modules, stack, s.active)
   for (i,), r in zip(layout.role_leaves, layout.roles):
-    leaves[i] = stack[r][at[r]]
+    leaves[i] = rows[r]
   return layout.treedef.unflatten(leaves)
 
 
