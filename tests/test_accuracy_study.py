@@ -99,11 +99,13 @@ def test_a_method_with_one_lr_runs_only_its_own_seeds():
   assert [(j["method"], j["seed"]) for j in jobs(later, [base])] == [("lisa", 8), ("lisa", 9), ("grass", 8), ("grass", 9)]
 
 
-def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
+def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch, capsys):
   # A run's RESULT line with a long importance trace is over 64 KiB (71 KB for the probing variants
   # on SmolLM2); read only at exit through a pipe, it blocked the run for ever.
   import argparse
   import signal
+
+  import jax
 
   from benchmarks.accuracy import study
   scale = {"tasks": ["arith"], "methods": ["lisa"], "seeds": [0], "lrs": {"lisa": [1e-4]}}
@@ -122,6 +124,7 @@ def test_pool_survives_a_result_larger_than_a_pipe(tmp_path, monkeypatch):
     signal.alarm(0)
   rows = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
   assert rows[-1] == row
+  assert f"runs on {jax.devices()[0].device_kind}:" in capsys.readouterr().out  # the card, asked of a process of its own
   assert len(json.loads((tmp_path / "traces.jsonl").read_text())["log"][0]) == 300_000
   assert (tmp_path / "logs" / "arith-lisa-0-0.0001.log").stat().st_size > 500_000
 
@@ -146,6 +149,7 @@ def test_pool_runs_a_run_that_ran_out_of_memory_once_more_when_half_the_gpu_is_f
     return [sys.executable, "-c", child]
 
   monkeypatch.setattr(study, "job_command", command)
+  monkeypatch.setattr(study, "this_card", lambda env: "cpu")  # asked of jax in test_pool_survives_a_result_...
   args = argparse.Namespace(parallel=2, budget_s=0.5, scale="tiny", methods=None, seeds=None, tasks=None,
                             compile_cache=False, oom_retry_until_s=60.0)
   signal.alarm(60)
@@ -173,6 +177,7 @@ def test_pool_says_when_more_runs_wait_than_run_before_the_budget_ends(tmp_path,
   base = {"task": "arith", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.0, "seconds": 0.0}
   (tmp_path / "rows.jsonl").write_text(json.dumps(base) + "\n")
   monkeypatch.setattr(study, "job_command", lambda args, work, job: [sys.executable, "-c", "pass"])
+  monkeypatch.setattr(study, "this_card", lambda env: "cpu")  # asked of jax in test_pool_survives_a_result_...
   args = argparse.Namespace(parallel=2, budget_s=0.0, scale="tiny", methods=None, seeds=None, tasks=None,
                             compile_cache=False, oom_retry_until_s=None)
   study.run_pool(args, scale, tmp_path)
@@ -261,6 +266,42 @@ def test_paired_differences_against_lisa_by_seed_with_a_t_interval():
   assert abs(out["mean"]["mean_difference"] - 0.015) < 1e-12 and out["mean"]["seeds"] == 3
 
 
+def test_runs_pair_only_on_the_card_they_ran_on():
+  # A seed on another card is another run (dates_direct seed 4: 43.2% on an H200, 21.6% on an H100).
+  from benchmarks.accuracy.study import paired_vs
+  scale = {"tasks": ["a", "b"], "methods": ["lisa", "x"], "lrs": {m: [1e-3] for m in ("lisa", "x")}}
+  row = lambda t, m, s, acc, card: {"task": t, "method": m, "seed": s, "lr": 1e-3, "accuracy": acc, "tail_loss": 1.0,
+                                    "device": card}
+  rows = [row(t, "lisa", s, 0.5, "H100") for t in "ab" for s in range(3)]
+  rows += [row("a", "x", s, 0.6 + 0.01 * s, "H100") for s in range(3)]  # differences 0.10, 0.11, 0.12
+  rows += [row("a", "x", 3, 0.9, "H200")]  # no LISA run of seed 3 on the H200 (nor anywhere): no pair
+  rows += [row("b", "x", s, 0.9, "H200") for s in range(3)]  # LISA's seeds 0-2 ran on the H100 only: no pairs
+  out = {(p["task"], p["method"]): p for p in paired_vs(rows, scale)}
+  assert out[("a", "x")]["seeds"] == 3 and abs(out[("a", "x")]["mean_difference"] - 0.11) < 1e-12
+  assert ("b", "x") not in out and ("mean", "x") not in out  # cross-card rows never enter a difference
+  # LISA on the H200 too, seeds 0 and 1: task b now pairs there (differences 0.3, 0.2) ...
+  rows += [row("b", "lisa", 0, 0.6, "H200"), row("b", "lisa", 1, 0.7, "H200")]
+  # ... and task a's seed 0 ran on both cards: the mean over tasks takes the mean of its two pairs.
+  rows += [row("a", "x", 0, 0.8, "H200"), row("a", "lisa", 0, 0.5, "H200")]  # difference 0.30 on the H200
+  out = {(p["task"], p["method"]): p for p in paired_vs(rows, scale)}
+  assert out[("b", "x")]["seeds"] == 2 and abs(out[("b", "x")]["mean_difference"] - 0.25) < 1e-12
+  assert out[("a", "x")]["seeds"] == 4  # seeds 0 (both cards), 1, 2
+  mean = out[("mean", "x")]  # seeds 0 and 1 ran both tasks: (0.20 + 0.30) / 2 and (0.11 + 0.20) / 2
+  assert mean["seeds"] == 2 and abs(mean["mean_difference"] - (0.25 + 0.155) / 2) < 1e-12
+
+
+def test_a_run_on_another_card_runs_again_and_a_baseline_does_not():
+  from benchmarks.accuracy.study import jobs
+  scale = {"tasks": ["a"], "methods": ["lisa"], "seeds": [0, 1, 2], "lrs": {"lisa": [1e-3]}}
+  base = {"task": "a", "method": "pretrained", "seed": 0, "lr": 0.0, "accuracy": 0.1, "device": "H100"}
+  runs = [{"task": "a", "method": "lisa", "seed": 0, "lr": 1e-3, "accuracy": 0.5, "device": "H100"},
+          {"task": "a", "method": "lisa", "seed": 1, "lr": 1e-3, "accuracy": 0.5, "device": "H200"},
+          {"task": "a", "method": "lisa", "seed": 2, "lr": 1e-3, "accuracy": 0.5}]  # an old row: no card recorded
+  assert [j["seed"] for j in jobs(scale, [base, *runs], "H100")] == [1]
+  assert [j["seed"] for j in jobs(scale, [base, *runs], "H200")] == [0]
+  assert jobs(scale, [base, *runs]) == []  # no card given: every recorded run counts
+
+
 def test_the_mean_over_tasks_covers_the_tasks_a_method_ran_on_the_seeds_that_ran_them_all():
   from benchmarks.accuracy.study import paired_vs
   scale = {"tasks": ["a", "b", "c"], "methods": ["lisa", "x", "y"], "lrs": {m: [1e-3] for m in ("lisa", "x", "y")}}
@@ -328,6 +369,7 @@ def test_chat_runs_pair_with_the_alpaca_runs_of_the_same_task_method_and_seed(tm
   scale = {"tasks": ["a"], "methods": ["lisa"], "lrs": {"lisa": [1e-3]}, "alpaca_report": "alpaca.json"}
   chat = [{"task": "a", "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": acc}
           for s, acc in enumerate([0.81, 0.72, 0.78, 0.5])]  # seed 3 has no Alpaca run: left out
+  chat.append({"task": "a", "method": "lisa", "seed": 1, "lr": 1e-3, "accuracy": 0.0, "device": "H200"})  # other card
   (out,) = study.against_alpaca(chat, scale)
   # differences 0.01, 0.02, 0.03: mean 0.02, sample std 0.01, t(0.975, 2) = 4.303
   assert out["seeds"] == 3 and abs(out["mean_difference"] - 0.02) < 1e-12

@@ -266,10 +266,15 @@ def of_this_scale(rows: list[dict], scale: dict) -> list[dict]:
   return [r for r in rows if steps is None or r["method"] == "pretrained" or r.get("steps", steps) == steps]
 
 
-def jobs(scale: dict, rows: list[dict]) -> list[dict]:
-  """What is left: baselines, the grid (seed 0, every lr) and the other seeds at the chosen lr."""
+def jobs(scale: dict, rows: list[dict], card: str | None = None) -> list[dict]:
+  """What is left: baselines, the grid (seed 0, every lr) and the other seeds at the chosen lr.
+
+  With ``card`` (the device kind the runs will have), a run counts as done only where it ran on that card: a
+  seed on another card is another run (:func:`pair_key`), so it runs again here. Baselines, and rows that
+  record no card, count on any card."""
   rows = of_this_scale(rows, scale)
-  done = {(r["task"], r["method"], r["seed"], r["lr"]) for r in rows}
+  done = {(r["task"], r["method"], r["seed"], r["lr"]) for r in rows
+          if card is None or r["method"] == "pretrained" or r.get("device") in (None, card)}
   todo = [{"kind": "baseline", "task": t} for t in scale["tasks"] if (t, "pretrained", 0, 0.0) not in done]
   for t in scale["tasks"]:  # one task at a time: a study cut short has whole tasks
     for m in scale["methods"]:
@@ -285,6 +290,23 @@ def jobs(scale: dict, rows: list[dict]) -> list[dict]:
         if s != 0 and lr is not None and (t, m, s, lr) not in done:
           todo.append({"kind": "run", "task": t, "method": m, "seed": s, "lr": lr, "splits": ["test"]})
   return todo
+
+
+def pair_key(row: dict) -> tuple:
+  """What makes two runs of different methods a pair: the same seed on the same card. The same seed on
+  another card (or code) is another run (2026-12-07: dates_direct seed 4 scored 43.2% on an H200 and 21.6%
+  on an H100), so runs pair only where their recorded ``device`` is the same."""
+  return row.get("device"), row["seed"]
+
+
+def this_card(env: dict) -> str:
+  """The device kind the runs will record, asked of a short process of its own: the pool's own process
+  holds no device memory (the runs share the GPU)."""
+  p = subprocess.run([sys.executable, "-c", "import jax; print(jax.devices()[0].device_kind)"], env=env,
+                     capture_output=True, text=True, timeout=300)
+  if p.returncode != 0:
+    raise SystemExit(f"could not ask jax for the device: {(p.stderr.strip().splitlines() or ['no message'])[-1]}")
+  return p.stdout.strip().splitlines()[-1]
 
 
 def seeds_of(scale: dict, method: str) -> list[int]:
@@ -331,11 +353,13 @@ def record(result: dict, work: Path, t_start: float) -> None:
 
 def run_serial(scale: dict, model: str, work: Path) -> None:
   """Every job in this process, one after another (``--parallel 0``: tests, CPU)."""
+  import jax
+  card = jax.devices()[0].device_kind
   t_start = time.perf_counter()
   while True:
     rows_file = work / "rows.jsonl"
     rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
-    todo = jobs(scale, rows)
+    todo = jobs(scale, rows, card)
     if not todo:
       return
     record(run_job(scale, model, todo[0], work), work, t_start)
@@ -352,12 +376,14 @@ def job_command(args, work: Path, job: dict) -> list[str]:
 
 def run_pool(args, scale: dict, work: Path) -> None:
   rows_file = work / "rows.jsonl"
-  t_start = time.perf_counter()
   from grass_jax.xla_flags import DETERMINISTIC, RECOMMENDED, with_recommended_flags
   # Every run deterministic (train.deterministic): XLA reads its flags when the process starts.
   os.environ.setdefault("GRASS_BENCH_INVOCATION", f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
   env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false",
              XLA_FLAGS=with_recommended_flags(os.environ.get("XLA_FLAGS", ""), {**RECOMMENDED, **DETERMINISTIC}))
+  card = this_card(env)
+  print(f"runs on {card}: only rows of this card count as done and pair", flush=True)
+  t_start = time.perf_counter()
   running: list[tuple[subprocess.Popen, dict, Path]] = []
   failed: set[str] = set()  # not retried in this invocation (a re-run tries again)
   retry: list[dict] = []  # ran out of device memory (scoring needs 3.7 GiB): once more, when half the GPU is free
@@ -380,7 +406,7 @@ def run_pool(args, scale: dict, work: Path) -> None:
   while True:
     rows = [json.loads(l) for l in rows_file.read_text().splitlines()] if rows_file.exists() else []
     busy = {key(j) for _, j, _ in running} | failed | {key(j) for j in retry}
-    todo = [j for j in jobs(scale, rows) if key(j) not in busy]
+    todo = [j for j in jobs(scale, rows, card) if key(j) not in busy]
     elapsed = time.perf_counter() - t_start
     if not warned and args.budget_s is not None and len(todo) > args.parallel:
       # 2026-12-07: a 17th run (16 and the baseline) waited for a slot past a 30 s budget and never started.
@@ -475,9 +501,9 @@ def against_alpaca(rows: list[dict], scale: dict) -> list[dict]:
   out = []
   for task in scale["tasks"]:
     for method in scale["methods"]:
-      ref = {r["seed"]: r for r in alpaca if r.get("task") == task and r.get("method") == method
+      ref = {pair_key(r): r for r in alpaca if r.get("task") == task and r.get("method") == method
              and r.get("accuracy") is not None and r.get("lr") in scale["lrs"][method]}
-      pairs = sorted(((r, ref[r["seed"]]) for r in scored_rows(rows, task, method, scale) if r["seed"] in ref),
+      pairs = sorted(((r, ref[pair_key(r)]) for r in scored_rows(rows, task, method, scale) if pair_key(r) in ref),
                      key=lambda p: p[0]["seed"])
       if not pairs:
         continue
@@ -508,11 +534,11 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
   for method in scale["methods"]:
     if method == reference:
       continue
-    by_seed: dict[int, list[float]] = {}
+    by_seed: dict[int, dict[str, list[float]]] = {}  # seed -> task -> its pairs' differences (one per card)
     tasks_run = []
     for task in scale["tasks"]:
-      ref = {r["seed"]: r for r in scored_rows(rows, task, reference, scale)}
-      pairs = [(r, ref[r["seed"]]) for r in scored_rows(rows, task, method, scale) if r["seed"] in ref]
+      ref = {pair_key(r): r for r in scored_rows(rows, task, reference, scale)}
+      pairs = [(r, ref[pair_key(r)]) for r in scored_rows(rows, task, method, scale) if pair_key(r) in ref]
       if not pairs:
         continue
       pairs.sort(key=lambda p: p[0]["seed"])
@@ -525,10 +551,11 @@ def paired_vs(rows: list[dict], scale: dict, reference: str = "lisa") -> list[di
         continue
       tasks_run.append(task)
       for (a, _), x in zip(pairs, diffs):
-        by_seed.setdefault(a["seed"], []).append(x)
+        by_seed.setdefault(a["seed"], {}).setdefault(task, []).append(x)
     # Over the tasks this method ran, on the seeds that ran all of them; and, where it ran a confirmation task
-    # too, over the tasks choices were made on (the bar a method is chosen by, before it is confirmed).
-    complete = [v for v in by_seed.values() if len(v) == len(tasks_run)]  # per seed, in tasks_run's order
+    # too, over the tasks choices were made on (the bar a method is chosen by, before it is confirmed). A task
+    # whose seed ran on two cards counts once, with the mean of its two pairs.
+    complete = [[np.mean(v[t]) for t in tasks_run] for v in by_seed.values() if len(v) == len(tasks_run)]
     if len(tasks_run) > 1 and complete:
       out.append({**summary("mean", method, [np.mean(v) for v in complete], []), "tasks": tasks_run})
     chosen_on = [i for i, t in enumerate(tasks_run) if t not in scale.get("confirmation", [])]
