@@ -100,7 +100,7 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
   import grass_jax.train_step as train_step_lib
 
   loss_of, zeros, roles = _scan_gradients()
-  only, whole = (jax.grad(lambda slots: loss_of(slots, r))(zeros) for r in (roles, None))
+  only, whole = (jax.jit(jax.grad(lambda slots: loss_of(slots, r)))(zeros) for r in (roles, None))
   for name, g in only.items():
     trains = np.array([name in r for r in roles])
     assert np.all(np.asarray(g)[~trains] == 0), name  # never formed: exact zeros
@@ -126,9 +126,10 @@ def test_the_backward_pass_forms_only_each_slots_module_as_the_masked_one_does()
 @pytest.mark.default_flags
 def test_module_form_rows_are_the_slot_form_rows_bitwise():
   # The same ops on the same inputs: the rows of the slots that do not take a leaf are simply not there.
+  # Compiled whole, as the train step is (and one compilation each, not one per op).
   loss_of, zeros, roles = _scan_gradients()
-  compact = jax.grad(lambda slots: loss_of(slots, roles))(to_module_form(ATTENTION_MLP, zeros))
-  slot_form = jax.grad(lambda slots: loss_of(slots, roles))(zeros)
+  compact = jax.jit(jax.grad(lambda slots: loss_of(slots, roles)))(to_module_form(ATTENTION_MLP, zeros))
+  slot_form = jax.jit(jax.grad(lambda slots: loss_of(slots, roles)))(zeros)
   jax.tree.map(np.testing.assert_array_equal, compact, to_module_form(ATTENTION_MLP, slot_form))
 
 
