@@ -333,6 +333,31 @@ def test_the_mean_over_the_tasks_chosen_on_leaves_the_confirmation_task_out():
   assert chosen["tasks"] == ["a", "b"] and chosen["seeds"] == 3 and abs(chosen["mean_difference"] - 0.21) < 1e-12
 
 
+def test_the_bar_is_the_mean_over_the_tasks_chosen_on_and_every_tasks_worst():
+  from benchmarks.accuracy.study import against_the_bar, paired_vs
+  scale = {"tasks": ["a", "b", "c"], "methods": ["lisa", "x"], "lrs": {m: [1e-3] for m in ("lisa", "x")},
+           "confirmation": ["c"]}
+
+  def bar(shifts):  # per task, x's accuracy minus LISA's on seed s: shift + 0.01 * s, seeds 0-2
+    rows = [{"task": t, "method": "lisa", "seed": s, "lr": 1e-3, "accuracy": 0.5} for t in "abc" for s in range(3)]
+    rows += [{"task": t, "method": "x", "seed": s, "lr": 1e-3, "accuracy": 0.5 + d + 0.01 * s}
+             for t, d in zip("abc", shifts) for s in range(3)]
+    return against_the_bar(paired_vs(rows, scale), "x")
+  # a and b: per seed 0.03 + 0.01 s, mean 0.04 > 0.02, interval above 0; c (confirmation): -0.005 + 0.01 s
+  met = bar([0.02, 0.04, -0.015])
+  assert met["met"] and met["over"] == ["a", "b"] and met["worst_task"] == "c"
+  assert abs(met["margins"]["mean_at_least_2_points"] - 0.02) < 1e-12
+  assert abs(met["margins"]["no_task_1_point_below"] - 0.005) < 1e-12  # c's mean -0.005 is above -0.01
+  missed = bar([0.02, 0.04, -0.03])  # c's mean is -0.02: 1 point below LISA's -1
+  assert not missed["met"] and missed["missed"] == ["no_task_1_point_below"]
+  assert abs(missed["margins"]["no_task_1_point_below"] + 0.01) < 1e-12
+  # over a and b per seed 0.0125 + 0.01 s: mean 0.0225, half-width 4.303 * 0.01 / sqrt(3) = 0.0248
+  near = bar([0.005, 0.02, 0.0])
+  assert near["missed"] == ["interval_above_0"] and abs(near["margins"]["interval_above_0"] + 0.0023) < 1e-4
+  assert bar([-0.01, 0.0, 0.0])["missed"] == ["mean_at_least_2_points", "interval_above_0"]
+  assert against_the_bar([], "x") is None
+
+
 def test_committed_traces_are_sorted_and_rounded_to_four_digits(tmp_path):
   from benchmarks.accuracy.study import write_traces
   traces = [{"task": "b", "method": "lisa", "seed": 1, "lr": 6e-4,
