@@ -268,7 +268,7 @@ def test_paired_differences_against_lisa_by_seed_with_a_t_interval():
 
 def test_runs_pair_only_on_the_card_they_ran_on():
   # A seed on another card is another run (dates_direct seed 4: 43.2% on an H200, 21.6% on an H100).
-  from benchmarks.accuracy.study import paired_vs
+  from benchmarks.accuracy.study import paired_vs, summarize
   scale = {"tasks": ["a", "b"], "methods": ["lisa", "x"], "lrs": {m: [1e-3] for m in ("lisa", "x")}}
   row = lambda t, m, s, acc, card: {"task": t, "method": m, "seed": s, "lr": 1e-3, "accuracy": acc, "tail_loss": 1.0,
                                     "device": card}
@@ -285,6 +285,9 @@ def test_runs_pair_only_on_the_card_they_ran_on():
   rows += [row("a", "x", 0, 0.8, "H200"), row("a", "lisa", 0, 0.5, "H200")]  # difference 0.30 on the H200
   out = {(p["task"], p["method"]): p for p in paired_vs(rows, scale)}
   assert out[("b", "x")]["seeds"] == 2 and abs(out[("b", "x")]["mean_difference"] - 0.25) < 1e-12
+  table = {(t["task"], t["method"]): t for t in summarize([dict(r, seconds=1.0, peak_bytes=None) for r in rows],
+                                                           scale)}
+  assert table[("b", "lisa")]["cards"] == ["H100", "H200"] and table[("a", "x")]["seeds"] == 5  # the table says so
   assert out[("a", "x")]["seeds"] == 4  # seeds 0 (both cards), 1, 2
   mean = out[("mean", "x")]  # seeds 0 and 1 ran both tasks: (0.20 + 0.30) / 2 and (0.11 + 0.20) / 2
   assert mean["seeds"] == 2 and abs(mean["mean_difference"] - (0.25 + 0.155) / 2) < 1e-12

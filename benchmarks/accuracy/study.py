@@ -444,14 +444,16 @@ def run_pool(args, scale: dict, work: Path) -> None:
 
 
 def summarize(rows: list[dict], scale: dict) -> list[dict]:
-  """Test accuracy mean and sample std over seeds, time and peak memory per (task, method) at the chosen lr."""
+  """Test accuracy mean and sample std over seeds, time and peak memory per (task, method) at the chosen lr,
+  and the cards the runs ran on (``cards``: a mean over runs of two cards mixes two sets of runs)."""
   rows = of_this_scale(rows, scale)
   table = []
   for task in scale["tasks"]:
     base = [r for r in rows if r["task"] == task and r["method"] == "pretrained"]
     if base:
       table.append({"task": task, "method": "pretrained", "lr": None, "accuracy_mean": base[0]["accuracy"],
-                    "accuracy_std": 0.0, "seeds": 1, "seconds_mean": 0.0, "peak_gib": None})
+                    "accuracy_std": 0.0, "seeds": 1, "seconds_mean": 0.0, "peak_gib": None,
+                    "cards": [base[0]["device"]] if base[0].get("device") else []})
     for method in scale["methods"]:
       rs = scored_rows(rows, task, method, scale)
       if not rs:
@@ -460,7 +462,8 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
       table.append({"task": task, "method": method, "lr": rs[0]["lr"], "accuracy_mean": statistics.mean(accs),
                     "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                     "seconds_mean": statistics.mean(r["seconds"] for r in rs),
-                    "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30})
+                    "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30,
+                    "cards": sorted({r["device"] for r in rs if r.get("device")})})
   return table
 
 
