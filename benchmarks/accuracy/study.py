@@ -452,8 +452,7 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
     base = [r for r in rows if r["task"] == task and r["method"] == "pretrained"]
     if base:
       table.append({"task": task, "method": "pretrained", "lr": None, "accuracy_mean": base[0]["accuracy"],
-                    "accuracy_std": 0.0, "seeds": 1, "seconds_mean": 0.0, "peak_gib": None,
-                    "cards": [base[0]["device"]] if base[0].get("device") else []})
+                    "accuracy_std": 0.0, "seeds": 1, "seconds_mean": 0.0, "peak_gib": None, "cards": cards(base[:1])})
     for method in scale["methods"]:
       rs = scored_rows(rows, task, method, scale)
       if not rs:
@@ -463,8 +462,13 @@ def summarize(rows: list[dict], scale: dict) -> list[dict]:
                     "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0, "seeds": len(accs),
                     "seconds_mean": statistics.mean(r["seconds"] for r in rs),
                     "peak_gib": max((r["peak_bytes"] or 0) for r in rs) / 2**30,
-                    "cards": sorted({r["device"] for r in rs if r.get("device")})})
+                    "cards": cards(rs)})
   return table
+
+
+def cards(rows: list[dict]) -> list[str]:
+  """The cards ``rows`` ran on (rows that record none add none)."""
+  return sorted({r["device"] for r in rows if r.get("device")})
 
 
 HAND_WRITTEN_KEYS = ("provenance", "repeat", "superseded")
